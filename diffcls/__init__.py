@@ -1,0 +1,23 @@
+"""diffcls: zero-shot image classification with Stable Diffusion, made fast.
+
+Implements "Your Diffusion Model is Secretly a Zero-Shot Classifier" (Li, Prabhudesai, Duggal,
+Brown, Pathak; ICCV 2023, arXiv 2303.16203) against exported engines.
+"""
+
+from diffcls.errors import DiffclsError
+
+__version__ = "0.1.0"
+
+__all__ = ["DiffclsError", "Classifier", "Schedule", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
+    if name == "Classifier":
+        from diffcls.runtime.classifier import Classifier
+
+        return Classifier
+    if name == "Schedule":
+        from diffcls.runtime.schedule import Schedule
+
+        return Schedule
+    raise AttributeError(name)

@@ -1,0 +1,16 @@
+"""The one exception type for user errors.
+
+A `DiffclsError` is something the user can fix (a bad file, a bad option, a stale engine). The CLI
+prints its message as one line and exits with code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class DiffclsError(Exception):
+    """A user-facing error: the message names the file or option and says how to fix it."""
+
+
+def missing_extra(package: str, extra: str) -> DiffclsError:
+    return DiffclsError(
+        f"{package} is not installed; install it with: pip install 'diffcls[{extra}]'"
+    )

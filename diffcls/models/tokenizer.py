@@ -1,0 +1,77 @@
+"""An offline CLIP tokenizer: byte-level vocabulary, optional word merges, nothing downloaded.
+
+Real SD models ship their CLIP BPE vocabulary; the tiny test models and the bundled demo model
+build theirs here. Every byte is a token (so any prompt tokenizes), and `words` adds BPE merges
+so that those words become single tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode table, in byte order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def build_tokenizer_files(out_dir: str | Path, words: list[str] = (), max_length: int = 77) -> Path:
+    """Write vocab.json/merges.txt (+ tokenizer config) for a CLIP tokenizer into `out_dir`."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = _byte_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in words):  # unique, in order
+        # merge left to right: ((w o) r) d</w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merged = current + nxt
+            if merged not in vocab:
+                merges.append(f"{current} {nxt}")
+                vocab[merged] = len(vocab)
+            current = merged
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+        tok = CLIPTokenizer(
+            vocab=str(Path(tmp) / "vocab.json"),
+            merges=str(Path(tmp) / "merges.txt"),
+            model_max_length=max_length,
+        )
+        tok.save_pretrained(str(out))
+    return out
+
+
+def build_tokenizer(words: list[str] = (), max_length: int = 77):
+    """A CLIPTokenizer object built in a temporary directory."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tokenizer_files(tmp, words, max_length)
+        return CLIPTokenizer.from_pretrained(tmp)

@@ -1,0 +1,52 @@
+"""torch modules with the exact signatures of the exported components (see `spec`).
+
+The torch engine runs these, and ONNX export traces these, so both backends compute the same
+function: text encoder -> last hidden state; VAE encoder -> scaled latent *mean* (no sampling);
+UNet -> noise prediction with one timestep per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TextEncoderWrapper(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
+        return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    def __init__(self, vae, scaling_factor: float):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C, h, w)
+        moments = self.vae.quant_conv(self.vae.encoder(image)) if self.vae.quant_conv is not None else self.vae.encoder(image)
+        mean = moments[:, : moments.shape[1] // 2]  # DiagonalGaussian: first half is the mean
+        return mean * self.scaling_factor
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:  # (B, C, h, w), (B,), (B, L, D) -> (B, C, h, w)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def wrap(model, component: str) -> torch.nn.Module:
+    if component == "text_encoder":
+        return TextEncoderWrapper(model.text_encoder)
+    if component == "vae_encoder":
+        return VaeEncoderWrapper(model.vae, model.scaling_factor)
+    if component == "unet":
+        return UNetWrapper(model.unet)
+    raise ValueError(f"unknown component {component!r}")

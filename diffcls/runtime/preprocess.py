@@ -1,0 +1,150 @@
+"""Image discovery and preprocessing, as in the paper's reference code.
+
+Resize the shorter side to S (bicubic by default), center-crop S x S, RGB, scale to [-1, 1]
+(torchvision's Resize -> CenterCrop -> ToTensor -> Normalize(0.5, 0.5), done with PIL so that
+torchvision is not needed). Odd inputs are made RGB first: palette and grey images are
+expanded, transparency is composited onto white, CMYK is converted, 16-bit and float images are
+scaled to 8 bits, and EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from diffcls.errors import DiffclsError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+MAX_PIXELS = 16384 * 16384  # refuse larger images (about 800 MB decoded) instead of swapping
+
+
+class Interpolation(str, Enum):
+    bicubic = "bicubic"
+    bilinear = "bilinear"
+    lanczos = "lanczos"
+
+    @property
+    def pil(self) -> int:
+        return {
+            "bicubic": Image.Resampling.BICUBIC,
+            "bilinear": Image.Resampling.BILINEAR,
+            "lanczos": Image.Resampling.LANCZOS,
+        }[self.value]
+
+
+class BadImage(DiffclsError):
+    """One image could not be used; a folder run reports it and goes on."""
+
+
+def find_images(path: str | Path) -> list[Path]:
+    """Every image under `path` (recursive, sorted), or `[path]` for a single image file."""
+    path = Path(path)
+    if not path.exists():
+        raise DiffclsError(f"{path} does not exist; pass an image file or a folder of images")
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DiffclsError(
+                f"{path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image or a folder"
+            )
+        return [path]
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not found:
+        raise DiffclsError(
+            f"no images found in {path} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return found
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes (the latent cache key's image part)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            hi = 1.0 if arr.max(initial=0.0) <= 1.0 else max(arr.max(initial=1.0), 1.0)
+        else:
+            hi = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode one image file to RGB, or raise `BadImage` naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise BadImage(
+                    f"{path}: {im.width}x{im.height} is larger than {MAX_PIXELS} pixels; downscale it first"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: cannot read image ({e}); re-save it as PNG or JPEG or remove it") from e
+
+
+def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation = Interpolation.bicubic) -> Image.Image:
+    """torchvision Resize(size) (shorter side, truncating the longer) + CenterCrop(size)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=Interpolation(interpolation).pil)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> (3, S, S) float32 in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32) / 255.0
+    return t * 2.0 - 1.0
+
+
+def preprocess_image(
+    img: Image.Image, size: int, interpolation: Interpolation | str = Interpolation.bicubic
+) -> torch.Tensor:
+    """PIL image (any mode) -> (3, size, size) float32 in [-1, 1]."""
+    return image_to_tensor(resize_center_crop(to_rgb(img), size, Interpolation(interpolation)))
+
+
+def load_and_preprocess(
+    path: str | Path, size: int, interpolation: Interpolation | str = Interpolation.bicubic
+) -> torch.Tensor:
+    return image_to_tensor(resize_center_crop(open_image(path), size, Interpolation(interpolation)))
