@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffcls.errors import DiffclsError
 
@@ -98,22 +98,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode one image file to RGB, or raise `BadImage` naming the file."""
-    path = Path(path)
+def open_image(path, name: str | None = None) -> Image.Image:
+    """Decode one image (a path or a binary file object) to RGB, or raise `BadImage` naming it."""
+    if name is None:
+        name = str(path) if isinstance(path, (str, Path)) else "<image>"
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise BadImage(
-                    f"{path}: {im.width}x{im.height} is larger than {MAX_PIXELS} pixels; downscale it first"
+                    f"{name}: {im.width}x{im.height} is larger than {MAX_PIXELS} pixels; downscale it first"
                 )
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except BadImage:
         raise
+    except UnidentifiedImageError as e:
+        raise BadImage(f"{name}: not a readable image (unknown format or corrupt data); re-save it as PNG or JPEG or remove it") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImage(f"{path}: cannot read image ({e}); re-save it as PNG or JPEG or remove it") from e
+        raise BadImage(f"{name}: cannot decode image ({e}); re-save it as PNG or JPEG or remove it") from e
 
 
 def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation = Interpolation.bicubic) -> Image.Image:

@@ -1,0 +1,142 @@
+"""The torch backend: the diffusers modules themselves, eager or compiled.
+
+fp32 on CPU, fp16 on CUDA by default. On CUDA the UNet can be compiled once per fixed batch size
+(`torch.compile`, CUDA graphs via mode="reduce-overhead") with channels_last and SDPA attention;
+see `diffcls.runtime` for how batches are kept full so that every call hits a compiled size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffcls.engines.base import EngineSet, check_batch
+from diffcls.errors import DiffclsError
+from diffcls.models.loading import SDModel, load_model
+from diffcls.models.spec import ComponentSpec, model_component_specs
+from diffcls.models.wrappers import wrap
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffclsError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    if precision in (None, "auto"):
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise DiffclsError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if precision == "fp16" and device.type == "cpu":
+        raise DiffclsError("fp16 on CPU is slow and inexact in torch; use --precision fp32 on CPU")
+    return precision
+
+
+class TorchEngine:
+    """One component as a torch module; any batch size unless `batch_sizes` is given."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        spec: ComponentSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_sizes: tuple[int, ...] | None = None,
+        compile: bool = False,
+    ):
+        self.component = spec.name
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.batch_sizes = tuple(batch_sizes) if batch_sizes else None
+        self.module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.calls = 0  # number of forward calls, for caches' "no work was done" checks
+        self._run = self.module
+        if compile:
+            self._run = compile_module(self.module, device)
+
+    @torch.inference_mode()
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_batch(self, feed)
+        args = []
+        for t in self.spec.inputs:
+            x = feed[t.name].to(self.device, non_blocking=True)
+            x = x.to(torch.int64) if t.dtype == "int64" else x.to(self.dtype)
+            args.append(x)
+        self.calls += 1
+        out = self._run(*args)
+        return {self.spec.output_names[0]: out}
+
+
+def compile_module(module: torch.nn.Module, device: torch.device):
+    """torch.compile for the GPU fast path (one graph per input shape, CUDA graphs on CUDA)."""
+    if device.type != "cuda":
+        return torch.compile(module)
+    module.to(memory_format=torch.channels_last)
+    return torch.compile(module, mode="reduce-overhead", fullgraph=False)
+
+
+def open_engines(
+    *,
+    model: SDModel | str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    compile: bool = False,
+    engine_dir=None,
+    **_ignored,
+) -> EngineSet:
+    if engine_dir is not None:
+        raise DiffclsError("the torch backend runs a model, not an engine directory; pass --model or another --backend")
+    if not isinstance(model, SDModel):
+        model = load_model(model)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    dtype = PRECISIONS[precision]
+    image_size = int(image_size or model.default_image_size)
+    specs = model_component_specs(model, image_size)
+    fingerprint = model.fingerprint()  # before moving/casting: the fp32 weights identify it
+    if device.type == "cuda":
+        _use_fast_attention(model)
+    engines = {
+        name: TorchEngine(
+            wrap(model, name),
+            specs[name],
+            device,
+            dtype,
+            batch_sizes=batch_sizes if name == "unet" else None,
+            compile=compile and name == "unet",
+        )
+        for name in specs
+    }
+    return EngineSet(
+        text_encoder=engines["text_encoder"],
+        vae_encoder=engines["vae_encoder"],
+        unet=engines["unet"],
+        tokenizer=model.tokenizer,
+        alphas_cumprod=model.alphas_cumprod.detach().to("cpu", torch.float32),
+        image_size=image_size,
+        latent_shape=model.latent_shape(image_size),
+        max_length=model.max_length,
+        fingerprint=fingerprint,
+        backend="torch",
+        precision=precision,
+        device=device,
+        info={"source": model.source, "compile": compile},
+    )
+
+
+def _use_fast_attention(model: SDModel) -> None:
+    """PyTorch SDPA attention for the UNet (diffusers' default processor on torch 2)."""
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        model.unet.set_attn_processor(AttnProcessor2_0())
+    except Exception:  # noqa: BLE001 - older/newer diffusers: keep its default (also SDPA)
+        pass

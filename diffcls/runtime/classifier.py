@@ -1,0 +1,351 @@
+"""`Classifier`: the Python API behind `diffcls classify`.
+
+    clf = Classifier.from_pretrained()                      # bundled demo model, torch backend
+    results = clf.classify(["a.png", "b.png"], PromptSet.from_csv("prompts.csv"),
+                           Schedule(n_samples=(50, 500), to_keep=(5, 1)))
+    results[0].classname, results[0].top_classes(5)
+
+Stages: prompts -> text embeddings (cached); images -> decode/preprocess on worker threads ->
+latents (cached, VAE in batches) -> the interleaved scoring loop (`scoring.Scorer`).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+
+from diffcls.errors import DiffclsError
+from diffcls.runtime.cache import DiskCache
+from diffcls.runtime.preprocess import (
+    BadImage,
+    Interpolation,
+    image_to_tensor,
+    open_image,
+    resize_center_crop,
+    to_rgb,
+)
+from diffcls.runtime.prompts import PromptSet
+from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.scoring import ImageScore, Scorer, make_noise_bank
+from diffcls.runtime.timing import StageTimer
+
+
+@dataclass
+class ImageResult:
+    index: int  # position in the input sequence
+    source: str  # the path, or "<image N>" for in-memory images
+    prediction: int  # predicted classidx
+    classname: str
+    prompt: int  # index of the winning prompt
+    scores: dict[int, float]  # prompt index -> mean error
+    errors: list[tuple[int, int, int, float]]  # (prompt, t, trial, error)
+    ranking: list[int]  # prompt indices, best first
+    n_evals: int
+    _prompts: PromptSet | None = None
+
+    def top_classes(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """(classidx, classname, score) of the best k classes; a class ranks by its best prompt."""
+        out, seen = [], set()
+        for p in self.ranking:
+            idx = self._prompts.classidx[p]
+            if idx in seen:
+                continue
+            seen.add(idx)
+            out.append((idx, self._prompts.classnames[p], self.scores.get(p, float("inf"))))
+            if len(out) == k:
+                break
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.source,
+            "prediction": self.classname,
+            "classidx": self.prediction,
+            "scores": {str(p): s for p, s in sorted(self.scores.items())},
+            "errors": [[p, t, j, e] for p, t, j, e in self.errors],
+        }
+
+
+@dataclass
+class _Prepared:
+    index: int
+    source: str
+    digest: str | None = None
+    latent: torch.Tensor | None = None  # from the cache
+    pixels: torch.Tensor | None = None  # (3, S, S) to encode
+    error: BadImage | None = None
+
+
+class Classifier:
+    def __init__(self, engines, cache: DiskCache | None = None, timer: StageTimer | None = None):
+        self.engines = engines
+        self.cache = cache
+        self.timer = timer or StageTimer(engines.device)
+        self.last_stats = None  # ScoreStats of the last run
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model=None,
+        *,
+        backend: str = "torch",
+        engine_dir: str | Path | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        image_size: int | None = None,
+        batch_sizes: tuple[int, ...] | None = None,
+        compile: bool = False,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+    ) -> "Classifier":
+        """Open engines for `model` (path, SDModel, or None for the demo) with `backend`."""
+        from diffcls.engines import open_engines
+
+        timer = StageTimer()
+        with timer.stage("load"):
+            engines = open_engines(
+                backend,
+                model=model,
+                engine_dir=engine_dir,
+                device=device,
+                precision=precision,
+                image_size=image_size,
+                batch_sizes=batch_sizes,
+                compile=compile,
+            )
+        timer.device = engines.device
+        cache = DiskCache(cache_dir) if use_cache else None
+        return cls(engines, cache=cache, timer=timer)
+
+    # --- keys -------------------------------------------------------------------------------
+    def _key_base(self) -> dict:
+        e = self.engines
+        return {"model": e.fingerprint, "backend": e.backend, "precision": e.precision}
+
+    # --- text -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: PromptSet | list[str], batch_size: int = 64) -> torch.Tensor:
+        """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt."""
+        texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+        found: dict[int, torch.Tensor] = {}
+        if self.cache is not None:
+            for i, text in enumerate(texts):
+                hit = self.cache.get("text", {**self._key_base(), "prompt": text})
+                if hit is not None:
+                    found[i] = hit
+        missing = [i for i in range(len(texts)) if i not in found]
+        if missing:
+            with self.timer.stage("text_encode"):
+                ids = self.engines.tokenize([texts[i] for i in missing])
+                emb = run_batched(self.engines.text_encoder, "input_ids", ids, batch_size)
+                emb = emb.float().cpu()
+            for j, i in enumerate(missing):
+                found[i] = emb[j].clone()
+                if self.cache is not None:
+                    self.cache.put("text", {**self._key_base(), "prompt": texts[i]}, found[i])
+        return torch.stack([found[i] for i in range(len(texts))])
+
+    # --- images -----------------------------------------------------------------------------
+    def _prepare(self, index: int, image, size: int, interpolation: Interpolation) -> _Prepared:
+        """Runs on a worker thread: read bytes, look up the latent cache, else decode/preprocess."""
+        import hashlib
+
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                return _Prepared(index, str(path), error=BadImage(f"{path}: cannot read file ({e.strerror or e})"))
+            digest = hashlib.sha256(data).hexdigest()
+            hit = self._latent_cache_get(digest, size, interpolation)
+            if hit is not None:
+                return _Prepared(index, str(path), digest, latent=hit)
+            try:
+                img = open_image(io.BytesIO(data), name=str(path))
+            except BadImage as e:
+                return _Prepared(index, str(path), digest, error=e)
+            return _Prepared(index, str(path), digest, pixels=image_to_tensor(resize_center_crop(img, size, interpolation)))
+        if isinstance(image, Image.Image):
+            pixels = image_to_tensor(resize_center_crop(to_rgb(image), size, interpolation))
+        elif isinstance(image, torch.Tensor):
+            if image.shape != (3, size, size):
+                raise DiffclsError(f"image tensors must be preprocessed to (3, {size}, {size}), got {tuple(image.shape)}")
+            pixels = image.float()
+        else:
+            raise DiffclsError(f"cannot classify an object of type {type(image).__name__}; pass paths, PIL images or tensors")
+        digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+        hit = self._latent_cache_get(digest, size, interpolation)
+        return _Prepared(index, f"<image {index}>", digest, latent=hit, pixels=None if hit is not None else pixels)
+
+    def _latent_fields(self, digest: str, size: int, interpolation: Interpolation) -> dict:
+        return {**self._key_base(), "image": digest, "size": size, "interpolation": interpolation.value}
+
+    def _latent_cache_get(self, digest, size, interpolation):
+        if self.cache is None:
+            return None
+        return self.cache.get("latent", self._latent_fields(digest, size, interpolation))
+
+    def _prepared_stream(self, images: Iterable, size: int, interpolation: Interpolation, workers: int, window: int) -> Iterator[_Prepared]:
+        """Decode on `workers` threads, `window` images ahead, yielding in input order."""
+        items = iter(enumerate(images))
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="diffcls-decode") as pool:
+            pending: deque = deque()
+
+            def submit() -> bool:
+                try:
+                    i, img = next(items)
+                except StopIteration:
+                    return False
+                pending.append(pool.submit(self._timed_prepare, i, img, size, interpolation))
+                return True
+
+            for _ in range(window):
+                if not submit():
+                    break
+            while pending:
+                prepared = pending.popleft().result()
+                submit()
+                yield prepared
+
+    def _timed_prepare(self, *args) -> _Prepared:
+        import time
+
+        start = time.perf_counter()
+        out = self._prepare(*args)
+        with self._lock:
+            self.timer.add("preprocess", time.perf_counter() - start)
+        return out
+
+    _lock = threading.Lock()
+
+    def _latent_stream(self, prepared: Iterator[_Prepared], vae_batch: int, on_skip, sources: dict) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, x0) per good image; VAE encodes the cache misses `vae_batch` at a time."""
+        size = self.engines.image_size
+        chunk: list[_Prepared] = []
+
+        def flush():
+            todo = [p for p in chunk if p.latent is None]
+            if todo:
+                with self.timer.stage("vae_encode"):
+                    lat = run_batched(self.engines.vae_encoder, "image", torch.stack([p.pixels for p in todo]), vae_batch)
+                    lat = lat.float().cpu()
+                for p, x0 in zip(todo, lat):
+                    p.latent = x0.clone()
+                    p.pixels = None
+                    if self.cache is not None:
+                        self.cache.put("latent", self._latent_fields(p.digest, size, self._interp), p.latent)
+            out = [(p.index, p.latent) for p in chunk]
+            chunk.clear()
+            return out
+
+        for p in prepared:
+            sources[p.index] = p.source
+            if p.error is not None:
+                if on_skip is None:
+                    raise p.error
+                on_skip(p.source, str(p.error))
+                continue
+            chunk.append(p)
+            if len([c for c in chunk if c.latent is None]) >= vae_batch or len(chunk) >= 4 * vae_batch:
+                yield from flush()
+        if chunk:
+            yield from flush()
+
+    # --- scoring ----------------------------------------------------------------------------
+    def iter_classify(
+        self,
+        images: Iterable,
+        prompts: PromptSet,
+        schedule: Schedule,
+        *,
+        seed: int = 0,
+        noise: torch.Tensor | None = None,
+        batch_size: int = 32,
+        interpolation: Interpolation | str = Interpolation.bicubic,
+        vae_batch_size: int = 8,
+        workers: int = 2,
+        on_skip: Callable[[str, str], None] | None = None,
+    ) -> Iterator[ImageResult]:
+        """Yield one `ImageResult` per good image, in the order images finish scoring.
+
+        Bad image files are passed to `on_skip(path, message)` and skipped (raised if None).
+        """
+        if isinstance(prompts, (list, tuple)):
+            prompts = PromptSet(tuple(prompts), tuple(prompts), tuple(range(len(prompts))))
+        e = self.engines
+        schedule.validate(len(prompts), e.num_train_timesteps)
+        bank = self.noise_bank(schedule, seed, noise)
+        self._interp = Interpolation(interpolation)
+        emb = self.encode_prompts(prompts)
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size)
+        self.last_stats = scorer.stats
+        sources: dict[int, str] = {}
+        window = max(4, 2 * vae_batch_size)
+        prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
+        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources)
+        for index, score in scorer.run(latents):
+            yield self._result(index, sources[index], score, prompts)
+        for r, secs in scorer.stats.round_seconds.items():
+            self.timer.add(f"unet_round_{r + 1}", secs)
+        for secs in scorer.stats.unet_seconds:
+            self.timer.add("unet_call", secs)
+
+    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule, **kw) -> list[ImageResult]:
+        """All results, in input order."""
+        return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)
+
+    def noise_bank(self, schedule: Schedule, seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (schedule.noise_bank_size(), *self.engines.latent_shape)
+        if noise is None:
+            return make_noise_bank(schedule, self.engines.latent_shape, seed)
+        if tuple(noise.shape) != shape:
+            raise DiffclsError(
+                f"the noise tensor has shape {list(noise.shape)}; this schedule and model need "
+                f"{list(shape)} (max(n_samples) * n_trials, C, h, w)"
+            )
+        return noise.float()
+
+    @staticmethod
+    def _result(index: int, source: str, s: ImageScore, prompts: PromptSet) -> ImageResult:
+        return ImageResult(
+            index=index,
+            source=source,
+            prediction=prompts.classidx[s.prediction],
+            classname=prompts.classnames[s.prediction],
+            prompt=s.prediction,
+            scores=s.scores,
+            errors=s.errors,
+            ranking=s.ranking,
+            n_evals=s.n_evals,
+            _prompts=prompts,
+        )
+
+
+def run_batched(engine, name: str, x: torch.Tensor, preferred: int) -> torch.Tensor:
+    """Run `engine` over x in chunks its batch sizes accept, padding the tail; concat outputs."""
+    n = x.shape[0]
+    sizes = engine.batch_sizes
+    outs = []
+    i = 0
+    while i < n:
+        left = n - i
+        if sizes is None:
+            b = run = min(preferred, left)
+        else:
+            fits = [s for s in sizes if s >= left]
+            b = min(fits) if fits else max(sizes)
+            run = min(b, left)
+        part = x[i : i + run]
+        if run < b:
+            part = torch.cat([part, part[:1].expand(b - run, *part.shape[1:])])
+        out = engine({name: part})
+        outs.append(next(iter(out.values()))[:run])
+        i += run
+    return torch.cat(outs)

@@ -1,0 +1,109 @@
+"""Class prompts: the reference CSV format (`prompt,classname,classidx`) or a class list + template.
+
+Several prompts may share a classidx (prompt ensembles); scoring runs over prompts, and the
+prediction is the class of the winning prompt. A prompt's index is its row in the file (0-based,
+header excluded).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffcls.errors import DiffclsError
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple[str, ...]
+    classnames: tuple[str, ...]  # per prompt
+    classidx: tuple[int, ...]  # per prompt
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        """classidx -> classname, in first-seen order."""
+        out: dict[int, str] = {}
+        for name, idx in zip(self.classnames, self.classidx):
+            out.setdefault(idx, name)
+        return out
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for row in zip(self.prompts, self.classnames, self.classidx):
+            h.update(repr(row).encode())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_classes(cls, classes: list[str] | str, template: str = DEFAULT_TEMPLATE) -> "PromptSet":
+        if isinstance(classes, str):
+            classes = classes.split(",")
+        names = [c.strip() for c in classes]
+        if not names or any(not n for n in names):
+            raise DiffclsError('--classes has an empty name; give comma-separated names, e.g. --classes "cat,dog"')
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DiffclsError(f"--classes names {', '.join(dupes)} more than once; give each class once")
+        if "{}" not in template:
+            raise DiffclsError(f'--template {template!r} has no {{}} for the class name, e.g. "a photo of a {{}}."')
+        return cls(tuple(template.format(n) for n in names), tuple(names), tuple(range(len(names))))
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "PromptSet":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise DiffclsError(f"prompts file {path} does not exist; pass a CSV with columns prompt,classname,classidx") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DiffclsError(f"cannot read prompts file {path} ({e}); it must be a UTF-8 CSV") from None
+        rows = list(csv.reader(text.splitlines()))
+        rows = [r for r in rows if any(c.strip() for c in r)]
+        if not rows:
+            raise DiffclsError(f"prompts file {path} is empty; it needs a header prompt,classname,classidx and one row per prompt")
+        header = [c.strip().lower() for c in rows[0]]
+        need = ("prompt", "classname", "classidx")
+        if not all(n in header for n in need):
+            raise DiffclsError(
+                f"prompts file {path} has header {','.join(rows[0])}; it must have the columns prompt,classname,classidx"
+            )
+        col = {n: header.index(n) for n in need}
+        prompts, names, idxs = [], [], []
+        name_of: dict[int, str] = {}
+        idx_of: dict[str, int] = {}
+        seen_prompt: dict[str, int] = {}
+        for line, row in enumerate(rows[1:], start=2):
+            if len(row) != len(header):
+                raise DiffclsError(
+                    f"{path} line {line} has {len(row)} fields, the header has {len(header)}; quote prompts that contain commas"
+                )
+            prompt, name, raw = (row[col[n]].strip() for n in need)
+            if not prompt or not name:
+                raise DiffclsError(f"{path} line {line} has an empty prompt or classname; fill it in or remove the line")
+            try:
+                idx = int(raw)
+            except ValueError:
+                raise DiffclsError(f"{path} line {line}: classidx {raw!r} is not an integer") from None
+            if name_of.setdefault(idx, name) != name:
+                raise DiffclsError(
+                    f"{path} line {line}: classidx {idx} is named both {name_of[idx]!r} and {name!r}; use one name per classidx"
+                )
+            if idx_of.setdefault(name, idx) != idx:
+                raise DiffclsError(
+                    f"{path} line {line}: class name {name!r} has classidx {idx_of[name]} and {idx}; class names must be unique"
+                )
+            if prompt in seen_prompt:
+                raise DiffclsError(f"{path} line {line} repeats the prompt of line {seen_prompt[prompt]}; remove the duplicate")
+            seen_prompt[prompt] = line
+            prompts.append(prompt)
+            names.append(name)
+            idxs.append(idx)
+        if not prompts:
+            raise DiffclsError(f"prompts file {path} has a header but no prompts; add one row per prompt")
+        return cls(tuple(prompts), tuple(names), tuple(idxs))

@@ -1,0 +1,266 @@
+"""The scoring loop of Diffusion Classifier, with several images sharing full UNet batches.
+
+For one image with latent x0 and prompts c (DESIGN.md, "The scoring loop"):
+
+    round i: new timesteps ts_i (see `Schedule.rounds`), for each remaining prompt c, each new
+             (t, trial j), with eps = bank[k * n_trials + j] (k = the t's evaluation index):
+             x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps
+             err = mean_{C,H,W} loss(eps, unet(x_t, t, E[c]))
+             score(c) = mean of all of c's errors so far; keep the k_i lowest scores.
+
+Every (image, prompt, t, trial) is independent given x0, so the `Scorer` keeps a FIFO queue of
+work items from several images in flight and runs the UNet only at full batches of the chosen
+size; a new image is admitted whenever the queue cannot fill a batch. Only the final batch of a
+run is padded. Noising and the error reduction run on the engine's device; only the per-sample
+errors come back to the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from diffcls.runtime.schedule import Schedule
+
+
+@dataclass
+class ImageScore:
+    """The outcome for one image. Prompt indices refer to the prompt list given to the scorer."""
+
+    prediction: int  # the prompt left after the last round
+    scores: dict[int, float]  # prompt -> mean error over all its evaluations
+    errors: list[tuple[int, int, int, float]]  # (prompt, t, trial, error) in evaluation order
+    ranking: list[int]  # every prompt, best first (later survivors first, then by score)
+    n_evals: int
+
+
+def make_noise_bank(schedule: Schedule, latent_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """M * n_trials standard-normal latents from one seeded CPU generator (float32)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn((schedule.noise_bank_size(), *latent_shape), generator=g, dtype=torch.float32)
+
+
+def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.Tensor:
+    """mean over (C, H, W) of the elementwise loss, in float32 -> (B,)."""
+    pred = pred.float()
+    if loss == "l2":
+        e = F.mse_loss(eps, pred, reduction="none")
+    elif loss == "l1":
+        e = F.l1_loss(eps, pred, reduction="none")
+    elif loss == "huber":
+        e = F.huber_loss(eps, pred, reduction="none", delta=1.0)
+    else:
+        raise ValueError(loss)
+    return e.mean(dim=(1, 2, 3))
+
+
+class _Image:
+    """Per-image state: current round, remaining prompts, running sums."""
+
+    def __init__(self, key, slot: int, n_prompts: int, rounds, schedule: Schedule):
+        self.key = key
+        self.slot = slot
+        self.rounds = rounds
+        self.schedule = schedule
+        self.round = -1
+        self.remaining = list(range(n_prompts))
+        self.sums = [0.0] * n_prompts
+        self.counts = [0] * n_prompts
+        self.errors: list[tuple[int, int, int, float]] = []
+        self.pending = 0
+        self.eliminated: list[list[int]] = []  # prompts pruned after each round, best first
+
+    def next_round_items(self) -> list[tuple["_Image", int, int, int, int]]:
+        """(image, prompt, k, t, trial) for the next round; empty if done."""
+        self.round += 1
+        if self.round >= len(self.rounds):
+            return []
+        n_trials = self.schedule.n_trials
+        items = [
+            (self, c, k, t, j)
+            for c in self.remaining
+            for (k, t) in self.rounds[self.round]
+            for j in range(n_trials)
+        ]
+        self.pending = len(items)
+        return items
+
+    def record(self, c: int, t: int, j: int, err: float) -> None:
+        self.errors.append((c, t, j, err))
+        self.sums[c] += err
+        self.counts[c] += 1
+        self.pending -= 1
+
+    def score(self, c: int) -> float:
+        return self.sums[c] / self.counts[c] if self.counts[c] else float("inf")
+
+    def prune(self) -> None:
+        keep = self.schedule.to_keep[self.round]
+        order = sorted(self.remaining, key=lambda c: (self.score(c), c))  # ties: lower index
+        self.eliminated.append(order[keep:])
+        self.remaining = order[:keep]
+
+    def result(self) -> ImageScore:
+        ranking = list(self.remaining)
+        for pruned in reversed(self.eliminated):
+            ranking.extend(pruned)
+        return ImageScore(
+            prediction=self.remaining[0],
+            scores={c: self.score(c) for c in range(len(self.sums)) if self.counts[c]},
+            errors=self.errors,
+            ranking=ranking,
+            n_evals=len(self.errors),
+        )
+
+
+@dataclass
+class ScoreStats:
+    unet_calls: int = 0
+    unet_evals: int = 0  # real (image, prompt, t, trial) evaluations
+    padded: int = 0  # padding samples in the last batch(es)
+    unet_seconds: list[float] = field(default_factory=list)  # per call, device-synchronized
+    round_seconds: dict[int, float] = field(default_factory=dict)  # UNet time by round index
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.unet_evals + self.padded
+        return self.padded / total if total else 0.0
+
+
+class Scorer:
+    """Scores a stream of latents against fixed prompt embeddings.
+
+    unet: an Engine for the "unet" component. embeddings: (P, L, D) on any device.
+    batch_size: the UNet batch; must be one the engine accepts. The tail of the run is padded
+    to the smallest accepted size that holds it.
+    """
+
+    def __init__(
+        self,
+        unet,
+        embeddings: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        schedule: Schedule,
+        noise_bank: torch.Tensor,
+        batch_size: int,
+        *,
+        sync_timing: bool = False,
+    ):
+        self.unet = unet
+        self.device = unet.device
+        self.schedule = schedule
+        self.n_prompts = int(embeddings.shape[0])
+        schedule.validate(self.n_prompts, int(alphas_cumprod.shape[0]))
+        if unet.batch_sizes is not None and batch_size not in unet.batch_sizes:
+            from diffcls.errors import DiffclsError
+
+            raise DiffclsError(
+                f"--batch-size {batch_size} is not one of the UNet engine's batch sizes "
+                f"{', '.join(map(str, unet.batch_sizes))}; pick one of those or re-export"
+            )
+        self.batch_size = int(batch_size)
+        self.emb = embeddings.to(self.device, unet.dtype)
+        ac = alphas_cumprod.to(self.device, torch.float32)
+        self.sqrt_a = ac.sqrt()
+        self.sqrt_1ma = (1.0 - ac).sqrt()
+        self.bank = noise_bank.to(self.device, torch.float32)
+        self.rounds = schedule.rounds(int(alphas_cumprod.shape[0]))
+        self.stats = ScoreStats()
+        self.sync_timing = sync_timing
+        self._table: torch.Tensor | None = None  # (capacity, C, h, w) latents of images in flight
+        self._free: list[int] = []
+
+    # --- latents live in slots of one device tensor so a batch gathers with one index ------
+    def _store(self, x0: torch.Tensor) -> int:
+        x0 = x0.to(self.device, torch.float32)
+        if not self._free:
+            old = self._table
+            grow = max(4, 0 if old is None else old.shape[0])
+            new = torch.empty((grow, *x0.shape), device=self.device, dtype=torch.float32)
+            self._table = new if old is None else torch.cat([old, new])
+            start = 0 if old is None else old.shape[0]
+            self._free.extend(range(start + grow - 1, start - 1, -1))
+        slot = self._free.pop()
+        self._table[slot] = x0
+        return slot
+
+    def _run_batch(self, items: list) -> tuple[list[float], float]:
+        n = len(items)
+        size = self._padded_size(n)
+        padded = items + [items[0]] * (size - n)
+        idx = torch.tensor(
+            [[it[0].slot, it[1], it[2] * self.schedule.n_trials + it[4], it[3]] for it in padded],
+            dtype=torch.int64,
+        ).to(self.device, non_blocking=True)
+        slots, prompts, noise_idx, ts = idx.unbind(1)
+        x0 = self._table.index_select(0, slots)  # (B, C, h, w)
+        eps = self.bank.index_select(0, noise_idx)  # (B, C, h, w)
+        a = self.sqrt_a.index_select(0, ts).view(-1, 1, 1, 1)
+        s = self.sqrt_1ma.index_select(0, ts).view(-1, 1, 1, 1)
+        x_t = a * x0 + s * eps
+        feed = {
+            "sample": x_t.to(self.unet.dtype),
+            "timestep": ts.to(torch.float32),
+            "encoder_hidden_states": self.emb.index_select(0, prompts),
+        }
+        start = time.perf_counter()
+        pred = self.unet(feed)["out_sample"]
+        err = per_sample_loss(eps, pred, self.schedule.loss)[:n].tolist()  # syncs
+        elapsed = time.perf_counter() - start
+        self.stats.unet_calls += 1
+        self.stats.unet_evals += n
+        self.stats.padded += size - n
+        self.stats.unet_seconds.append(elapsed)
+        return err, elapsed
+
+    def _padded_size(self, n: int) -> int:
+        sizes = self.unet.batch_sizes
+        if sizes is None:
+            return n if n < self.batch_size else self.batch_size
+        fits = [b for b in sizes if b >= n and b <= self.batch_size]
+        return min(fits) if fits else self.batch_size
+
+    def run(self, latents: Iterable[tuple[Hashable, torch.Tensor]], on_round: Callable | None = None) -> Iterator[tuple[Hashable, ImageScore]]:
+        """Yield (key, ImageScore) per image, in the order the images finish.
+
+        `latents` yields (key, x0 of shape (C, h, w)); it is pulled lazily, one image at a time,
+        only when the queue cannot fill the next batch.
+        """
+        source = iter(latents)
+        queue: deque = deque()
+        exhausted = False
+        B = self.batch_size
+        while True:
+            while len(queue) < B and not exhausted:
+                try:
+                    key, x0 = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                image = _Image(key, self._store(x0), self.n_prompts, self.rounds, self.schedule)
+                queue.extend(image.next_round_items())
+            if not queue:
+                return
+            batch = [queue.popleft() for _ in range(min(B, len(queue)))]
+            errors, elapsed = self._run_batch(batch)
+            for (image, c, _k, t, j), err in zip(batch, errors):
+                image.record(c, t, j, err)
+            per_round = self.stats.round_seconds
+            for image, *_ in batch:
+                per_round[image.round] = per_round.get(image.round, 0.0) + elapsed / len(batch)
+            done_round = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
+            for image in done_round.values():
+                image.prune()
+                if on_round is not None:
+                    on_round(image.key, image.round)
+                items = image.next_round_items()
+                if items:
+                    queue.extend(items)
+                else:
+                    self._free.append(image.slot)
+                    yield image.key, image.result()
