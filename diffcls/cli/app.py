@@ -43,6 +43,11 @@ _register()
 
 
 def main() -> None:
+    import sys
+
+    from diffcls.cli.classify import join_list_flags
+
+    sys.argv[1:] = join_list_flags(sys.argv[1:])
     app()
 
 

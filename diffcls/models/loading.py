@@ -143,6 +143,25 @@ def load_model(path: str | Path | None = None) -> SDModel:
     return _load_directory(path)
 
 
+def quiet_hf_logs() -> None:
+    """diffusers/transformers log progress bars and advice on every load; keep the CLI clean."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - logging knobs only
+        pass
+
+
 def _load_directory(path: Path) -> SDModel:
     missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
     if missing:
@@ -150,6 +169,7 @@ def _load_directory(path: Path) -> SDModel:
             f"model directory {path} lacks {', '.join(missing)}/; a diffusers Stable Diffusion "
             f"directory needs {', '.join(d + '/' for d in REQUIRED_DIRS)}"
         )
+    quiet_hf_logs()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -187,6 +207,7 @@ def _load_single_file(path: Path) -> SDModel:
         raise DiffclsError(
             f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a diffusers directory or a checkpoint file"
         )
+    quiet_hf_logs()
     try:
         from diffusers import StableDiffusionPipeline
 
@@ -208,3 +229,22 @@ def _load_single_file(path: Path) -> SDModel:
         source=str(path),
     )
     return model.eval()
+
+
+def model_defaults(path: str | Path | None) -> dict:
+    """Optional `diffcls.json` beside a model: default image_size, prompts file, schedule.
+
+    The bundled demo model ships one so that `diffcls classify DIR` needs no other flags.
+    Paths inside it are relative to the model directory.
+    """
+    root = Path(path) if path is not None else default_model_path()
+    f = root / "diffcls.json"
+    if not root.is_dir() or not f.exists():
+        return {}
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DiffclsError(f"cannot read {f} ({e}); fix or delete it") from None
+    if "prompts" in d:
+        d["prompts"] = str(root / d["prompts"])
+    return d
