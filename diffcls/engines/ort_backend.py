@@ -1,0 +1,207 @@
+"""The onnxruntime backend: one `InferenceSession` per exported component.
+
+Opens an engine directory written by `diffcls export --backend onnxruntime` (manifest checked
+first, see `diffcls.export.manifest.verify_engine_dir`). Providers by device:
+
+    cpu  -> CPUExecutionProvider
+    cuda -> CUDAExecutionProvider (on torch's current stream, IO binding on CUDA torch tensors:
+            no host copies and no host sync per call), CPU as fallback for unsupported nodes
+    providers=[...] / DIFFCLS_ORT_PROVIDERS="TensorrtExecutionProvider,CUDAExecutionProvider"
+            -> exactly those, e.g. ORT's TensorRT execution provider where it is installed
+
+Requested providers are checked against `onnxruntime.get_available_providers()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffcls.engines.base import EngineSet, check_batch
+from diffcls.errors import DiffclsError
+from diffcls.export import manifest as mf
+from diffcls.models.spec import COMPONENTS, ComponentSpec
+
+BACKEND = "onnxruntime"
+_ORT_TYPES = {
+    "tensor(float)": (torch.float32, np.float32),
+    "tensor(float16)": (torch.float16, np.float16),
+    "tensor(int64)": (torch.int64, np.int64),
+    "tensor(int32)": (torch.int32, np.int32),
+}
+_TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+
+
+def resolve_providers(device: str | torch.device | None, providers=None) -> tuple[torch.device, list]:
+    """(torch device the engines live on, ORT provider list), checked against what is installed."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None and os.environ.get("DIFFCLS_ORT_PROVIDERS"):
+        providers = [p.strip() for p in os.environ["DIFFCLS_ORT_PROVIDERS"].split(",") if p.strip()]
+    dev = None if device in (None, "auto") else torch.device(device)
+    if providers is None:
+        if dev is None:
+            cuda_ok = torch.cuda.is_available() and "CUDAExecutionProvider" in available
+            dev = torch.device("cuda" if cuda_ok else "cpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if dev.type == "cuda" else ["CPUExecutionProvider"]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [p for p in names if p not in available]
+    if missing:
+        hint = " (pip install onnxruntime-gpu, matching your CUDA)" if any("CUDA" in p or "Tensorrt" in p for p in missing) else ""
+        raise DiffclsError(
+            f"ONNX Runtime provider {', '.join(missing)} is not available{hint}; "
+            f"installed providers: {', '.join(available)}"
+        )
+    if dev is None:
+        dev = torch.device("cuda" if any(n != "CPUExecutionProvider" for n in names) else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffclsError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev, list(providers)
+
+
+class OrtEngine:
+    """One component as an ONNX Runtime session; only the manifest's batch sizes are accepted."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, batch_sizes, device: torch.device, providers: list):
+        import onnxruntime as ort
+
+        self.component = spec.name
+        self.spec = spec
+        self.device = device
+        self.batch_sizes = tuple(sorted(int(b) for b in batch_sizes)) if batch_sizes else None
+        self.calls = 0
+        self.path = Path(path)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._stream = None
+        if device.type == "cuda":
+            # run on torch's current stream: torch ops and ORT kernels are ordered without host syncs
+            self._stream = torch.cuda.current_stream(device)
+            providers = [
+                (p, {**_opts(p), "device_id": str(device.index or 0), "user_compute_stream": str(self._stream.cuda_stream)})
+                if (p if isinstance(p, str) else p[0]) == "CUDAExecutionProvider"
+                else p
+                for p in providers
+            ]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own (pybind) exception types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise DiffclsError(f"ONNX Runtime cannot load {path} ({first}); re-export it with diffcls export") from e
+        self.input_types = {i.name: _ORT_TYPES.get(i.type, (torch.float32, np.float32)) for i in self.session.get_inputs()}
+        self.output_types = {o.name: _ORT_TYPES.get(o.type, (torch.float32, np.float32)) for o in self.session.get_outputs()}
+        floats = [t for t, _ in self.input_types.values() if t.is_floating_point]
+        self.dtype = floats[0] if floats else torch.float32
+        self.providers = self.session.get_providers()
+        self._run_options = ort.RunOptions()
+        if device.type == "cuda":
+            # the caller's stream orders the work; ORT must not block the host after each run
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = check_batch(self, feed)
+        self.calls += 1
+        if self.device.type == "cuda":
+            return self._run_cuda(feed, batch)
+        np_feed = {}
+        for name in self.spec.input_names:
+            tdtype, _ = self.input_types[name]
+            np_feed[name] = feed[name].detach().to("cpu", tdtype).contiguous().numpy()
+        outs = self.session.run(self.spec.output_names, np_feed, self._run_options)
+        return {n: torch.from_numpy(o) for n, o in zip(self.spec.output_names, outs)}
+
+    def _run_cuda(self, feed: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        dev_id = self.device.index or 0
+        keep = []
+        for name in self.spec.input_names:
+            tdtype, ndtype = self.input_types[name]
+            x = feed[name].to(self.device, tdtype, non_blocking=True).contiguous()
+            keep.append(x)
+            binding.bind_input(name, "cuda", dev_id, ndtype, list(x.shape), x.data_ptr())
+        result = {}
+        for t in self.spec.outputs:
+            tdtype, ndtype = self.output_types[t.name]
+            y = torch.empty(t.concrete(batch), dtype=tdtype, device=self.device)
+            binding.bind_output(t.name, "cuda", dev_id, ndtype, list(y.shape), y.data_ptr())
+            result[t.name] = y
+        self.session.run_with_iobinding(binding, self._run_options)
+        return result
+
+
+def _opts(provider) -> dict:
+    return dict(provider[1]) if isinstance(provider, tuple) else {}
+
+
+def open_engines(
+    *,
+    engine_dir=None,
+    model=None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    image_size: int | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    providers: list | None = None,
+    check_hash: bool = True,
+    **_ignored,
+) -> EngineSet:
+    """Open an onnxruntime engine directory; `model` (optional) must be the one it was built from."""
+    if engine_dir is None:
+        raise DiffclsError(
+            "the onnxruntime backend runs an exported engine directory; pass --engines DIR "
+            "(create one with: diffcls export --out DIR --backend onnxruntime)"
+        )
+    engine_dir = Path(engine_dir)
+    fingerprint, model_arg = mf.resolve_model_arg(model)
+    manifest = mf.verify_engine_dir(
+        engine_dir,
+        backend=BACKEND,
+        fingerprint=fingerprint,
+        model_arg=model_arg,
+        image_size=image_size,
+        precision=precision,
+        check_hash=check_hash,
+    )
+    dev, provider_list = resolve_providers(device, providers)
+    specs = mf.manifest_specs(manifest)
+    engines = {}
+    for comp in COMPONENTS:
+        entry = manifest["components"][comp]
+        sizes = _engine_batch_sizes(engine_dir, manifest, comp, entry, batch_sizes)
+        engines[comp] = OrtEngine(engine_dir / entry["file"], specs[comp], sizes, dev, provider_list)
+    tokenizer, alphas = mf.load_runtime_files(engine_dir)
+    precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
+    return EngineSet(
+        text_encoder=engines["text_encoder"],
+        vae_encoder=engines["vae_encoder"],
+        unet=engines["unet"],
+        tokenizer=tokenizer,
+        alphas_cumprod=alphas,
+        image_size=int(manifest["image_size"]),
+        latent_shape=tuple(int(x) for x in manifest["latent_shape"]),
+        max_length=int(manifest["max_length"]),
+        fingerprint=manifest["fingerprint"],
+        backend=BACKEND,
+        precision=precisions.pop() if len(precisions) == 1 else "mixed",
+        device=dev,
+        info={"engine_dir": str(engine_dir), "providers": engines["unet"].providers, "source": manifest.get("source")},
+    )
+
+
+def _engine_batch_sizes(engine_dir, manifest, comp, entry, requested):
+    have = tuple(int(b) for b in entry.get("batch_sizes") or ())
+    if not requested:
+        return have or None
+    extra = sorted(set(int(b) for b in requested) - set(have))
+    if extra and have:
+        cmd = mf.fix_command(engine_dir, manifest, batch_sizes=sorted(set(have) | set(extra)))
+        raise DiffclsError(
+            f"engine directory {engine_dir} was exported for batch sizes {', '.join(map(str, have))}, "
+            f"not {', '.join(map(str, extra))}; use one of those or re-export: {cmd}"
+        )
+    return tuple(sorted(int(b) for b in requested))

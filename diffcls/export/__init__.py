@@ -1,0 +1,10 @@
+"""Export: torch -> ONNX per component; ONNX -> TensorRT engines; the manifest and invalidation.
+
+    from diffcls.export import ExportConfig, export_model
+    export_model(ExportConfig(out="engines/", model="models/sd21", backend="onnxruntime"))
+"""
+
+from diffcls.export.manifest import read_manifest, verify_engine_dir
+from diffcls.export.pipeline import ExportConfig, ExportResult, StepEvent, export_model
+
+__all__ = ["ExportConfig", "ExportResult", "StepEvent", "export_model", "read_manifest", "verify_engine_dir"]

@@ -1,0 +1,216 @@
+"""The engine directory's `manifest.json`: what was built, from which model, with what.
+
+One manifest per engine directory (DESIGN.md, "Engine directory and manifest"):
+
+    {"format": 1, "backend": "onnxruntime", "fingerprint": "<model>", "image_size": 512,
+     "source": "models/sd21", "versions": {"torch": ..., "onnx": ..., "onnxruntime": ...},
+     "gpu": {"name": ..., "compute_capability": "9.0"} | null,
+     "components": {"unet": {"file": "unet.onnx", "files": {"unet.onnx": "<sha256>"},
+                             "precision": "fp16", "batch_sizes": [8, 16, 32], "opset": 17,
+                             "settings": {...}, "max_abs_err": ..., "max_rel_err": ..., ...}}}
+
+`verify_engine_dir` is what opening an engine directory runs first: every mismatch becomes a
+one-line `DiffclsError` with the reason and the `diffcls export ...` command that fixes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from pathlib import Path
+
+from diffcls.errors import DiffclsError
+from diffcls.models.spec import COMPONENTS
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+TOKENIZER_DIR = "tokenizer"
+ALPHAS_FILE = "alphas_cumprod.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(engine_dir: str | Path) -> dict | None:
+    """The manifest as a dict, None if there is none; a corrupt one raises DiffclsError."""
+    path = Path(engine_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffclsError(f"{path} is corrupt ({type(e).__name__}); re-export: {fix_command(engine_dir, None)}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("components"), dict):
+        raise DiffclsError(f"{path} is not a diffcls manifest (format {FORMAT}); re-export: {fix_command(engine_dir, None)}")
+    return data
+
+
+def write_manifest(engine_dir: str | Path, manifest: dict) -> Path:
+    """Atomic write (temp file + rename), so a crash never leaves half a manifest."""
+    path = Path(engine_dir) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | None = None, **overrides) -> str:
+    """The exact `diffcls export` command that (re)builds `engine_dir` as its manifest describes."""
+    m = manifest or {}
+    comps = m.get("components") or {}
+    first = next(iter(comps.values()), {}) if comps else {}
+    backend = overrides.get("backend") or m.get("backend") or "onnxruntime"
+    precision = overrides.get("precision") or first.get("precision")
+    batch_sizes = overrides.get("batch_sizes") or first.get("batch_sizes")
+    image_size = overrides.get("image_size") or m.get("image_size")
+    source = model if model is not None else m.get("source")
+    parts = ["diffcls", "export"]
+    if source and not str(source).startswith("<"):
+        parts += ["--model", str(source)]
+    parts += ["--out", str(engine_dir), "--backend", backend]
+    if precision:
+        parts += ["--precision", precision]
+    if batch_sizes:
+        parts += ["--batch-sizes", ",".join(map(str, batch_sizes))]
+    if image_size:
+        parts += ["--image-size", str(image_size)]
+    return shlex.join(parts)
+
+
+def component_files(engine_dir: Path, entry: dict) -> dict[str, str]:
+    return dict(entry.get("files") or {})
+
+
+def file_problem(engine_dir: Path, name: str, entry: dict, *, check_hash: bool = True) -> str | None:
+    """Why a component's files cannot be trusted, or None if they can."""
+    files = component_files(engine_dir, entry)
+    if not files:
+        return f"the manifest lists no file for {name}"
+    for rel, digest in files.items():
+        path = engine_dir / rel
+        if not path.is_file():
+            return f"{name} file {path} is missing"
+        if check_hash and sha256_file(path) != digest:
+            return f"{name} file {path} is corrupted (its sha256 differs from the manifest)"
+    return None
+
+
+def verify_engine_dir(
+    engine_dir: str | Path,
+    *,
+    backend: str,
+    fingerprint: str | None = None,
+    model_arg: str | None = None,
+    image_size: int | None = None,
+    precision: str | None = None,
+    check_hash: bool = True,
+    runtime_check=None,
+) -> dict:
+    """The manifest of a usable engine directory for `backend`, or a one-line DiffclsError.
+
+    `runtime_check(manifest) -> str | None` lets a backend add its own reason (e.g. a TensorRT
+    engine built for another GPU).
+    """
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise DiffclsError(
+            f"engine directory {engine_dir} does not exist; create it with: "
+            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
+        )
+    manifest = read_manifest(engine_dir)
+    if manifest is None:
+        raise DiffclsError(
+            f"{engine_dir} has no {MANIFEST}, so it is not an exported engine directory; create it with: "
+            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
+        )
+
+    def fail(reason: str, **overrides) -> DiffclsError:
+        cmd = fix_command(engine_dir, manifest, model=model_arg, **overrides)
+        return DiffclsError(f"engine directory {engine_dir}: {reason}; rebuild it with: {cmd}")
+
+    if manifest.get("backend") != backend:
+        raise fail(
+            f"it was exported for the {manifest.get('backend')} backend, not {backend} "
+            f"(pass --backend {manifest.get('backend')}, or re-export)",
+            backend=backend,
+        )
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        raise fail(
+            f"it was built from another model (fingerprint {manifest.get('fingerprint')}, "
+            f"the given model is {fingerprint})"
+        )
+    if image_size is not None and int(manifest.get("image_size", -1)) != int(image_size):
+        raise fail(
+            f"it was built for image size {manifest.get('image_size')}, not {image_size}",
+            image_size=image_size,
+        )
+    comps = manifest["components"]
+    missing = [c for c in COMPONENTS if c not in comps]
+    missing += [k for k in ("fingerprint", "image_size", "max_length", "hidden_size", "latent_shape") if k not in manifest]
+    if missing:
+        raise fail(f"the manifest lacks {', '.join(missing)}")
+    if precision not in (None, "auto"):
+        have = {comps[c].get("precision") for c in COMPONENTS}
+        if have != {precision}:
+            raise fail(f"it holds {'/'.join(sorted(map(str, have)))} engines, not {precision}", precision=precision)
+    for c in COMPONENTS:
+        problem = file_problem(engine_dir, c, comps[c], check_hash=check_hash)
+        if problem:
+            raise fail(problem)
+    for rel in (ALPHAS_FILE, TOKENIZER_DIR):
+        if not (engine_dir / rel).exists():
+            raise fail(f"{engine_dir / rel} is missing")
+    if runtime_check is not None:
+        problem = runtime_check(manifest)
+        if problem:
+            raise fail(problem)
+    return manifest
+
+
+def manifest_specs(manifest: dict):
+    """The component specs an engine directory was exported with."""
+    from diffcls.models.spec import component_specs
+
+    return component_specs(
+        max_length=int(manifest["max_length"]),
+        hidden_size=int(manifest["hidden_size"]),
+        image_size=int(manifest["image_size"]),
+        latent_shape=tuple(int(x) for x in manifest["latent_shape"]),
+    )
+
+
+def load_runtime_files(engine_dir: str | Path):
+    """(tokenizer, alphas_cumprod) copied into the engine directory by export."""
+    import torch
+    from transformers import CLIPTokenizer
+
+    engine_dir = Path(engine_dir)
+    try:
+        data = json.loads((engine_dir / ALPHAS_FILE).read_text())
+        alphas = torch.tensor(data["alphas_cumprod"], dtype=torch.float32)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise DiffclsError(f"{engine_dir / ALPHAS_FILE} is unreadable ({type(e).__name__}); re-export the engine directory") from e
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / TOKENIZER_DIR))
+    except Exception as e:  # noqa: BLE001 - any loader failure is a broken copy
+        raise DiffclsError(f"cannot load the tokenizer copy in {engine_dir / TOKENIZER_DIR}; re-export the engine directory") from e
+    return tokenizer, alphas
+
+
+def resolve_model_arg(model):
+    """(fingerprint or None, the --model string for fix commands) for an optional model argument."""
+    if model is None:
+        return None, None
+    from diffcls.models.loading import SDModel, load_model
+
+    if not isinstance(model, SDModel):
+        model = load_model(model)
+    src = str(model.source)
+    return model.fingerprint(), (None if src.startswith("<") else src)

@@ -1,0 +1,303 @@
+"""torch -> ONNX for one component, fp16 conversion, ONNX Runtime fusion, and the check vs torch.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. With torch 2.13 both
+exporters produce correct graphs for the three SD components, but the TorchScript one is ~2-3x
+faster, prints nothing, and its graphs are the ones ONNX Runtime's UNet fusion passes
+(`onnxruntime.transformers.optimizer`, model_type="unet") are written against. Every graph has
+a dynamic batch axis "B"; shapes and names come from `diffcls.models.spec`.
+
+fp16: always exported in fp32 first, then converted with ONNX Runtime's float16 converter
+(`OnnxModel.convert_float_to_float16`, symbolic shape inference, so it also works on fused graphs
+and on >2 GB models). Resize's constant scales and GroupNorm's gamma/beta stay fp32 (the
+converter's ALWAYS_FLOAT_INPUTS) and the unfused graph's InstanceNormalization runs in fp32.
+
+GPU fusion recipe (`optimize_unet`, `--optimize`): fp32 ONNX -> `optimize_model(model_type="unet")`
+(attention -> MultiHeadAttention/Attention, LayerNorm/SkipLayerNorm, and on CUDA GroupNorm,
+SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd) -> fp16. The CUDA-only fused ops have no CPU
+kernels, so on CPU only the portable fusions run (what the tests check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffcls.errors import DiffclsError
+from diffcls.models.spec import ComponentSpec
+from diffcls.models.wrappers import wrap
+
+OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 and ORT >= 1.14 take it
+LARGE_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: larger models keep weights in `<file>.data`
+# max |onnx - torch| / max |torch| accepted per precision (fp16 is compared against fp32 torch)
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+FP16_OP_BLOCK_LIST = ["RandomNormalLike", "InstanceNormalization", "GroupNormalization"]
+
+
+def random_feed(model, spec: ComponentSpec, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs in each input's natural range (token ids, [-1, 1] pixels, timesteps)."""
+    g = torch.Generator().manual_seed(seed)
+    feed = {}
+    for t in spec.inputs:
+        shape = t.concrete(batch)
+        if t.name == "input_ids":
+            vocab = int(model.text_encoder.config.vocab_size)
+            feed[t.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
+        elif t.name == "image":
+            feed[t.name] = torch.rand(shape, generator=g) * 2 - 1
+        elif t.name == "timestep":
+            feed[t.name] = torch.randint(0, model.num_train_timesteps, shape, generator=g).float()
+        else:
+            feed[t.name] = torch.randn(shape, generator=g)
+    return feed
+
+
+@torch.inference_mode()
+def torch_reference(model, component: str, feed: dict[str, torch.Tensor]) -> np.ndarray:
+    module = wrap(model, component).float().eval()
+    spec_inputs = list(feed)
+    return module(*[feed[n] for n in spec_inputs]).float().numpy()
+
+
+def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opset: int = OPSET) -> Path:
+    """Export one fp32 component to `out_path` (weights in `<name>.data` beside it when > 2 GB)."""
+    import onnx
+
+    module = wrap(model, component).float().eval()
+    feed = random_feed(model, spec, batch=2)
+    args = tuple(feed[n] for n in spec.input_names)
+    names = spec.input_names + spec.output_names
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes={n: {0: "B"} for n in names},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(raw))  # pulls in external data if torch wrote any
+        save_onnx(proto, out_path)
+    return out_path
+
+
+def save_onnx(proto, out_path: Path) -> list[Path]:
+    """Write `proto` to out_path; weights go to `<name>.data` when the model is near 2 GB."""
+    import onnx
+
+    out_path = Path(out_path)
+    data = out_path.with_name(out_path.name + ".data")
+    for p in (out_path, data):
+        p.unlink(missing_ok=True)
+    large = _initializer_bytes(proto) > LARGE_BYTES
+    onnx.save_model(
+        proto,
+        str(out_path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return onnx_files(out_path)
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The ONNX file and its external data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def _initializer_bytes(proto) -> int:
+    total = 0
+    for init in proto.graph.initializer:
+        n = int(np.prod(init.dims)) if len(init.dims) else 1
+        total += n * 4
+    return total
+
+
+def fusion_options(gpu: bool):
+    """ORT's UNet fusion options: all of them for CUDA, only ops with CPU kernels otherwise."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions("unet")
+    # separate Q/K/V inputs: the CUDA kernels pre-pack them and it keeps the CPU path valid
+    opts.enable_packed_qkv = False
+    opts.enable_packed_kv = False
+    if not gpu:
+        for name in ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add"):
+            setattr(opts, name, False)
+    return opts
+
+
+def optimize_unet(src: Path, gpu: bool):
+    """ONNX Runtime's offline UNet fusion on an fp32 graph -> an `OnnxModel` (not saved)."""
+    from onnxruntime.transformers import optimizer
+
+    _patch_ort_num_heads()
+    with _quiet():
+        m = optimizer.optimize_model(
+            str(src),
+            model_type="unet",
+            num_heads=0,  # detected per attention block
+            hidden_size=0,
+            opt_level=0,  # fusions only; ORT applies its own graph optimizations at load
+            optimization_options=fusion_options(gpu),
+            use_gpu=gpu,
+        )
+    return m
+
+
+def fused_ops(onnx_model) -> dict[str, int]:
+    return {k: v for k, v in onnx_model.get_fused_operator_statistics().items() if v}
+
+
+def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
+    """fp32 ONNX (path or ORT `OnnxModel`) -> fp16 at out_path, keeping norms/Resize inputs fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = src_or_model if isinstance(src_or_model, OnnxModel) else OnnxModel(onnx.load(str(src_or_model)))
+    with _quiet():
+        m.convert_float_to_float16(
+            use_symbolic_shape_infer=True,
+            keep_io_types=False,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK_LIST,
+        )
+    return save_onnx(m.model, out_path)
+
+
+def save_onnx_model(onnx_model, out_path: Path) -> list[Path]:
+    return save_onnx(onnx_model.model, out_path)
+
+
+def ort_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def check_against_torch(model, component: str, spec: ComponentSpec, path: Path, precision: str, device: str = "cpu", batch: int = 2) -> dict:
+    """Run the ONNX file with ONNX Runtime on random inputs and compare with fp32 torch.
+
+    Returns {"max_abs_err", "max_rel_err", "check_batch"}; raises DiffclsError above tolerance.
+    """
+    import onnxruntime as ort
+
+    feed = random_feed(model, spec, batch, seed=1)
+    ref = torch_reference(model, component, feed)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=ort_providers(device))
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise DiffclsError(f"{path} does not load in ONNX Runtime ({_first_line(e)}); re-export it") from e
+    np_dtype = np.float16 if precision == "fp16" else np.float32
+    types = {i.name: i.type for i in sess.get_inputs()}
+    np_feed = {}
+    for name, x in feed.items():
+        a = x.numpy()
+        if a.dtype == np.float32 and types.get(name) == "tensor(float16)":
+            a = a.astype(np_dtype)
+        np_feed[name] = a
+    out = sess.run([spec.output_names[0]], np_feed)[0].astype(np.float32)
+    return measure(component, ref, out, precision)
+
+
+def measure(component: str, ref: np.ndarray, out: np.ndarray, precision: str) -> dict:
+    if out.shape != ref.shape:
+        raise DiffclsError(f"exported {component} returns shape {list(out.shape)}, torch {list(ref.shape)}; this is a bug, please report it")
+    if not np.isfinite(out).all():
+        raise DiffclsError(f"exported {component} ({precision}) produces NaN/inf on random inputs; export it with --precision fp32")
+    abs_err = float(np.abs(out - ref).max())
+    rel_err = abs_err / max(float(np.abs(ref).max()), 1e-12)
+    tol = TOLERANCE[precision]
+    if rel_err > tol:
+        raise DiffclsError(
+            f"exported {component} ({precision}) differs from torch by max abs {abs_err:.3g}, "
+            f"relative {rel_err:.3g} > tolerance {tol:g}; the export is not accepted (try --precision fp32)"
+        )
+    return {"max_abs_err": abs_err, "max_rel_err": rel_err, "check_batch": int(ref.shape[0])}
+
+
+def copy_or_link(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the chatty exporters/optimizers (tqdm bars, print) unless DIFFCLS_VERBOSE is set."""
+    if os.environ.get("DIFFCLS_VERBOSE"):
+        yield
+        return
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+_PATCHED = False
+
+
+def _patch_ort_num_heads() -> None:
+    """ORT <= 1.32's UNet attention fusion does `int(ndarray of shape [1])`, an error on NumPy >= 2.3.
+
+    Replace that one method with an equivalent that reads the element. ORT's transformers tools
+    import their modules both as `fusion_attention_unet` and under the package name; patch both.
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    from onnxruntime.transformers import optimizer  # noqa: F401 - puts the tools dir on sys.path
+
+    def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+        num_heads = 0
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent and parent.op_type == "Concat" and len(parent.input) == 4:
+                v = self.model.get_constant_value(parent.input[2])
+                if isinstance(v, np.ndarray) and v.size == 1:
+                    num_heads = int(v.reshape(-1)[0])
+        else:
+            v = self.model.get_constant_value(reshape_q.input[1])
+            if isinstance(v, np.ndarray) and list(v.shape) == [4]:
+                num_heads = int(v[2])
+        return num_heads if num_heads > 0 else 0
+
+    for name in ("fusion_attention_unet", "onnxruntime.transformers.fusion_attention_unet"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            with contextlib.suppress(ImportError):
+                mod = __import__(name, fromlist=["FusionAttentionUnet"])
+        if mod is not None and hasattr(mod, "FusionAttentionUnet"):
+            mod.FusionAttentionUnet.get_num_heads = get_num_heads
+    _PATCHED = True

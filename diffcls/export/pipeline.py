@@ -1,0 +1,367 @@
+"""`export_model`: one model -> an engine directory, rebuilding only what is stale.
+
+Steps per component (text_encoder, vae_encoder, unet), each timed and reported as one line:
+
+    onnxruntime: torch -> fp32 ONNX [-> ORT UNet fusion] [-> fp16] -> check vs torch -> <c>.onnx
+    tensorrt:    torch -> fp32 ONNX (onnx/<c>.onnx) -> check vs torch -> TensorRT build -> <c>.plan
+
+A component is rebuilt when its file is missing or its sha256 differs from the manifest, or when
+anything that shaped it changed (model fingerprint, precision, image size, opset, fusion, and for
+TensorRT the batch sizes, TensorRT version and GPU). Otherwise it is reported as "found cached".
+The tokenizer and ᾱ (`alphas_cumprod`) are copied in, so the directory classifies on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from diffcls.errors import DiffclsError
+from diffcls.export import manifest as mf
+from diffcls.export import onnx_export as ox
+from diffcls.export import trt_build
+from diffcls.models.loading import SDModel, load_model
+from diffcls.models.spec import COMPONENTS, model_component_specs
+
+EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_BATCH_SIZES = (8, 16, 32)
+
+
+@dataclass
+class ExportConfig:
+    out: Path  # the engine directory
+    model: str | Path | SDModel | None = None  # None: the bundled demo model
+    backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
+    precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
+    image_size: int | None = None  # None: the model's training resolution
+    optimize: bool | None = None  # ORT UNet fusion; None: on for onnxruntime fp16 on CUDA
+    device: str | None = None  # where the exported graphs are checked: cpu/cuda; None: cuda if usable
+    opset: int = ox.OPSET
+    workspace_gb: float = trt_build.DEFAULT_WORKSPACE_GB  # TensorRT builder workspace limit
+    force: bool = False  # rebuild everything
+
+
+@dataclass
+class StepEvent:
+    """What `export_model` reports: a step starts, finishes, or is found cached."""
+
+    status: str  # "start" | "done" | "cached" | "info"
+    step: str  # e.g. "unet onnx", "unet tensorrt"
+    message: str = ""
+    seconds: float = 0.0
+    path: Path | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class ExportResult:
+    engine_dir: Path
+    manifest: dict
+    built: list[str] = field(default_factory=list)  # steps that ran
+    cached: list[str] = field(default_factory=list)  # steps found cached
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def files_size(paths) -> int:
+    return sum(Path(p).stat().st_size for p in paths if Path(p).exists())
+
+
+def resolve_export_device(device: str | None, backend: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        if not torch.cuda.is_available():
+            return "cpu"
+        if backend == "tensorrt":
+            return "cuda"
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise DiffclsError(f"--device must be cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DiffclsError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
+    """(device, precision, optimize) with the per-backend defaults filled in."""
+    if cfg.backend not in EXPORT_BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(str(cfg.backend), EXPORT_BACKENDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DiffclsError(f"cannot export for backend {cfg.backend!r} (choose {', '.join(EXPORT_BACKENDS)}){hint}")
+    if cfg.backend == "tensorrt":
+        if trt_build.tensorrt_version() is None:
+            raise DiffclsError("--backend tensorrt needs TensorRT; install it with: pip install 'diffcls[tensorrt]'")
+        device = resolve_export_device(cfg.device or "cuda", cfg.backend)
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise DiffclsError("--backend onnxruntime needs onnxruntime; install it with: pip install 'diffcls[onnx]'") from e
+        device = resolve_export_device(cfg.device, cfg.backend)
+    precision = cfg.precision
+    if precision in (None, "auto"):
+        precision = "fp16" if (cfg.backend == "tensorrt" or device == "cuda") else "fp32"
+    if precision not in ("fp32", "fp16"):
+        raise DiffclsError(f"--precision must be fp32 or fp16 for export, not {precision!r}")
+    optimize = cfg.optimize
+    if optimize is None:
+        optimize = cfg.backend == "onnxruntime" and precision == "fp16" and device == "cuda"
+    if optimize and cfg.backend != "onnxruntime":
+        raise DiffclsError("--optimize is ONNX Runtime's fusion pass; TensorRT fuses on its own, drop --optimize")
+    return device, precision, bool(optimize)
+
+
+def library_versions(backend: str) -> dict:
+    import onnx
+    import torch
+
+    v = {"torch": torch.__version__, "onnx": onnx.__version__, "cuda": torch.version.cuda}
+    try:
+        import onnxruntime
+
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if backend == "tensorrt":
+        v["tensorrt"] = trt_build.tensorrt_version()
+    return v
+
+
+def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None = None) -> ExportResult:
+    """Export `cfg.model` into `cfg.out`; see the module docstring."""
+    report = report or (lambda e: None)
+    device, precision, optimize = resolve_settings(cfg)
+    batch_sizes = tuple(trt_build.normalize_batch_sizes(cfg.batch_sizes))
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DiffclsError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    report(StepEvent("start", "load model"))
+    model = cfg.model if isinstance(cfg.model, SDModel) else load_model(cfg.model)
+    fingerprint = model.fingerprint()
+    report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
+    image_size = int(cfg.image_size or model.default_image_size)
+    specs = model_component_specs(model, image_size)  # validates image_size
+
+    try:
+        old = mf.read_manifest(out)
+    except DiffclsError:
+        old = None  # corrupt: rebuild everything
+    old_comps = (old or {}).get("components", {}) if not cfg.force else {}
+    versions = library_versions(cfg.backend)
+    gpu = trt_build.gpu_info() if cfg.backend == "tensorrt" else None
+
+    manifest = {
+        "format": mf.FORMAT,
+        "backend": cfg.backend,
+        "fingerprint": fingerprint,
+        "image_size": image_size,
+        "max_length": model.max_length,  # with the two below: the component specs, no model needed
+        "hidden_size": model.hidden_size,
+        "latent_shape": list(model.latent_shape(image_size)),
+        "source": str(model.source),
+        "versions": versions,
+        "gpu": gpu,
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "components": {},
+    }
+    result = ExportResult(out, manifest)
+    for comp in COMPONENTS:
+        settings = {
+            "backend": cfg.backend,
+            "fingerprint": fingerprint,
+            "precision": precision,
+            "image_size": image_size,
+            "opset": cfg.opset,
+            "optimize": bool(optimize and comp == "unet"),
+        }
+        if cfg.backend == "tensorrt":
+            settings.update(batch_sizes=list(batch_sizes), tensorrt=versions.get("tensorrt"), gpu=gpu)
+        build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
+        entry = build(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
+        entry["batch_sizes"] = list(batch_sizes)
+        entry["image_size"] = image_size
+        manifest["components"][comp] = entry
+        # write as we go: an interrupted export keeps what it finished
+        mf.write_manifest(out, manifest)
+
+    _write_runtime_files(model, out)
+    mf.write_manifest(out, manifest)
+    return result
+
+
+def _fresh(out: Path, comp: str, entry: dict | None, settings: dict) -> bool:
+    return bool(entry) and entry.get("settings") == settings and mf.file_problem(out, comp, entry) is None
+
+
+def _timed(report, step: str, result: ExportResult, fn):
+    report(StepEvent("start", step))
+    t = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - t
+    result.built.append(step)
+    return value, seconds
+
+
+def _report_saved(report, step: str, seconds: float, paths: list[Path], extra: str = "") -> None:
+    nbytes = files_size(paths)
+    msg = f"export success {seconds:.1f} s, saved as '{paths[0]}' ({human_size(nbytes)})" + (f", {extra}" if extra else "")
+    report(StepEvent("done", step, msg, seconds, paths[0], nbytes))
+
+
+def _report_cached(report, step: str, result: ExportResult, out: Path, files: dict) -> None:
+    first = out / next(iter(files))
+    result.cached.append(step)
+    report(StepEvent("cached", step, f"found cached {first} ({human_size(files_size(out / f for f in files))})", path=first))
+
+
+def _entry(out: Path, paths: list[Path], settings: dict, check: dict, extra: dict | None = None) -> dict:
+    files = {p.relative_to(out).as_posix(): mf.sha256_file(p) for p in paths}
+    return {
+        "file": paths[0].relative_to(out).as_posix(),
+        "files": files,
+        "precision": settings["precision"],
+        "opset": settings["opset"],
+        "settings": settings,
+        "max_abs_err": check["max_abs_err"],
+        "max_rel_err": check["max_rel_err"],
+        "check_batch": check["check_batch"],
+        **(extra or {}),
+    }
+
+
+def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report, result) -> dict:
+    step = f"{comp} onnx"
+    if _fresh(out, comp, old, settings):
+        _report_cached(report, step, result, out, old["files"])
+        return old
+    final = out / f"{comp}.onnx"
+    precision = settings["precision"]
+
+    def run():
+        extra = {}
+        if not settings["optimize"] and precision == "fp32":
+            ox.export_onnx(model, comp, spec, final, cfg.opset)
+            paths = ox.onnx_files(final)
+        else:
+            paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra)
+        check = ox.check_against_torch(model, comp, spec, final, precision, device)
+        return paths, check, extra
+
+    try:
+        (paths, check, extra), seconds = _timed(report, step, result, run)
+    except DiffclsError:
+        for p in ox.onnx_files(final):
+            p.unlink(missing_ok=True)  # never leave an unaccepted graph behind
+        raise
+    _report_saved(report, step, seconds, paths, f"max rel err {check['max_rel_err']:.2g} vs torch")
+    return _entry(out, paths, settings, check, extra)
+
+
+def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra) -> list[Path]:
+    """fp32 ONNX in a temp dir -> [ORT fusion] -> [fp16] -> final."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset)
+        if not optimize:
+            return ox.convert_fp16(fp32, final)
+        fused = ox.optimize_unet(fp32, gpu=device == "cuda")
+        extra["fused_ops"] = ox.fused_ops(fused)
+        if precision == "fp16":
+            return ox.convert_fp16(fused, final)
+        return ox.save_onnx_model(fused, final)
+
+
+def _export_trt(model, comp, spec, out: Path, settings, old, device, cfg, report, result) -> dict:
+    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(exist_ok=True)
+    onnx_settings = {k: settings[k] for k in ("fingerprint", "image_size", "opset")}
+    old_onnx = (old or {}).get("onnx") or {}
+    onnx_path = onnx_dir / f"{comp}.onnx"
+    step = f"{comp} onnx"
+    if old_onnx.get("settings") == onnx_settings and mf.file_problem(out, comp, old_onnx) is None:
+        _report_cached(report, step, result, out, old_onnx["files"])
+        onnx_entry = old_onnx
+    else:
+        def run():
+            paths = ox.export_onnx(model, comp, spec, onnx_path, cfg.opset)
+            paths = ox.onnx_files(onnx_path)
+            return paths, ox.check_against_torch(model, comp, spec, onnx_path, "fp32", "cpu")
+
+        (paths, check), seconds = _timed(report, step, result, run)
+        _report_saved(report, step, seconds, paths, f"max rel err {check['max_rel_err']:.2g} vs torch")
+        onnx_entry = {
+            "files": {p.relative_to(out).as_posix(): mf.sha256_file(p) for p in paths},
+            "settings": onnx_settings,
+            "max_abs_err": check["max_abs_err"],
+            "max_rel_err": check["max_rel_err"],
+        }
+
+    step = f"{comp} tensorrt"
+    if _fresh(out, comp, old, settings) and old.get("onnx", {}).get("files") == onnx_entry["files"]:
+        _report_cached(report, step, result, out, old["files"])
+        return old
+    plan = out / f"{comp}.plan"
+
+    def run():
+        trt_build.build_engine(
+            onnx_path, plan, spec, settings["batch_sizes"], fp16=settings["precision"] == "fp16",
+            timing_cache=out / trt_build.TIMING_CACHE, workspace_gb=cfg.workspace_gb,
+        )
+        return check_trt_against_torch(model, comp, spec, plan, settings)
+
+    (check), seconds = _timed(report, step, result, run)
+    _report_saved(report, step, seconds, [plan], f"max rel err {check['max_rel_err']:.2g} vs torch")
+    return _entry(out, [plan], settings, check, {"onnx": onnx_entry})
+
+
+def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
+    """Run the built engine at its smallest batch on random inputs and compare with fp32 torch."""
+    import torch
+
+    from diffcls.engines.trt_backend import TensorRTEngine
+
+    batch = min(settings["batch_sizes"])
+    engine = TensorRTEngine(plan, spec, settings["batch_sizes"], torch.device("cuda"))
+    feed = ox.random_feed(model, spec, batch, seed=1)
+    ref = ox.torch_reference(model, comp, feed)
+    out = engine(feed)[spec.output_names[0]].float().cpu().numpy()
+    try:
+        return ox.measure(comp, ref, out, settings["precision"])
+    except DiffclsError:
+        plan.unlink(missing_ok=True)
+        raise
+
+
+def _write_runtime_files(model: SDModel, out: Path) -> None:
+    """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config."""
+    tok = out / mf.TOKENIZER_DIR
+    if tok.exists():
+        shutil.rmtree(tok)
+    model.tokenizer.save_pretrained(str(tok))
+    alphas = [float(a) for a in model.alphas_cumprod.detach().cpu().float().tolist()]
+    tmp = out / (mf.ALPHAS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"alphas_cumprod": alphas, "max_length": model.max_length}))
+    tmp.replace(out / mf.ALPHAS_FILE)
+    src = Path(str(model.source)) / "scheduler" / "scheduler_config.json"
+    if src.is_file():
+        (out / "scheduler").mkdir(exist_ok=True)
+        shutil.copyfile(src, out / "scheduler" / "scheduler_config.json")
