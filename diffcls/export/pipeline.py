@@ -361,7 +361,21 @@ def _write_runtime_files(model: SDModel, out: Path) -> None:
     tmp = out / (mf.ALPHAS_FILE + ".tmp")
     tmp.write_text(json.dumps({"alphas_cumprod": alphas, "max_length": model.max_length}))
     tmp.replace(out / mf.ALPHAS_FILE)
-    src = Path(str(model.source)) / "scheduler" / "scheduler_config.json"
+    root = Path(str(model.source)) if not str(model.source).startswith("<") else None
+    if root is None or not root.is_dir():
+        return
+    src = root / "scheduler" / "scheduler_config.json"
     if src.is_file():
         (out / "scheduler").mkdir(exist_ok=True)
         shutil.copyfile(src, out / "scheduler" / "scheduler_config.json")
+    # the model's classify defaults (the demo model ships them) and the prompts file they name
+    defaults = root / "diffcls.json"
+    if defaults.is_file():
+        shutil.copyfile(defaults, out / "diffcls.json")
+        try:
+            prompts = json.loads(defaults.read_text()).get("prompts")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            prompts = None
+        if isinstance(prompts, str) and (root / prompts).is_file() and not Path(prompts).is_absolute():
+            (out / prompts).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / prompts, out / prompts)

@@ -1,0 +1,109 @@
+"""`diffcls export`: a model -> an engine directory (ONNX Runtime sessions or TensorRT engines)."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from diffcls.cli.app import app
+from diffcls.cli.common import console, out, user_errors
+from diffcls.errors import DiffclsError
+
+
+class ExportBackend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class ExportPrecision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class ExportDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise DiffclsError(f"--batch-sizes {text!r} must be integers, e.g. --batch-sizes 8,16,32") from None
+    if not sizes or min(sizes) < 1:
+        raise DiffclsError(f"--batch-sizes {text!r} must be positive integers, e.g. --batch-sizes 8,16,32")
+    return sizes
+
+
+class _Reporter:
+    """Renders `StepEvent`s: a spinner while a step runs, one line when it ends."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, event) -> None:
+        if event.status == "start":
+            self.tasks[event.step] = self.progress.add_task(event.step, total=None)
+            return
+        task = self.tasks.pop(event.step, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        style = {"done": "green", "cached": "cyan"}.get(event.status, "")
+        text = event.message or event.status
+        self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
+
+
+@app.command("export")
+def export_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory or checkpoint file (default: the bundled demo model).")] = None,
+    backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for.")] = ExportBackend.onnxruntime,
+    precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32.")] = ExportPrecision.auto,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input resolution S (default: the model's, 512 for SD 2.x base).")] = None,
+    optimize: Annotated[Optional[bool], typer.Option("--optimize/--no-optimize", help="ONNX Runtime UNet fusion (attention, GroupNorm, ...); default on for fp16 on CUDA.")] = None,
+    device: Annotated[ExportDevice, typer.Option("--device", help="Where exported graphs are checked against torch (auto: cuda if usable).")] = ExportDevice.auto,
+    workspace_gb: Annotated[float, typer.Option("--workspace-gb", min=0.1, help="TensorRT builder workspace memory limit.")] = 8.0,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts.")] = False,
+) -> None:
+    """Export the text encoder, VAE encoder and UNet to ONNX (and TensorRT), checked against torch."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from diffcls.export import ExportConfig, export_model
+    from diffcls.export.pipeline import human_size
+
+    with user_errors():
+        cfg = ExportConfig(
+            out=out_dir,
+            model=model,
+            backend=backend.value,
+            precision=None if precision == ExportPrecision.auto else precision.value,
+            batch_sizes=parse_batch_sizes(batch_sizes),
+            image_size=image_size,
+            optimize=optimize,
+            device=None if device == ExportDevice.auto else device.value,
+            workspace_gb=workspace_gb,
+            force=force,
+        )
+        progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
+        with progress:
+            result = export_model(cfg, _Reporter(progress))
+        m = result.manifest
+        total = sum(
+            (result.engine_dir / f).stat().st_size for c in m["components"].values() for f in c["files"]
+        )
+        first = next(iter(m["components"].values()))
+        out.print(
+            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {first['precision']}, "
+            f"batch sizes {','.join(map(str, first['batch_sizes']))}, image size {m['image_size']}; "
+            f"built {len(result.built)}, cached {len(result.cached)}"
+        )
+        out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")
