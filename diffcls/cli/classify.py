@@ -165,6 +165,8 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
         device=None if device == "auto" else device,
         precision=None if precision == "auto" else precision,
         image_size=image_size,
+        # a compiled UNet gets one static graph per batch size: pad the tail to the same size
+        batch_sizes=(batch_size,) if compile and name == "torch" else None,
         compile=compile,
         cache_dir=cache_dir,
         use_cache=not no_cache,
