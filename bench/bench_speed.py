@@ -1,0 +1,454 @@
+"""Speed of diffcls vs the paper's reference loop, on the same images, prompts and noise bank.
+
+Diffusion Classifier (Li et al., ICCV 2023) spends almost all its time in UNet evaluations:
+2,750 per image for the CIFAR-10 schedule (`--n-samples 50 500 --to-keep 5 1`, 10 classes).
+This script runs
+
+  (a) the reference: `bench/reference.py`, the paper's loop (eager, one image at a time, batches
+      of 32 per round with a partial last batch), and
+  (b) diffcls's fastest torch path: `Classifier` with the torch backend, `compile=True` (CUDA
+      graphs per static batch size on GPU), full batches shared across images,
+
+and reports UNet evals/s, s/image, the speed-up, the fraction of the physical ceiling (UNet FLOPs
+x evals/s / measured matmul peak), peak GPU memory, compile time, and whether the two agree on
+every prediction (and the largest difference of any (prompt, t, trial) error).
+
+Modes (one device call of < 10 minutes on an H100 for the default):
+
+  python bench/bench_speed.py                    # SD-2.1-base-shaped model, random weights, GPU fp16
+  python bench/bench_speed.py --images 8 --batch-size 64
+  python bench/bench_speed.py --tiny             # CPU smoke test: tiny model, small schedule, fp32
+  python bench/bench_speed.py --demo             # CPU: the bundled demo model on held-out digits
+
+JSON goes to --json PATH, else to $OUT/bench_speed.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import reference  # noqa: E402  (bench/reference.py)
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# Stable Diffusion 2.1 base (stabilityai/stable-diffusion-2-1-base), configs only
+SD21_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    norm_num_groups=32,
+)
+SD21_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),  # 8x downsampling
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+
+# --- models -------------------------------------------------------------------------------------
+def sd21_model(device: torch.device, text_layers: int = 23, seed: int = 0):
+    """SD-2.1-base-shaped SDModel with random weights, built directly on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffcls.models.loading import SDModel, alphas_cumprod_from_scheduler_config
+    from diffcls.models.tiny import TinyConfig, scheduler_config
+    from diffcls.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer([w for c in CIFAR10 for w in c.split()] + ["a", "photo", "of"], 77)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD21_UNET)
+        vae = AutoencoderKL(**SD21_VAE)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=text_layers,
+                num_attention_heads=16,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                projection_dim=512,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        )
+    model = SDModel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        alphas_cumprod=alphas_cumprod_from_scheduler_config(scheduler_config(TinyConfig())),
+        source=f"<SD-2.1-base-shaped, random weights, seed={seed}>",
+        _fingerprint=f"sd21-random-{seed}-{text_layers}",  # skip hashing 1.3 B parameters
+    )
+    return model.eval()
+
+
+def random_images(n: int, size: int, seed: int) -> list[torch.Tensor]:
+    """n smooth random (3, size, size) images in [-1, 1] (low-res noise, upsampled)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand((n, 3, max(2, size // 16), max(2, size // 16)), generator=g)
+    imgs = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    return list((imgs.clamp(0, 1) * 2 - 1).unbind(0))
+
+
+# --- physical ceiling ---------------------------------------------------------------------------
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """Measured FLOP/s of one n x n x n matmul."""
+    a = torch.randn((n, n), device=device, dtype=dtype)
+    b = torch.randn((n, n), device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iters = 20 if device.type == "cuda" else 3
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def unet_flops(unet, latent_shape, hidden: int, max_length: int, device, dtype) -> int:
+    """FLOPs of one UNet forward at batch 1, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn((1, *latent_shape), device=device, dtype=dtype)
+    t = torch.tensor([500.0], device=device, dtype=dtype)
+    e = torch.randn((1, max_length, hidden), device=device, dtype=dtype)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, encoder_hidden_states=e)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device):
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+# --- the two paths ------------------------------------------------------------------------------
+def run_reference(model, images, prompts, schedule, bank, device, dtype, batch_size) -> dict:
+    """The paper's loop: text once, then per image VAE encode + per-round batches of the UNet."""
+    model.to(device, dtype)
+    unet, vae = model.unet, model.vae
+    L = model.max_length
+    bank = bank.to(device)
+    # warm-up (not counted): one call of each component, as any fair benchmark does
+    reference.encode_prompts(model.text_encoder, model.tokenizer, prompts[:1], L, device)
+    reference.encode_image(vae, images[0], model.scaling_factor, dtype, device)
+    with torch.inference_mode():
+        C, h, w = model.latent_shape(images[0].shape[-1])
+        unet(torch.zeros((batch_size, C, h, w), device=device, dtype=dtype), torch.full((batch_size,), 500.0, device=device, dtype=dtype),
+             encoder_hidden_states=torch.zeros((batch_size, L, model.hidden_size), device=device, dtype=dtype))
+    _sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    emb = reference.encode_prompts(model.text_encoder, model.tokenizer, prompts, L, device).to(dtype)
+    results = []
+    for img in images:
+        x0 = reference.encode_image(vae, img, model.scaling_factor, dtype, device)
+        results.append(
+            reference.classify_one(
+                unet, x0, emb, model.alphas_cumprod, bank, schedule.n_samples, schedule.to_keep,
+                schedule.n_trials, schedule.loss, batch_size,
+            )
+        )
+    _sync(device)
+    wall = time.perf_counter() - start
+    evals = sum(r.n_evals for r in results)
+    unet_s = sum(r.unet_seconds for r in results)
+    sizes = [s for r in results for s in r.batch_sizes]
+    return {
+        "predictions": [r.prediction for r in results],
+        "errors": [r.errors for r in results],
+        "wall_s": wall,
+        "unet_s": unet_s,
+        "unet_evals": evals,
+        "unet_calls": sum(r.unet_calls for r in results),
+        "mean_batch_fill": sum(sizes) / (len(sizes) * batch_size) if sizes else 0.0,
+        "peak_gpu_memory_bytes": _peak(device),
+    }
+
+
+def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch_size, compile) -> dict:
+    """diffcls: torch engines (compiled on request), full interleaved batches, no disk cache."""
+    from diffcls.engines import open_engines
+    from diffcls.runtime.classifier import Classifier
+
+    t0 = time.perf_counter()
+    engines = open_engines(
+        "torch", model=model, device=str(device), precision=precision,
+        batch_sizes=(batch_size,) if compile else None, compile=compile,
+    )
+    load_s = time.perf_counter() - t0
+    clf = Classifier(engines, cache=None)
+    # warm-up (not counted, reported): compiles and records the CUDA graph for this batch size
+    C, h, w = engines.latent_shape
+    feed = {
+        "sample": torch.zeros((batch_size, C, h, w)),
+        "timestep": torch.full((batch_size,), 500.0),
+        "encoder_hidden_states": torch.zeros((batch_size, engines.max_length, model.hidden_size)),
+    }
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3 if compile else 1):
+        engines.unet(feed)
+    engines.text_encoder({"input_ids": engines.tokenize(prompts[:1])})
+    engines.vae_encoder({"image": images[0][None]})
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    _reset_peak(device)
+    start = time.perf_counter()
+    results = clf.classify(images, list(prompts), schedule, noise=bank, batch_size=batch_size, workers=2)
+    _sync(device)
+    wall = time.perf_counter() - start
+    stats = clf.last_stats
+    return {
+        "predictions": [r.prediction for r in results],
+        "errors": [{(p, t, j): e for p, t, j, e in r.errors} for r in results],
+        "wall_s": wall,
+        "unet_s": sum(stats.unet_seconds),
+        "unet_evals": stats.unet_evals,
+        "unet_calls": stats.unet_calls,
+        "padding_fraction": stats.padding_fraction,
+        "engine_open_s": load_s,
+        "warmup_s": warmup_s,  # compile + CUDA-graph capture when compile=True
+        "stages": clf.timer.summary(),
+        "peak_gpu_memory_bytes": _peak(device),
+    }
+
+
+# --- the modes ----------------------------------------------------------------------------------
+def setup(args):
+    """(model, images, prompts, labels or None, schedule, device, precision, mode facts)."""
+    from diffcls.runtime.schedule import Schedule
+
+    if args.tiny:
+        from diffcls.models.tiny import tiny_model
+
+        device = torch.device(args.device or "cpu")
+        model = tiny_model(seed=args.seed)
+        n_classes = args.classes or 4
+        prompts = [f"a photo of a {c}." for c in CIFAR10[:n_classes]]
+        schedule = Schedule(tuple(args.n_samples or (4, 8)), tuple(args.to_keep or (2, 1)))
+        images = random_images(args.images or 3, model.default_image_size, args.seed)
+        return model, images, prompts, None, schedule, device, "fp32", "tiny"
+    if args.demo:
+        from diffcls.errors import DiffclsError
+        from diffcls.models.loading import default_model_path, load_model, model_defaults
+        from diffcls.runtime.preprocess import load_and_preprocess
+        from diffcls.runtime.prompts import PromptSet
+
+        if not (default_model_path() / "model_index.json").exists():
+            raise SystemExit(
+                f"--demo needs the bundled demo model at {default_model_path()}, which is not there yet; "
+                "train it (python -m diffcls.models.train_demo) or run --tiny instead"
+            )
+        try:
+            from diffcls.models.digits import CLASSNAMES, write_digits
+        except ImportError as e:
+            raise SystemExit(f"--demo needs diffcls.models.digits.write_digits ({e})") from None
+        import tempfile
+
+        device = torch.device(args.device or "cpu")
+        model = load_model(None)
+        defaults = model_defaults(None)
+        size = int(defaults.get("image_size", model.default_image_size))
+        if defaults.get("prompts"):
+            pset = PromptSet.from_csv(defaults["prompts"])
+        else:
+            pset = PromptSet.from_classes(list(CLASSNAMES))
+        tmp = tempfile.mkdtemp(prefix="diffcls-digits-")
+        try:
+            paths = write_digits(tmp, "heldout", limit=args.images or 20)
+        except DiffclsError as e:
+            raise SystemExit(f"--demo: {e}") from None
+        images = [load_and_preprocess(p, size) for p in paths]
+        by_name = {n: i for i, n in pset.classes.items()}
+        labels = [by_name.get(p.parent.name) for p in paths]
+        ns = tuple(args.n_samples or defaults.get("n_samples", (50, 500)))
+        ks = tuple(args.to_keep or defaults.get("to_keep", (5, 1)))
+        schedule = Schedule(ns, tuple(min(k, len(pset)) for k in ks))
+        facts = {"classidx": list(pset.classidx), "image_size": size}
+        return model, images, list(pset.prompts), (labels, facts), schedule, device, "fp32", "demo"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        raise SystemExit("the SD-2.1-shaped benchmark needs a CUDA GPU; on CPU run --tiny or --demo")
+    model = sd21_model(device, text_layers=args.text_layers, seed=args.seed)
+    prompts = [f"a photo of a {c}." for c in CIFAR10[: args.classes or 10]]
+    schedule = Schedule(tuple(args.n_samples or (50, 500)), tuple(args.to_keep or (5, 1)))
+    images = random_images(args.images or 6, 512, args.seed)
+    return model, images, prompts, None, schedule, device, "fp16", "sd21"
+
+
+def compare(ref: dict, ours: dict) -> dict:
+    agree = [a == b for a, b in zip(ref["predictions"], ours["predictions"])]
+    diffs, missing = [], 0
+    for er, eo in zip(ref["errors"], ours["errors"]):
+        for key, e in er.items():
+            if key in eo:
+                diffs.append(abs(e - eo[key]))
+            else:
+                missing += 1
+    return {
+        "predictions_agree": all(agree),
+        "n_agree": sum(agree),
+        "n_images": len(agree),
+        "max_abs_error_diff": max(diffs) if diffs else None,
+        "n_errors_compared": len(diffs),
+        "n_errors_only_in_reference": missing,  # nonzero only if round-1 survivors differed
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, fp32, small schedule")
+    mode.add_argument("--demo", action="store_true", help="CPU: bundled demo model on held-out digits")
+    p.add_argument("--images", type=int, default=None, help="images to classify (default 6 GPU, 3 tiny, 20 demo)")
+    p.add_argument("--classes", type=int, default=None, help="classes (default 10; 4 with --tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="diffcls UNet batch (default 32; 4 with --tiny)")
+    p.add_argument("--ref-batch-size", type=int, default=None, help="reference UNet batch (default 32, the paper's; 4 with --tiny)")
+    p.add_argument("--n-samples", type=int, nargs="+", default=None, help="default 50 500 (tiny: 4 8)")
+    p.add_argument("--to-keep", type=int, nargs="+", default=None, help="default 5 1 (tiny: 2 1)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile diffcls's UNet (default: on for GPU, off on CPU)")
+    p.add_argument("--text-layers", type=int, default=23, help="CLIP text encoder layers of the SD-shaped model (SD 2.x: 23)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write results here (default $OUT/bench_speed.json if $OUT is set)")
+    p.add_argument("--skip-reference", action="store_true", help="time diffcls only")
+    args = p.parse_args(argv)
+
+    from diffcls.models.loading import quiet_hf_logs
+
+    quiet_hf_logs()
+    t_setup = time.perf_counter()
+    model, images, prompts, demo, schedule, device, precision, mode_name = setup(args)
+    setup_s = time.perf_counter() - t_setup
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+    small = mode_name == "tiny"
+    B = args.batch_size or (4 if small else 32)
+    RB = args.ref_batch_size or (4 if small else 32)
+    compile = args.compile if args.compile is not None else device.type == "cuda"
+    schedule.validate(len(prompts), model.num_train_timesteps)
+    from diffcls.runtime.scoring import make_noise_bank
+
+    size = images[0].shape[-1]
+    latent_shape = model.latent_shape(size)
+    bank = make_noise_bank(schedule, latent_shape, args.seed)
+    evals_per_image = schedule.evals_upper_bound(len(prompts), model.num_train_timesteps)
+    print(f"[{mode_name}] {len(images)} images, {len(prompts)} prompts, {schedule.describe()}, "
+          f"{evals_per_image} UNet evals/image, device {device}, {precision}, diffcls batch {B} "
+          f"(compile={compile}), reference batch {RB}; setup {setup_s:.1f} s", flush=True)
+
+    model.to(device, dtype)
+    flops = unet_flops(model.unet, latent_shape, model.hidden_size, model.max_length, device, dtype)
+    peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
+    print(f"UNet forward: {flops / 1e9:.1f} GFLOP per sample; matmul peak {peak / 1e12:.1f} TFLOP/s "
+          f"-> ceiling {peak / flops:.0f} evals/s", flush=True)
+
+    ref = None
+    if not args.skip_reference:
+        ref = run_reference(model, images, prompts, schedule, bank, device, dtype, RB)
+        print(f"reference: {ref['wall_s'] / len(images):.2f} s/image, "
+              f"{ref['unet_evals'] / ref['unet_s']:.0f} UNet evals/s (UNet time), "
+              f"batch fill {100 * ref['mean_batch_fill']:.1f}%", flush=True)
+    ours = run_diffcls(model, images, prompts, schedule, bank, device, precision, B, compile)
+    print(f"diffcls:   {ours['wall_s'] / len(images):.2f} s/image, "
+          f"{ours['unet_evals'] / ours['unet_s']:.0f} UNet evals/s (UNet time), padding "
+          f"{100 * ours['padding_fraction']:.2f}%, warm-up/compile {ours['warmup_s']:.1f} s", flush=True)
+
+    def summarize(r):
+        if r is None:
+            return None
+        d = {k: v for k, v in r.items() if k not in ("errors",)}
+        d["s_per_image"] = r["wall_s"] / len(images)
+        d["images_per_s"] = len(images) / r["wall_s"]
+        d["unet_evals_per_s"] = r["unet_evals"] / r["unet_s"] if r["unet_s"] else None
+        d["end_to_end_evals_per_s"] = r["unet_evals"] / r["wall_s"]
+        d["fraction_of_ceiling"] = d["unet_evals_per_s"] * flops / peak if d["unet_evals_per_s"] else None
+        return d
+
+    report = {
+        "mode": mode_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "precision": precision,
+        "model": model.source,
+        "text_encoder_layers": args.text_layers if mode_name == "sd21" else None,
+        "n_images": len(images),
+        "n_prompts": len(prompts),
+        "schedule": {"n_samples": list(schedule.n_samples), "to_keep": list(schedule.to_keep), "n_trials": schedule.n_trials, "loss": schedule.loss},
+        "evals_per_image": evals_per_image,
+        "unet_gflop_per_eval": flops / 1e9,
+        "matmul_peak_tflops": peak / 1e12,
+        "ceiling_evals_per_s": peak / flops,
+        "diffcls_batch_size": B,
+        "reference_batch_size": RB,
+        "compile": compile,
+        "reference": summarize(ref),
+        "diffcls": summarize(ours),
+    }
+    if ref is not None:
+        report["speedup_end_to_end"] = ref["wall_s"] / ours["wall_s"]
+        report["speedup_unet_evals_per_s"] = (ours["unet_evals"] / ours["unet_s"]) / (ref["unet_evals"] / ref["unet_s"])
+        report["agreement"] = compare(ref, ours)
+        a = report["agreement"]
+        print(f"speed-up {report['speedup_end_to_end']:.2f}x end to end; predictions agree on "
+              f"{a['n_agree']}/{a['n_images']} images; max |error diff| {a['max_abs_error_diff']}", flush=True)
+    if demo is not None:
+        labels, facts = demo
+        classidx = facts["classidx"]
+        for name, r in (("reference", ref), ("diffcls", ours)):
+            if r is not None:
+                correct = [classidx[p] == y for p, y in zip(r["predictions"], labels) if y is not None]
+                report[name]["accuracy"] = sum(correct) / len(correct) if correct else None
+    out = args.json or (Path(os.environ["OUT"]) / "bench_speed.json" if os.environ.get("OUT") else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
