@@ -78,6 +78,9 @@ class OrtEngine:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device.type == "cpu":
+            # no busy-waiting threads after each run: torch shares these cores in the same process
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._stream = None
         if device.type == "cuda":
             # run on torch's current stream: torch ops and ORT kernels are ordered without host syncs
