@@ -51,7 +51,11 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
     if manifest is None:
         raise DiffclsError(f"{engine_dir} has no manifest.json; create it with: diffcls export --out {engine_dir}")
     rows = []
-    for name, entry in manifest["components"].items():
+    from diffcls.models.spec import COMPONENTS
+
+    order = [c for c in COMPONENTS if c in manifest["components"]] + sorted(set(manifest["components"]) - set(COMPONENTS))
+    for name in order:
+        entry = manifest["components"][name]
         files = [engine_dir / f for f in entry.get("files", {})]
         present = all(f.is_file() for f in files)
         size = sum(f.stat().st_size for f in files if f.is_file())
