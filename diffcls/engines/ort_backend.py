@@ -32,7 +32,6 @@ _ORT_TYPES = {
     "tensor(int64)": (torch.int64, np.int64),
     "tensor(int32)": (torch.int32, np.int32),
 }
-_TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 
 
 def resolve_providers(device: str | torch.device | None, providers=None) -> tuple[torch.device, list]:

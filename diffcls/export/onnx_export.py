@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -235,11 +234,6 @@ def measure(component: str, ref: np.ndarray, out: np.ndarray, precision: str) ->
             f"relative {rel_err:.3g} > tolerance {tol:g}; the export is not accepted (try --precision fp32)"
         )
     return {"max_abs_err": abs_err, "max_rel_err": rel_err, "check_batch": int(ref.shape[0])}
-
-
-def copy_or_link(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    shutil.copyfile(src, dst)
 
 
 def _first_line(e: BaseException) -> str:
