@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime (pip install 'diffcls[onnx]')")
 
-from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of, exported_dir  # noqa: E402
+import test_export_support as support  # noqa: E402
+from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from diffcls.errors import DiffclsError  # noqa: E402
@@ -21,8 +22,18 @@ from diffcls.models.spec import COMPONENTS, model_component_specs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tiny_dir, tmp_path_factory):
-    return exported_dir(tiny_dir, tmp_path_factory.mktemp("export"))
+def tiny():
+    return support.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return support.tiny_dir()
+
+
+@pytest.fixture(scope="module")
+def engine_dir():
+    return support.exported_dir()
 
 
 def test_manifest_records_what_was_built(engine_dir, tiny):

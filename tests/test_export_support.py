@@ -1,28 +1,45 @@
-"""Shared by the export/onnxruntime tests: one fp32 export of the tiny model per test session.
+"""Shared by the export/onnxruntime tests: the tiny model, saved once and exported once per session.
 
-(Not a conftest fixture: conftest.py belongs to the runtime tests; this module holds no tests.)
+Self-contained (no conftest fixtures): each test module wraps these in its own fixtures, and the
+work is cached per process so the modules share one export.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import shutil
+import tempfile
 from pathlib import Path
 
 BATCH_SIZES = (2, 4)
 IMAGE_SIZE = 16
-_CACHE: dict[str, Path] = {}
+_ROOT = Path(tempfile.mkdtemp(prefix="diffcls-export-tests-"))
+atexit.register(shutil.rmtree, _ROOT, True)
 
 
-def exported_dir(tiny_dir: Path, root: Path) -> Path:
+@functools.lru_cache(maxsize=None)
+def tiny():
+    from diffcls.models import tiny_model
+
+    return tiny_model(seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_dir() -> Path:
+    from diffcls.models.tiny import save_model
+
+    return save_model(tiny(), _ROOT / "tiny")
+
+
+@functools.lru_cache(maxsize=None)
+def exported_dir() -> Path:
     """The tiny model exported to ONNX fp32 (batch sizes 2, 4; 16 px), built once per session."""
     from diffcls.export import ExportConfig, export_model
 
-    key = str(tiny_dir)
-    if key not in _CACHE:
-        out = Path(root) / "engines_fp32"
-        export_model(ExportConfig(out=out, model=tiny_dir, batch_sizes=BATCH_SIZES, image_size=IMAGE_SIZE, device="cpu"))
-        _CACHE[key] = out
-    return _CACHE[key]
+    out = _ROOT / "engines_fp32"
+    export_model(ExportConfig(out=out, model=tiny_dir(), batch_sizes=BATCH_SIZES, image_size=IMAGE_SIZE, device="cpu"))
+    return out
 
 
 def copy_of(engine_dir: Path, dest: Path) -> Path:

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime (pip install 'diffcls[onnx]')")
 
-from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of, exported_dir  # noqa: E402
+import test_export_support as support  # noqa: E402
+from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of  # noqa: E402
 
 from diffcls.engines import open_engines  # noqa: E402
 from diffcls.errors import DiffclsError  # noqa: E402
@@ -18,8 +19,18 @@ from diffcls.models.spec import COMPONENTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tiny_dir, tmp_path_factory):
-    return exported_dir(tiny_dir, tmp_path_factory.mktemp("export"))
+def tiny():
+    return support.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return support.tiny_dir()
+
+
+@pytest.fixture(scope="module")
+def engine_dir():
+    return support.exported_dir()
 
 
 @pytest.fixture(scope="module")
