@@ -268,7 +268,7 @@ def setup(args):
         model = tiny_model(seed=args.seed)
         n_classes = args.classes or 4
         prompts = [f"a photo of a {c}." for c in CIFAR10[:n_classes]]
-        schedule = Schedule(tuple(args.n_samples or (4, 8)), tuple(args.to_keep or (2, 1)))
+        schedule = Schedule(tuple(args.n_samples or (4, 8)), tuple(args.to_keep or (2, 1)), n_trials=args.n_trials)
         images = random_images(args.images or 3, model.default_image_size, args.seed)
         return model, images, prompts, None, schedule, device, "fp32", "tiny"
     if args.demo:
@@ -306,7 +306,7 @@ def setup(args):
         labels = [by_name.get(p.parent.name) for p in paths]
         ns = tuple(args.n_samples or defaults.get("n_samples", (50, 500)))
         ks = tuple(args.to_keep or defaults.get("to_keep", (5, 1)))
-        schedule = Schedule(ns, tuple(min(k, len(pset)) for k in ks))
+        schedule = Schedule(ns, tuple(min(k, len(pset)) for k in ks), n_trials=args.n_trials)
         facts = {"classidx": list(pset.classidx), "image_size": size}
         return model, images, list(pset.prompts), (labels, facts), schedule, device, "fp32", "demo"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -314,7 +314,7 @@ def setup(args):
         raise SystemExit("the SD-2.1-shaped benchmark needs a CUDA GPU; on CPU run --tiny or --demo")
     model = sd21_model(device, text_layers=args.text_layers, seed=args.seed)
     prompts = [f"a photo of a {c}." for c in CIFAR10[: args.classes or 10]]
-    schedule = Schedule(tuple(args.n_samples or (50, 500)), tuple(args.to_keep or (5, 1)))
+    schedule = Schedule(tuple(args.n_samples or (50, 500)), tuple(args.to_keep or (5, 1)), n_trials=args.n_trials)
     images = random_images(args.images or 6, 512, args.seed)
     return model, images, prompts, None, schedule, device, "fp16", "sd21"
 
@@ -349,6 +349,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ref-batch-size", type=int, default=None, help="reference UNet batch (default 32, the paper's; 4 with --tiny)")
     p.add_argument("--n-samples", type=int, nargs="+", default=None, help="default 50 500 (tiny: 4 8)")
     p.add_argument("--to-keep", type=int, nargs="+", default=None, help="default 5 1 (tiny: 2 1)")
+    p.add_argument("--n-trials", type=int, default=1, help="noise draws per timestep")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile diffcls's UNet (default: on for GPU, off on CPU)")
     p.add_argument("--text-layers", type=int, default=23, help="CLIP text encoder layers of the SD-shaped model (SD 2.x: 23)")

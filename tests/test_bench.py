@@ -1,0 +1,63 @@
+"""bench/bench_speed.py --tiny: the CPU smoke test of the speed benchmark (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Eager CPU convolutions at a new batch size are very slow with 2 threads on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "bench_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_bench_agrees_with_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    report = _bench().main(["--tiny", "--json", str(out)])
+    assert json.loads(out.read_text())["mode"] == "tiny"
+    a = report["agreement"]
+    assert a["predictions_agree"] and a["n_agree"] == a["n_images"] == 3
+    assert a["n_errors_compared"] == 3 * report["evals_per_image"]
+    assert a["max_abs_error_diff"] < 1e-4
+    for path in ("reference", "diffcls"):
+        r = report[path]
+        assert r["unet_evals"] == 3 * report["evals_per_image"]
+        assert r["unet_evals_per_s"] > 0 and r["s_per_image"] > 0
+    assert report["unet_gflop_per_eval"] > 0 and report["matmul_peak_tflops"] > 0
+    assert report["diffcls"]["peak_gpu_memory_bytes"] is None
+
+
+def test_reference_loop_matches_diffcls_with_n_trials_and_uneven_batches(tmp_path):
+    # 3 prompts x 3 t x 2 trials = 18 items: reference batches of 4 end with a partial batch
+    report = _bench().main(["--tiny", "--classes", "3", "--n-samples", "3", "6", "--to-keep", "2", "1", "--n-trials", "2",
+                            "--batch-size", "8", "--ref-batch-size", "4", "--images", "2", "--json", str(tmp_path / "b.json")])
+    assert report["agreement"]["predictions_agree"]
+    assert report["agreement"]["n_errors_compared"] == 2 * report["evals_per_image"] == 2 * (3 * 3 * 2 + 2 * 3 * 2)
+    assert report["reference"]["mean_batch_fill"] < 1.0
+
+
+def test_demo_mode_says_what_is_missing(tmp_path):
+    from diffcls.models.loading import default_model_path
+
+    if (default_model_path() / "model_index.json").exists():
+        pytest.skip("the demo model is present; --demo is exercised by hand (it takes minutes on CPU)")
+    with pytest.raises(SystemExit, match="demo model"):
+        _bench().main(["--demo", "--json", str(tmp_path / "d.json")])

@@ -1,0 +1,142 @@
+"""The embedding/latent cache: a rerun does no encoder work, bad entries are never trusted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcls.runtime.cache import DiskCache
+from diffcls.runtime.classifier import Classifier
+from diffcls.runtime.schedule import Schedule
+
+PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a car."]
+SCHEDULE = Schedule(n_samples=(2, 4), to_keep=(2, 1))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Eager CPU convolutions at a new batch size are very slow with 2 threads on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def images(image_folder):
+    return sorted(str(p) for p in image_folder.rglob("*.png"))[:3]
+
+
+def _run(engines, cache_dir, images, prompts=PROMPTS, **kw):
+    clf = Classifier(engines, cache=DiskCache(cache_dir))
+    before = (engines.text_encoder.calls, engines.vae_encoder.calls)
+    results = clf.classify(images, prompts, SCHEDULE, batch_size=4, **kw)
+    work = (engines.text_encoder.calls - before[0], engines.vae_encoder.calls - before[1])
+    return results, work, clf.cache
+
+
+def _same(a, b):
+    """Bit-identical: every latent and embedding came from the cache or the same computation."""
+    assert [r.prediction for r in a] == [r.prediction for r in b]
+    assert [r.errors for r in a] == [r.errors for r in b]
+
+
+def _close(a, b):
+    """A recomputed entry is encoded in a smaller VAE/text batch than the first time, which may
+    change the last bits of a float32 convolution; the errors agree to float32 rounding."""
+    assert [r.prediction for r in a] == [r.prediction for r in b]
+    for ra, rb in zip(a, b):
+        assert [e[:3] for e in ra.errors] == [e[:3] for e in rb.errors]
+        assert max(abs(x[3] - y[3]) for x, y in zip(ra.errors, rb.errors)) < 1e-5
+
+
+def _files(root, kind):
+    return sorted((root / kind).rglob("*.safetensors"))
+
+
+def test_second_run_does_no_encoder_work(tiny_engines, tmp_path, images):
+    first, work1, c1 = _run(tiny_engines, tmp_path, images)
+    assert work1[0] >= 1 and work1[1] >= 1
+    assert c1.hits == 0 and c1.misses == len(PROMPTS) + len(images)
+    second, work2, c2 = _run(tiny_engines, tmp_path, images)
+    assert work2 == (0, 0)
+    assert c2.hits == len(PROMPTS) + len(images) and c2.misses == 0
+    _same(first, second)
+
+
+def test_corrupt_entries_are_recomputed(tiny_engines, tmp_path, images):
+    first, _, _ = _run(tiny_engines, tmp_path, images)
+    latent = _files(tmp_path, "latent")[0]
+    text = _files(tmp_path, "text")[0]
+    latent.write_bytes(b"not a safetensors file")
+    text.write_bytes(latent.read_bytes()[:5])  # truncated
+    second, work, cache = _run(tiny_engines, tmp_path, images)
+    assert work[0] >= 1 and work[1] >= 1  # both encoders ran again for the bad entries
+    assert cache.rejected == 2
+    _close(first, second)
+    third, work3, _ = _run(tiny_engines, tmp_path, images)  # and the rewritten entries are good
+    assert work3 == (0, 0)
+    _close(first, third)
+
+
+def test_mismatched_entry_is_not_trusted(tiny_engines, tmp_path, images):
+    first, _, _ = _run(tiny_engines, tmp_path, images)
+    # put one latent entry's file where another image's entry lives: valid file, wrong key
+    a, b = _files(tmp_path, "latent")[:2]
+    b.write_bytes(a.read_bytes())
+    t1, t2 = _files(tmp_path, "text")[:2]
+    t2.write_bytes(t1.read_bytes())
+    second, work, cache = _run(tiny_engines, tmp_path, images)
+    assert cache.rejected == 2
+    assert work[0] >= 1 and work[1] >= 1
+    _close(first, second)
+
+
+def test_non_finite_entry_is_recomputed(tiny_engines, tmp_path, images):
+    first, _, _ = _run(tiny_engines, tmp_path, images)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _files(tmp_path, "latent")[0]
+    with safe_open(str(path), framework="pt") as f:
+        meta, value = f.metadata(), f.get_tensor("value")
+    save_file({"value": torch.full_like(value, float("nan"))}, str(path), metadata=meta)
+    second, work, cache = _run(tiny_engines, tmp_path, images)
+    assert cache.rejected == 1 and work[1] >= 1
+    _close(first, second)
+
+
+def test_interpolation_is_part_of_the_latent_key(tiny_engines, tmp_path, images):
+    _run(tiny_engines, tmp_path, images, interpolation="bicubic")
+    _, work, cache = _run(tiny_engines, tmp_path, images, interpolation="bilinear")
+    assert work[0] == 0  # prompts unchanged: embeddings come from the cache
+    assert work[1] >= 1 and cache.misses == len(images)
+    assert len(_files(tmp_path, "latent")) == 2 * len(images)
+
+
+def test_image_size_is_part_of_the_latent_key(tiny, tiny_engines, tmp_path, images):
+    from diffcls.engines import open_engines
+
+    _run(tiny_engines, tmp_path, images)
+    bigger = open_engines("torch", model=tiny, device="cpu", image_size=24)
+    _, work, cache = _run(bigger, tmp_path, images)
+    assert work[0] == 0 and work[1] >= 1
+    assert cache.misses == len(images)
+
+
+def test_changed_prompt_is_a_miss_only_for_that_prompt(tiny_engines, tmp_path, images):
+    _run(tiny_engines, tmp_path, images)
+    changed = PROMPTS[:2] + ["a photo of a truck."]
+    _, work, cache = _run(tiny_engines, tmp_path, images, prompts=changed)
+    assert work == (1, 0)
+    assert cache.misses == 1 and cache.hits == 2 + len(images)
+
+
+def test_keys_differ_by_every_field(tmp_path):
+    cache = DiskCache(tmp_path)
+    base = {"model": "m", "backend": "torch", "precision": "fp32", "image": "abc", "size": 512, "interpolation": "bicubic"}
+    variants = [base, {**base, "size": 256}, {**base, "interpolation": "lanczos"}, {**base, "image": "abd"}, {**base, "model": "n"}, {**base, "precision": "fp16"}]
+    paths = {cache._path("latent", cache._canonical(v)) for v in variants}
+    assert len(paths) == len(variants)
+    t = {"model": "m", "backend": "torch", "precision": "fp32"}
+    assert cache._path("text", cache._canonical({**t, "prompt": "a cat"})) != cache._path("text", cache._canonical({**t, "prompt": "a cat "}))
