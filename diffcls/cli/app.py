@@ -50,6 +50,3 @@ def main() -> None:
     sys.argv[1:] = join_list_flags(sys.argv[1:])
     app()
 
-
-if __name__ == "__main__":
-    main()

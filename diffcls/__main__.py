@@ -1,0 +1,5 @@
+"""`python -m diffcls ...` is the `diffcls` command."""
+
+from diffcls.cli.app import main
+
+main()

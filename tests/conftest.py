@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny SD-shaped models built from configs, generated images. No network."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from diffcls.models import tiny_model
+
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny):
+    """The tiny model saved as a diffusers directory (what `--model DIR` reads)."""
+    from diffcls.models.tiny import save_model
+
+    return save_model(tiny, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny):
+    from diffcls.engines import open_engines
+
+    return open_engines("torch", model=tiny, device="cpu")
+
+
+def random_image(seed: int, size=(20, 24), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two class subfolders (cat, dog) with three generated PNGs each."""
+    root = tmp_path / "images"
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            random_image(10 * c + i).save(root / cls / f"{i}.png")
+    return root

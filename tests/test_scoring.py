@@ -1,0 +1,185 @@
+"""The scoring loop against a plain re-implementation of DESIGN.md's algorithm.
+
+`reference_classify` below is written from the spec, one image at a time, with the diffusers
+UNet called directly (no wrappers, no engines, no batching tricks). The library must give the
+same prediction and the same error for every (prompt, t, trial).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.scoring import Scorer, make_noise_bank
+
+PROMPTS = [f"a photo of class {i}" for i in range(6)]
+
+
+def reference_classify(model, x0, emb, schedule: Schedule, bank):
+    """DESIGN.md "The scoring loop", literally. Returns (prediction, {(prompt, t, trial): error})."""
+    T = model.alphas_cumprod.shape[0]
+    ac = model.alphas_cumprod
+    M = max(schedule.n_samples)
+    grid = list(range(T // M // 2, T, T // M))[:M]
+    evaluated = []  # timesteps in evaluation order
+    remaining = list(range(emb.shape[0]))
+    errors = {c: [] for c in remaining}
+    table = {}
+    for n_i, k_i in zip(schedule.n_samples, schedule.to_keep):
+        step = len(grid) // n_i
+        ts = [t for t in grid[step // 2 :: step][:n_i] if t not in evaluated]
+        for t in ts:
+            k = len(evaluated)
+            evaluated.append(t)
+            for c in remaining:
+                for j in range(schedule.n_trials):
+                    eps = bank[k * schedule.n_trials + j]
+                    x_t = ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * eps
+                    with torch.no_grad():
+                        pred = model.unet(x_t[None], torch.tensor([t]), encoder_hidden_states=emb[c][None]).sample[0]
+                    if schedule.loss == "l2":
+                        err = F.mse_loss(pred, eps)
+                    elif schedule.loss == "l1":
+                        err = F.l1_loss(pred, eps)
+                    else:
+                        err = F.huber_loss(pred, eps, delta=1.0)
+                    errors[c].append(float(err))
+                    table[(c, t, j)] = float(err)
+        scores = {c: sum(errors[c]) / len(errors[c]) for c in remaining}
+        remaining = sorted(remaining, key=lambda c: scores[c])[:k_i]
+    assert len(remaining) == 1
+    return remaining[0], table
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny, tiny_engines):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = tiny.vae.encode(images).latent_dist.mean * tiny.scaling_factor
+        ids = tiny_engines.tokenize(PROMPTS)
+        emb = tiny.text_encoder(ids).last_hidden_state
+    return latents, emb
+
+
+def run_scorer(engines, emb, latents, schedule, bank, batch_size):
+    scorer = Scorer(engines.unet, emb, engines.alphas_cumprod, schedule, bank, batch_size)
+    return dict(scorer.run((i, latents[i]) for i in range(len(latents)))), scorer.stats
+
+
+SCHEDULES = [
+    Schedule((4, 12), (3, 1)),  # the paper's `--n_samples 50 500 --to_keep 5 1` shape, scaled down
+    Schedule((5, 50), (3, 1)),  # 50/500-shaped with uneven grid steps
+    Schedule((2, 4, 8), (4, 2, 1)),  # three rounds
+    Schedule((6,), (1,)),  # no pruning: one round, all prompts
+    Schedule((3, 9), (2, 1), n_trials=2),  # several noise draws per timestep
+    Schedule((4, 8), (3, 1), loss="l1"),
+    Schedule((4, 8), (3, 1), loss="huber"),
+    Schedule((3, 3), (2, 1)),  # second round adds no new timestep
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.describe().replace(" ", "_"))
+def test_matches_reference(tiny, tiny_engines, inputs, schedule):
+    latents, emb = inputs
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=3)
+    got, _ = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=8)
+    for i in range(len(latents)):
+        pred, table = reference_classify(tiny, latents[i], emb, schedule, bank)
+        assert got[i].prediction == pred
+        mine = {(c, t, j): e for c, t, j, e in got[i].errors}
+        assert mine.keys() == table.keys()
+        for key, err in table.items():
+            assert mine[key] == pytest.approx(err, abs=1e-5), key
+        # the score is the mean of the prompt's errors
+        for c, s in got[i].scores.items():
+            errs = [e for (cc, _t, _j), e in table.items() if cc == c]
+            assert s == pytest.approx(sum(errs) / len(errs), abs=1e-6)
+
+
+def test_evaluation_count_matches_schedule(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1), n_trials=2)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    got, stats = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=8)
+    per_image = 6 * 4 * 2 + 3 * 8 * 2
+    assert schedule.evals_upper_bound(6) == per_image
+    assert all(r.n_evals == per_image for r in got.values())
+    assert stats.unet_evals == 3 * per_image
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_batch_size_does_not_change_results(tiny_engines, inputs, batch_size):
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1), n_trials=2)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    base, _ = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=5)
+    got, stats = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=batch_size)
+    for i in base:
+        assert got[i].prediction == base[i].prediction
+        assert got[i].ranking == base[i].ranking
+        a = {(c, t, j): e for c, t, j, e in base[i].errors}
+        b = {(c, t, j): e for c, t, j, e in got[i].errors}
+        assert a.keys() == b.keys()
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
+def test_one_image_alone_equals_interleaved(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1))
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    together, stats = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=7)
+    for i in range(len(latents)):
+        alone, _ = run_scorer(tiny_engines, emb, latents[i : i + 1], schedule, bank, batch_size=7)
+        a = {(c, t, j): e for c, t, j, e in alone[0].errors}
+        b = {(c, t, j): e for c, t, j, e in together[i].errors}
+        assert alone[0].prediction == together[i].prediction
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
+def test_batches_are_full_until_the_last(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1))  # 48 evals per image, 144 in all
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+
+    class FixedSizes:  # an engine built for batch sizes 4 and 32 only
+        def __init__(self, inner):
+            self.inner, self.spec, self.device, self.dtype = inner, inner.spec, inner.device, inner.dtype
+            self.component, self.batch_sizes, self.seen = "unet", (4, 32), []
+
+        def __call__(self, feed):
+            self.seen.append(feed["sample"].shape[0])
+            return self.inner(feed)
+
+    engine = FixedSizes(tiny_engines.unet)
+    scorer = Scorer(engine, emb, tiny_engines.alphas_cumprod, schedule, bank, batch_size=32)
+    results = dict(scorer.run((i, latents[i]) for i in range(3)))
+    assert len(results) == 3
+    assert engine.seen[:-1] == [32] * (len(engine.seen) - 1)  # 144 = 4 * 32 + 16 -> last call pads to 32
+    assert engine.seen[-1] in (4, 32)
+    assert scorer.stats.unet_evals == 144
+    assert scorer.stats.padded == sum(engine.seen) - 144
+    assert 0 < scorer.stats.padding_fraction < 0.2
+
+
+def test_noise_bank_is_seeded():
+    s = Schedule((4, 8), (2, 1), n_trials=3)
+    a = make_noise_bank(s, (4, 8, 8), seed=5)
+    assert a.shape == (8 * 3, 4, 8, 8)
+    assert torch.equal(a, make_noise_bank(s, (4, 8, 8), seed=5))
+    assert not torch.equal(a, make_noise_bank(s, (4, 8, 8), seed=6))
+
+
+def test_ranking_puts_survivors_first(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1))
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    got, _ = run_scorer(tiny_engines, emb, latents[:1], schedule, bank, batch_size=8)
+    r = got[0]
+    assert r.ranking[0] == r.prediction
+    assert sorted(r.ranking) == list(range(6))
+    # the three pruned after round 1 come last, ordered by their round-1 score
+    pruned = r.ranking[3:]
+    assert [r.scores[c] for c in pruned] == sorted(r.scores[c] for c in pruned)
