@@ -111,7 +111,9 @@ def _config_json(module) -> str:
         return ""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     d = {k: v for k, v in d.items() if not k.startswith("_")}
-    d.pop("transformers_version", None)
+    # bookkeeping that save_pretrained adds or that varies by library version, not the model
+    for key in ("transformers_version", "diffusers_version", "architectures", "dtype", "torch_dtype", "name_or_path"):
+        d.pop(key, None)
     return json.dumps(d, sort_keys=True, default=str)
 
 
