@@ -277,7 +277,7 @@ def setup(args):
         from diffcls.runtime.preprocess import load_and_preprocess
         from diffcls.runtime.prompts import PromptSet
 
-        if not (default_model_path() / "model_index.json").exists():
+        if not default_model_path().is_dir():
             raise SystemExit(
                 f"--demo needs the bundled demo model at {default_model_path()}, which is not there yet; "
                 "train it (python -m diffcls.models.train_demo) or run --tiny instead"
@@ -289,7 +289,10 @@ def setup(args):
         import tempfile
 
         device = torch.device(args.device or "cpu")
-        model = load_model(None)
+        try:
+            model = load_model(None)
+        except DiffclsError as e:
+            raise SystemExit(f"--demo cannot load the bundled demo model: {e}") from None
         defaults = model_defaults(None)
         size = int(defaults.get("image_size", model.default_image_size))
         if defaults.get("prompts"):
@@ -304,6 +307,9 @@ def setup(args):
         images = [load_and_preprocess(p, size) for p in paths]
         by_name = {n: i for i, n in pset.classes.items()}
         labels = [by_name.get(p.parent.name) for p in paths]
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
         ns = tuple(args.n_samples or defaults.get("n_samples", (50, 500)))
         ks = tuple(args.to_keep or defaults.get("to_keep", (5, 1)))
         schedule = Schedule(ns, tuple(min(k, len(pset)) for k in ks), n_trials=args.n_trials)
@@ -328,7 +334,11 @@ def compare(ref: dict, ours: dict) -> dict:
                 diffs.append(abs(e - eo[key]))
             else:
                 missing += 1
+    import math
+
+    nonfinite = sum(1 for r in (ref, ours) for er in r["errors"] for e in er.values() if not math.isfinite(e))
     return {
+        "nonfinite_errors": nonfinite,  # must be 0: fp16 overflow would show here
         "predictions_agree": all(agree),
         "n_agree": sum(agree),
         "n_images": len(agree),
@@ -355,6 +365,7 @@ def main(argv=None) -> dict:
     p.add_argument("--text-layers", type=int, default=23, help="CLIP text encoder layers of the SD-shaped model (SD 2.x: 23)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU modes; default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write results here (default $OUT/bench_speed.json if $OUT is set)")
     p.add_argument("--skip-reference", action="store_true", help="time diffcls only")
     args = p.parse_args(argv)
@@ -362,6 +373,8 @@ def main(argv=None) -> dict:
     from diffcls.models.loading import quiet_hf_logs
 
     quiet_hf_logs()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_setup = time.perf_counter()
     model, images, prompts, demo, schedule, device, precision, mode_name = setup(args)
     setup_s = time.perf_counter() - t_setup
