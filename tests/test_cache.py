@@ -140,3 +140,41 @@ def test_keys_differ_by_every_field(tmp_path):
     assert len(paths) == len(variants)
     t = {"model": "m", "backend": "torch", "precision": "fp32"}
     assert cache._path("text", cache._canonical({**t, "prompt": "a cat"})) != cache._path("text", cache._canonical({**t, "prompt": "a cat "}))
+
+
+COMPILE_SCRIPT = """
+import json, torch
+torch.set_num_threads(1)
+from torch._dynamo.utils import counters
+from diffcls.engines.torch_backend import compile_module
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+f = compile_module(m, torch.device("cpu"))
+with torch.inference_mode():
+    y = f(torch.ones(3, 8))
+import os
+print(json.dumps({"inductor": dict(counters["inductor"]), "dir": os.environ["TORCHINDUCTOR_CACHE_DIR"], "y": y.tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_graphs_persist_across_processes(tmp_path):
+    """torch.compile's FX-graph cache lives under the diffcls cache dir: a second run does not recompile."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
+    env["DIFFCLS_CACHE"] = str(tmp_path)
+
+    def run():
+        p = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["dir"] == second["dir"] == str(tmp_path / "inductor")
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert first["y"] == second["y"]

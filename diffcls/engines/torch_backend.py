@@ -83,7 +83,7 @@ def configure_compile_cache(root=None) -> Path:
     """
     import os
 
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    if not _user_set_inductor_cache_dir():
         from diffcls.runtime.cache import default_cache_dir
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) if root is not None else default_cache_dir() / "inductor")
@@ -103,6 +103,21 @@ def configure_compile_cache(root=None) -> Path:
     except ImportError:
         pass
     return path
+
+
+def _user_set_inductor_cache_dir() -> bool:
+    """Importing torch._dynamo writes inductor's default (/tmp/torchinductor_<user>) into the
+    environment, so "unset" means: absent, or equal to that default."""
+    import os
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None:
+        return False
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+    except ImportError:
+        return True
+    return os.path.abspath(current) != os.path.abspath(torch_default())
 
 
 def compile_module(module: torch.nn.Module, device: torch.device):
