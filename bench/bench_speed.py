@@ -231,6 +231,8 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
     t0 = time.perf_counter()
     for _ in range(3 if compile else 1):
         engines.unet(feed)
+    _sync(device)
+    compile_s = time.perf_counter() - t0
     engines.text_encoder({"input_ids": engines.tokenize(prompts[:1])})
     engines.vae_encoder({"image": images[0][None]})
     _sync(device)
@@ -250,10 +252,53 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
         "unet_calls": stats.unet_calls,
         "padding_fraction": stats.padding_fraction,
         "engine_open_s": load_s,
-        "warmup_s": warmup_s,  # compile + CUDA-graph capture when compile=True
+        "warmup_s": warmup_s,  # first calls of all three engines, compile included
+        "compile_s": compile_s,  # first 3 UNet calls: compile + CUDA-graph capture when compile=True
         "stages": clf.timer.summary(),
         "peak_gpu_memory_bytes": _peak(device),
     }
+
+
+def compile_only(model, device, precision, batch_size, compile) -> dict:
+    """Open the engines and time the UNet's first 3 calls; prints one JSON line."""
+    from torch._dynamo.utils import counters
+
+    from diffcls.engines import open_engines
+
+    engines = open_engines("torch", model=model, device=str(device), precision=precision,
+                           batch_sizes=(batch_size,) if compile else None, compile=compile)
+    C, h, w = engines.latent_shape
+    feed = {"sample": torch.zeros((batch_size, C, h, w)), "timestep": torch.full((batch_size,), 500.0),
+            "encoder_hidden_states": torch.zeros((batch_size, engines.max_length, model.hidden_size))}
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(3 if compile else 1):
+        engines.unet(feed)
+    _sync(device)
+    res = {"compile_s": time.perf_counter() - t0, "inductor": {k: v for k, v in counters["inductor"].items() if "cache" in k},
+           "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    print("COMPILE_ONLY " + json.dumps(res), flush=True)
+    return res
+
+
+def second_process_compile(argv: list[str]) -> dict:
+    import subprocess
+
+    drop = {"--json", "--cache-check"}
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = a == "--json"
+            continue
+        args.append(a)
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args, "--compile-only"], capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("COMPILE_ONLY "):
+            return json.loads(line[len("COMPILE_ONLY "):])
+    return {"error": f"exit {p.returncode}: {p.stderr[-1000:]}"}
 
 
 # --- the modes ----------------------------------------------------------------------------------
@@ -368,6 +413,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU modes; default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write results here (default $OUT/bench_speed.json if $OUT is set)")
     p.add_argument("--skip-reference", action="store_true", help="time diffcls only")
+    p.add_argument("--cache-check", action="store_true",
+                   help="after the run, compile again in a fresh process and report its compile time (persistent inductor cache)")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     from diffcls.models.loading import quiet_hf_logs
@@ -394,6 +442,8 @@ def main(argv=None) -> dict:
           f"{evals_per_image} UNet evals/image, device {device}, {precision}, diffcls batch {B} "
           f"(compile={compile}), reference batch {RB}; setup {setup_s:.1f} s", flush=True)
 
+    if args.compile_only:  # the second process of --cache-check
+        return compile_only(model, device, precision, B, compile)
     model.to(device, dtype)
     flops = unet_flops(model.unet, latent_shape, model.hidden_size, model.max_length, device, dtype)
     peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
@@ -409,7 +459,7 @@ def main(argv=None) -> dict:
     ours = run_diffcls(model, images, prompts, schedule, bank, device, precision, B, compile)
     print(f"diffcls:   {ours['wall_s'] / len(images):.2f} s/image, "
           f"{ours['unet_evals'] / ours['unet_s']:.0f} UNet evals/s (UNet time), padding "
-          f"{100 * ours['padding_fraction']:.2f}%, warm-up/compile {ours['warmup_s']:.1f} s", flush=True)
+          f"{100 * ours['padding_fraction']:.2f}%, UNet compile+capture {ours['compile_s']:.1f} s", flush=True)
 
     def summarize(r):
         if r is None:
@@ -456,6 +506,10 @@ def main(argv=None) -> dict:
             if r is not None:
                 correct = [classidx[p] == y for p, y in zip(r["predictions"], labels) if y is not None]
                 report[name]["accuracy"] = sum(correct) / len(correct) if correct else None
+    if args.cache_check and compile:
+        report["second_process"] = second_process_compile(argv if argv is not None else sys.argv[1:])
+        print(f"second process: UNet compile+capture {report['second_process'].get('compile_s')} s "
+              f"(first: {ours['compile_s']:.1f} s), inductor counters {report['second_process'].get('inductor')}", flush=True)
     out = args.json or (Path(os.environ["OUT"]) / "bench_speed.json" if os.environ.get("OUT") else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
