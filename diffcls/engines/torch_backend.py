@@ -133,7 +133,10 @@ def compile_module(module: torch.nn.Module, device: torch.device):
 
     configure_compile_cache()
     torch._dynamo.config.automatic_dynamic_shapes = False  # a new batch size is a new static graph
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6; room for several batch sizes
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16))
+            break
     if device.type != "cuda":
         return torch.compile(module, dynamic=False)
     import torch._inductor.config as inductor_config
