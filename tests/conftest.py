@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread: tiny models are overhead-bound, and two threads on a busy 2-core box stall badly
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +51,26 @@ def image_folder(tmp_path):
         for i in range(3):
             random_image(10 * c + i).save(root / cls / f"{i}.png")
     return root
+
+
+# --- exported engines (ONNX fp32 of the tiny model), built once per session -----------------
+EXPORT_BATCH_SIZES = (2, 4)
+EXPORT_IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, tiny_dir):
+    pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime (pip install 'diffcls[onnx]')")
+    from diffcls.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("engines") / "engines_fp32"
+    export_model(ExportConfig(out=out, model=tiny_dir, batch_sizes=EXPORT_BATCH_SIZES, image_size=EXPORT_IMAGE_SIZE, device="cpu"))
+    return out
+
+
+def copy_of(engine_dir, dest):
+    """A private copy to break (delete, corrupt) without touching the shared export."""
+    import shutil
+
+    shutil.copytree(engine_dir, dest)
+    return dest

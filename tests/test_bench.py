@@ -11,17 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Eager CPU convolutions at a new batch size are very slow with 2 threads on a busy 2-core box."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "bench_speed.py")
     mod = importlib.util.module_from_spec(spec)

@@ -13,15 +13,6 @@ PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a car."]
 SCHEDULE = Schedule(n_samples=(2, 4), to_keep=(2, 1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Eager CPU convolutions at a new batch size are very slow with 2 threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def images(image_folder):
     return sorted(str(p) for p in image_folder.rglob("*.png"))[:3]

@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime (pip install 'diffcls[onnx]')")
 
-import test_export_support as support  # noqa: E402
-from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of  # noqa: E402
+from conftest import EXPORT_BATCH_SIZES as BATCH_SIZES  # noqa: E402
+from conftest import EXPORT_IMAGE_SIZE as IMAGE_SIZE  # noqa: E402
+from conftest import copy_of  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from diffcls.errors import DiffclsError  # noqa: E402
@@ -19,21 +20,6 @@ from diffcls.export import ExportConfig, export_model  # noqa: E402
 from diffcls.export import onnx_export as ox  # noqa: E402
 from diffcls.export.manifest import sha256_file  # noqa: E402
 from diffcls.models.spec import COMPONENTS, model_component_specs  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return support.tiny()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    return support.tiny_dir()
-
-
-@pytest.fixture(scope="module")
-def engine_dir():
-    return support.exported_dir()
 
 
 def test_manifest_records_what_was_built(engine_dir, tiny):

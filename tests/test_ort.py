@@ -9,28 +9,14 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs onnxruntime (pip install 'diffcls[onnx]')")
 
-import test_export_support as support  # noqa: E402
-from test_export_support import BATCH_SIZES, IMAGE_SIZE, copy_of  # noqa: E402
+from conftest import EXPORT_BATCH_SIZES as BATCH_SIZES  # noqa: E402
+from conftest import EXPORT_IMAGE_SIZE as IMAGE_SIZE  # noqa: E402
+from conftest import copy_of  # noqa: E402
 
 from diffcls.engines import open_engines  # noqa: E402
 from diffcls.errors import DiffclsError  # noqa: E402
 from diffcls.export.onnx_export import random_feed  # noqa: E402
 from diffcls.models.spec import COMPONENTS  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return support.tiny()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    return support.tiny_dir()
-
-
-@pytest.fixture(scope="module")
-def engine_dir():
-    return support.exported_dir()
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ from diffcls.cli.app import app
 STAGES = ("load", "preprocess", "text_encode", "vae_encode", "unet_round_1", "unet_round_2", "unet_call", "total")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Eager CPU convolutions at a new batch size are very slow with 2 threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(args):
     return CliRunner().invoke(app, args)
 

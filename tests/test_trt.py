@@ -9,11 +9,6 @@ from diffcls.errors import DiffclsError
 from diffcls.export.trt_build import normalize_batch_sizes, plan_profiles, profile_index
 from diffcls.models.spec import component_specs
 
-@pytest.fixture(scope="module")
-def tiny():
-    from diffcls.models import tiny_model
-
-    return tiny_model(seed=0)
 
 
 SPECS = component_specs(max_length=77, hidden_size=1024, image_size=512, latent_shape=(4, 64, 64))
