@@ -169,3 +169,18 @@ def test_compiled_graphs_persist_across_processes(tmp_path):
     assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert first["y"] == second["y"]
+
+
+def test_cache_command_reports_and_clears(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffcls.cli.app import app
+
+    c = DiskCache(tmp_path)
+    c.put("text", {"prompt": "a"}, torch.zeros(2, 3))
+    c.put("latent", {"image": "b"}, torch.zeros(4, 2, 2))
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "2 entries" in r.output
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path), "--clear"])
+    assert r.exit_code == 0 and "removed 2 cached entries" in r.output
+    assert c.get("text", {"prompt": "a"}) is None

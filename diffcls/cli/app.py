@@ -31,7 +31,7 @@ def _register() -> None:
     # imported for their side effect: each module adds its commands to `app`
     import importlib
 
-    for name in ("classify", "digits", "export", "profile", "info"):
+    for name in ("classify", "digits", "export", "profile", "info", "cache"):
         try:
             importlib.import_module(f"diffcls.cli.{name}")
         except ModuleNotFoundError as e:
