@@ -1,0 +1,445 @@
+"""Train the bundled demo model: a small Stable Diffusion on scikit-learn's digits, from scratch.
+
+    python -m diffcls.models.train_demo --out diffcls/models/demo          # train + save + eval
+    python -m diffcls.models.train_demo --eval --model diffcls/models/demo # held-out accuracy
+
+The model has Stable Diffusion's structure and diffusers layout, so classifying with it takes
+every code path a real SD model takes: a CLIP tokenizer (vocabulary built offline, the prompt
+words are single tokens), `transformers.CLIPTextModel`, `diffusers.AutoencoderKL` (32x32 RGB ->
+4x8x8 latent, 3 blocks) and `diffusers.UNet2DConditionModel` with cross-attention on the text,
+under SD's DDPM noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps, epsilon).
+
+Training, in the order SD was built:
+1. the VAE, alone: reconstruction MSE + a small KL weight (as SD's KL-f8, without the GAN);
+   then `scaling_factor` = 1 / std of the latent means over the training set (SD's 0.18215 was
+   chosen the same way), and the scaled latent means of every training image, computed once;
+2. the UNet and the text encoder together on those frozen latents with the standard
+   epsilon-prediction loss at t ~ U{0..999}; an exponential moving average of the weights is
+   what gets saved.
+
+The inputs are exactly what `diffcls classify` computes from the PNGs `diffcls digits` writes:
+`preprocess_image(render_digit(d), 32, "bicubic")` (see `diffcls.models.digits`). Only the
+train split is used; `--eval` measures the held-out split with the scoring loop of DESIGN.md
+(timestep grid, one seeded noise bank, per-round pruning), written out here in plain torch so
+that the model can be measured independently of the runtime.
+
+Seeded and deterministic (`torch.use_deterministic_algorithms`) for a given torch version and
+thread count (`--threads`, default 2; float reductions are ordered per thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE, load_split, render_digit
+
+PROMPT_TEMPLATE = "a handwritten digit {}"  # + the class name: "a handwritten digit three"
+PROMPT_WORDS = ["a", "handwritten", "digit", *CLASSNAMES]  # single tokens in the vocabulary
+
+
+@dataclass
+class DemoConfig:
+    seed: int = 0
+    image_size: int = IMAGE_SIZE  # 32 px; 8x8 digits upscaled 4x
+    latent_channels: int = 4  # as in SD
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 blocks: 32 px -> 8x8 latent (factor 4)
+    unet_channels: tuple[int, ...] = (32, 64, 64)  # 8x8 -> 4x4 -> 2x2
+    unet_heads: int = 4  # attention heads per transformer block
+    hidden_size: int = 64  # text embedding width D (1024 in SD 2.x)
+    text_layers: int = 2
+    max_length: int = 77  # tokens, as in SD
+    # VAE
+    vae_steps: int = 1000  # ~2.5 min on 2 cores; held-out reconstruction MSE ~1e-3 (in [-1, 1])
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6  # SD's KL-f8 used 1e-6 too: latents stay close to deterministic
+    # UNet + text encoder
+    unet_steps: int = 2000  # ~10 min on 2 cores (~90 epochs of the 1,438 training latents)
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    text_lr: float = 1e-4
+    warmup: int = 100
+    ema_decay: float = 0.999
+    # default classification schedule written to diffcls.json: 20 timesteps for all 10 classes,
+    # then 100 (80 new) for the best 3 -> 440 UNet evaluations per image
+    n_samples: list[int] = field(default_factory=lambda: [20, 100])
+    to_keep: list[int] = field(default_factory=lambda: [3, 1])
+
+
+def scheduler_config() -> dict:
+    from diffcls.models.tiny import TinyConfig, scheduler_config as sd_scheduler_config
+
+    return sd_scheduler_config(TinyConfig())  # scaled_linear, 0.00085..0.012, 1000, epsilon
+
+
+def prompts() -> list[tuple[str, str, int]]:
+    return [(PROMPT_TEMPLATE.format(name), name, i) for i, name in enumerate(CLASSNAMES)]
+
+
+# --- data ------------------------------------------------------------------------------------
+def split_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 3, 32, 32) in [-1, 1], labels (N,)) exactly as the classifier sees the PNGs."""
+    from diffcls.runtime.preprocess import preprocess_image
+
+    images, labels = load_split(split)
+    x = torch.stack([preprocess_image(render_digit(d), IMAGE_SIZE, "bicubic") for d in images])
+    return x, torch.from_numpy(labels)
+
+
+# --- model -----------------------------------------------------------------------------------
+def build_components(cfg: DemoConfig, tokenizer):
+    """(text_encoder, vae, unet), randomly initialised from the current torch seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.hidden_size * 4,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    n_vae = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        block_out_channels=cfg.vae_channels,
+        latent_channels=cfg.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, cfg.vae_channels[0]),
+        sample_size=cfg.image_size,
+    )
+    n_unet = len(cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.image_size // 2 ** (n_vae - 1),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
+        cross_attention_dim=cfg.hidden_size,
+        attention_head_dim=cfg.unet_heads,  # diffusers reads this as the number of heads
+        norm_num_groups=min(32, cfg.unet_channels[0]),
+    )
+    return text_encoder, vae, unet
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 0 (a factor on the base learning rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+def train_vae(vae, x: torch.Tensor, cfg: DemoConfig, gen: torch.Generator, t0: float) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    n = x.shape[0]
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_at(step, cfg.vae_steps, cfg.warmup)
+        idx = torch.randint(0, n, (cfg.vae_batch,), generator=gen)
+        batch = x[idx]  # (B, 3, 32, 32)
+        post = vae.encode(batch).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, batch)
+        kl = post.kl().mean()  # summed over the latent's elements, as in SD
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == cfg.vae_steps - 1:
+            _log(f"vae step {step:5d}  recon mse {rec.item():.5f}  kl {kl.item():.1f}", t0)
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def latent_means(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Unscaled VAE posterior means (N, C, h, w)."""
+    return torch.cat([vae.encode(x[i : i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def text_embeddings(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(input_ids=ids, return_dict=False)[0]  # (K, 77, D)
+
+
+def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
+               cfg: DemoConfig, gen: torch.Generator, t0: float):
+    """Train on scaled latents; returns EMA copies (unet, text_encoder)."""
+    texts = [p for p, _, _ in prompts()]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": cfg.unet_lr, "base": cfg.unet_lr},
+            {"params": list(text_encoder.parameters()), "lr": cfg.text_lr, "base": cfg.text_lr},
+        ],
+        weight_decay=0.01,
+    )
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_pairs = [
+        (e, p)
+        for ema, live in ((ema_unet, unet), (ema_text, text_encoder))
+        for e, p in zip(ema.parameters(), live.parameters())
+    ]
+    unet.train()
+    text_encoder.train()
+    T = alphas.shape[0]
+    n = lat.shape[0]
+    running = None
+    for step in range(cfg.unet_steps):
+        f = lr_at(step, cfg.unet_steps, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["base"] * f
+        idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
+        x0 = lat[idx]  # (B, C, h, w)
+        t = torch.randint(0, T, (cfg.unet_batch,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        emb = text_encoder(input_ids=ids, return_dict=False)[0]  # (10, 77, D), all classes once
+        pred = unet(xt, t, encoder_hidden_states=emb[labels[idx]], return_dict=False)[0]
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - d)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 250 == 0 or step == cfg.unet_steps - 1:
+            _log(f"unet step {step:5d}  loss {running:.4f}", t0)
+    return ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
+
+
+# --- evaluation: the scoring loop of DESIGN.md, in plain torch -------------------------------
+# TODO: once diffcls.runtime.classifier.Classifier is in, measure with it as well (diffcls evaluate).
+def timestep_grid(T: int, M: int) -> list[int]:
+    return list(range(T // M // 2, T, T // M))[:M]
+
+
+@torch.no_grad()
+def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch.Tensor,
+                     n_samples: list[int], to_keep: list[int], n_trials: int = 1, seed: int = 0,
+                     batch_size: int = 512) -> tuple[list[int], int]:
+    """Adaptive Diffusion-Classifier scoring (l2 loss) for N latents; returns (predictions, unet evals)."""
+    N, (C, h, w), K = x0.shape[0], x0.shape[1:], embeds.shape[0]
+    T, M = alphas.shape[0], max(n_samples)
+    grid = timestep_grid(T, M)
+    bank = torch.randn((M * n_trials, C, h, w), generator=torch.Generator().manual_seed(seed))
+    remaining = [list(range(K)) for _ in range(N)]
+    err_sum = torch.zeros(N, K, dtype=torch.float64)
+    err_cnt = torch.zeros(N, K, dtype=torch.float64)
+    evaluated: list[int] = []
+    n_evals = 0
+    for n_i, k_i in zip(n_samples, to_keep):
+        step = len(grid) // n_i
+        ts = [t for t in grid[step // 2 :: step][:n_i] if t not in evaluated]
+        first = len(evaluated)
+        evaluated += ts
+        jobs = [  # (image, class, t, noise index)
+            (i, c, t, (first + ti) * n_trials + j)
+            for i in range(N)
+            for c in remaining[i]
+            for ti, t in enumerate(ts)
+            for j in range(n_trials)
+        ]
+        for s in range(0, len(jobs), batch_size):
+            chunk = jobs[s : s + batch_size]
+            ii = torch.tensor([j[0] for j in chunk])
+            cc = torch.tensor([j[1] for j in chunk])
+            tt = torch.tensor([j[2] for j in chunk])
+            eps = bank[torch.tensor([j[3] for j in chunk])]
+            a = alphas[tt].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0[ii] + (1 - a).sqrt() * eps
+            pred = unet(xt, tt, encoder_hidden_states=embeds[cc], return_dict=False)[0]
+            err = ((eps - pred) ** 2).mean(dim=(1, 2, 3)).double()
+            err_sum.index_put_((ii, cc), err, accumulate=True)
+            err_cnt.index_put_((ii, cc), torch.ones_like(err), accumulate=True)
+            n_evals += len(chunk)
+        for i in range(N):
+            scores = err_sum[i, remaining[i]] / err_cnt[i, remaining[i]]
+            best = torch.topk(-scores, k=k_i).indices.tolist()
+            remaining[i] = [remaining[i][b] for b in best]
+    return [r[0] for r in remaining], n_evals
+
+
+def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=(20, 100), to_keep=(3, 1),
+             n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
+    """Top-1 accuracy of `model` (an SDModel) on a digits split with the adaptive schedule."""
+    from diffcls.models.wrappers import VaeEncoderWrapper
+
+    x, y = split_tensors(split)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    t0 = time.time()
+    with torch.no_grad():
+        enc = VaeEncoderWrapper(model.vae, model.scaling_factor)
+        lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
+        embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
+    preds, evals = [], 0
+    for s in range(0, len(lat), chunk):
+        p, e = classify_latents(model.unet, lat[s : s + chunk], embeds, model.alphas_cumprod,
+                                list(n_samples), list(to_keep), n_trials, seed)
+        preds += p
+        evals += e
+        if verbose:
+            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
+            print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    dt = time.time() - t0
+    correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
+    return {
+        "split": split,
+        "images": len(preds),
+        "correct": correct,
+        "accuracy": correct / len(preds),
+        "n_samples": list(n_samples),
+        "to_keep": list(to_keep),
+        "n_trials": n_trials,
+        "seed": seed,
+        "unet_evals_per_image": evals / len(preds),
+        "seconds": dt,
+        "images_per_second": len(preds) / dt,
+        "predictions": preds,
+    }
+
+
+# --- training entry point --------------------------------------------------------------------
+def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
+    from diffcls.models.loading import SDModel, alphas_cumprod_from_scheduler_config
+    from diffcls.models.tiny import save_model
+    from diffcls.models.tokenizer import build_tokenizer_files
+    from transformers import CLIPTokenizer
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(build_tokenizer_files(out / "tokenizer", PROMPT_WORDS, cfg.max_length)))
+    text_encoder, vae, unet = build_components(cfg, tokenizer)
+    sched = scheduler_config()
+    alphas = alphas_cumprod_from_scheduler_config(sched)
+
+    x, y = split_tensors("train")
+    _log(f"train split: {len(x)} images {tuple(x.shape[1:])}", t0)
+    train_vae(vae, x, cfg, gen, t0)
+    means = latent_means(vae, x)
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    lat = means * scaling
+    _log(f"vae done; scaling_factor {scaling:.5f}; latent {tuple(lat.shape[1:])}", t0)
+    t_vae = time.time() - t0
+
+    ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, lat, y, alphas, cfg, gen, t0)
+    t_total = time.time() - t0
+    model = SDModel(tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet, alphas_cumprod=alphas)
+    save_model(model, out, sched)
+    with open(out / "prompts.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["prompt", "classname", "classidx"])
+        w.writerows(prompts())
+    (out / "diffcls.json").write_text(
+        json.dumps(
+            {"image_size": cfg.image_size, "prompts": "prompts.csv", "n_samples": cfg.n_samples, "to_keep": cfg.to_keep},
+            indent=2,
+        )
+        + "\n"
+    )
+    info = {
+        "config": asdict(cfg),
+        "train_images": len(x),
+        "scaling_factor": scaling,
+        "seconds_vae": round(t_vae, 1),
+        "seconds_total": round(t_total, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": command or "python -m diffcls.models.train_demo --out diffcls/models/demo",
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    _log(f"saved to {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.2f} MB)", t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m diffcls.models.train_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("diffcls/models/demo"), help="where to save the model")
+    p.add_argument("--eval", action="store_true", help="only evaluate --model (no training)")
+    p.add_argument("--no-eval", action="store_true", help="train and save without measuring held-out accuracy")
+    p.add_argument("--model", type=Path, default=None, help="model dir for --eval (default: the bundled demo)")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (class-balanced)")
+    p.add_argument("--n-samples", type=int, nargs="+", default=None, help="schedule (default: the model's diffcls.json)")
+    p.add_argument("--to-keep", type=int, nargs="+", default=None)
+    p.add_argument("--n-trials", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the evaluation noise bank (diffcls' default: 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results are exact per thread count)")
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--vae-steps", type=int, default=None)
+    args = p.parse_args(argv)
+
+    import shlex
+    import sys
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from diffcls.models.loading import load_model
+
+    diffusers_logging.set_verbosity_error()  # no "install accelerate" advice on every load
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+
+    if not args.eval:
+        cfg = DemoConfig(seed=args.seed)
+        if args.unet_steps is not None:
+            cfg.unet_steps = args.unet_steps
+        if args.vae_steps is not None:
+            cfg.vae_steps = args.vae_steps
+        train(args.out, cfg, "python -m diffcls.models.train_demo " + shlex.join(sys.argv[1:] if argv is None else argv))
+        if args.no_eval:
+            return
+        args.model = args.out
+    model_dir = args.model
+    model = load_model(model_dir)
+    defaults = json.loads((Path(model.source) / "diffcls.json").read_text())
+    n_samples = args.n_samples or defaults["n_samples"]
+    to_keep = args.to_keep or defaults["to_keep"]
+    res = evaluate(model, args.split, args.limit, n_samples, to_keep, args.n_trials, seed=args.noise_seed)
+    res.pop("predictions")
+    print(json.dumps(res, indent=2))
+    if not args.eval:  # keep the measurement beside the weights it measured
+        info_file = args.out / "training.json"
+        info = json.loads(info_file.read_text())
+        info[f"eval_{args.split}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+        info_file.write_text(json.dumps(info, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
