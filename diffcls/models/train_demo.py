@@ -70,9 +70,11 @@ class DemoConfig:
     text_lr: float = 1e-4
     warmup: int = 100
     ema_decay: float = 0.999
-    # default classification schedule written to diffcls.json: 20 timesteps for all 10 classes,
-    # then 100 (80 new) for the best 3 -> 440 UNet evaluations per image
-    n_samples: list[int] = field(default_factory=lambda: [20, 100])
+    # default classification schedule written to diffcls.json: 10 timesteps for all 10 classes,
+    # then 50 (40 new) for the best 3 -> 220 UNet evaluations per image. On the 359 held-out
+    # digits it scored 358/357/357 (noise seeds 0/1/2), the same as 20,100 -> 3,1 (357/357/357)
+    # at half the cost; 5,20 -> 3,1 (95 evals) still got 356.
+    n_samples: list[int] = field(default_factory=lambda: [10, 50])
     to_keep: list[int] = field(default_factory=lambda: [3, 1])
 
 
