@@ -62,7 +62,7 @@ class DemoConfig:
     vae_steps: int = 1000  # ~2.5 min on 2 cores; held-out reconstruction MSE ~1e-3 (in [-1, 1])
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    kl_weight: float = 1e-6  # SD's KL-f8 used 1e-6 too: latents stay close to deterministic
+    kl_weight: float = 1e-6  # on the summed KL vs a per-pixel-mean MSE: a light pull to N(0, 1)
     # UNet + text encoder
     unet_steps: int = 2000  # ~10 min on 2 cores (~90 epochs of the 1,438 training latents)
     unet_batch: int = 64
@@ -242,7 +242,8 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
 
 
 # --- evaluation: the scoring loop of DESIGN.md, in plain torch -------------------------------
-# TODO: once diffcls.runtime.classifier.Classifier is in, measure with it as well (diffcls evaluate).
+# The runtime (`diffcls evaluate`, `Classifier`) implements the same loop with batching across
+# images; tests/test_demo_model.py checks that both predict the same.
 def timestep_grid(T: int, M: int) -> list[int]:
     return list(range(T // M // 2, T, T // M))[:M]
 
