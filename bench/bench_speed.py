@@ -317,44 +317,32 @@ def setup(args):
         images = random_images(args.images or 3, model.default_image_size, args.seed)
         return model, images, prompts, None, schedule, device, "fp32", "tiny"
     if args.demo:
+        import tempfile
+
         from diffcls.errors import DiffclsError
+        from diffcls.models.digits import write_digits
         from diffcls.models.loading import default_model_path, load_model, model_defaults
         from diffcls.runtime.preprocess import load_and_preprocess
         from diffcls.runtime.prompts import PromptSet
 
         if not default_model_path().is_dir():
             raise SystemExit(
-                f"--demo needs the bundled demo model at {default_model_path()}, which is not there yet; "
-                "train it (python -m diffcls.models.train_demo) or run --tiny instead"
+                f"--demo needs the bundled demo model at {default_model_path()}; "
+                "recreate it with python -m diffcls.models.train_demo, or run --tiny"
             )
-        try:
-            from diffcls.models.digits import CLASSNAMES, write_digits
-        except ImportError as e:
-            raise SystemExit(f"--demo needs diffcls.models.digits.write_digits ({e})") from None
-        import tempfile
-
         device = torch.device(args.device or "cpu")
         try:
             model = load_model(None)
-        except DiffclsError as e:
-            raise SystemExit(f"--demo cannot load the bundled demo model: {e}") from None
-        defaults = model_defaults(None)
-        size = int(defaults.get("image_size", model.default_image_size))
-        if defaults.get("prompts"):
+            defaults = model_defaults(None)
             pset = PromptSet.from_csv(defaults["prompts"])
-        else:
-            pset = PromptSet.from_classes(list(CLASSNAMES))
-        tmp = tempfile.mkdtemp(prefix="diffcls-digits-")
-        try:
-            paths = write_digits(tmp, "heldout", limit=args.images or 20)
+            with tempfile.TemporaryDirectory(prefix="diffcls-digits-") as tmp:
+                paths = write_digits(tmp, "heldout", limit=args.images or 20)
+                size = int(defaults.get("image_size", model.default_image_size))
+                images = [load_and_preprocess(p, size) for p in paths]
         except DiffclsError as e:
             raise SystemExit(f"--demo: {e}") from None
-        images = [load_and_preprocess(p, size) for p in paths]
         by_name = {n: i for i, n in pset.classes.items()}
         labels = [by_name.get(p.parent.name) for p in paths]
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
         ns = tuple(args.n_samples or defaults.get("n_samples", (50, 500)))
         ks = tuple(args.to_keep or defaults.get("to_keep", (5, 1)))
         schedule = Schedule(ns, tuple(min(k, len(pset)) for k in ks), n_trials=args.n_trials)

@@ -43,10 +43,18 @@ def test_reference_loop_matches_diffcls_with_n_trials_and_uneven_batches(tmp_pat
     assert report["reference"]["mean_batch_fill"] < 1.0
 
 
-def test_demo_mode_says_what_is_missing(tmp_path):
-    from diffcls.models.loading import default_model_path
+def test_demo_mode_says_what_is_missing(tmp_path, monkeypatch):
+    import diffcls.models.loading as loading
 
-    if default_model_path().is_dir():
-        pytest.skip("the demo model is present; --demo is exercised by hand (it takes minutes on CPU)")
+    monkeypatch.setattr(loading, "default_model_path", lambda: tmp_path / "no-demo")
     with pytest.raises(SystemExit, match="demo model"):
         _bench().main(["--demo", "--json", str(tmp_path / "d.json")])
+
+
+def test_demo_mode_on_held_out_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    report = _bench().main(["--demo", "--images", "4", "--threads", "1", "--json", str(tmp_path / "d.json")])
+    assert report["mode"] == "demo"
+    assert report["evals_per_image"] == 10 * 10 + 3 * 40  # the demo default schedule 10,50 -> 3,1
+    assert report["agreement"]["predictions_agree"]
+    assert report["reference"]["accuracy"] == report["diffcls"]["accuracy"] >= 0.75
