@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime (pip install 'diffcls[onnx]')")
 
