@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,8 @@ def test_evaluate_known_answer(tmp_path, tiny, tiny_dir, image_folder):
     for t, p in zip(truth, preds):
         conf[["cat", "dog"].index(t)][["cat", "dog"].index(p)] += 1
     assert m["confusion"] == conf
+    for i, (name, row) in enumerate(zip(["cat", "dog"], conf)):  # the printed matrix, row by row
+        assert re.search(rf"{i} {name}\W+{row[0]}\W+{row[1]}\W", r.output), r.output
     per = [row[i] / sum(row) for i, row in enumerate(conf) if sum(row)]
     assert m["mean_per_class"] == pytest.approx(sum(per) / len(per))
     assert (tmp_path / "cm.png").stat().st_size > 1000

@@ -476,11 +476,15 @@ def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     names = [classes[i] for i in m["class_ids"]]
     out.print(f"top-1 accuracy: {100 * m['top1']:.2f}% ({m['correct']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
-    table = Table(title="confusion (rows: true, columns: predicted)")
-    table.add_column("true \\ pred")
-    for n in names:
-        table.add_column(n[:10], justify="right")
-    table.add_column("acc", justify="right")
-    for name, row, acc in zip(names, m["confusion"], m["per_class"]):
-        table.add_row(name, *map(str, row), "-" if acc is None else f"{100 * acc:.0f}%")
+    if len(names) > 30:
+        out.print(f"confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
+        return
+    # columns are headed by class id so the counts stay readable in an 80-column terminal
+    table = Table(title="confusion (rows: true, columns: predicted class id)")
+    table.add_column("true class", no_wrap=True)
+    for i in m["class_ids"]:
+        table.add_column(str(i), justify="right", no_wrap=True)
+    table.add_column("acc", justify="right", no_wrap=True, min_width=4)
+    for i, name, row, acc in zip(m["class_ids"], names, m["confusion"], m["per_class"]):
+        table.add_row(f"{i} {name}", *map(str, row), "-" if acc is None else f"{100 * acc:.0f}%")
     out.print(table)
