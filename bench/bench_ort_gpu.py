@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffcls.engines.ort_backend import OrtEngine, resolve_providers  # noqa: E402
@@ -38,19 +39,8 @@ from diffcls.engines.torch_backend import TorchEngine  # noqa: E402
 from diffcls.export import onnx_export as ox  # noqa: E402
 from diffcls.models.spec import component_specs  # noqa: E402
 from diffcls.models.wrappers import wrap  # noqa: E402
+from sd21 import SD21_UNET  # noqa: E402  (bench/sd21.py)
 
-SD21_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 TINY_UNET = dict(
     sample_size=8,
     in_channels=4,
