@@ -173,37 +173,10 @@ def open_engines(
     specs = mf.manifest_specs(manifest)
     engines = {}
     for comp in COMPONENTS:
-        entry = manifest["components"][comp]
-        sizes = _engine_batch_sizes(engine_dir, manifest, comp, entry, batch_sizes)
-        engines[comp] = OrtEngine(engine_dir / entry["file"], specs[comp], sizes, dev, provider_list)
-    tokenizer, alphas = mf.load_runtime_files(engine_dir)
-    precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
-    return EngineSet(
-        text_encoder=engines["text_encoder"],
-        vae_encoder=engines["vae_encoder"],
-        unet=engines["unet"],
-        tokenizer=tokenizer,
-        alphas_cumprod=alphas,
-        image_size=int(manifest["image_size"]),
-        latent_shape=tuple(int(x) for x in manifest["latent_shape"]),
-        max_length=int(manifest["max_length"]),
-        fingerprint=manifest["fingerprint"],
-        backend=BACKEND,
-        precision=precisions.pop() if len(precisions) == 1 else "mixed",
-        device=dev,
-        info={"engine_dir": str(engine_dir), "providers": engines["unet"].providers, "source": manifest.get("source")},
+        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
+        sizes = tuple(sorted(set(map(int, batch_sizes)))) if batch_sizes else (have or None)
+        engines[comp] = OrtEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], sizes, dev, provider_list)
+    return mf.engine_set(
+        engine_dir, manifest, engines, backend=BACKEND, device=dev,
+        info={"providers": engines["unet"].providers, "source": manifest.get("source")},
     )
-
-
-def _engine_batch_sizes(engine_dir, manifest, comp, entry, requested):
-    have = tuple(int(b) for b in entry.get("batch_sizes") or ())
-    if not requested:
-        return have or None
-    extra = sorted(set(int(b) for b in requested) - set(have))
-    if extra and have:
-        cmd = mf.fix_command(engine_dir, manifest, batch_sizes=sorted(set(have) | set(extra)))
-        raise DiffclsError(
-            f"engine directory {engine_dir} was exported for batch sizes {', '.join(map(str, have))}, "
-            f"not {', '.join(map(str, extra))}; use one of those or re-export: {cmd}"
-        )
-    return tuple(sorted(int(b) for b in requested))

@@ -187,29 +187,9 @@ def open_engines(
     specs = mf.manifest_specs(manifest)
     engines = {}
     for comp in COMPONENTS:
-        entry = manifest["components"][comp]
-        have = [int(b) for b in entry["batch_sizes"]]
-        if batch_sizes and set(map(int, batch_sizes)) - set(have):
-            cmd = mf.fix_command(engine_dir, manifest, batch_sizes=sorted(set(have) | set(map(int, batch_sizes))))
-            raise DiffclsError(
-                f"engine directory {engine_dir} was built for batch sizes {', '.join(map(str, have))}, "
-                f"not {', '.join(map(str, sorted(set(map(int, batch_sizes)) - set(have))))}; re-export: {cmd}"
-            )
-        engines[comp] = TensorRTEngine(engine_dir / entry["file"], specs[comp], have, dev)
-    tokenizer, alphas = mf.load_runtime_files(engine_dir)
-    precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
-    return EngineSet(
-        text_encoder=engines["text_encoder"],
-        vae_encoder=engines["vae_encoder"],
-        unet=engines["unet"],
-        tokenizer=tokenizer,
-        alphas_cumprod=alphas,
-        image_size=int(manifest["image_size"]),
-        latent_shape=tuple(int(x) for x in manifest["latent_shape"]),
-        max_length=int(manifest["max_length"]),
-        fingerprint=manifest["fingerprint"],
-        backend=BACKEND,
-        precision=precisions.pop() if len(precisions) == 1 else "mixed",
-        device=dev,
-        info={"engine_dir": str(engine_dir), "tensorrt": manifest.get("versions", {}).get("tensorrt"), "gpu": manifest.get("gpu")},
+        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
+        engines[comp] = TensorRTEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], list(have), dev)
+    return mf.engine_set(
+        engine_dir, manifest, engines, backend=BACKEND, device=dev,
+        info={"tensorrt": manifest.get("versions", {}).get("tensorrt"), "gpu": manifest.get("gpu")},
     )

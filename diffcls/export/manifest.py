@@ -204,6 +204,45 @@ def load_runtime_files(engine_dir: str | Path):
     return tokenizer, alphas
 
 
+def check_batch_sizes(engine_dir: str | Path, manifest: dict, component: str, requested) -> tuple[int, ...]:
+    """The batch sizes `component` was exported for; refuses requested sizes outside them.
+
+    An empty tuple means the export fixed no batch size (a dynamic-batch ONNX graph).
+    """
+    have = tuple(int(b) for b in manifest["components"][component].get("batch_sizes") or ())
+    extra = sorted(set(int(b) for b in requested or ()) - set(have))
+    if extra and have:
+        cmd = fix_command(engine_dir, manifest, batch_sizes=sorted(set(have) | set(extra)))
+        raise DiffclsError(
+            f"engine directory {engine_dir} was exported for batch sizes {', '.join(map(str, have))}, "
+            f"not {', '.join(map(str, extra))}; use one of those or re-export: {cmd}"
+        )
+    return have
+
+
+def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend: str, device, info: dict):
+    """An EngineSet over one engine per component, with the directory's tokenizer and schedule."""
+    from diffcls.engines.base import EngineSet
+
+    tokenizer, alphas = load_runtime_files(engine_dir)
+    precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
+    return EngineSet(
+        text_encoder=engines["text_encoder"],
+        vae_encoder=engines["vae_encoder"],
+        unet=engines["unet"],
+        tokenizer=tokenizer,
+        alphas_cumprod=alphas,
+        image_size=int(manifest["image_size"]),
+        latent_shape=tuple(int(x) for x in manifest["latent_shape"]),
+        max_length=int(manifest["max_length"]),
+        fingerprint=manifest["fingerprint"],
+        backend=backend,
+        precision=precisions.pop() if len(precisions) == 1 else "mixed",
+        device=device,
+        info={"engine_dir": str(engine_dir), **info},
+    )
+
+
 def resolve_model_arg(model):
     """(fingerprint or None, the --model string for fix commands) for an optional model argument."""
     if model is None:
