@@ -43,9 +43,45 @@ def scheduler_config(cfg: TinyConfig) -> dict:
     }
 
 
+def sd_vae(channels: tuple[int, ...], latent_channels: int, image_size: int):
+    """An AutoencoderKL laid out like SD's (one resnet per block): 2**(len(channels)-1) x downsampling."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=channels,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, channels[0]),
+        sample_size=image_size,
+    )
+
+
+def sd_unet(channels: tuple[int, ...], latent_channels: int, sample_size: int, cross_attention_dim: int, heads: int):
+    """A UNet2DConditionModel laid out like SD's: cross-attention in all but the deepest block."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,  # diffusers reads this as the number of heads
+        norm_num_groups=min(32, channels[0]),
+    )
+
+
 def build_components(cfg: TinyConfig):
     """(text_encoder, vae, unet) with random weights; seed torch before calling."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder = CLIPTextModel(
@@ -61,31 +97,9 @@ def build_components(cfg: TinyConfig):
             pad_token_id=513,
         )
     )
-    n_vae = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae,
-        up_block_types=("UpDecoderBlock2D",) * n_vae,
-        block_out_channels=cfg.vae_channels,
-        latent_channels=cfg.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(32, cfg.vae_channels[0]),
-        sample_size=cfg.image_size,
-    )
-    n_unet = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (n_vae - 1),
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
-        cross_attention_dim=cfg.hidden_size,
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=min(32, cfg.unet_channels[0]),
-    )
+    vae = sd_vae(cfg.vae_channels, cfg.latent_channels, cfg.image_size)
+    unet = sd_unet(cfg.unet_channels, cfg.latent_channels, cfg.image_size // 2 ** (len(cfg.vae_channels) - 1),
+                   cfg.hidden_size, cfg.attention_head_dim)
     return text_encoder, vae, unet
 
 

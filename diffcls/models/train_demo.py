@@ -101,8 +101,9 @@ def split_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 # --- model -----------------------------------------------------------------------------------
 def build_components(cfg: DemoConfig, tokenizer):
     """(text_encoder, vae, unet), randomly initialised from the current torch seed."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffcls.models.tiny import sd_unet, sd_vae
 
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
@@ -118,31 +119,9 @@ def build_components(cfg: DemoConfig, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    n_vae = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae,
-        up_block_types=("UpDecoderBlock2D",) * n_vae,
-        block_out_channels=cfg.vae_channels,
-        latent_channels=cfg.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(32, cfg.vae_channels[0]),
-        sample_size=cfg.image_size,
-    )
-    n_unet = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.image_size // 2 ** (n_vae - 1),
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n_unet - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_unet - 1),
-        cross_attention_dim=cfg.hidden_size,
-        attention_head_dim=cfg.unet_heads,  # diffusers reads this as the number of heads
-        norm_num_groups=min(32, cfg.unet_channels[0]),
-    )
+    vae = sd_vae(cfg.vae_channels, cfg.latent_channels, cfg.image_size)
+    unet = sd_unet(cfg.unet_channels, cfg.latent_channels, cfg.image_size // 2 ** (len(cfg.vae_channels) - 1),
+                   cfg.hidden_size, cfg.unet_heads)
     return text_encoder, vae, unet
 
 
