@@ -51,12 +51,12 @@ from diffcls.errors import DiffclsError, missing_extra
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
 STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
 STAGE_LABELS = {
-    "load": "load (model/engines)",
+    "load": "load model/engines",
     "preprocess": "preprocess*",
     "text_encode": "text encode",
     "vae_encode": "VAE encode",
-    "unet_call": "UNet calls, all rounds",
-    "total": "total (measured run)",
+    "unet_call": "UNet, all calls",
+    "total": "total",
 }
 
 
@@ -96,7 +96,7 @@ def plot_stages(report: dict, path: Path) -> None:
     secs = [stages[n]["total_s"] for n in names]
     labels = [_label(n) for n in names]
     if report.get("warmup"):
-        labels.append("warm-up (1 image, not counted)")
+        labels.append("warm-up (not counted)")
         secs.append(report["warmup"]["total_s"])
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
     bars = ax.barh(range(len(secs)), secs, color=["#4c72b0"] * len(names) + ["#dd8452"] * (len(secs) - len(names)))
@@ -131,7 +131,8 @@ def _print_report(report: dict) -> None:
     stages = report["stages"]
     wall = report["total_s"]
     table = Table(title=f"diffcls profile ({report['n_images']} images)")
-    for col, just in (("stage", "left"), ("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
+    table.add_column("stage", no_wrap=True)
+    for col, just in ( ("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
         table.add_column(col, justify=just)
     for name in _ordered(stages):
         st = stages[name]
@@ -139,7 +140,7 @@ def _print_report(report: dict) -> None:
         table.add_row(_label(name), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
     if report.get("warmup"):
         w = report["warmup"]["total_s"]
-        table.add_row("warm-up (1 image, not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
+        table.add_row("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
     out.print(table)
     out.print("* on worker threads, overlapped with the UNet; p50/p90 are per call")
     cache = report["cache"]
