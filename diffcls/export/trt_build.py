@@ -100,8 +100,14 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16:
-        if not builder.platform_has_fast_fp16:
+        # platform_has_fast_fp16 is deprecated since TensorRT 10.x and may go away: absent = assume yes
+        if not getattr(builder, "platform_has_fast_fp16", True):
             raise DiffclsError("this GPU has no fast fp16; export with --precision fp32")
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise DiffclsError(
+                f"TensorRT {trt.__version__} has no FP16 builder flag (weakly typed fp16 builds were removed); "
+                "export --backend tensorrt --precision fp32, or use TensorRT 10"
+            )
         config.set_flag(trt.BuilderFlag.FP16)
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
