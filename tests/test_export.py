@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime (pip install 'diffcls[onnx]')")
 
@@ -202,3 +203,42 @@ def test_cli_classify_runs_from_engine_dir(engine_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert sorted(Path(row["path"]).name for row in rows) == ["0.png", "1.png"]
     assert all(row["prediction"] in ("cat", "dog") for row in rows)
+
+
+def test_fusion_then_fp16_matches_torch(engine_dir, tiny, tmp_path):
+    """The recipe's order (fuse the fp32 graph, then convert to fp16) gives a graph that loads and
+    matches torch; on CPU only the portable fusions run (GroupNorm/NhwcConv kernels are CUDA-only)."""
+    import onnxruntime as ort
+
+    fused = ox.optimize_unet(engine_dir / "unet.onnx", gpu=False)
+    ox.convert_fp16(fused, tmp_path / "unet_fused16.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "unet_fused16.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.type for i in sess.get_inputs()} == {"tensor(float16)"}
+    spec = model_component_specs(tiny, IMAGE_SIZE)["unet"]
+    check = ox.check_against_torch(tiny, "unet", spec, tmp_path / "unet_fused16.onnx", "fp16")
+    assert 0 < check["max_rel_err"] < ox.TOLERANCE["fp16"]
+
+
+def test_export_fused_fp16_recipe_end_to_end(tiny_dir, tiny, tmp_path):
+    """export_model with fusion + fp16 (the CUDA default, here on CPU): manifest records the fused
+    ops and the checks, and classification errors stay close to torch fp32."""
+    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.schedule import Schedule
+
+    out = tmp_path / "fused16"
+    result = export_model(ExportConfig(out=out, model=tiny_dir, precision="fp16", optimize=True,
+                                       batch_sizes=(4,), image_size=IMAGE_SIZE, device="cpu"))
+    unet = result.manifest["components"]["unet"]
+    assert unet["precision"] == "fp16" and sum(unet["fused_ops"].values()) > 0
+    assert 0 < unet["max_rel_err"] < ox.TOLERANCE["fp16"]
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1 for _ in range(2)]
+    schedule = Schedule(n_samples=(2, 4), to_keep=(2, 1))
+    got = Classifier.from_pretrained(backend="onnxruntime", engine_dir=out, device="cpu", use_cache=False).classify(
+        images, ["a cat", "a dog"], schedule, seed=1, batch_size=4)
+    want = Classifier.from_pretrained(tiny, device="cpu", image_size=IMAGE_SIZE, use_cache=False).classify(
+        images, ["a cat", "a dog"], schedule, seed=1, batch_size=4)
+    for g_r, w_r in zip(got, want):
+        a = np.array([e for *_, e in g_r.errors])
+        b = np.array([e for *_, e in w_r.errors])
+        assert a.shape == b.shape and np.abs(a - b).max() < 2e-2 * np.abs(b).max()

@@ -171,7 +171,12 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    m = src_or_model if isinstance(src_or_model, OnnxModel) else OnnxModel(onnx.load(str(src_or_model)))
+    # duck-typed: the optimizer's models are OnnxModel subclasses imported under another module
+    # name (ORT puts its transformers folder on sys.path), so isinstance(.., OnnxModel) is False
+    if hasattr(src_or_model, "convert_float_to_float16"):
+        m = src_or_model
+    else:
+        m = OnnxModel(onnx.load(str(src_or_model)))
     with _quiet():
         m.convert_float_to_float16(
             use_symbolic_shape_infer=True,
