@@ -4,8 +4,9 @@ Opens an engine directory written by `diffcls export --backend onnxruntime` (man
 first, see `diffcls.export.manifest.verify_engine_dir`). Providers by device:
 
     cpu  -> CPUExecutionProvider
-    cuda -> CUDAExecutionProvider (on torch's current stream, IO binding on CUDA torch tensors:
-            no host copies and no host sync per call), CPU as fallback for unsupported nodes
+    cuda -> CUDAExecutionProvider (on its own CUDA stream, ordered against torch's current stream
+            with events; IO binding on CUDA torch tensors: no host copies and no host sync per
+            call), CPU as fallback for unsupported nodes
     providers=[...] / DIFFCLS_ORT_PROVIDERS="TensorrtExecutionProvider,CUDAExecutionProvider"
             -> exactly those, e.g. ORT's TensorRT execution provider where it is installed
 
@@ -82,8 +83,10 @@ class OrtEngine:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._stream = None
         if device.type == "cuda":
-            # run on torch's current stream: torch ops and ORT kernels are ordered without host syncs
-            self._stream = torch.cuda.current_stream(device)
+            # ORT runs on a stream of its own, ordered against the caller's stream with events (no
+            # host sync). Not torch's current stream: that is usually the default stream, whose
+            # handle 0 ORT rejects as a user compute stream (it would silently use its own stream)
+            self._stream = torch.cuda.Stream(device)
             providers = [
                 (p, {**_opts(p), "device_id": str(device.index or 0), "user_compute_stream": str(self._stream.cuda_stream)})
                 if (p if isinstance(p, str) else p[0]) == "CUDAExecutionProvider"
@@ -118,21 +121,24 @@ class OrtEngine:
         return {n: torch.from_numpy(o) for n, o in zip(self.spec.output_names, outs)}
 
     def _run_cuda(self, feed: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """IO binding on torch CUDA tensors; returns without waiting for the GPU."""
         binding = self.session.io_binding()
         dev_id = self.device.index or 0
-        keep = []
-        for name in self.spec.input_names:
-            tdtype, ndtype = self.input_types[name]
-            x = feed[name].to(self.device, tdtype, non_blocking=True).contiguous()
-            keep.append(x)
-            binding.bind_input(name, "cuda", dev_id, ndtype, list(x.shape), x.data_ptr())
-        result = {}
+        caller = torch.cuda.current_stream(self.device)
+        inputs, result = {}, {}
+        for name in self.spec.input_names:  # conversions and allocations on the caller's stream
+            tdtype, _ = self.input_types[name]
+            inputs[name] = feed[name].to(self.device, tdtype, non_blocking=True).contiguous()
         for t in self.spec.outputs:
-            tdtype, ndtype = self.output_types[t.name]
-            y = torch.empty(t.concrete(batch), dtype=tdtype, device=self.device)
-            binding.bind_output(t.name, "cuda", dev_id, ndtype, list(y.shape), y.data_ptr())
-            result[t.name] = y
+            result[t.name] = torch.empty(t.concrete(batch), dtype=self.output_types[t.name][0], device=self.device)
+        self._stream.wait_stream(caller)  # ORT starts after the inputs are written
+        for name, x in inputs.items():
+            x.record_stream(self._stream)  # not reused by torch's allocator until ORT is done with it
+            binding.bind_input(name, "cuda", dev_id, self.input_types[name][1], list(x.shape), x.data_ptr())
+        for name, y in result.items():
+            binding.bind_output(name, "cuda", dev_id, self.output_types[name][1], list(y.shape), y.data_ptr())
         self.session.run_with_iobinding(binding, self._run_options)
+        caller.wait_stream(self._stream)  # the caller's next kernels see the outputs
         return result
 
 

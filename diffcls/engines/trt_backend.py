@@ -3,8 +3,9 @@
 Life cycle per component (as in TensorRT's diffusion demo, one class): deserialize the plan ->
 one execution context per profile (= per batch size, min = opt = max) -> for each, device
 buffers allocated once and bound once with `set_tensor_address` -> `__call__` copies the inputs
-into the bound buffers and launches `execute_async_v3` on torch's current CUDA stream. There is
-no host sync per call; outputs are returned as clones (the bound buffers are reused next call).
+into the bound buffers and launches `execute_async_v3` on the engine's own CUDA stream, ordered
+against torch's current stream with events. There is no host sync per call; outputs are returned
+as clones (the bound buffers are reused next call).
 
 Written against TensorRT 10's Python API; `tensorrt` is imported inside the functions.
 """
@@ -76,6 +77,9 @@ class TensorRTEngine:
         self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         floats = [self.dtypes[n] for n in self.inputs if self.dtypes[n].is_floating_point]
         self.dtype = floats[0] if floats else torch.float32
+        # TensorRT runs on a stream of its own, ordered against the caller's with events: on the
+        # default stream (torch's usual one) enqueueV3 adds host synchronizations
+        self._stream = torch.cuda.Stream(device)
         self._scratch = None  # activation memory shared by all contexts (they run in turn on one stream)
         self._contexts: dict[int, object] = {}
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
@@ -84,12 +88,11 @@ class TensorRTEngine:
 
     def _activate(self, profile: int, batch: int) -> None:
         """Context for `profile`: fixed input shapes, buffers allocated and bound once."""
-        stream = torch.cuda.current_stream(self.device)
         with torch.cuda.device(self.device):
             ctx = self._create_context()
             if ctx is None:
                 raise DiffclsError(f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)")
-            ctx.set_optimization_profile_async(profile, stream.cuda_stream)
+            ctx.set_optimization_profile_async(profile, self._stream.cuda_stream)
             shapes = self.spec.shape_dict(batch)
             buffers = {}
             for name in self.inputs:
@@ -123,13 +126,16 @@ class TensorRTEngine:
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = check_batch(self, feed)
         buffers = self._buffers[batch]
+        caller = torch.cuda.current_stream(self.device)
         for name in self.inputs:
-            buffers[name].copy_(feed[name], non_blocking=True)  # casts to the engine's dtype
-        stream = torch.cuda.current_stream(self.device)
+            buffers[name].copy_(feed[name], non_blocking=True)  # on the caller's stream; casts to the engine's dtype
+        self._stream.wait_stream(caller)
         self.calls += 1
-        if not self._contexts[batch].execute_async_v3(stream.cuda_stream):
+        if not self._contexts[batch].execute_async_v3(self._stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution of {self.component} failed at batch {batch}")
-        # the bound output buffers are overwritten by the next call: hand out copies
+        caller.wait_stream(self._stream)
+        # the bound output buffers are overwritten by the next call: hand out copies (on the
+        # caller's stream, after the engine; the next call's input copies are ordered after them)
         return {name: buffers[name].clone() for name in self.outputs}
 
 
