@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -51,7 +52,8 @@ def test_profile_second_run_hits_cache(tiny_dir, image_folder, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "p.json").read_text())
     assert rep["cache"] == {**rep["cache"], "hits": 2 + 2, "misses": 0}
-    assert "text_encode" not in rep["stages"] and "vae_encode" not in rep["stages"]
+    assert rep["stages"]["text_encode"]["calls"] == 0 and rep["stages"]["vae_encode"]["calls"] == 0
+    assert re.search(r"text encode\W+0\W", r.output) and re.search(r"VAE encode\W+0\W", r.output), r.output
 
 
 def test_profile_bad_folder_is_a_user_error(tmp_path):

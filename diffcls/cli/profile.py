@@ -132,7 +132,7 @@ def _print_report(report: dict) -> None:
     wall = report["total_s"]
     table = Table(title=f"diffcls profile ({report['n_images']} images)")
     table.add_column("stage", no_wrap=True)
-    for col, just in ( ("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
+    for col, just in (("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
         table.add_column(col, justify=just)
     for name in _ordered(stages):
         st = stages[name]
@@ -249,6 +249,8 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
     stats = clf.last_stats
     unet_s = sum(stats.unet_seconds) if stats else 0.0
     stages = clf.timer.summary()
+    for name in ("text_encode", "vae_encode"):  # a cached run shows these as 0 calls, not as nothing
+        stages.setdefault(name, {"calls": 0, "total_s": 0.0, "p50_ms": 0.0, "p90_ms": 0.0})
     stages["total"] = {"calls": 1, "total_s": wall, "p50_ms": 1000 * wall, "p90_ms": 1000 * wall}
     peak = _peak_memory(e.device)
     cache = None
