@@ -275,3 +275,11 @@ def test_noise_file_is_used(tmp_path, tiny_dir, image_folder):
 def test_list_flags_accept_spaces():
     assert join_list_flags(["classify", "x", "--n-samples", "50", "500", "--to-keep", "5", "1", "--seed", "3"]) == [
         "classify", "x", "--n-samples", "50,500", "--to-keep", "5,1", "--seed", "3"]
+
+
+def test_version_and_command_modules_import_in_any_order():
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.output.strip().startswith("diffcls 0.")
+    for first in ("profile", "classify", "export"):  # a fresh interpreter each: no import cycle
+        p = subprocess.run([sys.executable, "-c", f"import diffcls.cli.{first}"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr

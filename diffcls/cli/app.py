@@ -1,7 +1,7 @@
 """`diffcls`: export engines, classify image folders, evaluate, profile, inspect.
 
-Each command lives in its own module and registers itself on `app`; this module only builds the
-app and the global `--debug` flag.
+Each command lives in its own module and adds itself to the app (`diffcls.cli.common.app`); this
+module imports them all and adds the global `--debug` / `--version` flags.
 """
 
 from __future__ import annotations
@@ -10,36 +10,27 @@ from typing import Annotated
 
 import typer
 
-from diffcls.cli.common import state
+from diffcls.cli.common import app, state
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="Zero-shot image classification with Stable Diffusion (Diffusion Classifier), made fast.",
-    pretty_exceptions_enable=False,
-)
+
+def _version(value: bool) -> None:
+    if value:
+        from diffcls import __version__
+
+        typer.echo(f"diffcls {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     state.debug = debug
 
 
-def _register() -> None:
-    # imported for their side effect: each module adds its commands to `app`
-    import importlib
-
-    for name in ("classify", "digits", "export", "profile", "info", "cache"):
-        try:
-            importlib.import_module(f"diffcls.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"diffcls.cli.{name}":
-                raise
-
-
-_register()
+# each command module adds its commands to `app` when imported
+from diffcls.cli import cache, classify, digits, export, info, profile  # noqa: E402, F401
 
 
 def main() -> None:

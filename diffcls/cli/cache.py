@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.app import app
-from diffcls.cli.common import out, user_errors
+from diffcls.cli.common import app, out, user_errors
 
 
 @app.command()

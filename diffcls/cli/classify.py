@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.app import app
-from diffcls.cli.common import console, out, user_errors
+from diffcls.cli.common import app, console, out, user_errors
 from diffcls.errors import DiffclsError
 
 

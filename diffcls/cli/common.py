@@ -1,4 +1,4 @@
-"""What every command shares: the error contract, the console, and shared options."""
+"""What every command shares: the app, the error contract, the consoles."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import typer
 from rich.console import Console
 
 from diffcls.errors import DiffclsError
+
+# the one Typer app: command modules add their commands to it; `diffcls.cli.app` imports them all
+# and adds the global flags (keeping the app here lets a command module import another's options)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Zero-shot image classification with Stable Diffusion (Diffusion Classifier), made fast.",
+    pretty_exceptions_enable=False,
+)
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)

@@ -17,7 +17,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.app import app
 from diffcls.cli.classify import (
     Backend,
     BackendOpt,
@@ -45,7 +44,7 @@ from diffcls.cli.classify import (
     WorkersOpt,
     _setup,
 )
-from diffcls.cli.common import console, out, user_errors
+from diffcls.cli.common import app, console, out, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
