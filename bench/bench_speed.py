@@ -19,6 +19,7 @@ Modes (one device call of < 10 minutes on an H100 for the default):
   python bench/bench_speed.py --images 8 --batch-size 64
   python bench/bench_speed.py --tiny             # CPU smoke test: tiny model, small schedule, fp32
   python bench/bench_speed.py --demo             # CPU: the bundled demo model on held-out digits
+  python bench/bench_speed.py --demo --backend onnxruntime   # ... with diffcls on ONNX Runtime
 
 JSON goes to --json PATH, else to $OUT/bench_speed.json when $OUT is set.
 """
@@ -179,33 +180,47 @@ def run_reference(model, images, prompts, schedule, bank, device, dtype, batch_s
     }
 
 
-def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch_size, compile) -> dict:
-    """diffcls: torch engines (compiled on request), full interleaved batches, no disk cache."""
-    from diffcls.engines import open_engines
-    from diffcls.runtime.classifier import Classifier
+def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch_size, compile, backend="torch") -> dict:
+    """diffcls: torch engines (compiled on request) or ONNX Runtime engines exported here, full
+    interleaved batches, no disk cache."""
+    import tempfile
 
+    from diffcls.engines import open_engines
+    from diffcls.runtime.classifier import Classifier, run_batched
+
+    export_s = None
     t0 = time.perf_counter()
-    engines = open_engines(
-        "torch", model=model, device=str(device), precision=precision,
-        batch_sizes=(batch_size,) if compile else None, compile=compile,
-    )
+    if backend == "onnxruntime":
+        from diffcls.export import ExportConfig, export_model
+
+        workdir = tempfile.mkdtemp(prefix="diffcls-bench-ort-")
+        export_model(ExportConfig(out=Path(workdir), model=model, precision=precision, batch_sizes=(batch_size,),
+                                  image_size=int(images[0].shape[-1]), device=str(device)), report=lambda ev: None)
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engines = open_engines("onnxruntime", engine_dir=workdir, device=str(device))
+    else:
+        engines = open_engines(
+            "torch", model=model, device=str(device), precision=precision,
+            batch_sizes=(batch_size,) if compile else None, compile=compile,
+        )
     load_s = time.perf_counter() - t0
     clf = Classifier(engines, cache=None)
     # warm-up (not counted, reported): compiles and records the CUDA graph for this batch size
-    C, h, w = engines.latent_shape
     feed = {
-        "sample": torch.zeros((batch_size, C, h, w)),
-        "timestep": torch.full((batch_size,), 500.0),
-        "encoder_hidden_states": torch.zeros((batch_size, engines.max_length, model.hidden_size)),
+        name: torch.zeros(shape, dtype=torch.int64 if name == "input_ids" else torch.float32)
+        for name, shape in engines.unet.spec.shape_dict(batch_size).items()
+        if name in engines.unet.spec.input_names
     }
+    feed["timestep"] += 500.0
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(3 if compile else 1):
         engines.unet(feed)
     _sync(device)
     compile_s = time.perf_counter() - t0
-    engines.text_encoder({"input_ids": engines.tokenize(prompts[:1])})
-    engines.vae_encoder({"image": images[0][None]})
+    run_batched(engines.text_encoder, "input_ids", engines.tokenize(prompts[:1]), 8)
+    run_batched(engines.vae_encoder, "image", images[0][None], 8)
     _sync(device)
     warmup_s = time.perf_counter() - t0
     _reset_peak(device)
@@ -223,6 +238,7 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
         "unet_calls": stats.unet_calls,
         "padding_fraction": stats.padding_fraction,
         "engine_open_s": load_s,
+        "export_s": export_s,  # ONNX export + checks (--backend onnxruntime), not counted
         "warmup_s": warmup_s,  # first calls of all three engines, compile included
         "compile_s": compile_s,  # first 3 UNet calls: compile + CUDA-graph capture when compile=True
         "stages": clf.timer.summary(),
@@ -367,6 +383,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile diffcls's UNet (default: on for GPU, off on CPU)")
     p.add_argument("--text-layers", type=int, default=23, help="CLIP text encoder layers of the SD-shaped model (SD 2.x: 23)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="diffcls's engines: torch, or ONNX Runtime exported on the spot (CPU modes; on GPU see bench_ort_gpu.py)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU modes; default: torch's)")
@@ -401,6 +419,8 @@ def main(argv=None) -> dict:
           f"{evals_per_image} UNet evals/image, device {device}, {precision}, diffcls batch {B} "
           f"(compile={compile}), reference batch {RB}; setup {setup_s:.1f} s", flush=True)
 
+    if args.backend == "onnxruntime" and (device.type != "cpu" or compile):
+        raise SystemExit("--backend onnxruntime is for the CPU modes without --compile; on a GPU run bench/bench_ort_gpu.py")
     if args.compile_only:  # the second process of --cache-check
         return compile_only(model, device, precision, B, compile)
     model.to(device, dtype)
@@ -415,8 +435,8 @@ def main(argv=None) -> dict:
         print(f"reference: {ref['wall_s'] / len(images):.2f} s/image, "
               f"{ref['unet_evals'] / ref['unet_s']:.0f} UNet evals/s (UNet time), "
               f"batch fill {100 * ref['mean_batch_fill']:.1f}%", flush=True)
-    ours = run_diffcls(model, images, prompts, schedule, bank, device, precision, B, compile)
-    print(f"diffcls:   {ours['wall_s'] / len(images):.2f} s/image, "
+    ours = run_diffcls(model, images, prompts, schedule, bank, device, precision, B, compile, args.backend)
+    print(f"diffcls ({args.backend}): {ours['wall_s'] / len(images):.2f} s/image, "
           f"{ours['unet_evals'] / ours['unet_s']:.0f} UNet evals/s (UNet time), padding "
           f"{100 * ours['padding_fraction']:.2f}%, UNet compile+capture {ours['compile_s']:.1f} s", flush=True)
 
@@ -448,6 +468,7 @@ def main(argv=None) -> dict:
         "diffcls_batch_size": B,
         "reference_batch_size": RB,
         "compile": compile,
+        "backend": args.backend,
         "reference": summarize(ref),
         "diffcls": summarize(ours),
     }

@@ -58,3 +58,12 @@ def test_demo_mode_on_held_out_digits(tmp_path):
     assert report["evals_per_image"] == 10 * 10 + 3 * 40  # the demo default schedule 10,50 -> 3,1
     assert report["agreement"]["predictions_agree"]
     assert report["reference"]["accuracy"] == report["diffcls"]["accuracy"] >= 0.75
+
+
+def test_tiny_bench_on_onnxruntime_agrees_with_reference(tmp_path):
+    pytest.importorskip("onnxruntime")
+    report = _bench().main(["--tiny", "--backend", "onnxruntime", "--json", str(tmp_path / "o.json")])
+    assert report["backend"] == "onnxruntime" and report["diffcls"]["export_s"] > 0
+    a = report["agreement"]
+    assert a["predictions_agree"] and a["n_errors_compared"] == 3 * report["evals_per_image"]
+    assert a["max_abs_error_diff"] < 1e-4
