@@ -242,3 +242,17 @@ def test_export_fused_fp16_recipe_end_to_end(tiny_dir, tiny, tmp_path):
         a = np.array([e for *_, e in g_r.errors])
         b = np.array([e for *_, e in w_r.errors])
         assert a.shape == b.shape and np.abs(a - b).max() < 2e-2 * np.abs(b).max()
+
+
+def test_cli_classify_batch_size_the_engines_lack(engine_dir, tmp_path):
+    from PIL import Image
+
+    from diffcls.cli.app import app
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    r = CliRunner().invoke(app, ["classify", str(tmp_path / "a.png"), "--engines", str(engine_dir), "--classes", "cat,dog",
+                                 "--n-samples", "2", "--to-keep", "1", "--batch-size", "3", "--no-cache"])
+    assert r.exit_code == 2
+    line = r.output.strip()
+    assert "\n" not in line and "--batch-size 3" in line and "(2, 4)" in line
+    assert "--batch-sizes 2,3,4" in line and str(engine_dir) in line

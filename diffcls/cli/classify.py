@@ -154,11 +154,8 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
                 name = json.loads((engines / "manifest.json").read_text()).get("backend", "onnxruntime")
             except (OSError, json.JSONDecodeError):
                 name = "onnxruntime"  # the backend reports the broken manifest
-    model_arg = model
-    if engines is not None and model is None:
-        model_arg = None
-    return Classifier.from_pretrained(
-        model_arg if engines is None else (str(model) if model is not None else None),
+    clf = Classifier.from_pretrained(
+        model if engines is None else (str(model) if model is not None else None),
         backend=name,
         engine_dir=engines,
         device=None if device == "auto" else device,
@@ -170,6 +167,16 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
         cache_dir=cache_dir,
         use_cache=not no_cache,
     )
+    sizes = clf.engines.unet.batch_sizes
+    if engines is not None and sizes and batch_size not in sizes:
+        from diffcls.export.manifest import fix_command, read_manifest
+
+        cmd = fix_command(engines, read_manifest(engines), batch_sizes=sorted({*sizes, batch_size}))
+        raise DiffclsError(
+            f"--batch-size {batch_size} is not one of the batch sizes {engines} was exported for "
+            f"({', '.join(map(str, sizes))}); pick one of those or re-export: {cmd}"
+        )
+    return clf
 
 
 def _progress():
