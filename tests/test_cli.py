@@ -252,6 +252,15 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_dir, image_folder, make, arg
     assert_one_line_error(r, *fragments)
 
 
+def test_a_bad_model_or_engine_dir_is_named_before_anything_else(tmp_path, image_folder):
+    """No --classes either: the missing model is the error to report, not the missing prompts."""
+    (tmp_path / "half_model" / "unet").mkdir(parents=True)
+    r = invoke("classify", image_folder, "--model", tmp_path / "half_model", "--no-cache")
+    assert_one_line_error(r, "half_model lacks tokenizer, text_encoder, vae, scheduler/")
+    r = invoke("classify", image_folder, "--engines", tmp_path / "no_engines", "--no-cache")
+    assert_one_line_error(r, "no_engines does not exist", f"diffcls export --out {tmp_path / 'no_engines'}")
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny_dir):
     from diffcls.errors import DiffclsError
 

@@ -357,10 +357,15 @@ def classify(
 
 
 def _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, folder_classes=None):
-    from diffcls.models.loading import model_defaults
+    from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.preprocess import find_images
 
-    find_images(folder)  # fail fast on a missing/empty folder, before loading anything
+    # fail fast on a missing/empty folder, model or engine directory, before loading anything
+    find_images(folder)
+    if engines is None:
+        check_model_path(model)
+    elif not engines.is_dir():
+        raise DiffclsError(f"engine directory {engines} does not exist; create it with: diffcls export --out {engines}")
     defaults = model_defaults(model) if engines is None and (model is None or Path(model).is_dir()) else {}
     if engines is not None and model is None:
         defaults = _engine_defaults(engines)

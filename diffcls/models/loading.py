@@ -131,8 +131,8 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo"
 
 
-def load_model(path: str | Path | None = None) -> SDModel:
-    """Load from a diffusers directory, a single checkpoint file, or (None) the demo model."""
+def check_model_path(path: str | Path | None = None) -> Path:
+    """The model path, if it can be a model (exists; a directory has every component); cheap."""
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         if path == default_model_path():
@@ -140,6 +140,19 @@ def load_model(path: str | Path | None = None) -> SDModel:
                 f"the bundled demo model is missing at {path}; reinstall diffcls or pass --model DIR"
             )
         raise DiffclsError(f"model path {path} does not exist; pass a diffusers directory or a checkpoint file")
+    if path.is_dir():
+        missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
+        if missing:
+            raise DiffclsError(
+                f"model directory {path} lacks {', '.join(missing)}/; a diffusers Stable Diffusion "
+                f"directory needs {', '.join(d + '/' for d in REQUIRED_DIRS)}"
+            )
+    return path
+
+
+def load_model(path: str | Path | None = None) -> SDModel:
+    """Load from a diffusers directory, a single checkpoint file, or (None) the demo model."""
+    path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path)
     return _load_directory(path)
@@ -165,12 +178,7 @@ def quiet_hf_logs() -> None:
 
 
 def _load_directory(path: Path) -> SDModel:
-    missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
-    if missing:
-        raise DiffclsError(
-            f"model directory {path} lacks {', '.join(missing)}/; a diffusers Stable Diffusion "
-            f"directory needs {', '.join(d + '/' for d in REQUIRED_DIRS)}"
-        )
+    check_model_path(path)
     quiet_hf_logs()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
