@@ -106,7 +106,11 @@ class Classifier:
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
     ) -> "Classifier":
-        """Open engines for `model` (path, SDModel, or None for the demo) with `backend`."""
+        """Open engines for `model` (path, SDModel, or None for the demo) with `backend`.
+
+        An `SDModel` passed in is taken over by the torch engines: moved to the device and
+        precision in place (and QKV-fused when compiled on CUDA), not copied.
+        """
         from diffcls.engines import open_engines
 
         timer = StageTimer()
