@@ -160,7 +160,7 @@ def test_cli_export_and_info(engine_dir, tiny_dir, tmp_path):
     args = ["export", "--model", str(tiny_dir), "--out", str(d), "--batch-sizes", "2,4", "--image-size", "16", "--device", "cpu"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "found cached" in r.output and "exported in" in r.output and "vae_encoder.onnx" in r.output
+    assert "found cached" in r.output and "export success" in r.output and "vae_encoder.onnx" in r.output
     r = runner.invoke(app, ["info", str(d)])
     assert r.exit_code == 0, r.output
     for word in ("onnxruntime", "CPUExecutionProvider", "unet", "fp32", "2,4"):

@@ -224,7 +224,8 @@ def _timed(report, step: str, result: ExportResult, fn):
 
 def _report_saved(report, step: str, seconds: float, paths: list[Path], extra: str = "") -> None:
     nbytes = files_size(paths)
-    msg = f"exported in {seconds:.1f} s to {paths[0]} ({human_size(nbytes)})" + (f", {extra}" if extra else "")
+    # the one-line ending STYLE.md borrows from Ultralytics' exporters
+    msg = f"export success {seconds:.1f} s, saved as '{paths[0]}' ({human_size(nbytes)})" + (f", {extra}" if extra else "")
     report(StepEvent("done", step, msg, seconds, paths[0], nbytes))
 
 
