@@ -48,6 +48,7 @@ def test_classify_writes_results_and_errors(tmp_path, tiny_dir, image_folder):
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *FAST,
                "--out", out, "--save-errors", errs, "--cache-dir", tmp_path / "cache")
     assert r.exit_code == 0, r.output
+    assert re.search(r"speed: [\d.]+ ms preprocess, [\d.]+ ms text encode, [\d.]+ ms VAE encode, [\d.]+ ms UNet per image", r.output)
     got = rows(out)
     assert sorted(g["path"] for g in got) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
     for g in got:

@@ -294,9 +294,20 @@ def run_folder(
             f"{evals / elapsed:.0f} UNet evals/s, padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )
+        console.print("speed: " + _per_image_speed(clf.timer.summary(), n_done))
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+def _per_image_speed(stages: dict, n: int) -> str:
+    """'1.2 ms preprocess, 0.4 ms text encode, ... per image' (stages summed over the run / n)."""
+    def ms(*names):
+        return 1000 * sum(stages.get(k, {}).get("total_s", 0.0) for k in names) / n
+
+    unet = [k for k in stages if k.startswith("unet_round_")]
+    parts = [("preprocess", ("preprocess",)), ("text encode", ("text_encode",)), ("VAE encode", ("vae_encode",)), ("UNet", unet)]
+    return ", ".join(f"{ms(*keys):.1f} ms {label}" for label, keys in parts) + " per image"
 
 
 def _tensor_digest(t) -> str:
