@@ -207,11 +207,7 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
     load_s = time.perf_counter() - t0
     clf = Classifier(engines, cache=None)
     # warm-up (not counted, reported): compiles and records the CUDA graph for this batch size
-    feed = {
-        name: torch.zeros(shape, dtype=torch.int64 if name == "input_ids" else torch.float32)
-        for name, shape in engines.unet.spec.shape_dict(batch_size).items()
-        if name in engines.unet.spec.input_names
-    }
+    feed = {t.name: torch.zeros(t.concrete(batch_size)) for t in engines.unet.spec.inputs}
     feed["timestep"] += 500.0
     _sync(device)
     t0 = time.perf_counter()

@@ -178,7 +178,7 @@ def quiet_hf_logs() -> None:
 
 
 def _load_directory(path: Path) -> SDModel:
-    check_model_path(path)
+    """A directory `check_model_path` accepted (load_model checks it first)."""
     quiet_hf_logs()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
