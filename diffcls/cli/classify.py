@@ -375,8 +375,10 @@ def _setup(folder, prompts, classes, template, model, engines, backend, n_sample
     find_images(folder)
     if engines is None:
         check_model_path(model)
-    elif not engines.is_dir():
-        raise DiffclsError(f"engine directory {engines} does not exist; create it with: diffcls export --out {engines}")
+    else:
+        from diffcls.export.manifest import require_engine_dir
+
+        require_engine_dir(engines, backend=None if backend.value == "auto" else backend.value)
     defaults = model_defaults(model) if engines is None and (model is None or Path(model).is_dir()) else {}
     if engines is not None and model is None:
         defaults = _engine_defaults(engines)

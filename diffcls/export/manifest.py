@@ -102,6 +102,18 @@ def file_problem(engine_dir: Path, name: str, entry: dict, *, check_hash: bool =
     return None
 
 
+def require_engine_dir(engine_dir: str | Path, *, backend: str | None = None, model_arg: str | None = None,
+                       image_size: int | None = None) -> Path:
+    """`engine_dir` as a Path if it is a directory, else a one-line error with the export command."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise DiffclsError(
+            f"engine directory {engine_dir} does not exist; create it with: "
+            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
+        )
+    return engine_dir
+
+
 def verify_engine_dir(
     engine_dir: str | Path,
     *,
@@ -118,12 +130,7 @@ def verify_engine_dir(
     `runtime_check(manifest) -> str | None` lets a backend add its own reason (e.g. a TensorRT
     engine built for another GPU).
     """
-    engine_dir = Path(engine_dir)
-    if not engine_dir.is_dir():
-        raise DiffclsError(
-            f"engine directory {engine_dir} does not exist; create it with: "
-            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
-        )
+    engine_dir = require_engine_dir(engine_dir, backend=backend, model_arg=model_arg, image_size=image_size)
     manifest = read_manifest(engine_dir)
     if manifest is None:
         raise DiffclsError(
