@@ -254,5 +254,5 @@ def test_cli_classify_batch_size_the_engines_lack(engine_dir, tmp_path):
                                  "--n-samples", "2", "--to-keep", "1", "--batch-size", "3", "--no-cache"])
     assert r.exit_code == 2
     line = r.output.strip()
-    assert "\n" not in line and "--batch-size 3" in line and "(2, 4)" in line
+    assert "\n" not in line and "--batch-size 3" in line and "batch sizes 2, 4, not 3" in line
     assert "--batch-sizes 2,3,4" in line and str(engine_dir) in line

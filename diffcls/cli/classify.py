@@ -169,13 +169,12 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
     )
     sizes = clf.engines.unet.batch_sizes
     if engines is not None and sizes and batch_size not in sizes:
-        from diffcls.export.manifest import fix_command, read_manifest
+        from diffcls.export.manifest import check_batch_sizes, read_manifest
 
-        cmd = fix_command(engines, read_manifest(engines), batch_sizes=sorted({*sizes, batch_size}))
-        raise DiffclsError(
-            f"--batch-size {batch_size} is not one of the batch sizes {engines} was exported for "
-            f"({', '.join(map(str, sizes))}); pick one of those or re-export: {cmd}"
-        )
+        try:  # refuses it, with the export command that adds it
+            check_batch_sizes(engines, read_manifest(engines), "unet", (batch_size,))
+        except DiffclsError as e:
+            raise DiffclsError(f"--batch-size {batch_size}: {e}") from None
     return clf
 
 
