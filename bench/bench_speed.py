@@ -311,7 +311,7 @@ def setup(args):
         if not default_model_path().is_dir():
             raise SystemExit(
                 f"--demo needs the bundled demo model at {default_model_path()}; "
-                "recreate it with python -m diffcls.models.train_demo, or run --tiny"
+                "recreate it with python -m diffcls.train.demo, or run --tiny"
             )
         device = torch.device(args.device or "cpu")
         try:

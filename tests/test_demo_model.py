@@ -154,7 +154,7 @@ def test_demo_accuracy_on_heldout_digits(heldout_pngs):
 
 def test_train_demo_eval_loop_matches_runtime(heldout_pngs):
     """train_demo's plain re-implementation of the scoring loop predicts what the runtime does."""
-    from diffcls.models.train_demo import classify_latents, prompts, text_embeddings
+    from diffcls.train.demo import classify_latents, prompts, text_embeddings
     from diffcls.models.wrappers import VaeEncoderWrapper
     from diffcls.runtime.classifier import Classifier
     from diffcls.runtime.preprocess import load_and_preprocess

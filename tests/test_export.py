@@ -20,7 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 from diffcls.errors import DiffclsError  # noqa: E402
 from diffcls.export import ExportConfig, export_model  # noqa: E402
 from diffcls.export import onnx_export as ox  # noqa: E402
-from diffcls.export.manifest import sha256_file  # noqa: E402
+from diffcls.engines.manifest import sha256_file  # noqa: E402
 from diffcls.models.spec import COMPONENTS, model_component_specs  # noqa: E402
 
 

@@ -145,7 +145,7 @@ def test_precision_mismatch(engine_dir):
 
 
 def test_backend_mismatch(engine_dir):
-    from diffcls.export.manifest import verify_engine_dir
+    from diffcls.engines.manifest import verify_engine_dir
 
     with pytest.raises(DiffclsError) as e:
         verify_engine_dir(engine_dir, backend="tensorrt")

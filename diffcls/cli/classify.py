@@ -169,7 +169,7 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
     )
     sizes = clf.engines.unet.batch_sizes
     if engines is not None and sizes and batch_size not in sizes:
-        from diffcls.export.manifest import check_batch_sizes, read_manifest
+        from diffcls.engines.manifest import check_batch_sizes, read_manifest
 
         try:  # refuses it, with the export command that adds it
             check_batch_sizes(engines, read_manifest(engines), "unet", (batch_size,))
@@ -375,7 +375,7 @@ def _setup(folder, prompts, classes, template, model, engines, backend, n_sample
     if engines is None:
         check_model_path(model)
     else:
-        from diffcls.export.manifest import require_engine_dir
+        from diffcls.engines.manifest import require_engine_dir
 
         require_engine_dir(engines, backend=None if backend.value == "auto" else backend.value)
     defaults = model_defaults(model) if engines is None and (model is None or Path(model).is_dir()) else {}

@@ -42,7 +42,7 @@ def environment() -> dict:
 
 def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
     """(manifest, one row per component with files present/sizes) for an engine directory."""
-    from diffcls.export import manifest as mf
+    from diffcls.engines import manifest as mf
 
     if not engine_dir.is_dir():
         raise DiffclsError(f"{engine_dir} is not a directory; pass an engine directory written by diffcls export")

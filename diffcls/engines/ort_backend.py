@@ -1,7 +1,7 @@
 """The onnxruntime backend: one `InferenceSession` per exported component.
 
 Opens an engine directory written by `diffcls export --backend onnxruntime` (manifest checked
-first, see `diffcls.export.manifest.verify_engine_dir`). Providers by device:
+first, see `diffcls.engines.manifest.verify_engine_dir`). Providers by device:
 
     cpu  -> CPUExecutionProvider
     cuda -> CUDAExecutionProvider (on its own CUDA stream, ordered against torch's current stream
@@ -23,7 +23,7 @@ import torch
 
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
-from diffcls.export import manifest as mf
+from diffcls.engines import manifest as mf
 from diffcls.models.spec import COMPONENTS, ComponentSpec
 
 BACKEND = "onnxruntime"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from diffcls.config import default_cache_dir
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.models.loading import SDModel, load_model
@@ -84,8 +85,6 @@ def configure_compile_cache(root=None) -> Path:
     import os
 
     if not _user_set_inductor_cache_dir():
-        from diffcls.runtime.cache import default_cache_dir
-
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) if root is not None else default_cache_dir() / "inductor")
     path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     try:

@@ -18,7 +18,7 @@ import torch
 
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
-from diffcls.export import manifest as mf
+from diffcls.engines import manifest as mf
 from diffcls.models.spec import COMPONENTS, ComponentSpec
 
 BACKEND = "tensorrt"

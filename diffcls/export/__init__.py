@@ -4,7 +4,7 @@
     export_model(ExportConfig(out="engines/", model="models/sd21", backend="onnxruntime"))
 """
 
-from diffcls.export.manifest import read_manifest, verify_engine_dir
+from diffcls.engines.manifest import read_manifest, verify_engine_dir
 from diffcls.export.pipeline import ExportConfig, ExportResult, StepEvent, export_model
 
 __all__ = ["ExportConfig", "ExportResult", "StepEvent", "export_model", "read_manifest", "verify_engine_dir"]

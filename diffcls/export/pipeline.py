@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from diffcls.engines import manifest as mf
+from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError
-from diffcls.export import manifest as mf
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import SDModel, load_model
@@ -337,8 +338,6 @@ def _export_trt(model, comp, spec, out: Path, settings, old, device, cfg, report
 def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
     """Run the built engine at its smallest batch on random inputs and compare with fp32 torch."""
     import torch
-
-    from diffcls.engines.trt_backend import TensorRTEngine
 
     batch = min(settings["batch_sizes"])
     engine = TensorRTEngine(plan, spec, settings["batch_sizes"], torch.device("cuda"))

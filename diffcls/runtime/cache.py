@@ -18,14 +18,8 @@ from pathlib import Path
 
 import torch
 
+from diffcls.config import default_cache_dir
 from diffcls.errors import DiffclsError
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("DIFFCLS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffcls"
-    )
-    return Path(root)
 
 
 class DiskCache:

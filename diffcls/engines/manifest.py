@@ -21,8 +21,10 @@ import os
 import shlex
 from pathlib import Path
 
+from diffcls.engines.base import EngineSet
 from diffcls.errors import DiffclsError
-from diffcls.models.spec import COMPONENTS
+from diffcls.models.loading import SDModel, load_model
+from diffcls.models.spec import COMPONENTS, component_specs
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -183,8 +185,6 @@ def verify_engine_dir(
 
 def manifest_specs(manifest: dict):
     """The component specs an engine directory was exported with."""
-    from diffcls.models.spec import component_specs
-
     return component_specs(
         max_length=int(manifest["max_length"]),
         hidden_size=int(manifest["hidden_size"]),
@@ -229,8 +229,6 @@ def check_batch_sizes(engine_dir: str | Path, manifest: dict, component: str, re
 
 def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend: str, device, info: dict):
     """An EngineSet over one engine per component, with the directory's tokenizer and schedule."""
-    from diffcls.engines.base import EngineSet
-
     tokenizer, alphas = load_runtime_files(engine_dir)
     precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
     return EngineSet(
@@ -254,8 +252,6 @@ def resolve_model_arg(model):
     """(fingerprint or None, the --model string for fix commands) for an optional model argument."""
     if model is None:
         return None, None
-    from diffcls.models.loading import SDModel, load_model
-
     if not isinstance(model, SDModel):
         model = load_model(model)
     src = str(model.source)

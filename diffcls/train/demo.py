@@ -1,7 +1,7 @@
 """Train the bundled demo model: a small Stable Diffusion on scikit-learn's digits, from scratch.
 
-    python -m diffcls.models.train_demo --out diffcls/models/demo          # train + save + eval
-    python -m diffcls.models.train_demo --eval --model diffcls/models/demo # held-out accuracy
+    python -m diffcls.train.demo --out diffcls/models/demo          # train + save + eval
+    python -m diffcls.train.demo --eval --model diffcls/models/demo # held-out accuracy
 
 The model has Stable Diffusion's structure and diffusers layout, so classifying with it takes
 every code path a real SD model takes: a CLIP tokenizer (vocabulary built offline, the prompt
@@ -42,6 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE, load_split, render_digit
+from diffcls.models.loading import SDModel, alphas_cumprod_from_scheduler_config, load_model
+from diffcls.models.tiny import TinyConfig, save_model, sd_unet, sd_vae
+from diffcls.models.tiny import scheduler_config as sd_scheduler_config
+from diffcls.models.tokenizer import build_tokenizer_files
+from diffcls.models.wrappers import VaeEncoderWrapper
+from diffcls.runtime.preprocess import preprocess_image
 
 PROMPT_TEMPLATE = "a handwritten digit {}"  # + the class name: "a handwritten digit three"
 PROMPT_WORDS = ["a", "handwritten", "digit", *CLASSNAMES]  # single tokens in the vocabulary
@@ -79,8 +85,6 @@ class DemoConfig:
 
 
 def scheduler_config() -> dict:
-    from diffcls.models.tiny import TinyConfig, scheduler_config as sd_scheduler_config
-
     return sd_scheduler_config(TinyConfig())  # scaled_linear, 0.00085..0.012, 1000, epsilon
 
 
@@ -91,8 +95,6 @@ def prompts() -> list[tuple[str, str, int]]:
 # --- data ------------------------------------------------------------------------------------
 def split_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, 3, 32, 32) in [-1, 1], labels (N,)) exactly as the classifier sees the PNGs."""
-    from diffcls.runtime.preprocess import preprocess_image
-
     images, labels = load_split(split)
     x = torch.stack([preprocess_image(render_digit(d), IMAGE_SIZE, "bicubic") for d in images])
     return x, torch.from_numpy(labels)
@@ -102,8 +104,6 @@ def split_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def build_components(cfg: DemoConfig, tokenizer):
     """(text_encoder, vae, unet), randomly initialised from the current torch seed."""
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffcls.models.tiny import sd_unet, sd_vae
 
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
@@ -276,8 +276,6 @@ def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch
 def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=(20, 100), to_keep=(3, 1),
              n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
     """Top-1 accuracy of `model` (an SDModel) on a digits split with the adaptive schedule."""
-    from diffcls.models.wrappers import VaeEncoderWrapper
-
     x, y = split_tensors(split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
@@ -315,9 +313,6 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
 
 # --- training entry point --------------------------------------------------------------------
 def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
-    from diffcls.models.loading import SDModel, alphas_cumprod_from_scheduler_config
-    from diffcls.models.tiny import save_model
-    from diffcls.models.tokenizer import build_tokenizer_files
     from transformers import CLIPTokenizer
 
     t0 = time.time()
@@ -362,7 +357,7 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
         "seconds_total": round(t_total, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": command or "python -m diffcls.models.train_demo --out diffcls/models/demo",
+        "command": command or "python -m diffcls.train.demo --out diffcls/models/demo",
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     _log(f"saved to {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.2f} MB)", t0)
@@ -370,7 +365,7 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m diffcls.models.train_demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffcls.train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("diffcls/models/demo"), help="where to save the model")
     p.add_argument("--eval", action="store_true", help="only evaluate --model (no training)")
     p.add_argument("--no-eval", action="store_true", help="train and save without measuring held-out accuracy")
@@ -392,7 +387,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers.utils import logging as diffusers_logging
 
-    from diffcls.models.loading import load_model
 
     diffusers_logging.set_verbosity_error()  # no "install accelerate" advice on every load
     torch.set_num_threads(args.threads)
@@ -404,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.unet_steps = args.unet_steps
         if args.vae_steps is not None:
             cfg.vae_steps = args.vae_steps
-        train(args.out, cfg, "python -m diffcls.models.train_demo " + shlex.join(sys.argv[1:] if argv is None else argv))
+        train(args.out, cfg, "python -m diffcls.train.demo " + shlex.join(sys.argv[1:] if argv is None else argv))
         if args.no_eval:
             return
         args.model = args.out
