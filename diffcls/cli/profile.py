@@ -225,6 +225,7 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
             "precision": e.precision,
             "compile": bool(e.info.get("compile", False)),
             "batch_size": kw.get("batch_size"),
+            "threads": torch.get_num_threads(),
             "image_size": e.image_size,
             "model_fingerprint": e.fingerprint,
             "model_source": e.info.get("source"),

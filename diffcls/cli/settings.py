@@ -54,6 +54,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
+    "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: the cores torch sees).", _RUNTIME, min=1)], None),
     "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
     "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache.", _RUNTIME)], False),
 }
@@ -95,6 +96,7 @@ class RunSettings:
     noise: Path | None = None
     batch_size: int = 32
     workers: int = 2
+    threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees
     cache_dir: Path | None = None
     no_cache: bool = False
 
@@ -278,6 +280,7 @@ def open_classifier(s: RunSettings, image_size: int | None):
         compile=s.compile,
         cache_dir=s.cache_dir,
         use_cache=not s.no_cache,
+        threads=s.threads,
     )
     sizes = clf.engines.unet.batch_sizes
     if s.engines is not None and sizes and s.batch_size not in sizes:
