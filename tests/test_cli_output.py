@@ -3,6 +3,8 @@ terminal is attached, evaluate's per-image labels and metrics, JSON reports, hel
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -63,3 +65,32 @@ def test_threads_on_the_torch_backend(tiny_dir, image_folder, restore_threads):
                *FAST, "--threads", "2", "--no-cache")
     assert r.exit_code == 0, r.output
     assert torch.get_num_threads() == 2
+
+
+def test_progress_lines_when_not_a_terminal(tiny_dir, image_folder):
+    """CliRunner's output is no terminal: rich's bar would show nothing until the end."""
+    r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--batch-size", "2",
+               "--no-cache", env={"DIFFCLS_PROGRESS_INTERVAL": "0"})
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("classify: ")]
+    assert len(lines) == 6, r.output  # one per image at interval 0
+    assert re.fullmatch(r"classify: 1/6 images \(17%\), [\d.]+ (img/s|s/img), elapsed \d:\d\d:\d\d, ETA \d:\d\d:\d\d", lines[0])
+    assert lines[-1].startswith("classify: 6/6 images (100%)")
+    r = invoke("profile", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--limit", "2",
+               "--no-cache", env={"DIFFCLS_PROGRESS_INTERVAL": "0"})
+    assert r.exit_code == 0, r.output
+    assert [l.split(" (")[0] for l in r.output.splitlines() if l.startswith("profile: ")] == ["profile: 1/2 images", "profile: 2/2 images"]
+
+
+def test_progress_lines_wait_for_the_interval():
+    from rich.console import Console
+
+    from diffcls.cli.common import LineProgress
+
+    con = Console(record=True, force_terminal=False, width=200)
+    p = LineProgress(con, interval=3600)
+    task = p.add_task("classify", total=10)
+    for _ in range(10):
+        p.advance(task)
+    assert con.export_text() == ""  # nothing before the interval has passed
+    assert p.line(task).startswith("classify: 10/10 images (100%)")

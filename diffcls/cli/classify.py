@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
 from diffcls.cli.settings import Run, RunSettings, prepare, run_options
 from diffcls.errors import DiffclsError
 
@@ -38,6 +38,9 @@ def join_list_flags(args: list[str]) -> list[str]:
 
 
 def _progress():
+    """A progress bar on a terminal; plain progress lines every few seconds in a log or pipe."""
+    if not interactive(console):
+        return LineProgress(console)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -10,6 +10,7 @@ compile and first-call costs are reported on their own line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.settings import RunSettings, prepare, run_options
-from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
@@ -201,9 +202,14 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
     cache0 = (clf.cache.hits, clf.cache.misses, clf.cache.rejected) if clf.cache is not None else None
     start = time.perf_counter()
     n = 0
-    with console.status(f"profiling {len(images)} images ..."):
+    # a spinner on a terminal; in a log or pipe (where it shows nothing), a line every few seconds
+    lines = None if interactive(console) else LineProgress(console)
+    task = lines.add_task("profile", total=len(images)) if lines is not None else None
+    with console.status(f"profiling {len(images)} images ...") if lines is None else contextlib.nullcontext():
         for _ in clf.iter_classify(images, pset, schedule, on_skip=on_skip, **kw):
             n += 1
+            if lines is not None:
+                lines.advance(task)
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
     wall = time.perf_counter() - start
