@@ -43,6 +43,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "prompts": (Annotated[Optional[Path], _opt("--prompts", "CSV with columns prompt,classname,classidx (several prompts may share a classidx).", _INPUT)], None),
     "classes": (Annotated[Optional[str], _opt("--classes", 'Comma-separated class names, e.g. "cat,dog" (used with --template).', _INPUT)], None),
     "template": (Annotated[str, _opt("--template", "Prompt template for --classes; {} is the class name.", _INPUT)], "a photo of a {}."),
+    "list_file": (Annotated[Optional[Path], _opt("--list", "Text file of image paths, one a line, or a CSV with a path column (and label, for evaluate); relative paths are read from its folder.", _INPUT)], None),
     "image_size": (Annotated[Optional[int], _opt("--image-size", "Input resolution S (default: the model's, 512 for SD 2.x base).", _INPUT, min=8)], None),
     "interpolation": (Annotated[Interpolation, _opt("--interpolation", "Resize filter.", _INPUT)], Interpolation.bicubic),
     "n_samples": (Annotated[Optional[str], _opt("--n-samples", "Timesteps per round, e.g. '50 500' or 50,500 (default: the model's, else 50 500).", _SCHEDULE)], None),
@@ -86,6 +87,7 @@ class RunSettings:
     prompts: Path | None = None
     classes: str | None = None
     template: str = "a photo of a {}."
+    list_file: Path | None = None  # --list: more images, from a text file or a CSV
     image_size: int | None = None
     interpolation: Interpolation = Interpolation.bicubic
     n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
@@ -166,14 +168,16 @@ class Run:
     noise: Any  # torch.Tensor | None
 
 
-def prepare(s: RunSettings, folder: Path, folder_classes: list[str] | None = None) -> Run:
-    """Check the inputs cheaply (folder, model or engines, prompts, schedule, noise), then open
-    the engines. Cheap checks come first, so a typo costs no model load."""
+def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> Run:
+    """Check the inputs cheaply (images, model or engines, prompts, schedule, noise), then open
+    the engines. Cheap checks come first, so a typo costs no model load. `folder`: a path, or
+    the `runtime.inputs.Inputs` a command already collected."""
     from diffcls.engines.manifest import require_engine_dir
     from diffcls.models.loading import check_model_path, model_defaults
-    from diffcls.runtime.preprocess import find_images
+    from diffcls.runtime.inputs import Inputs, collect_inputs
 
-    find_images(folder)
+    if not isinstance(folder, Inputs):
+        collect_inputs([folder])
     if s.engines is None:
         check_model_path(s.model)
         defaults = model_defaults(s.model) if s.model is None or Path(s.model).is_dir() else {}

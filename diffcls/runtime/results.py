@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from diffcls.errors import DiffclsError
 
@@ -53,8 +54,11 @@ def _complete_lines(path: Path) -> tuple[list[str], bool]:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
-    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None):
+    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=()):
+        """`extra_columns`: names appended after COLUMNS (e.g. evaluate's label, correct); each
+        `write` then gives their values."""
         self.out = Path(out)
+        self.columns = COLUMNS + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
@@ -69,7 +73,7 @@ class ResultsWriter:
             self._load_csv()
         else:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out, ",".join(COLUMNS) + "\n")
+            atomic_write_text(self.out, ",".join(self.columns) + "\n")
             atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
         if self.errors_path is not None:
             self._reconcile_errors()
@@ -100,6 +104,12 @@ class ResultsWriter:
         lines, torn = _complete_lines(self.out)
         if not lines or lines[0].split(",")[: len(COLUMNS)] != COLUMNS:
             raise DiffclsError(f"{self.out} is not a diffcls results file (unexpected header); pass another --out")
+        if lines[0].split(",")[len(COLUMNS):] != self.columns[len(COLUMNS):]:
+            have = ",".join(lines[0].split(",")[len(COLUMNS):]) or "none"
+            raise DiffclsError(
+                f"{self.out} has other extra columns ({have}) than this run writes "
+                f"({','.join(self.columns[len(COLUMNS):]) or 'none'}; evaluate adds label,correct); pass another --out"
+            )
         if torn:  # killed mid-write: drop the partial row, it will be recomputed
             with open(self.out, "r+b") as f:
                 f.truncate(len(("\n".join(lines) + "\n").encode("utf-8")))
@@ -128,8 +138,9 @@ class ResultsWriter:
         os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
 
-    def write(self, key: str, result) -> None:
-        """Record one finished image (`result`: runtime.classifier.ImageResult)."""
+    def write(self, key: str, result, extra: Sequence = ()) -> None:
+        """Record one finished image (`result`: runtime.classifier.ImageResult); `extra`: the
+        values of the extra columns, in order (missing ones are left empty)."""
         if self._err_fd is not None:
             rec = result.to_json()
             rec["path"] = key
@@ -138,10 +149,12 @@ class ResultsWriter:
         row = [key, result.classname, result.prediction, f"{result.scores[result.prompt]:.6g}", result.n_evals]
         for i in range(TOP_K):
             row += [top[i][1], f"{top[i][2]:.6g}"] if i < len(top) else ["", ""]
+        n_extra = len(self.columns) - len(COLUMNS)
+        row += (list(extra) + [""] * n_extra)[:n_extra]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)
         self._append(self._csv_fd, buf.getvalue())
-        self.done[key] = dict(zip(COLUMNS, map(str, row)))
+        self.done[key] = dict(zip(self.columns, map(str, row)))
 
     def close(self) -> None:
         for fd in (self._csv_fd, self._err_fd):
