@@ -187,6 +187,10 @@ def profile(
         if plot is not None:
             _require_matplotlib()  # fail before any work
         from diffcls.runtime.preprocess import find_images
+        from diffcls.runtime.results import check_writable
+
+        check_writable(json_out, "--json")  # before the run, not after it finished
+        check_writable(plot, "--plot")
 
         ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise)
         clf, schedule, pset = ctx["clf"], ctx["schedule"], ctx["prompts"]
