@@ -72,6 +72,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             ResultsWriter(out, SETTINGS).open()
     with ResultsWriter(out, SETTINGS) as w:  # released on close
         assert list(w.done) == ["a.png"]
+    assert not (tmp_path / "r.csv.lock").exists()  # the lock file goes with the lock
 
 
 def test_classify_refuses_an_out_another_process_writes(tmp_path, tiny_dir, image_folder):

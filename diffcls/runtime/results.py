@@ -139,7 +139,8 @@ def _valid_row(row: dict) -> bool:
         ok = math.isfinite(float(row["score"]))
     except (KeyError, TypeError, ValueError):
         return False
-    return ok and bool(row.get("path")) and bool(row.get("prediction")) and bool(_SHA256.fullmatch(row.get("sha256") or ""))
+    sha = row.get("sha256") or ""  # empty: a row not bound to file bytes (an in-memory image)
+    return ok and bool(row.get("path")) and bool(row.get("prediction")) and (sha == "" or bool(_SHA256.fullmatch(sha)))
 
 
 class ResultsWriter:
@@ -217,24 +218,38 @@ class ResultsWriter:
         return DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder")
 
     def _lock(self) -> None:
+        """flock `<out>.lock` (holding our PID) for as long as the writer is open.
+
+        The holder removes the file when it closes; a process that locked a file that was
+        removed meanwhile (it opened it just before) notices that the path now names another
+        file, or none, and tries again, so two processes never both hold "the" lock.
+        """
         if fcntl is None:
             return
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise self._os_error(e, self.out) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        while True:
             try:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise self._os_error(e, self.out) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = "unknown"
+                try:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                except OSError:
+                    holder = "unknown"
+                os.close(fd)
+                raise DiffclsError(
+                    f"--out {self.out} is in use by another diffcls process (PID {holder}); wait for it to "
+                    "finish or pass another --out"
+                ) from None
+            try:
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise DiffclsError(
-                f"--out {self.out} is in use by another diffcls process (PID {holder}); wait for it to "
-                "finish or pass another --out"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -249,6 +264,11 @@ class ResultsWriter:
             ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise DiffclsError(f"cannot read {self.settings_path} ({e}); pass another --out or delete both files") from None
+        if "root" in self.settings and "root" not in old:
+            raise DiffclsError(
+                f"{self.out} was written by an earlier diffcls version, which did not record the input folder; "
+                "pass another --out to classify afresh"
+            )
         if "root" in self.settings and old.get("root") != self.settings["root"]:
             raise DiffclsError(
                 f"{self.out} holds results for the images under {_shown(old.get('root'))}, not "
@@ -385,9 +405,15 @@ class ResultsWriter:
         self._records[key] = line
 
     def close(self) -> None:
-        for fd in (self._csv_fd, self._err_fd, self._lock_fd):
+        for fd in (self._csv_fd, self._err_fd):
             if fd is not None:
-                os.close(fd)  # closing the lock file's descriptor releases the lock
+                os.close(fd)
+        if self._lock_fd is not None:
+            try:
+                self.lock_path.unlink()  # still holding the lock: see _lock
+            except OSError:
+                pass
+            os.close(self._lock_fd)  # releases the lock
         self._csv_fd = self._err_fd = self._lock_fd = None
 
     def __enter__(self):
