@@ -9,6 +9,12 @@ A component is rebuilt when its file is missing or its sha256 differs from the m
 anything that shaped it changed (model fingerprint, precision, image size, opset, fusion, and for
 TensorRT the batch sizes, TensorRT version and GPU). Otherwise it is reported as "found cached".
 The tokenizer and ᾱ (`alphas_cumprod`) are copied in, so the directory classifies on its own.
+
+The export owns the directory: a directory holding another model's engines is refused unless
+`force`; what an earlier export wrote and this one did not (another model's `diffcls.json` and
+prompts, the other backend's engines) is removed at the end; temporary files live under
+`.partial/`, which the next export clears; the manifest says `"complete": false` until the last
+step, so `info` and `classify` can tell an interrupted export from a finished one.
 """
 
 from __future__ import annotations

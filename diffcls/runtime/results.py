@@ -23,6 +23,7 @@ Paths are stored losslessly: the path field is always quoted (a name may hold `\
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -215,6 +216,8 @@ class ResultsWriter:
         return self.done
 
     def _os_error(self, e: OSError, path: Path, flag: str = "--out") -> DiffclsError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiffclsError(f"{flag} {path} cannot be written ({e.strerror}); free some space and rerun the same command")
         return DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder")
 
     def _lock(self) -> None:
