@@ -145,6 +145,10 @@ def profile(
         if plot is not None:
             _require_matplotlib()  # fail before any work
         from diffcls.runtime.inputs import collect_inputs
+        from diffcls.runtime.results import check_writable
+
+        check_writable(json_out, "--json")  # before the run, not after it finished
+        check_writable(plot, "--plot")
 
         inputs = collect_inputs(paths or [], settings.list_file)
         run = prepare(settings, inputs)

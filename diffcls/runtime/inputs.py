@@ -45,6 +45,7 @@ class Inputs:
     keys: dict[Path, str]  # image -> result key, relative to `root`
     root: Path
     labels: dict[str, str] = field(default_factory=dict)  # key -> raw label text (folder name or CSV label)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, message): unreadable subfolders, skipped
 
     def __len__(self) -> int:
         return len(self.images)
@@ -54,8 +55,13 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
 
 
-def _expand(arg: str) -> list[tuple[Path, Path | None]]:
-    """(image, the folder argument it was found under or None) for one command-line argument."""
+def _expand(arg: str, problems: list) -> list[tuple[Path, Path | None]]:
+    """(image, the folder argument it was found under or None) for one command-line argument;
+    subfolders that cannot be read are added to `problems` and skipped."""
+
+    def on_problem(folder, msg):
+        problems.append((folder, msg))
+
     path = Path(arg)
     if not path.exists() and _GLOB_CHARS & set(arg):
         matches = sorted(glob.glob(arg, recursive=True))
@@ -63,7 +69,7 @@ def _expand(arg: str) -> list[tuple[Path, Path | None]]:
         for m in map(Path, matches):
             if m.is_dir():
                 try:
-                    found += [(p, m) for p in find_images(m)]
+                    found += [(p, m) for p in find_images(m, on_problem=on_problem)]
                 except DiffclsError:
                     continue  # a matched folder without images: the pattern as a whole is judged
             elif _is_image(m):
@@ -71,7 +77,7 @@ def _expand(arg: str) -> list[tuple[Path, Path | None]]:
         if not found:
             raise DiffclsError(f"{arg!r} matches no image ({', '.join(sorted(IMAGE_SUFFIXES))}); check the pattern")
         return found
-    images = find_images(path)  # a one-line error for a missing path, a non-image, an empty folder
+    images = find_images(path, on_problem=on_problem)  # a one-line error for a missing path, a non-image, an empty folder
     return [(p, path if path.is_dir() else None) for p in images]
 
 
@@ -125,8 +131,9 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
     if not args and list_file is None:
         raise DiffclsError("no images given; pass image files, folders or globs, or --list FILE")
     found: list[tuple[Path, Path | None, str | None]] = []  # (image, folder argument, list label)
+    problems: list[tuple[str, str]] = []
     for arg in args:
-        found += [(p, under, None) for p, under in _expand(str(arg))]
+        found += [(p, under, None) for p, under in _expand(str(arg), problems)]
     if list_file is not None:
         found += [(p, None, label) for p, label in read_list(list_file)]
 
@@ -151,4 +158,4 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
             parts = Path(os.path.relpath(real, os.path.abspath(under))).parts
             if len(parts) > 1:
                 labels[key] = parts[0]
-    return Inputs(images=images, keys=keys, root=root, labels=labels)
+    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems)
