@@ -165,8 +165,6 @@ class Scorer:
         self.n_prompts = int(embeddings.shape[0])
         schedule.validate(self.n_prompts, int(alphas_cumprod.shape[0]))
         if unet.batch_sizes is not None and batch_size not in unet.batch_sizes:
-            from diffcls.errors import DiffclsError
-
             raise DiffclsError(
                 f"--batch-size {batch_size} is not one of the UNet engine's batch sizes "
                 f"{', '.join(map(str, unet.batch_sizes))}; pick one of those or re-export"
