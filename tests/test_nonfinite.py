@@ -102,6 +102,17 @@ def test_torch_backend_keeps_an_upcast_vae_in_fp32():
     assert plain.vae_encoder.dtype == torch.bfloat16  # the config does not ask: the VAE follows --precision
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; CI never has one)")
+def test_cuda_fp16_keeps_an_upcast_vae_in_fp32():
+    from diffcls.engines import open_engines
+
+    e = open_engines("torch", model=tiny_model(seed=0), device="cuda", precision="fp16")
+    assert e.vae_encoder.dtype == torch.float32 and e.unet.dtype == torch.float16
+    out = e.vae_encoder({"image": torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1})["latent"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_latent_cache_key_records_the_vae_dtype(tmp_path, image_folder):
     from diffcls.engines import open_engines
 
