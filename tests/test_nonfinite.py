@@ -82,6 +82,19 @@ def test_non_finite_latent_stops_with_the_image_named_and_is_not_cached(tmp_path
     assert list((tmp_path / "cache").glob("latent/**/*.safetensors")) == []  # nothing non-finite was cached
 
 
+def test_non_finite_latent_from_a_low_precision_vae_names_the_overflow(image_folder):
+    from diffcls.engines import open_engines
+
+    model = tiny_model(seed=0)
+    model.vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        model.vae.encoder.conv_out.bias[0] = float("inf")
+    engines = open_engines("torch", model=model, device="cpu", precision="bf16")
+    image = sorted(str(p) for p in image_folder.rglob("*.png"))[0]
+    with pytest.raises(DiffclsError, match="runs in bfloat16 and likely overflowed; use --precision fp32"):
+        Classifier(engines, cache=None).classify([image], ["a cat", "a dog"], SCHEDULE)
+
+
 # --- item 2: the VAE encoder stays fp32 where the model asks for it -----------------------------
 def _no_upcast(model):
     model.vae.register_to_config(force_upcast=False)

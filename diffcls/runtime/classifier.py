@@ -272,11 +272,14 @@ class Classifier:
         """One line: which image, and the likely cause given the VAE encoder's dtype."""
         dtype = self.engines.vae_encoder.dtype
         if dtype in (torch.float16, torch.bfloat16):
-            cause = (f"the VAE encoder runs in {str(dtype).removeprefix('torch.')} and overflowed; "
-                     "rerun with --precision fp32 (or set force_upcast in the VAE config)")
+            fix = ("use --precision fp32, or set \"force_upcast\": true in the model's vae/config.json"
+                   if self.engines.backend == "torch" else
+                   "re-export the engines with --precision fp32, or with \"force_upcast\": true in the VAE config")
+            cause = f"the VAE encoder runs in {str(dtype).removeprefix('torch.')} and likely overflowed; {fix}"
         else:
-            cause = "the VAE weights or the engine are broken (NaN/inf even in fp32); check or re-export the model"
-        return f"{source}: the VAE encoder produced NaN/inf latents, nothing was cached; {cause}"
+            cause = ("it runs in fp32, so the VAE weights, the engine or an input tensor hold NaN/inf; "
+                     "check the model files or re-export the engines")
+        return f"{source}: the VAE encoder produced NaN/inf latents (nothing was cached); {cause}"
 
     # --- scoring ----------------------------------------------------------------------------
     def iter_classify(
