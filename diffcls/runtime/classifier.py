@@ -50,6 +50,7 @@ class ImageResult:
     ranking: list[int]  # prompt indices, best first
     n_evals: int
     _prompts: PromptSet | None = None
+    sha256: str | None = None  # of the file's bytes (in-memory images: of the preprocessed pixels)
 
     def top_classes(self, k: int = 5) -> list[tuple[int, str, float]]:
         """(classidx, classname, score) of the best k classes; a class ranks by its best prompt."""
@@ -233,7 +234,7 @@ class Classifier:
 
     _lock = threading.Lock()
 
-    def _latent_stream(self, prepared: Iterator[_Prepared], vae_batch: int, on_skip, sources: dict) -> Iterator[tuple[int, torch.Tensor]]:
+    def _latent_stream(self, prepared: Iterator[_Prepared], vae_batch: int, on_skip, sources: dict, digests: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, x0) per good image; VAE encodes the cache misses `vae_batch` at a time."""
         size = self.engines.image_size
         chunk: list[_Prepared] = []
@@ -257,6 +258,8 @@ class Classifier:
 
         for p in prepared:
             sources[p.index] = p.source
+            if digests is not None:
+                digests[p.index] = p.digest
             if p.error is not None:
                 if on_skip is None:
                     raise p.error
@@ -310,11 +313,14 @@ class Classifier:
         scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type)
         self.last_stats = scorer.stats
         sources: dict[int, str] = {}
+        digests: dict[int, str | None] = {}
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
-        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources)
+        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)
         for index, score in scorer.run(latents):
-            yield self._result(index, sources[index], score, prompts)
+            result = self._result(index, sources[index], score, prompts)
+            result.sha256 = digests.get(index)
+            yield result
         for r, secs in scorer.stats.round_seconds.items():
             self.timer.add(f"unet_round_{r + 1}", secs)
         for secs in scorer.stats.unet_seconds:
