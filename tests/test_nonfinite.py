@@ -156,7 +156,6 @@ def _export_vae_only(monkeypatch, model, out, precision):
     from diffcls.export import pipeline
 
     monkeypatch.setattr(pipeline, "COMPONENTS", ("vae_encoder",))  # the part under test; seconds, not a minute
-    monkeypatch.setattr(pipeline, "_write_runtime_files", lambda model, out: None)
     return export_model(ExportConfig(out=out, model=model, batch_sizes=(2,), image_size=16, device="cpu", precision=precision))
 
 
@@ -211,7 +210,7 @@ def test_tensorrt_build_keeps_an_upcast_vae_encoder_in_fp32(monkeypatch, tmp_pat
     monkeypatch.setattr(pipeline.trt_build, "build_engine", fake_build)
     monkeypatch.setattr(pipeline, "check_trt_against_torch",
                         lambda *a: {"max_abs_err": 0.0, "max_rel_err": 0.0, "check_batch": 2})
-    monkeypatch.setattr(pipeline.ox, "export_onnx", lambda model, comp, spec, path, opset: path.write_bytes(b"onnx"))
+    monkeypatch.setattr(pipeline.ox, "export_onnx", lambda model, comp, spec, path, opset, **kw: path.write_bytes(b"onnx"))
     monkeypatch.setattr(pipeline.ox, "check_against_torch", lambda *a: {"max_abs_err": 0.0, "max_rel_err": 0.0, "check_batch": 2})
     cfg = pipeline.ExportConfig(out=tmp_path, model=model, backend="tensorrt", precision="fp16", batch_sizes=(2,))
     result = pipeline.ExportResult(tmp_path, {})
