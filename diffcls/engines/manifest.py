@@ -23,7 +23,7 @@ from pathlib import Path
 
 from diffcls.engines.base import EngineSet
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import SDModel, load_model
+from diffcls.models.loading import PREDICTION_TYPES, SDModel, load_model
 from diffcls.models.spec import COMPONENTS, component_specs
 
 MANIFEST = "manifest.json"
@@ -268,7 +268,19 @@ def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend
         precision=precisions.pop() if len(precisions) == 1 else "mixed",
         device=device,
         info={"engine_dir": str(engine_dir), **info},
+        prediction_type=manifest_prediction_type(engine_dir, manifest),
     )
+
+
+def manifest_prediction_type(engine_dir, manifest: dict) -> str:
+    """The UNet's prediction type the export recorded; a manifest from before it was recorded means epsilon."""
+    value = manifest.get("prediction_type", "epsilon")
+    if value not in PREDICTION_TYPES:
+        raise DiffclsError(
+            f"engine directory {engine_dir}: its manifest says prediction_type {value!r}, which diffcls cannot "
+            f"score ({' or '.join(PREDICTION_TYPES)}); rebuild it with: {fix_command(engine_dir, manifest)}"
+        )
+    return value
 
 
 def resolve_model_arg(model):

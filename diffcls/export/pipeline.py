@@ -9,6 +9,9 @@ A component is rebuilt when its file is missing or its sha256 differs from the m
 anything that shaped it changed (model fingerprint, precision, image size, opset, fusion, and for
 TensorRT the batch sizes, TensorRT version and GPU). Otherwise it is reported as "found cached".
 The tokenizer and ᾱ (`alphas_cumprod`) are copied in, so the directory classifies on its own.
+An fp16 export keeps the VAE encoder in fp32 where the VAE config sets `force_upcast` (SD's VAE
+overflows in fp16); each component's manifest entry records the precision its graph computes in
+(`run_precision`), and the manifest records the UNet's `prediction_type`.
 
 The export owns the directory: a directory holding another model's engines is refused unless
 `force`; what an earlier export wrote and this one did not (another model's `diffcls.json` and
@@ -194,6 +197,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "max_length": model.max_length,  # with the two below: the component specs, no model needed
         "hidden_size": model.hidden_size,
         "latent_shape": list(model.latent_shape(image_size)),
+        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
         "source": str(model.source),
         "versions": versions,
         "gpu": gpu,
@@ -214,6 +218,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
             "opset": cfg.opset,
             "optimize": bool(optimize and comp == "unet"),
         }
+        if precision != "fp32" and comp == "vae_encoder" and model.vae_force_upcast:
+            settings["upcast_fp32"] = True  # the VAE config asks for fp32 (SD's VAE overflows in fp16)
         if cfg.backend == "tensorrt":
             settings.update(batch_sizes=list(batch_sizes), tensorrt=versions.get("tensorrt"), gpu=gpu)
         build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
@@ -284,10 +290,10 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
         _report_cached(report, step, result, out, old["files"])
         return old
     final = out / f"{comp}.onnx"
-    precision = settings["precision"]
+    precision = run_precision(settings)
 
     def run():
-        extra = {}
+        extra = {"run_precision": precision}
         if not settings["optimize"] and precision == "fp32":
             ox.export_onnx(model, comp, spec, final, cfg.opset, work_dir=partial_dir(out))
             paths = ox.onnx_files(final)
@@ -304,6 +310,11 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
         raise
     _report_saved(report, step, seconds, paths, f"max rel err {check['max_rel_err']:.2g} vs torch")
     return _entry(out, paths, settings, check, extra)
+
+
+def run_precision(settings: dict) -> str:
+    """The precision a component's graph computes in: fp32 for an upcast VAE encoder, else the export's."""
+    return "fp32" if settings.get("upcast_fp32") else settings["precision"]
 
 
 def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra) -> list[Path]:
@@ -352,14 +363,14 @@ def _export_trt(model, comp, spec, out: Path, settings, old, device, cfg, report
 
     def run():
         trt_build.build_engine(
-            onnx_path, plan, spec, settings["batch_sizes"], fp16=settings["precision"] == "fp16",
+            onnx_path, plan, spec, settings["batch_sizes"], fp16=run_precision(settings) == "fp16",
             timing_cache=out / trt_build.TIMING_CACHE, workspace_gb=cfg.workspace_gb,
         )
         return check_trt_against_torch(model, comp, spec, plan, settings)
 
     (check), seconds = _timed(report, step, result, run)
     _report_saved(report, step, seconds, [plan], f"max rel err {check['max_rel_err']:.2g} vs torch")
-    return _entry(out, [plan], settings, check, {"onnx": onnx_entry})
+    return _entry(out, [plan], settings, check, {"onnx": onnx_entry, "run_precision": run_precision(settings)})
 
 
 def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
@@ -372,7 +383,7 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
     ref = ox.torch_reference(model, comp, feed)
     out = engine(feed)[spec.output_names[0]].float().cpu().numpy()
     try:
-        return ox.measure(comp, ref, out, settings["precision"])
+        return ox.measure(comp, ref, out, run_precision(settings))
     except DiffclsError:
         plan.unlink(missing_ok=True)
         raise

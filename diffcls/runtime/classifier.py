@@ -142,6 +142,9 @@ class Classifier:
         e = self.engines
         return {"model": e.fingerprint, "backend": e.backend, "precision": e.precision}
 
+    def _text_shape(self) -> tuple[int, ...]:
+        return self.engines.text_encoder.spec.outputs[0].concrete(1)[1:]  # (L, D)
+
     # --- text -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: PromptSet | list[str], batch_size: int = 64) -> torch.Tensor:
         """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt."""
@@ -149,7 +152,7 @@ class Classifier:
         found: dict[int, torch.Tensor] = {}
         if self.cache is not None:
             for i, text in enumerate(texts):
-                hit = self.cache.get("text", {**self._key_base(), "prompt": text})
+                hit = self.cache.get("text", {**self._key_base(), "prompt": text}, self._text_shape())
                 if hit is not None:
                     found[i] = hit
         missing = [i for i in range(len(texts)) if i not in found]
@@ -197,12 +200,13 @@ class Classifier:
         return _Prepared(index, f"<image {index}>", digest, latent=hit, pixels=None if hit is not None else pixels)
 
     def _latent_fields(self, digest: str, size: int, interpolation: Interpolation) -> dict:
-        return {**self._key_base(), "image": digest, "size": size, "interpolation": interpolation.value}
+        vae_dtype = str(self.engines.vae_encoder.dtype).removeprefix("torch.")  # fp32 when the VAE is upcast
+        return {**self._key_base(), "vae_dtype": vae_dtype, "image": digest, "size": size, "interpolation": interpolation.value}
 
     def _latent_cache_get(self, digest, size, interpolation):
         if self.cache is None:
             return None
-        return self.cache.get("latent", self._latent_fields(digest, size, interpolation))
+        return self.cache.get("latent", self._latent_fields(digest, size, interpolation), self.engines.latent_shape)
 
     def _prepared_stream(self, images: Iterable, size: int, interpolation: Interpolation, workers: int, window: int) -> Iterator[_Prepared]:
         """Decode on `workers` threads, `window` images ahead, yielding in input order."""
@@ -249,6 +253,8 @@ class Classifier:
                     lat = run_batched(self.engines.vae_encoder, "image", torch.stack([p.pixels for p in todo]), vae_batch)
                     lat = lat.float().cpu()
                 for p, x0 in zip(todo, lat):
+                    if not torch.isfinite(x0).all():
+                        raise DiffclsError(self._non_finite_latent(p.source))
                     p.latent = x0.clone()
                     p.pixels = None
                     if self.cache is not None:
@@ -271,6 +277,19 @@ class Classifier:
                 yield from flush()
         if chunk:
             yield from flush()
+
+    def _non_finite_latent(self, source: str) -> str:
+        """One line: which image, and the likely cause given the VAE encoder's dtype."""
+        dtype = self.engines.vae_encoder.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            fix = ("use --precision fp32, or set \"force_upcast\": true in the model's vae/config.json"
+                   if self.engines.backend == "torch" else
+                   "re-export the engines with --precision fp32, or with \"force_upcast\": true in the VAE config")
+            cause = f"the VAE encoder runs in {str(dtype).removeprefix('torch.')} and likely overflowed; {fix}"
+        else:
+            cause = ("it runs in fp32, so the VAE weights, the engine or an input tensor hold NaN/inf; "
+                     "check the model files or re-export the engines")
+        return f"{source}: the VAE encoder produced NaN/inf latents (nothing was cached); {cause}"
 
     # --- scoring ----------------------------------------------------------------------------
     def iter_classify(
@@ -298,7 +317,7 @@ class Classifier:
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
-        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size)
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type)
         self.last_stats = scorer.stats
         sources: dict[int, str] = {}
         digests: dict[int, str | None] = {}
@@ -327,6 +346,9 @@ class Classifier:
                 f"the noise tensor has shape {list(noise.shape)}; this schedule and model need "
                 f"{list(shape)} (max(n_samples) * n_trials, C, h, w)"
             )
+        problem = non_finite_problem(noise)
+        if problem:
+            raise DiffclsError(f"the noise tensor {problem}; pass finite standard-normal noise (or drop it to use --seed)")
         return noise.float()
 
     @staticmethod
@@ -343,6 +365,22 @@ class Classifier:
             n_evals=s.n_evals,
             _prompts=prompts,
         )
+
+
+def non_finite_problem(x: torch.Tensor) -> str | None:
+    """"holds 3 NaN and 1 inf values (of 4096)" for a tensor with non-finite values, else None.
+
+    Checked in the tensor's own dtype and again after the float32 cast scoring uses (a float64
+    value beyond float32's range becomes inf).
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return None
+    x32 = x.float()
+    if bool(torch.isfinite(x).all()) and bool(torch.isfinite(x32).all()):
+        return None
+    n_nan = int(torch.isnan(x32).sum())
+    n_inf = int(torch.isinf(x32).sum())
+    return f"holds {n_nan} NaN and {n_inf} inf values (of {x.numel()})"
 
 
 def run_batched(engine, name: str, x: torch.Tensor, preferred: int) -> torch.Tensor:
