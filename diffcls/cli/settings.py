@@ -190,9 +190,19 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> 
     if T is not None:
         schedule.validate(len(prompt_set), T)
     noise = load_noise(s.noise)
+    if s.precision == Precision.bf16 and _runs_on_cpu(s):  # as --precision's help says (the library allows it)
+        raise DiffclsError("--precision bf16 runs on a GPU only (torch backend); use --precision fp32 on a CPU")
     clf = open_classifier(s, s.image_size or defaults.get("image_size"))
     schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)  # a no-op when T was known
     return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise)
+
+
+def _runs_on_cpu(s: RunSettings) -> bool:
+    if s.device is not None:
+        return s.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _known_train_timesteps(s: RunSettings) -> int | None:

@@ -35,9 +35,9 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision in (None, "auto"):
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise DiffclsError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16 (GPU only)")
-    if precision in ("fp16", "bf16") and device.type == "cpu":
-        raise DiffclsError(f"--precision {precision} runs on a GPU only (on a CPU it is slow and inexact in torch); use --precision fp32 on a CPU")
+        raise DiffclsError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
+    if precision == "fp16" and device.type == "cpu":
+        raise DiffclsError("fp16 on CPU is slow and inexact in torch; use --precision fp32 on CPU")
     return precision
 
 
