@@ -52,7 +52,12 @@ def make_noise_bank(schedule: Schedule | AdaptiveSchedule, latent_shape: tuple[i
 
 
 def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.Tensor:
-    """mean over (C, H, W) of the elementwise loss, in float32 -> (B,)."""
+    """mean over (C, H, W) of the elementwise loss -> (B,) float64.
+
+    Elementwise in float32, then each sample's mean accumulated in float64 over its own
+    C*H*W values: how a kernel splits that reduction (which can follow the batch size on a
+    GPU) moves the result by ~1e-16 relative, far below the UNet's own batch-size effects.
+    """
     pred = pred.float()
     if loss == "l2":
         e = F.mse_loss(eps, pred, reduction="none")
@@ -62,7 +67,7 @@ def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.T
         e = F.huber_loss(eps, pred, reduction="none", delta=1.0)
     else:
         raise ValueError(loss)
-    return e.mean(dim=(1, 2, 3))
+    return e.flatten(1).double().mean(dim=1)
 
 
 class NonFiniteError(DiffclsError):
