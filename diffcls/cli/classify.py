@@ -102,7 +102,11 @@ def run_folder(
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in keys.values()}
+    results: dict[str, dict] = {
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r}
+        for k, r in done.items()
+        if k in keys.values()
+    }
     if done:
         console.print(f"resuming {out_csv}: {len(done)} of {len(images)} images already done")
     skipped: list[tuple[str, str]] = []
@@ -136,6 +140,7 @@ def run_folder(
                     "prediction": r.classname,
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
+                    "n_evals": r.n_evals,
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -149,13 +154,27 @@ def run_folder(
         evals = stats.unet_evals if stats else 0
         console.print(
             f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
-            f"{evals / elapsed:.0f} UNet evals/s, padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
+            f"{evals / n_done:.0f} UNet evals/image, {evals / elapsed:.0f} UNet evals/s, "
+            f"padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )
         console.print("speed: " + _per_image_speed(clf.timer.summary(), n_done))
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+def _int_or_none(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def evals_per_image(results: dict, keys=None) -> float | None:
+    """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
+    counts = [results[k]["n_evals"] for k in (results if keys is None else keys) if results[k].get("n_evals") is not None]
+    return sum(counts) / len(counts) if counts else None
 
 
 def _per_image_speed(stages: dict, n: int) -> str:
@@ -269,11 +288,13 @@ def evaluate(
 
         class_ids = list(pset.classes)
         m = confusion_metrics([truth[k] for k in truth], [results[k]["classidx"] for k in truth], class_ids)
+        m["evals_per_image"] = evals_per_image(results, truth)
         _print_metrics(m, pset.classes)
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            atomic_write_text(json_out, json.dumps({**m, "classes": pset.classes, "n_skipped": len(skipped)}, indent=2))
+            report = {**m, "schedule": run.schedule.describe(), "classes": pset.classes, "n_skipped": len(skipped)}
+            atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
@@ -287,6 +308,8 @@ def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     names = [classes[i] for i in m["class_ids"]]
     out.print(f"top-1 accuracy: {100 * m['top1']:.2f}% ({m['correct']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
+    if m.get("evals_per_image") is not None:
+        out.print(f"UNet evaluations per image: {m['evals_per_image']:.1f}")
     if len(names) > 30:
         out.print(f"confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
         return
