@@ -132,7 +132,11 @@ def run_folder(
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in by_key}
+    results: dict[str, dict] = {
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r}
+        for k, r in done.items()
+        if k in by_key
+    }
     if writer is not None:
         for why, n in writer.dropped.items():
             console.print(escape(f"{out_csv}: {_DROPPED.get(why, why).format(n=n, errors=errors_path)}"))
@@ -168,6 +172,7 @@ def run_folder(
                     "prediction": r.classname,
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
+                    "n_evals": r.n_evals,
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -181,13 +186,27 @@ def run_folder(
         evals = stats.unet_evals if stats else 0
         console.print(
             f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
-            f"{evals / elapsed:.0f} UNet evals/s, padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
+            f"{evals / n_done:.0f} UNet evals/image, {evals / elapsed:.0f} UNet evals/s, "
+            f"padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )
         console.print("speed: " + _per_image_speed(clf.timer.summary(), n_done))
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+def _int_or_none(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def evals_per_image(results: dict, keys=None) -> float | None:
+    """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
+    counts = [results[k]["n_evals"] for k in (results if keys is None else keys) if results[k].get("n_evals") is not None]
+    return sum(counts) / len(counts) if counts else None
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -360,12 +379,14 @@ def evaluate(
             class_ids,
             top=[_top_ids(results[k], by_name) for k in truth],
         )
+        m["evals_per_image"] = evals_per_image(results, truth)
         _print_metrics(m, pset.classes)
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
             report = {
                 **m,
+                "schedule": run.schedule.describe(),
                 "classes": pset.classes,
                 "n_skipped": len(skipped),
                 "n_unlabeled": unlabeled,
@@ -458,6 +479,8 @@ def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     if "top5" in m:
         out.print(f"top-5 accuracy: {100 * m['top5']:.2f}% ({m['correct_top5']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
+    if m.get("evals_per_image") is not None:
+        out.print(f"UNet evaluations per image: {m['evals_per_image']:.1f}")
     if len(names) > 30:
         out.print(f"per-class precision/recall and confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
         return
