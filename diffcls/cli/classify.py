@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -74,26 +77,37 @@ def run_folder(
     errors_path,
     workers,
     labels: dict[str, int] | None = None,
+    shard: tuple[int, int] | None = None,
+    runner=None,
 ):
-    """Classify every image under `folder`, resuming `out_csv`; returns {key: (classidx, row)}."""
+    """Classify every image under `folder` (or shard I of N of them: `shard=(I, N)`), resuming
+    `out_csv`; `runner` (a runtime.distributed.RayRunner) scores them instead of `clf`.
+    Returns {key: (classidx, row)}."""
+    from diffcls.runtime.distributed import engine_info
     from diffcls.runtime.preprocess import find_images
     from diffcls.runtime.results import ResultsWriter
+    from diffcls.runtime.shards import shard_of
 
     images = find_images(folder)
     root = folder if folder.is_dir() else folder.parent
     keys = {p: p.relative_to(root).as_posix() for p in images}
-    e = clf.engines
+    if shard is not None:
+        images = [p for p in images if shard_of(keys[p], shard[1]) == shard[0]]
+        keys = {p: keys[p] for p in images}
+    e = runner.info if runner is not None else engine_info(clf)
     settings = {
-        "model": e.fingerprint,
-        "backend": e.backend,
-        "precision": e.precision,
+        "model": e["fingerprint"],
+        "backend": e["backend"],
+        "precision": e["precision"],
         "prompts": prompts_set.digest(),
         "schedule": schedule.describe(),
         "seed": seed if noise is None else None,
         "noise": None if noise is None else _tensor_digest(noise),
-        "image_size": e.image_size,
+        "image_size": e["image_size"],
         "interpolation": interpolation,
     }
+    if shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
+        settings["shard"] = f"{shard[0]}/{shard[1]}"
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
@@ -117,18 +131,24 @@ def run_folder(
                 console.print(f"[yellow]skipped[/] {msg}")
                 progress.advance(task)
 
-            for r in clf.iter_classify(
-                [str(p) for p in todo],
-                prompts_set,
-                schedule,
-                seed=seed,
-                noise=noise,
-                batch_size=batch_size,
-                interpolation=interpolation,
-                workers=workers,
-                on_skip=on_skip,
-            ):
-                key = keys[Path(r.source)]
+            if runner is not None:  # workers elsewhere: absolute paths, mapped back to keys
+                by_abs = {os.path.abspath(p): p for p in todo}
+                stream = runner.iter_classify(list(by_abs), on_skip=on_skip)
+            else:
+                by_abs = None
+                stream = clf.iter_classify(
+                    [str(p) for p in todo],
+                    prompts_set,
+                    schedule,
+                    seed=seed,
+                    noise=noise,
+                    batch_size=batch_size,
+                    interpolation=interpolation,
+                    workers=workers,
+                    on_skip=on_skip,
+                )
+            for r in stream:
+                key = keys[by_abs[r.source] if by_abs is not None else Path(r.source)]
                 if writer is not None:
                     writer.write(key, r)
                 results[key] = {
@@ -144,8 +164,14 @@ def run_folder(
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
-    stats = clf.last_stats
-    if n_done:
+    stats = clf.last_stats if clf is not None else None
+    if n_done and runner is not None:
+        console.print(
+            f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s) on "
+            f"{len(runner.worker_stats)} Ray workers" + (f"; {len(skipped)} skipped" if skipped else "")
+        )
+        console.print("per worker: " + runner.summary())
+    elif n_done:
         evals = stats.unet_evals if stats else 0
         console.print(
             f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
@@ -178,20 +204,75 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
 
 
-def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, labels=None):
-    return run_folder(
-        folder,
-        prompts_set=run.prompts,
-        clf=run.classifier,
-        schedule=run.schedule,
-        seed=s.seed,
-        noise=run.noise,
-        batch_size=s.batch_size,
-        interpolation=s.interpolation.value,
-        out_csv=out_csv,
-        errors_path=save_errors,
-        workers=s.workers,
-    )
+_SCALE = "Many GPUs"
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """How a run is spread: a shard of the folder, and/or Ray workers."""
+
+    shard: tuple[int, int] | None = None
+    ray: bool = False
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+
+    @classmethod
+    def from_options(cls, shard, ray, address, workers, gpus_per_worker) -> "ScaleOut":
+        from diffcls.runtime.shards import parse_shard
+
+        if not ray:
+            given = [f for f, v in (("--ray-address", address), ("--ray-workers", workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
+            if given:
+                raise DiffclsError(f"{', '.join(given)} only apply with --ray; add --ray or drop {given[0]}")
+        return cls(None if shard is None else parse_shard(shard), ray, address, workers, gpus_per_worker)
+
+
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Classify only shard I of N (e.g. 0/4): a fixed share of the images, by a hash of each path; join the shards' --out files with `diffcls merge`.", rich_help_panel=_SCALE)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (pip install 'diffcls[ray]'): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local cluster).", rich_help_panel=_SCALE)]
+RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray workers, each opening the engines once (default: one per GPU, else 1).", rich_help_panel=_SCALE, min=1)]
+GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
+
+
+def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, scale: ScaleOut | None = None):
+    """run_folder, locally or on Ray workers (then `run` was prepared without opening engines)."""
+    scale = scale or ScaleOut()
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if scale.ray:
+            from diffcls.cli.settings import classifier_kwargs
+            from diffcls.runtime.distributed import RayRunner, WorkerSpec
+
+            spec = WorkerSpec(
+                classifier=classifier_kwargs(s, run.image_size, absolute=True),
+                prompts=run.prompts,
+                schedule=run.schedule,
+                seed=s.seed,
+                noise=run.noise,
+                batch_size=s.batch_size,
+                interpolation=s.interpolation.value,
+                decode_workers=s.workers,
+            )
+            runner = RayRunner(spec, address=scale.address, workers=scale.workers, gpus_per_worker=scale.gpus_per_worker)
+            stack.enter_context(runner)
+            console.print(f"Ray: {runner.workers} workers x {runner.gpus_per_worker:g} GPUs, engines on {runner.info['device']} ({runner.info['backend']})")
+        results, skipped, keys = run_folder(
+            folder,
+            prompts_set=run.prompts,
+            clf=run.classifier,
+            schedule=run.schedule,
+            seed=s.seed,
+            noise=run.noise,
+            batch_size=s.batch_size,
+            interpolation=s.interpolation.value,
+            out_csv=out_csv,
+            errors_path=save_errors,
+            workers=s.workers,
+            shard=scale.shard,
+            runner=runner,
+        )
+    return results, skipped, keys
 
 
 @app.command()
@@ -200,13 +281,19 @@ def classify(
     folder: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
+    shard: ShardOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
     with user_errors():
-        run = prepare(settings, folder)
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
+        scale = ScaleOut.from_options(shard, ray, ray_address, ray_workers, gpus_per_worker)
+        run = prepare(settings, folder, open_engines=not scale.ray)
+        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors, scale)
         if out_csv is None or len(results) <= 20:
             _print_predictions(results)
         if out_csv is not None:
@@ -239,6 +326,10 @@ def evaluate(
     save_errors: ErrorsOpt = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -249,7 +340,8 @@ def evaluate(
         subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not subdirs:
             raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
-        run = prepare(settings, folder, folder_classes=subdirs)
+        scale = ScaleOut.from_options(None, ray, ray_address, ray_workers, gpus_per_worker)
+        run = prepare(settings, folder, folder_classes=subdirs, open_engines=not scale.ray)
         pset = run.prompts
         by_name = {_norm(name): idx for idx, name in pset.classes.items()}
         unknown = [d for d in subdirs if _norm(d) not in by_name]
@@ -257,7 +349,7 @@ def evaluate(
             raise DiffclsError(
                 f"subfolders {', '.join(unknown)} of {folder} match no class name ({', '.join(pset.classes.values())}); rename them or fix the prompts"
             )
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
+        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors, scale)
         truth = {}
         for key in results:
             top = key.split("/", 1)[0]

@@ -71,7 +71,11 @@ def _cause(e: BaseException) -> str:
 
 
 def open_worker_classifier(spec: WorkerSpec) -> Classifier:
-    clf = Classifier.from_pretrained(**spec.classifier)
+    """The worker's Classifier; a DiffclsError that says why it cannot be opened or used."""
+    try:
+        clf = Classifier.from_pretrained(**spec.classifier)
+    except Exception as e:  # noqa: BLE001 - missing extra, wrong GPU, unreadable model: one line
+        raise DiffclsError(f"cannot open the engines: {_cause(e)}") from e
     spec.schedule.validate(len(spec.prompts), clf.engines.num_train_timesteps)
     return clf
 
@@ -108,7 +112,7 @@ class ScoreWorker:
             self.clf.encode_prompts(spec.prompts)  # once per worker: the classifier keeps them
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line
             self.clf = None
-            self.error = f"cannot open the engines: {_cause(e)}"
+            self.error = _cause(e)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -160,7 +164,7 @@ def _probe(spec: WorkerSpec) -> dict:
     try:
         clf = open_worker_classifier(spec)
     except Exception as e:  # noqa: BLE001
-        return {"worker": name, "error": f"cannot open the engines: {_cause(e)}"}
+        return {"worker": name, "error": _cause(e)}
     return {"worker": name, **engine_info(clf)}
 
 
@@ -237,7 +241,7 @@ class RayRunner:
         probe = ray.remote(_probe).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)
         info = ray.get(probe.remote(self.spec))
         if "error" in info:
-            raise DiffclsError(f"Ray worker {info['worker']} {info['error']}")
+            raise DiffclsError(f"Ray worker {info['worker']}: {info['error']}")
         self.info = info
         return info
 
@@ -291,7 +295,7 @@ class RayRunner:
             for row in it:
                 kind, i, worker = row["kind"], int(row["i"]), row["worker"]
                 if kind == "fatal":
-                    raise DiffclsError(f"Ray worker {worker} {row['payload']}")
+                    raise DiffclsError(f"Ray worker {worker}: {row['payload']}")
                 if kind == "lost":
                     continue  # dispatched again in the next pass
                 st = self.worker_stats.setdefault(worker, WorkerStats())
