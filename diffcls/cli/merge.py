@@ -41,7 +41,7 @@ def merge(
         for line in report.problems:
             console.print(f"[yellow]{line}[/]")
         if report.duplicated:
-            raise DiffclsError(f"{len(report.duplicated)} images have rows in more than one shard file; pass each shard's file once, nothing was written")
+            raise DiffclsError(f"{len(report.duplicated)} images have more than one row in the shard files (see above); pass each shard's file once; {out_csv} was not written")
         if report.problems and not allow_missing:
             raise DiffclsError(f"the shards do not cover every image (see above); finish the missing shards, or pass --allow-missing; {out_csv} was not written")
         if images is None:
