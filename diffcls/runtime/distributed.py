@@ -200,7 +200,7 @@ class RayRunner:
     address: str | None = None  # None: the running cluster (ray.init already called) or a local one
     workers: int | None = None  # None: one per GPU (with gpus_per_worker > 0), else 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: 1 with GPUs, else the cluster's CPUs / workers (torch threads)
     images_per_task: int = 1  # images per map_batches call (an image is the unit of work)
     max_passes: int = 3  # dispatch rounds for images no result came back for
     info: dict = field(default_factory=dict)  # engine_info from the probe, and "worker"
@@ -238,6 +238,9 @@ class RayRunner:
             )
         if self.workers is None:
             self.workers = max(1, int(gpus // self.gpus_per_worker)) if self.gpus_per_worker > 0 else 1
+        if self.cpus_per_worker is None:  # GPU workers: 1 CPU each; CPU workers share the CPUs evenly
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            self.cpus_per_worker = 1.0 if self.gpus_per_worker > 0 else max(1.0, float(int(cpus // self.workers)))
         probe = ray.remote(_probe).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)
         info = ray.get(probe.remote(self.spec))
         if "error" in info:
