@@ -205,6 +205,30 @@ def test_worker_that_cannot_open_engines_reports_one_line():
     assert str(os.getpid()) in out["worker"][0]
 
 
+def test_classifier_encodes_the_same_prompts_once(tiny):
+    """A Ray worker scores one small batch after another: the prompts are encoded once."""
+    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.prompts import PromptSet
+
+    clf = Classifier.from_pretrained(tiny, use_cache=False)
+    calls = []
+    encoder = clf.engines.text_encoder
+
+    class Counting:
+        batch_sizes = encoder.batch_sizes
+
+        def __call__(self, feed):
+            calls.append(len(feed["input_ids"]))
+            return encoder(feed)
+
+    clf.engines.text_encoder = Counting()
+    first = clf.encode_prompts(PromptSet.from_classes("cat,dog", "a {}"))
+    again = clf.encode_prompts(PromptSet.from_classes("cat,dog", "a {}"))
+    assert len(calls) == 1 and again is first
+    other = clf.encode_prompts(PromptSet.from_classes("cat,bird", "a {}"))  # other prompts: encoded
+    assert len(calls) == 2 and not other.equal(first)
+
+
 # --- Ray: a local cluster -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
