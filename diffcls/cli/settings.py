@@ -204,14 +204,16 @@ def run_options(command):
 class Run:
     prompts: Any  # runtime.prompts.PromptSet
     schedule: Any  # runtime.schedule.Schedule or AdaptiveSchedule (--adaptive)
-    classifier: Any  # runtime.classifier.Classifier
+    classifier: Any  # runtime.classifier.Classifier (None when prepared with open_engines=False)
     noise: Any  # torch.Tensor | None
+    image_size: int | None = None  # the resolution asked for (None: the model's)
 
 
-def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> Run:
+def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None, open_engines: bool = True) -> Run:
     """Check the inputs cheaply (images, model or engines, prompts, schedule, noise), then open
-    the engines. Cheap checks come first, so a typo costs no model load. `folder`: a path, or
-    the `runtime.inputs.Inputs` a command already collected."""
+    the engines (unless `open_engines` is False: Ray workers open their own). Cheap checks come
+    first, so a typo costs no model load. `folder`: a path, or the `runtime.inputs.Inputs` a
+    command already collected."""
     from diffcls.engines.manifest import require_engine_dir
     from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.inputs import Inputs, collect_inputs
@@ -232,9 +234,12 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> 
     noise = load_noise(s.noise)
     if s.precision == Precision.bf16 and _runs_on_cpu(s):  # as --precision's help says (the library allows it)
         raise DiffclsError("--precision bf16 runs on a GPU only (torch backend); use --precision fp32 on a CPU")
-    clf = open_classifier(s, s.image_size or defaults.get("image_size"))
+    image_size = s.image_size or defaults.get("image_size")
+    if not open_engines:
+        return Run(prompts=prompt_set, schedule=schedule, classifier=None, noise=noise, image_size=image_size)
+    clf = open_classifier(s, image_size)
     schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)  # a no-op when T was known
-    return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise)
+    return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise, image_size=image_size)
 
 
 def _runs_on_cpu(s: RunSettings) -> bool:
@@ -326,24 +331,36 @@ def backend_name(s: RunSettings) -> str:
         return "onnxruntime"  # the backend reports the broken manifest
 
 
-def open_classifier(s: RunSettings, image_size: int | None):
-    from diffcls.runtime.classifier import Classifier
+def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = False) -> dict:
+    """`Classifier.from_pretrained`'s keyword arguments, as plain values (Ray sends them to
+    workers: `absolute` makes the paths independent of the working directory)."""
+
+    def path(p):
+        if p is None:
+            return None
+        return str(Path(p).resolve()) if absolute else p
 
     name = backend_name(s)
-    clf = Classifier.from_pretrained(
-        s.model if s.engines is None else (str(s.model) if s.model is not None else None),
+    return dict(
+        model=path(s.model) if s.engines is None else (str(path(s.model)) if s.model is not None else None),
         backend=name,
-        engine_dir=s.engines,
+        engine_dir=path(s.engines),
         device=s.device,
         precision=None if s.precision == Precision.auto else s.precision.value,
         image_size=image_size,
         # a compiled UNet gets one static graph per batch size: pad the tail to the same size
         batch_sizes=(s.batch_size,) if s.compile and name == "torch" else None,
         compile=s.compile,
-        cache_dir=s.cache_dir,
+        cache_dir=path(s.cache_dir),
         use_cache=not s.no_cache,
         threads=s.threads,
     )
+
+
+def open_classifier(s: RunSettings, image_size: int | None):
+    from diffcls.runtime.classifier import Classifier
+
+    clf = Classifier.from_pretrained(**classifier_kwargs(s, image_size))
     sizes = clf.engines.unet.batch_sizes
     if s.engines is not None and sizes and s.batch_size not in sizes:
         from diffcls.engines.manifest import check_batch_sizes, read_manifest

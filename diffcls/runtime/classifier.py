@@ -91,6 +91,7 @@ class Classifier:
         self.cache = cache
         self.timer = timer or StageTimer(engines.device)
         self.last_stats = None  # ScoreStats of the last run
+        self._text_memo: tuple[tuple[str, ...], torch.Tensor] | None = None  # the last prompts' embeddings
 
     @classmethod
     def from_pretrained(
@@ -149,6 +150,8 @@ class Classifier:
     def encode_prompts(self, prompts: PromptSet | list[str], batch_size: int = 64) -> torch.Tensor:
         """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt."""
         texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+        if self._text_memo is not None and self._text_memo[0] == tuple(texts):
+            return self._text_memo[1]  # a worker scoring one small batch after another
         found: dict[int, torch.Tensor] = {}
         if self.cache is not None:
             for i, text in enumerate(texts):
@@ -165,7 +168,9 @@ class Classifier:
                 found[i] = emb[j].clone()
                 if self.cache is not None:
                     self.cache.put("text", {**self._key_base(), "prompt": texts[i]}, found[i])
-        return torch.stack([found[i] for i in range(len(texts))])
+        emb = torch.stack([found[i] for i in range(len(texts))])
+        self._text_memo = (tuple(texts), emb)
+        return emb
 
     # --- images -----------------------------------------------------------------------------
     def _prepare(self, index: int, image, size: int, interpolation: Interpolation) -> _Prepared:
