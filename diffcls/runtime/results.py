@@ -19,9 +19,15 @@ from pathlib import Path
 from diffcls.errors import DiffclsError
 
 TOP_K = 5
-COLUMNS = ["path", "prediction", "classidx", "score", "n_evals"] + [
+BASE_COLUMNS = ["path", "prediction", "classidx", "score", "n_evals"] + [
     f"top{i}{suffix}" for i in range(1, TOP_K + 1) for suffix in ("", "_score")
 ]
+# Scores that compare (mean error over the samples all listed classes share; lower is better)
+# and probabilities (empty without --calibration); see runtime.calibration.
+SHARED_COLUMNS = ["n_shared", "probability"] + [
+    f"top{i}{suffix}" for suffix in ("_mean_error", "_probability") for i in range(1, TOP_K + 1)
+]
+COLUMNS = BASE_COLUMNS + SHARED_COLUMNS
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -53,8 +59,11 @@ def _complete_lines(path: Path) -> tuple[list[str], bool]:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
-    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None):
+    def __init__(
+        self, out: str | Path, settings: dict, errors_path: str | Path | None = None, temperature: float | None = None
+    ):
         self.out = Path(out)
+        self.temperature = temperature  # from --calibration: fills the probability columns
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
@@ -98,7 +107,7 @@ class ResultsWriter:
 
     def _load_csv(self) -> None:
         lines, torn = _complete_lines(self.out)
-        if not lines or lines[0].split(",")[: len(COLUMNS)] != COLUMNS:
+        if not lines or lines[0].split(",")[: len(BASE_COLUMNS)] != BASE_COLUMNS:
             raise DiffclsError(f"{self.out} is not a diffcls results file (unexpected header); pass another --out")
         if torn:  # killed mid-write: drop the partial row, it will be recomputed
             with open(self.out, "r+b") as f:
@@ -131,13 +140,18 @@ class ResultsWriter:
     def write(self, key: str, result) -> None:
         """Record one finished image (`result`: runtime.classifier.ImageResult)."""
         if self._err_fd is not None:
-            rec = result.to_json()
+            rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             self._append(self._err_fd, json.dumps(rec, separators=(",", ":")) + "\n")
         top = result.top_classes(TOP_K)
         row = [key, result.classname, result.prediction, f"{result.scores[result.prompt]:.6g}", result.n_evals]
         for i in range(TOP_K):
             row += [top[i][1], f"{top[i][2]:.6g}"] if i < len(top) else ["", ""]
+        shared, n_shared = result.shared_scores(TOP_K)
+        probs = result.probabilities(self.temperature, TOP_K) if self.temperature is not None else []
+        row += [n_shared, f"{probs[0][2]:.6g}" if probs else ""]
+        row += [f"{shared[i][2]:.6g}" if i < len(shared) else "" for i in range(TOP_K)]
+        row += [f"{probs[i][2]:.6g}" if i < len(probs) else "" for i in range(TOP_K)]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(row)
         self._append(self._csv_fd, buf.getvalue())
