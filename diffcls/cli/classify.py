@@ -74,6 +74,7 @@ def run_folder(
     errors_path,
     workers,
     labels: dict[str, int] | None = None,
+    temperature: float | None = None,
 ):
     """Classify every image under `folder`, resuming `out_csv`; returns {key: (classidx, row)}."""
     from diffcls.runtime.preprocess import find_images
@@ -94,15 +95,21 @@ def run_folder(
         "image_size": e.image_size,
         "interpolation": interpolation,
     }
+    if temperature is not None:  # the probability columns depend on it: no mixing on resume
+        settings["temperature"] = temperature
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
-        writer = ResultsWriter(out_csv, settings, errors_path)
+        writer = ResultsWriter(out_csv, settings, errors_path, temperature=temperature)
         done = writer.open()
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in keys.values()}
+    results: dict[str, dict] = {
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r, "shared": _shared_from_row(r, prompts_set)}
+        for k, r in done.items()
+        if k in keys.values()
+    }
     if done:
         console.print(f"resuming {out_csv}: {len(done)} of {len(images)} images already done")
     skipped: list[tuple[str, str]] = []
@@ -131,11 +138,13 @@ def run_folder(
                 key = keys[Path(r.source)]
                 if writer is not None:
                     writer.write(key, r)
+                shared, _ = r.shared_scores(5)
                 results[key] = {
                     "classidx": r.prediction,
                     "prediction": r.classname,
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
+                    "shared": shared,
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -158,6 +167,21 @@ def run_folder(
     return results, skipped, keys
 
 
+def _shared_from_row(row: dict, prompts_set) -> list[tuple[int, str, float]] | None:
+    """The listed classes with their shared mean errors, from a results CSV row (None for a
+    file written before those columns existed)."""
+    ids = {name: idx for idx, name in prompts_set.classes.items()}
+    out = []
+    for i in range(1, 6):
+        name, m = row.get(f"top{i}") or "", row.get(f"top{i}_mean_error") or ""
+        if not name:
+            break
+        if not m or name not in ids:
+            return None
+        out.append((ids[name], name, float(m)))
+    return out or None
+
+
 def _per_image_speed(stages: dict, n: int) -> str:
     """'1.2 ms preprocess, 0.4 ms text encode, ... per image' (stages summed over the run / n)."""
     def ms(*names):
@@ -176,9 +200,16 @@ def _tensor_digest(t) -> str:
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path, prediction, top-5 with scores); rerunning resumes it.")]
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Temperature file from `diffcls calibrate`: adds class probabilities (CSV 'probability' columns).")]
 
 
-def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, labels=None):
+def _temperature(calibration: Path | None) -> float | None:
+    from diffcls.runtime.calibration import Calibration
+
+    return None if calibration is None else Calibration.load(calibration).temperature
+
+
+def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, labels=None, temperature=None):
     return run_folder(
         folder,
         prompts_set=run.prompts,
@@ -191,6 +222,7 @@ def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, la
         out_csv=out_csv,
         errors_path=save_errors,
         workers=s.workers,
+        temperature=temperature,
     )
 
 
@@ -200,30 +232,47 @@ def classify(
     folder: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
+    calibration: CalibrationOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
     with user_errors():
+        temperature = _temperature(calibration)
         run = prepare(settings, folder)
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
+        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors, temperature=temperature)
         if out_csv is None or len(results) <= 20:
-            _print_predictions(results)
+            _print_predictions(results, temperature)
         if out_csv is not None:
             console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
             raise DiffclsError(f"no image under {folder} could be classified; see the skipped files above")
 
 
-def _print_predictions(results: dict) -> None:
+def _print_predictions(results: dict, temperature: float | None = None) -> None:
+    """One row per image. The scores are mean errors over the samples the top-5 share (lower is
+    better), so the prediction's and the runner-up's compare."""
     from rich.table import Table
 
-    table = Table("image", "prediction", "score", "runner-up")
+    from diffcls.runtime.calibration import softmax_neg
+
+    cols = ["image", "prediction", "mean error", "runner-up (mean error)"]
+    table = Table(
+        *cols + (["probability"] if temperature is not None else []),
+        caption="mean error: over the samples the top-5 classes share; lower is better",
+    )
     for key in sorted(results):
         r = results[key]
-        top = r.get("top") or []
-        runner = f"{top[1][1]} ({top[1][2]:.4g})" if len(top) > 1 else (r["row"].get("top2", "") if "row" in r else "")
-        table.add_row(key, r["prediction"], str(r["score"]), runner)
+        shared = r.get("shared")
+        if shared:  # ranking order: the prediction first
+            score = f"{shared[0][2]:.4g}"
+            runner = f"{shared[1][1]} ({shared[1][2]:.4g})" if len(shared) > 1 else ""
+        else:  # a row resumed from a file without the shared columns: its own mean
+            score, runner = str(r["score"]), (r["row"].get("top2", "") if "row" in r else "")
+        cells = [key, r["prediction"], score, runner]
+        if temperature is not None:
+            cells.append(f"{softmax_neg([m for _, _, m in shared], temperature)[0]:.3f}" if shared else "")
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -237,48 +286,144 @@ def evaluate(
     folder: Annotated[Path, typer.Argument(help="Labeled folder: one subfolder of images per class, named as the classes.")],
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (and the reliability diagram beside it, *-reliability.png).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
+    calibration: CalibrationOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
-    """Accuracy on a labeled folder: top-1, mean per-class accuracy and a confusion matrix."""
+    """Accuracy on a labeled folder: top-1, mean per-class accuracy, a confusion matrix, and the
+    calibration of the class probabilities (NLL, expected calibration error)."""
     with user_errors():
-        if not folder.is_dir():
-            raise DiffclsError(f"{folder} is not a folder; evaluate needs one subfolder of images per class")
-        subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not subdirs:
-            raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
-        run = prepare(settings, folder, folder_classes=subdirs)
-        pset = run.prompts
-        by_name = {_norm(name): idx for idx, name in pset.classes.items()}
-        unknown = [d for d in subdirs if _norm(d) not in by_name]
-        if unknown:
-            raise DiffclsError(
-                f"subfolders {', '.join(unknown)} of {folder} match no class name ({', '.join(pset.classes.values())}); rename them or fix the prompts"
-            )
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
-        truth = {}
-        for key in results:
-            top = key.split("/", 1)[0]
-            if "/" in key and _norm(top) in by_name:
-                truth[key] = by_name[_norm(top)]
-        if not truth:
-            raise DiffclsError(f"no labeled image under {folder} was classified")
+        temperature = _temperature(calibration)
+        pset, results, truth, skipped = _labelled_run(folder, settings, out_csv, save_errors, temperature)
         from diffcls.runtime.metrics import confusion_metrics
 
         class_ids = list(pset.classes)
         m = confusion_metrics([truth[k] for k in truth], [results[k]["classidx"] for k in truth], class_ids)
         _print_metrics(m, pset.classes)
+        cal = _calibration_metrics(results, truth, temperature)
+        if cal is not None:
+            out.print(
+                f"probabilities ({'temperature %.4g from %s' % (temperature, calibration) if temperature is not None else 'uncalibrated, temperature 1; fit one with diffcls calibrate'}): "
+                f"NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)"
+            )
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            atomic_write_text(json_out, json.dumps({**m, "classes": pset.classes, "n_skipped": len(skipped)}, indent=2))
+            extra = {"calibration": {k: v for k, v in cal.items() if k not in ("confidence", "correct")}} if cal else {}
+            atomic_write_text(json_out, json.dumps({**m, "classes": pset.classes, "n_skipped": len(skipped), **extra}, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
             plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
             console.print(f"confusion matrix plot in {plot}")
+            if cal is not None:
+                from diffcls.runtime.calibration import plot_reliability
+
+                rel = plot.with_name(plot.stem + "-reliability.png")
+                label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
+                plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+                console.print(f"reliability diagram in {rel}")
+
+
+def _calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
+    """NLL of the true class and ECE of the predicted class's probability, over the images
+    whose shared scores are known (rows resumed from an older file have none)."""
+    from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
+
+    t = UNCALIBRATED if temperature is None else temperature
+    lists, pos, conf, correct = [], [], [], []
+    for key, label in truth.items():
+        shared = results[key].get("shared")
+        if not shared:
+            continue
+        ids = [idx for idx, _, _ in shared]
+        means = [m for _, _, m in shared]
+        lists.append(means)
+        pos.append(ids.index(label) if label in ids else None)
+        conf.append(softmax_neg(means, t)[0])
+        correct.append(results[key]["classidx"] == label)
+    if not lists:
+        return None
+    return {
+        "temperature": t,
+        "n": len(lists),
+        "nll": nll(lists, pos, t),
+        "ece": expected_calibration_error(conf, correct),
+        "confidence": conf,
+        "correct": correct,
+    }
+
+
+def _labelled_run(folder: Path, settings: RunSettings, out_csv, save_errors, temperature=None):
+    """Run (or resume) a labelled folder; returns (prompts, results, {key: true classidx}, skipped)."""
+    if not folder.is_dir():
+        raise DiffclsError(f"{folder} is not a folder; give a labeled folder with one subfolder of images per class")
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
+    run = prepare(settings, folder, folder_classes=subdirs)
+    pset = run.prompts
+    by_name = {_norm(name): idx for idx, name in pset.classes.items()}
+    unknown = [d for d in subdirs if _norm(d) not in by_name]
+    if unknown:
+        raise DiffclsError(
+            f"subfolders {', '.join(unknown)} of {folder} match no class name ({', '.join(pset.classes.values())}); rename them or fix the prompts"
+        )
+    results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors, temperature=temperature)
+    truth = {}
+    for key in results:
+        top = key.split("/", 1)[0]
+        if "/" in key and _norm(top) in by_name:
+            truth[key] = by_name[_norm(top)]
+    if not truth:
+        raise DiffclsError(f"no labeled image under {folder} was classified")
+    return pset, results, truth, skipped
+
+
+@app.command()
+@run_options
+def calibrate(
+    folder: Annotated[Path, typer.Argument(help="Labeled folder (one subfolder per class) to fit the temperature on; not the images you will evaluate on.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the temperature (JSON), for classify/evaluate --calibration.")] = Path("calibration.json"),
+    results_csv: Annotated[Optional[Path], typer.Option("--results", help="Results CSV of this run (resumable; an evaluate --out CSV with the same settings is reused).")] = None,
+    *,
+    settings: RunSettings,
+) -> None:
+    """Fit the temperature of the class probabilities on a labeled folder (minimum NLL)."""
+    with user_errors():
+        from diffcls.runtime.calibration import UNCALIBRATED, Calibration, expected_calibration_error, fit_temperature, nll, softmax_neg
+
+        pset, results, truth, _ = _labelled_run(folder, settings, results_csv, None)
+        before = _calibration_metrics(results, truth, None)
+        if before is None:
+            raise DiffclsError(f"{results_csv} has no shared mean-error columns (written by an older diffcls); pass another --results to recompute")
+        lists, pos, keys = [], [], []
+        for key, label in truth.items():
+            shared = results[key].get("shared")
+            if shared:
+                ids = [idx for idx, _, _ in shared]
+                lists.append([m for _, _, m in shared])
+                pos.append(ids.index(label) if label in ids else None)
+                keys.append(key)
+        t = fit_temperature(lists, pos)
+        conf = [softmax_neg(m, t)[0] for m in lists]
+        correct = [results[k]["classidx"] == truth[k] for k in keys]
+        cal = Calibration(
+            temperature=t,
+            n_images=len(lists),
+            nll_before=nll(lists, pos, UNCALIBRATED),
+            nll_after=nll(lists, pos, t),
+            ece_before=before["ece"],
+            ece_after=expected_calibration_error(conf, correct),
+            schedule=str(settings.n_samples or "") + " / " + str(settings.to_keep or ""),
+        )
+        cal.save(out_path)
+        out.print(
+            f"temperature {t:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
+            f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"
+        )
 
 
 def _print_metrics(m: dict, classes: dict[int, str]) -> None:
