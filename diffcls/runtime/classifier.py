@@ -34,8 +34,8 @@ from diffcls.runtime.preprocess import (
     to_rgb,
 )
 from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import ImageScore, Scorer, make_noise_bank
+from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
 from diffcls.runtime.timing import StageTimer
 
 
@@ -310,7 +310,7 @@ class Classifier:
         self,
         images: Iterable,
         prompts: PromptSet,
-        schedule: Schedule,
+        schedule: Schedule | AdaptiveSchedule,
         *,
         seed: int = 0,
         noise: torch.Tensor | None = None,
@@ -337,18 +337,21 @@ class Classifier:
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
         latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources)
-        for index, score in scorer.run(latents):
-            yield self._result(index, sources[index], score, prompts)
+        try:
+            for index, score in scorer.run(latents):
+                yield self._result(index, sources[index], score, prompts)
+        except NonFiniteError as e:
+            raise DiffclsError(e.message(sources.get(e.key, f"<image {e.key}>"))) from None
         for r, secs in scorer.stats.round_seconds.items():
             self.timer.add(f"unet_round_{r + 1}", secs)
         for secs in scorer.stats.unet_seconds:
             self.timer.add("unet_call", secs)
 
-    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule, **kw) -> list[ImageResult]:
+    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule | AdaptiveSchedule, **kw) -> list[ImageResult]:
         """All results, in input order."""
         return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)
 
-    def noise_bank(self, schedule: Schedule, seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def noise_bank(self, schedule: Schedule | AdaptiveSchedule, seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
         shape = (schedule.noise_bank_size(), *self.engines.latent_shape)
         if noise is None:
             return make_noise_bank(schedule, self.engines.latent_shape, seed)
