@@ -296,7 +296,8 @@ def evaluate(
     calibration of the class probabilities (NLL, expected calibration error)."""
     with user_errors():
         temperature = _temperature(calibration)
-        pset, results, truth, skipped = _labelled_run(folder, settings, out_csv, save_errors, temperature)
+        run, results, truth, skipped = _labelled_run(folder, settings, out_csv, save_errors, temperature)
+        pset = run.prompts
         from diffcls.runtime.metrics import confusion_metrics
 
         class_ids = list(pset.classes)
@@ -357,7 +358,7 @@ def _calibration_metrics(results: dict, truth: dict, temperature: float | None) 
 
 
 def _labelled_run(folder: Path, settings: RunSettings, out_csv, save_errors, temperature=None):
-    """Run (or resume) a labelled folder; returns (prompts, results, {key: true classidx}, skipped)."""
+    """Run (or resume) a labelled folder; returns (Run, results, {key: true classidx}, skipped)."""
     if not folder.is_dir():
         raise DiffclsError(f"{folder} is not a folder; give a labeled folder with one subfolder of images per class")
     subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -379,7 +380,7 @@ def _labelled_run(folder: Path, settings: RunSettings, out_csv, save_errors, tem
             truth[key] = by_name[_norm(top)]
     if not truth:
         raise DiffclsError(f"no labeled image under {folder} was classified")
-    return pset, results, truth, skipped
+    return run, results, truth, skipped
 
 
 @app.command()
@@ -395,7 +396,7 @@ def calibrate(
     with user_errors():
         from diffcls.runtime.calibration import UNCALIBRATED, Calibration, expected_calibration_error, fit_temperature, nll, softmax_neg
 
-        pset, results, truth, _ = _labelled_run(folder, settings, results_csv, None)
+        run, results, truth, _ = _labelled_run(folder, settings, results_csv, None)
         before = _calibration_metrics(results, truth, None)
         if before is None:
             raise DiffclsError(f"{results_csv} has no shared mean-error columns (written by an older diffcls); pass another --results to recompute")
@@ -417,7 +418,7 @@ def calibrate(
             nll_after=nll(lists, pos, t),
             ece_before=before["ece"],
             ece_after=expected_calibration_error(conf, correct),
-            schedule=str(settings.n_samples or "") + " / " + str(settings.to_keep or ""),
+            schedule=run.schedule.describe(),
         )
         cal.save(out_path)
         out.print(
