@@ -106,7 +106,7 @@ def run_folder(
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
     results: dict[str, dict] = {
-        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r, "shared": _shared_from_row(r, prompts_set)}
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r, "shared": _shared_from_row(r, prompts_set)}
         for k, r in done.items()
         if k in keys.values()
     }
@@ -145,6 +145,7 @@ def run_folder(
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
                     "shared": shared,
+                    "n_evals": r.n_evals,
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -158,7 +159,8 @@ def run_folder(
         evals = stats.unet_evals if stats else 0
         console.print(
             f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
-            f"{evals / elapsed:.0f} UNet evals/s, padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
+            f"{evals / n_done:.0f} UNet evals/image, {evals / elapsed:.0f} UNet evals/s, "
+            f"padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )
         console.print("speed: " + _per_image_speed(clf.timer.summary(), n_done))
@@ -180,6 +182,19 @@ def _shared_from_row(row: dict, prompts_set) -> list[tuple[int, str, float]] | N
             return None
         out.append((ids[name], name, float(m)))
     return out or None
+
+
+def _int_or_none(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def evals_per_image(results: dict, keys=None) -> float | None:
+    """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
+    counts = [results[k]["n_evals"] for k in (results if keys is None else keys) if results[k].get("n_evals") is not None]
+    return sum(counts) / len(counts) if counts else None
 
 
 def _per_image_speed(stages: dict, n: int) -> str:
@@ -302,6 +317,7 @@ def evaluate(
 
         class_ids = list(pset.classes)
         m = confusion_metrics([truth[k] for k in truth], [results[k]["classidx"] for k in truth], class_ids)
+        m["evals_per_image"] = evals_per_image(results, truth)
         _print_metrics(m, pset.classes)
         cal = _calibration_metrics(results, truth, temperature)
         if cal is not None:
@@ -313,7 +329,8 @@ def evaluate(
             from diffcls.runtime.results import atomic_write_text
 
             extra = {"calibration": {k: v for k, v in cal.items() if k not in ("confidence", "correct")}} if cal else {}
-            atomic_write_text(json_out, json.dumps({**m, "classes": pset.classes, "n_skipped": len(skipped), **extra}, indent=2))
+            report = {**m, "schedule": run.schedule.describe(), "classes": pset.classes, "n_skipped": len(skipped), **extra}
+            atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
@@ -433,6 +450,8 @@ def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     names = [classes[i] for i in m["class_ids"]]
     out.print(f"top-1 accuracy: {100 * m['top1']:.2f}% ({m['correct']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
+    if m.get("evals_per_image") is not None:
+        out.print(f"UNet evaluations per image: {m['evals_per_image']:.1f}")
     if len(names) > 30:
         out.print(f"confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
         return

@@ -17,6 +17,7 @@ import inspect
 import json
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,8 +25,17 @@ import typer
 
 from diffcls.config import Backend, Interpolation, Loss, Precision, parse_device
 from diffcls.errors import DiffclsError
+from diffcls.runtime.schedule import AdaptiveSchedule
 
 _MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
+_ADAPTIVE = "Adaptive evaluation"
+ADAPTIVE_DEFAULTS = AdaptiveSchedule()
+_ADAPTIVE_FLAGS = {"error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule", "rel_delta": "--rel-delta"}
+
+
+class Rule(str, Enum):
+    mixture = "mixture"
+    kim_nelson = "kim-nelson"
 
 
 def _opt(flag: str, help: str, panel: str, **kw) -> Any:
@@ -52,6 +62,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "seed": (Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)], 0),
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
+    "adaptive": (Annotated[bool, _opt("--adaptive", "Stop each image once its answer is settled (sequential elimination; docs/adaptive.md) instead of the fixed --n-samples/--to-keep rounds.", _ADAPTIVE)], False),
+    "error_rate": (Annotated[Optional[float], _opt("--error-rate", f"--adaptive: the chance the best prompt is eliminated, alpha (default {ADAPTIVE_DEFAULTS.error_rate:g}).", _ADAPTIVE)], None),
+    "min_samples": (Annotated[Optional[int], _opt("--min-samples", f"--adaptive: timesteps every prompt gets before any is eliminated, n0 (default {ADAPTIVE_DEFAULTS.min_samples}).", _ADAPTIVE)], None),
+    "max_samples": (Annotated[Optional[int], _opt("--max-samples", f"--adaptive: timesteps per prompt at most; then the lowest mean error wins (default {ADAPTIVE_DEFAULTS.max_samples}).", _ADAPTIVE)], None),
+    "rule": (Annotated[Optional[Rule], _opt("--rule", f"--adaptive: the elimination boundary (default {ADAPTIVE_DEFAULTS.rule}; kim-nelson needs an indifference zone, --rel-delta).", _ADAPTIVE)], None),
+    "rel_delta": (Annotated[Optional[float], _opt("--rel-delta", f"--adaptive --rule kim-nelson: the indifference zone as a fraction of the mean error (default {ADAPTIVE_DEFAULTS.rel_delta:g}).", _ADAPTIVE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
     "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
@@ -93,6 +109,12 @@ class RunSettings:
     loss: Loss = Loss.l2
     seed: int = 0
     noise: Path | None = None
+    adaptive: bool = False
+    error_rate: float | None = None  # None: AdaptiveSchedule's default (adaptive flags only)
+    min_samples: int | None = None
+    max_samples: int | None = None
+    rule: Rule | None = None
+    rel_delta: float | None = None
     batch_size: int = 32
     workers: int = 2
     cache_dir: Path | None = None
@@ -125,10 +147,28 @@ class RunSettings:
             raise DiffclsError("--compile applies to the torch backend only (engines are compiled at export); drop --compile")
         if self.precision == Precision.bf16 and self.engines is not None:
             raise DiffclsError("--precision bf16 runs only on the torch backend; engines are fp32 or fp16")
+        if self.adaptive and self.n_samples is not None:
+            raise DiffclsError(
+                "--n-samples/--to-keep set the fixed rounds, which --adaptive replaces; drop them "
+                "(--max-samples caps the timesteps per prompt) or drop --adaptive"
+            )
+        given = [flag for name, flag in _ADAPTIVE_FLAGS.items() if getattr(self, name) is not None]
+        if given and not self.adaptive:
+            raise DiffclsError(f"{given[0]} applies to adaptive evaluation only; add --adaptive or drop {given[0]}")
+        if self.adaptive:
+            self.adaptive_schedule().validate(2)  # the prompt-independent checks, before any work
         if (self.n_samples is None) != (self.to_keep is None):
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
             raise DiffclsError("give either --prompts or --classes, not both")
+
+
+    def adaptive_schedule(self) -> AdaptiveSchedule:
+        """The --adaptive schedule: the flags given, AdaptiveSchedule's defaults for the rest."""
+        given = {name: getattr(self, name) for name in _ADAPTIVE_FLAGS if getattr(self, name) is not None}
+        if "rule" in given:
+            given["rule"] = given["rule"].value
+        return AdaptiveSchedule(**given, n_trials=self.n_trials, loss=self.loss.value)
 
 
 def run_options(command):
@@ -159,7 +199,7 @@ def run_options(command):
 @dataclass
 class Run:
     prompts: Any  # runtime.prompts.PromptSet
-    schedule: Any  # runtime.schedule.Schedule
+    schedule: Any  # runtime.schedule.Schedule or AdaptiveSchedule (--adaptive)
     classifier: Any  # runtime.classifier.Classifier
     noise: Any  # torch.Tensor | None
 
@@ -224,6 +264,8 @@ def build_schedule(s: RunSettings, n_prompts: int, defaults: dict):
     prompt count (a cap the user's own --to-keep never gets: that is an error to report)."""
     from diffcls.runtime.schedule import Schedule, default_schedule
 
+    if s.adaptive:
+        return s.adaptive_schedule()
     if s.n_samples is None:
         ns = tuple(defaults.get("n_samples", (50, 500)))
         ks = tuple(defaults.get("to_keep", (5, 1)))

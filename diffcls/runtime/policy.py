@@ -27,8 +27,9 @@ S_ij^2 the sample variance of X_i - X_j over the first n0 samples, i is eliminat
 D_ij(r) > B_ij(r) for some surviving j, where (K = number of prompts, alpha = error_rate):
 
   rule "mixture" (indifference-zone free; Robbins' normal-mixture boundary + Bonferroni):
-      B_ij(r) = S_ij * sqrt((r + 1/rho2) * (c + log(1 + rho2 * r))),  c = 2 log((K - 1) / alpha),
-      rho2 = c / sqrt(n0 * max_samples)  (the boundary is tightest near r = sqrt(n0 * max_samples))
+      B_ij(r) = S_ij * sqrt((r + 1/rho2) * (c + log(1 + rho2 * r))),
+      rho2 = c0 / sqrt(n0 * max_samples),  c0 = 2 log((K - 1) / alpha)  (tightest near r = sqrt(n0 M)),
+      c >= c0 from `mixture_constants`: it pays for S_ij being an estimate from n0 samples
   rule "kim-nelson" (Kim & Nelson 2001, fully sequential, indifference zone delta):
       B_ij(r) = max(0, h2 * S_ij^2 / (2 delta) - delta * r / 2),
       h2 = 2 eta (n0 - 1),  eta = ((2 alpha / (K - 1)) ** (-2 / (n0 - 1)) - 1) / 2,
@@ -40,6 +41,7 @@ lower index). docs/adaptive.md gives the guarantees and their assumptions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +54,46 @@ from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
 class PolicyResult:
     prediction: int  # the winning prompt
     ranking: list[int]  # every prompt, best first (later survivors first, then by mean error)
+
+
+@functools.lru_cache(maxsize=256)
+def mixture_constants(n_prompts: int, error_rate: float, min_samples: int, max_samples: int) -> tuple[float, float]:
+    """(c, rho2) of the mixture boundary, with c corrected for the first-stage variance estimate.
+
+    rho2 = c0 / sqrt(n0 * M) with c0 = 2 log((K - 1) / alpha) (the known-variance constant).
+    With s^2 = S^2 / sigma^2 ~ chi2_f / f (f = n0 - 1), a path crosses S * g_c(r) for some
+    n0 <= r <= M with probability <= exp(-c''(s) / 2), c''(s) = s^2 c + min over r of
+    (s^2 - 1) log(1 + rho2 r) (Ville's inequality for Robbins' normal-mixture martingale);
+    c solves E_s[min(1, exp(-c''(s) / 2))] = alpha / (K - 1) (docs/adaptive.md).
+    """
+    m = max(n_prompts - 1, 1)
+    target = error_rate / m
+    c0 = 2.0 * math.log(m / error_rate)
+    rho2 = c0 / math.sqrt(min_samples * max_samples)
+    lmin, lmax = math.log1p(rho2 * min_samples), math.log1p(rho2 * max_samples)
+    f = min_samples - 1
+    lo = 1e-12
+    logx = np.linspace(math.log(lo), math.log(80.0), 8001)
+    x = np.exp(logx)  # values of s^2
+    a = f / 2.0  # s^2 ~ Gamma(shape a, rate a)
+    dens = np.exp(a * math.log(a) - math.lgamma(a) + a * logx - a * x)  # density * x (per d log x)
+    below = math.exp(a * math.log(a * lo) - math.lgamma(a + 1.0))  # >= P(s^2 < lo), counted as crossing
+
+    def bound(c: float) -> float:
+        cpp = x * c + np.minimum((x - 1.0) * lmin, (x - 1.0) * lmax)
+        y = np.minimum(1.0, np.exp(-cpp / 2.0)) * dens
+        return below + float(np.sum((y[1:] + y[:-1]) * np.diff(logx)) / 2.0)
+
+    lo_c, hi_c = 0.0, 2.0 * c0 + 50.0
+    while bound(hi_c) > target:
+        hi_c *= 2.0
+    for _ in range(60):
+        mid = (lo_c + hi_c) / 2.0
+        if bound(mid) > target:
+            lo_c = mid
+        else:
+            hi_c = mid
+    return hi_c, rho2
 
 
 class FixedPolicy:
@@ -201,9 +243,7 @@ class SequentialPolicy:
             s2 = np.maximum(v[:, None] + v[None, :] - 2 * cov, 0.0)
         m = max(K - 1, 1)
         if p.rule == "mixture":
-            c = 2.0 * math.log(m / p.error_rate)
-            self._rho2 = c / math.sqrt(n0 * self.M)
-            self._c = c
+            self._c, self._rho2 = mixture_constants(K, p.error_rate, n0, self.M)
             self._scale = np.sqrt(s2)
         else:  # kim-nelson
             eta = 0.5 * ((2.0 * p.error_rate / m) ** (-2.0 / (n0 - 1)) - 1.0)

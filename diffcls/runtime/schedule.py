@@ -147,8 +147,8 @@ class AdaptiveSchedule:
     error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.policy`).
     """
 
-    error_rate: float = 0.05  # alpha: P(the best prompt is eliminated) <= alpha
-    min_samples: int = 8  # n0: first-stage timesteps for every prompt (variance estimates)
+    error_rate: float = 0.1  # alpha: P(the best prompt is eliminated) <= alpha
+    min_samples: int = 12  # n0: first-stage timesteps for every prompt (variance estimates)
     max_samples: int = 500  # budget: timesteps per prompt (the grid size); then lowest mean wins
     rule: str = "mixture"  # "mixture" (indifference-zone-free) or "kim-nelson"
     rel_delta: float = 0.05  # kim-nelson only: delta = rel_delta * mean error of the first stage
@@ -161,6 +161,8 @@ class AdaptiveSchedule:
         object.__setattr__(self, "min_samples", int(self.min_samples))
         object.__setattr__(self, "max_samples", int(self.max_samples))
         object.__setattr__(self, "n_trials", int(self.n_trials))
+        if isinstance(self.loss, Loss):
+            object.__setattr__(self, "loss", self.loss.value)
 
     def noise_bank_size(self) -> int:
         return self.max_samples * self.n_trials
