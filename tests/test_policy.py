@@ -224,7 +224,7 @@ def test_wrong_elimination_rate_is_at_most_alpha(params, means, runs):
 def test_simulation_detects_a_rule_without_the_guarantee(monkeypatch):
     """The same simulation catches a boundary that is too tight (so the test above can fail)."""
     params = AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32)
-    monkeypatch.setattr(SequentialPolicy, "boundary", lambda self, r: self._scale * math.sqrt(r) * 1.5)
+    monkeypatch.setattr(SequentialPolicy, "boundary", lambda self, r, idx: self._scale[np.ix_(idx, idx)] * math.sqrt(r) * 1.5)
     rate, _ = simulate(params, [1.0, 1.0001, 1.0001, 1.0001], runs=200, seed=7)
     assert rate > params.error_rate
 

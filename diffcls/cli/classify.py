@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -77,12 +78,21 @@ def run_folder(
     temperature: float | None = None,
 ):
     """Classify every image under `folder`, resuming `out_csv`; returns {key: (classidx, row)}."""
-    from diffcls.runtime.preprocess import find_images
-    from diffcls.runtime.results import ResultsWriter
+    from rich.markup import escape
 
-    images = find_images(folder)
+    from diffcls.runtime.preprocess import file_digest, find_images
+    from diffcls.runtime.results import ResultsWriter, printable
+
+    skipped: list[tuple[str, str]] = []
+
+    def folder_problem(path, msg):
+        skipped.append((path, msg))
+        console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
+
+    images = find_images(folder, on_problem=folder_problem)
     root = folder if folder.is_dir() else folder.parent
     keys = {p: p.relative_to(root).as_posix() for p in images}
+    by_key = {k: p for p, k in keys.items()}
     e = clf.engines
     settings = {
         "model": e.fingerprint,
@@ -94,6 +104,8 @@ def run_folder(
         "noise": None if noise is None else _tensor_digest(noise),
         "image_size": e.image_size,
         "interpolation": interpolation,
+        # rows are keyed by the path under the root: another root's "a.png" is another image
+        "root": os.fsdecode(os.path.abspath(root)),
     }
     if temperature is not None:  # the probability columns depend on it: no mixing on resume
         settings["temperature"] = temperature
@@ -101,18 +113,30 @@ def run_folder(
     done: dict[str, dict] = {}
     if out_csv is not None:
         writer = ResultsWriter(out_csv, settings, errors_path, temperature=temperature)
-        done = writer.open()
+
+        def unchanged(key: str, sha: str) -> bool:  # a row stands only for the bytes it was computed from
+            p = by_key.get(key)
+            if p is None:
+                return True  # not part of this run: left as it is
+            try:
+                return file_digest(p) == sha
+            except OSError:
+                return False  # unreadable now: the run will report it
+
+        done = writer.open(current=unchanged)
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
     results: dict[str, dict] = {
         k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r, "shared": _shared_from_row(r, prompts_set)}
         for k, r in done.items()
-        if k in keys.values()
+        if k in by_key
     }
-    if done:
-        console.print(f"resuming {out_csv}: {len(done)} of {len(images)} images already done")
-    skipped: list[tuple[str, str]] = []
+    if writer is not None:
+        for why, n in writer.dropped.items():
+            console.print(escape(f"{out_csv}: {_DROPPED.get(why, why).format(n=n, errors=errors_path)}"))
+    if results:
+        console.print(f"resuming {out_csv}: {len(results)} of {len(images)} images already done")
     start = time.perf_counter()
     n_done = 0
     try:
@@ -121,7 +145,7 @@ def run_folder(
 
             def on_skip(path, msg):
                 skipped.append((path, msg))
-                console.print(f"[yellow]skipped[/] {msg}")
+                console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
                 progress.advance(task)
 
             for r in clf.iter_classify(
@@ -197,6 +221,15 @@ def evals_per_image(results: dict, keys=None) -> float | None:
     return sum(counts) / len(counts) if counts else None
 
 
+_DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
+    "torn": "a row cut short by an interrupted write was dropped; that image is classified again",
+    "malformed": "{n} malformed row(s) dropped; those images are classified again",
+    "duplicate": "{n} duplicate row(s) dropped",
+    "changed": "{n} image(s) changed since they were classified; classifying them again",
+    "no errors record": "{n} image(s) have no record in {errors}; classifying them again to write one",
+}
+
+
 def _per_image_speed(stages: dict, n: int) -> str:
     """'1.2 ms preprocess, 0.4 ms text encode, ... per image' (stages summed over the run / n)."""
     def ms(*names):
@@ -267,9 +300,11 @@ def classify(
 def _print_predictions(results: dict, temperature: float | None = None) -> None:
     """One row per image. The scores are mean errors over the samples the top-5 share (lower is
     better), so the prediction's and the runner-up's compare."""
+    from rich.markup import escape
     from rich.table import Table
 
     from diffcls.runtime.calibration import softmax_neg
+    from diffcls.runtime.results import printable
 
     cols = ["image", "prediction", "mean error", "runner-up (mean error)"]
     table = Table(
@@ -284,7 +319,7 @@ def _print_predictions(results: dict, temperature: float | None = None) -> None:
             runner = f"{shared[1][1]} ({shared[1][2]:.4g})" if len(shared) > 1 else ""
         else:  # a row resumed from a file without the shared columns: its own mean
             score, runner = str(r["score"]), (r["row"].get("top2", "") if "row" in r else "")
-        cells = [key, r["prediction"], score, runner]
+        cells = [escape(printable(key)), escape(r["prediction"]), score, escape(runner)]
         if temperature is not None:
             cells.append(f"{softmax_neg([m for _, _, m in shared], temperature)[0]:.3f}" if shared else "")
         table.add_row(*cells)
@@ -311,6 +346,10 @@ def evaluate(
     calibration of the class probabilities (NLL, expected calibration error)."""
     with user_errors():
         temperature = _temperature(calibration)
+        from diffcls.runtime.results import check_writable
+
+        check_writable(json_out, "--json")  # before the run, not after it finished
+        check_writable(plot, "--plot")
         run, results, truth, skipped = _labelled_run(folder, settings, out_csv, save_errors, temperature)
         pset = run.prompts
         from diffcls.runtime.metrics import confusion_metrics
@@ -413,6 +452,9 @@ def calibrate(
     with user_errors():
         from diffcls.runtime.calibration import UNCALIBRATED, Calibration, expected_calibration_error, fit_temperature, nll, softmax_neg
 
+        from diffcls.runtime.results import check_writable
+
+        check_writable(out_path, "--out")  # before the run, not after it finished
         run, results, truth, _ = _labelled_run(folder, settings, results_csv, None)
         before = _calibration_metrics(results, truth, None)
         if before is None:

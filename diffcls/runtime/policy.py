@@ -252,12 +252,14 @@ class SequentialPolicy:
             with np.errstate(divide="ignore", invalid="ignore"):
                 self._scale = h2 * s2 / (2.0 * self._delta)  # the boundary at r = 0
 
-    def boundary(self, r: int) -> np.ndarray:
-        """(K, K) B_ij(r): i is eliminated by j when D_ij(r) = sum X_i - sum X_j exceeds it."""
+    def boundary(self, r: int, idx: np.ndarray | None = None) -> np.ndarray:
+        """B_ij(r) for i, j in `idx` (default: all prompts): i is eliminated by j when
+        D_ij(r) = sum X_i - sum X_j exceeds it."""
+        scale = self._scale if idx is None else self._scale[np.ix_(idx, idx)]
         if self.params.rule == "mixture":
             rho2, c = self._rho2, self._c
-            return self._scale * math.sqrt((r + 1.0 / rho2) * (c + math.log1p(rho2 * r)))
-        return np.maximum(self._scale - self._delta * r / 2.0, 0.0)
+            return scale * math.sqrt((r + 1.0 / rho2) * (c + math.log1p(rho2 * r)))
+        return np.maximum(scale - self._delta * r / 2.0, 0.0)
 
     def _eliminate(self) -> None:
         idx = np.flatnonzero(self.alive)
@@ -265,7 +267,7 @@ class SequentialPolicy:
             return
         s = self.sums[idx]
         d = s[:, None] - s[None, :]  # D_ij for surviving i, j
-        out = (d > self.boundary(self.r)[np.ix_(idx, idx)]).any(axis=1)
+        out = (d > self.boundary(self.r, idx)).any(axis=1)
         if out.any():
             gone = idx[out]
             gone = sorted(gone.tolist(), key=lambda c: (self.sums[c], c))

@@ -158,7 +158,14 @@ class Scorer:
         batch_size: int,
         *,
         sync_timing: bool = False,
+        prediction_type: str = "epsilon",
     ):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise DiffclsError(
+                f"prediction_type {prediction_type!r} cannot be scored; the UNet must predict the noise "
+                "(epsilon) or v (v_prediction), as set in the model's scheduler config"
+            )
+        self.v_prediction = prediction_type == "v_prediction"  # target v = sqrt(ᾱ) eps - sqrt(1-ᾱ) x0
         self.unet = unet
         self.device = unet.device
         self.schedule = schedule
@@ -217,7 +224,7 @@ class Scorer:
         }
         start = time.perf_counter()
         pred = self.unet(feed)["out_sample"]
-        target = eps
+        target = a * eps - s * x0 if self.v_prediction else eps
         err = per_sample_loss(target, pred, self.schedule.loss)[:n]  # (n,)
         # -----------------------------------------------------------------------------------------
         # one transfer, the only host sync: the errors and, last, whether every one is finite
