@@ -58,12 +58,14 @@ def test_classify_writes_results_and_errors(tmp_path, tiny_dir, image_folder):
     recs = [json.loads(l) for l in errs.read_text().splitlines()]
     assert sorted(r["path"] for r in recs) == sorted(g["path"] for g in got)
     rec = recs[0]
-    assert set(rec) == {"path", "prediction", "classidx", "scores", "errors", "sha256"}
+    assert set(rec) == {"path", "prediction", "classidx", "scores", "n_shared", "top", "temperature", "errors", "sha256"}
     assert rec["sha256"] == next(g["sha256"] for g in got if g["path"] == rec["path"])
     assert len(rec["errors"]) == 20 and all(len(e) == 4 for e in rec["errors"])
-    # the score of a prompt is the mean of its errors
+    # the score of a prompt is the mean of its errors, keyed by prompt index and class name
     p0 = [e[3] for e in rec["errors"] if e[0] == 0]
-    assert rec["scores"]["0"] == pytest.approx(sum(p0) / len(p0))
+    s0 = [s for s in rec["scores"] if s["prompt"] == 0]
+    assert len(s0) == 1 and s0[0]["classname"] == "cat" and s0[0]["classidx"] == 0
+    assert s0[0]["mean_error"] == pytest.approx(sum(p0) / len(p0))
 
 
 def test_classify_matches_python_api(tmp_path, tiny, tiny_dir, image_folder):

@@ -112,7 +112,7 @@ def test_readme_commands_run(scratch, tiny_dir):
             continue
         tokens = shlex.split(command)
         if tokens[0] == "diffcls":
-            if tokens[1] in ("classify", "evaluate", "profile") and "--model" not in tokens and "--n-samples" not in tokens:
+            if tokens[1] in ("classify", "evaluate", "profile", "calibrate") and "--model" not in tokens and "--n-samples" not in tokens:
                 tokens += SCHEDULE  # the bundled demo model: its default schedule is 220 UNet calls per image
             r = CliRunner().invoke(app, join_list_flags(tokens[1:]))
             assert r.exit_code == 0, f"README command failed: {original}\nran: {shlex.join(tokens)}\n{r.output}"

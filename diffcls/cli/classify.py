@@ -83,6 +83,7 @@ def run_folder(
     labels: dict[str, int] | None = None,
     shard: tuple[int, int] | None = None,
     runner=None,
+    temperature: float | None = None,
 ):
     """Classify every image `folder` names (a path, or collected `Inputs`; or shard I of N of
     them: `shard=(I, N)`), resuming `out_csv`; `runner` (a runtime.distributed.RayRunner) scores
@@ -126,10 +127,14 @@ def run_folder(
     }
     if shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
         settings["shard"] = f"{shard[0]}/{shard[1]}"
+    if temperature is not None:  # the probability columns depend on it: no mixing on resume
+        settings["temperature"] = temperature
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
-        writer = ResultsWriter(out_csv, settings, errors_path, extra_columns=LABEL_COLUMNS if labels is not None else ())
+        writer = ResultsWriter(
+            out_csv, settings, errors_path, extra_columns=LABEL_COLUMNS if labels is not None else (), temperature=temperature
+        )
 
         def unchanged(key: str, sha: str) -> bool:  # a row stands only for the bytes it was computed from
             p = by_key.get(key)
@@ -145,7 +150,7 @@ def run_folder(
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
     results: dict[str, dict] = {
-        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r}
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r, "shared": _shared_from_row(r, prompts_set)}
         for k, r in done.items()
         if k in by_key
     }
@@ -191,6 +196,7 @@ def run_folder(
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
                     "n_evals": r.n_evals,
+                    "shared": r.shared_scores(5)[0],
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -233,6 +239,21 @@ def evals_per_image(results: dict, keys=None) -> float | None:
     return sum(counts) / len(counts) if counts else None
 
 
+def _shared_from_row(row: dict, prompts_set) -> list[tuple[int, str, float]] | None:
+    """The listed classes with their shared mean errors, from a results CSV row (None for a
+    file written before those columns existed)."""
+    ids = {name: idx for idx, name in prompts_set.classes.items()}
+    out = []
+    for i in range(1, 6):
+        name, m = row.get(f"top{i}") or "", row.get(f"top{i}_mean_error") or ""
+        if not name:
+            break
+        if not m or name not in ids:
+            return None
+        out.append((ids[name], name, float(m)))
+    return out or None
+
+
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
     "torn": "a row cut short by an interrupted write was dropped; that image is classified again",
     "malformed": "{n} malformed row(s) dropped; those images are classified again",
@@ -268,6 +289,13 @@ def _tensor_digest(t) -> str:
 
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path, prediction, top-5 with scores); rerunning resumes it.")]
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Temperature file from `diffcls calibrate`: adds class probabilities (CSV 'probability' columns).")]
+
+
+def _temperature(calibration: Path | None) -> float | None:
+    from diffcls.runtime.calibration import Calibration
+
+    return None if calibration is None else Calibration.load(calibration).temperature
 
 
 _SCALE = "Many GPUs"
@@ -301,7 +329,7 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray
 GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
 
 
-def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None, scale: ScaleOut | None = None):
+def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None, scale: ScaleOut | None = None, temperature=None):
     """run_folder, locally or on Ray workers (then `run` was prepared without opening engines)."""
     scale = scale or ScaleOut()
     with contextlib.ExitStack() as stack:
@@ -338,6 +366,7 @@ def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=N
             labels=labels,
             shard=scale.shard,
             runner=runner,
+            temperature=temperature,
         )
     return results, skipped, keys
 
@@ -364,6 +393,7 @@ def classify(
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
+    calibration: CalibrationOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -372,11 +402,12 @@ def classify(
 
     with user_errors():
         scale = ScaleOut.from_options(shard, ray, ray_address, ray_workers, gpus_per_worker)
+        temperature = _temperature(calibration)
         inputs = collect_inputs(paths or [], settings.list_file)
         run = prepare(settings, inputs, open_engines=not scale.ray)
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale)
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale, temperature=temperature)
         if out_csv is None or len(results) <= 20:
-            _print_predictions(results)
+            _print_predictions(results, temperature)
         if out_csv is not None:
             console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
@@ -387,18 +418,32 @@ def _describe(paths, s: RunSettings) -> str:
     return ", ".join([*(paths or []), *([f"--list {s.list_file}"] if s.list_file else [])])
 
 
-def _print_predictions(results: dict) -> None:
+def _print_predictions(results: dict, temperature: float | None = None) -> None:
+    """One row per image. The scores are mean errors over the samples the top-5 share (lower is
+    better), so the prediction's and the runner-up's compare."""
     from rich.markup import escape
     from rich.table import Table
 
+    from diffcls.runtime.calibration import softmax_neg
     from diffcls.runtime.results import printable
 
-    table = Table("image", "prediction", "score", "runner-up")
+    cols = ["image", "prediction", "mean error", "runner-up (mean error)"]
+    table = Table(
+        *cols + (["probability"] if temperature is not None else []),
+        caption="mean error: over the samples the top-5 classes share; lower is better",
+    )
     for key in sorted(results):
         r = results[key]
-        top = r.get("top") or []
-        runner = f"{top[1][1]} ({top[1][2]:.4g})" if len(top) > 1 else (r["row"].get("top2", "") if "row" in r else "")
-        table.add_row(escape(printable(key)), escape(r["prediction"]), str(r["score"]), escape(runner))
+        shared = r.get("shared")
+        if shared:  # ranking order: the prediction first
+            score = f"{shared[0][2]:.4g}"
+            runner = f"{shared[1][1]} ({shared[1][2]:.4g})" if len(shared) > 1 else ""
+        else:  # a row resumed from a file without the shared columns: its own mean
+            score, runner = str(r["score"]), (r["row"].get("top2", "") if "row" in r else "")
+        cells = [escape(printable(key)), escape(r["prediction"]), score, escape(runner)]
+        if temperature is not None:
+            cells.append(f"{softmax_neg([m for _, _, m in shared], temperature)[0]:.3f}" if shared else "")
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -421,44 +466,27 @@ def evaluate(
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
     labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")] = LabelKind.name,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (needs the plot extra).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (and the reliability diagram beside it, *-reliability.png; needs the plot extra).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and the run's settings as JSON.")] = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
+    calibration: CalibrationOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
-    """Accuracy on labeled images: top-1/top-5, per-class precision/recall, a confusion matrix."""
-    from diffcls.runtime.inputs import collect_inputs
-
+    """Accuracy on labeled images: top-1/top-5, per-class precision/recall, a confusion matrix,
+    and the calibration of the class probabilities (NLL, expected calibration error)."""
     with user_errors():
         scale = ScaleOut.from_options(None, ray, ray_address, ray_workers, gpus_per_worker)
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
-        inputs = collect_inputs(paths or [], settings.list_file)
-        raw = inputs.labels
-        if not raw:
-            raise DiffclsError(
-                f"no labeled image in {_describe(paths, settings)}; evaluate needs folders with one subfolder "
-                "of images per class, or --list a CSV with path and label columns"
-            )
-        names = sorted(set(raw.values()))
-        run = prepare(settings, inputs, folder_classes=names if labels == LabelKind.name else None, open_engines=not scale.ray)
+        temperature = _temperature(calibration)
+        run, results, truth, skipped, unlabeled = _labelled_run(paths, settings, labels, out_csv, save_errors, temperature, scale)
         pset = run.prompts
-        what = "labels" if settings.list_file is not None else "subfolders"
-        truth_of = _label_ids(names, labels, pset, _describe(paths, settings), what)
-        truth_by_key = {k: truth_of[v] for k, v in raw.items()}
-        unlabeled = len(inputs) - len(raw)
-        if unlabeled:
-            console.print(f"{unlabeled} image(s) have no label (not in a class subfolder); they are classified but not scored")
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key, scale=scale)
-        truth = {k: t for k, t in truth_by_key.items() if k in results}
-        if not truth:
-            raise DiffclsError(f"no labeled image of {_describe(paths, settings)} was classified")
         from diffcls.runtime.metrics import confusion_metrics
 
         class_ids = list(pset.classes)
@@ -471,6 +499,12 @@ def evaluate(
         )
         m["evals_per_image"] = evals_per_image(results, truth)
         _print_metrics(m, pset.classes)
+        cal = _calibration_metrics(results, truth, temperature)
+        if cal is not None:
+            out.print(
+                f"probabilities ({'temperature %.4g from %s' % (temperature, calibration) if temperature is not None else 'uncalibrated, temperature 1; fit one with diffcls calibrate'}): "
+                f"NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)"
+            )
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
@@ -482,12 +516,128 @@ def evaluate(
                 "n_unlabeled": unlabeled,
                 "settings": _run_record(settings, run, paths, labels.value),
             }
+            if cal is not None:
+                report["calibration"] = {k: v for k, v in cal.items() if k not in ("confidence", "correct")}
             atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
             plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
             console.print(f"confusion matrix plot in {plot}")
+            if cal is not None:
+                from diffcls.runtime.calibration import plot_reliability
+
+                rel = plot.with_name(plot.stem + "-reliability.png")
+                label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
+                plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+                console.print(f"reliability diagram in {rel}")
+
+
+def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, temperature=None, scale=None):
+    """Run (or resume) labelled images; returns (Run, results, {key: true classidx}, skipped, n unlabeled)."""
+    from diffcls.runtime.inputs import collect_inputs
+
+    inputs = collect_inputs(paths or [], settings.list_file)
+    raw = inputs.labels
+    if not raw:
+        raise DiffclsError(
+            f"no labeled image in {_describe(paths, settings)}; give folders with one subfolder "
+            "of images per class, or --list a CSV with path and label columns"
+        )
+    names = sorted(set(raw.values()))
+    scale = scale or ScaleOut()
+    run = prepare(settings, inputs, folder_classes=names if labels == LabelKind.name else None, open_engines=not scale.ray)
+    pset = run.prompts
+    what = "labels" if settings.list_file is not None else "subfolders"
+    truth_of = _label_ids(names, labels, pset, _describe(paths, settings), what)
+    truth_by_key = {k: truth_of[v] for k, v in raw.items()}
+    unlabeled = len(inputs) - len(raw)
+    if unlabeled:
+        console.print(f"{unlabeled} image(s) have no label (not in a class subfolder); they are classified but not scored")
+    results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key, scale=scale, temperature=temperature)
+    truth = {k: t for k, t in truth_by_key.items() if k in results}
+    if not truth:
+        raise DiffclsError(f"no labeled image of {_describe(paths, settings)} was classified")
+    return run, results, truth, skipped, unlabeled
+
+
+def _calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
+    """NLL of the true class and ECE of the predicted class's probability, over the images
+    whose shared scores are known (rows resumed from an older file have none)."""
+    from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
+
+    t = UNCALIBRATED if temperature is None else temperature
+    lists, pos, conf, correct = [], [], [], []
+    for key, label in truth.items():
+        shared = results[key].get("shared")
+        if not shared:
+            continue
+        ids = [idx for idx, _, _ in shared]
+        means = [m for _, _, m in shared]
+        lists.append(means)
+        pos.append(ids.index(label) if label in ids else None)
+        conf.append(softmax_neg(means, t)[0])
+        correct.append(results[key]["classidx"] == label)
+    if not lists:
+        return None
+    return {
+        "temperature": t,
+        "n": len(lists),
+        "nll": nll(lists, pos, t),
+        "ece": expected_calibration_error(conf, correct),
+        "confidence": conf,
+        "correct": correct,
+    }
+
+
+@app.command()
+@run_options
+def calibrate(
+    paths: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Labeled folders to fit the temperature on (one subfolder per class, or --list a CSV with path,label); not the images you will evaluate on.", show_default=False, metavar="FOLDER"),
+    ] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the temperature (JSON), for classify/evaluate --calibration.")] = Path("calibration.json"),
+    results_csv: Annotated[Optional[Path], typer.Option("--results", help="Results CSV of this run (resumable; an evaluate --out CSV with the same settings is reused).")] = None,
+    labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices.")] = LabelKind.name,
+    *,
+    settings: RunSettings,
+) -> None:
+    """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
+    with user_errors():
+        from diffcls.runtime.calibration import UNCALIBRATED, Calibration, expected_calibration_error, fit_temperature, nll, softmax_neg
+        from diffcls.runtime.results import check_writable
+
+        check_writable(out_path, "--out")  # before the run, not after it finished
+        run, results, truth, _, _ = _labelled_run(paths, settings, labels, results_csv, None)
+        before = _calibration_metrics(results, truth, None)
+        if before is None:
+            raise DiffclsError(f"{results_csv} has no shared mean-error columns (written by an older diffcls); pass another --results to recompute")
+        lists, pos, keys = [], [], []
+        for key, label in truth.items():
+            shared = results[key].get("shared")
+            if shared:
+                ids = [idx for idx, _, _ in shared]
+                lists.append([m for _, _, m in shared])
+                pos.append(ids.index(label) if label in ids else None)
+                keys.append(key)
+        t = fit_temperature(lists, pos)
+        conf = [softmax_neg(m, t)[0] for m in lists]
+        correct = [results[k]["classidx"] == truth[k] for k in keys]
+        cal = Calibration(
+            temperature=t,
+            n_images=len(lists),
+            nll_before=nll(lists, pos, UNCALIBRATED),
+            nll_after=nll(lists, pos, t),
+            ece_before=before["ece"],
+            ece_after=expected_calibration_error(conf, correct),
+            schedule=run.schedule.describe(),
+        )
+        cal.save(out_path)
+        out.print(
+            f"temperature {t:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
+            f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"
+        )
 
 
 def _label_ids(names: list[str], kind: LabelKind, pset, where: str, what: str = "subfolders") -> dict[str, int]:

@@ -11,6 +11,13 @@ downloaded. This module fixes, once, how they become images and how they are spl
   changes) holds out 20% of the digits (360 of 1,797); training never sees them.
 - order: a split is listed class-interleaved (the first image of every class, then the second,
   ...), so its first N images are class-balanced and `limit=N` gives a fair small subset.
+- corruption (`corrupt_digit`, `write_digits(..., severity=S)`): a harder version of the same
+  images for measuring accuracy away from saturation. Severity S (1..5) rotates the rendered
+  digit by a random angle within +-5*S degrees and shifts it by a random whole-pixel offset
+  within +-ceil(S/2) px (both with white paper filled in), then adds Gaussian pixel noise of
+  standard deviation 20*S grey levels (of 255). The randomness of one image depends only on
+  (CORRUPT_SEED, the digit's index in `load_digits()`, S), so a digit is corrupted the same way
+  whatever `limit` or split order is used. Severity 0 (or None) is the clean image.
 
 scikit-learn is optional (extra `train`) and imported only when the data is needed.
 """
@@ -29,6 +36,8 @@ CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "ei
 SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
+CORRUPT_SEED = 10
+MAX_SEVERITY = 5
 
 
 def _load_digits():
@@ -86,15 +95,46 @@ def render_digit(arr8x8: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(grey, mode="L").resize((size, size), resample=Image.Resampling.BICUBIC)
 
 
-def write_digits(out_dir: str | Path, split: str = "heldout", limit: int | None = None) -> list[Path]:
+def _check_severity(severity: int | None) -> int:
+    s = 0 if severity is None else int(severity)
+    if not 0 <= s <= MAX_SEVERITY:
+        raise DiffclsError(f"--corrupt {severity} is out of range; use a severity from 1 (mild) to {MAX_SEVERITY} (hardest), or 0 for clean images")
+    return s
+
+
+def corrupt_digit(image: Image.Image, severity: int, index: int) -> Image.Image:
+    """The rendered digit `image` (greyscale) corrupted at `severity` (see module docstring).
+
+    `index` (the digit's index in `load_digits()`) seeds the randomness; severity 0 returns the
+    image unchanged.
+    """
+    s = _check_severity(severity)
+    if s == 0:
+        return image
+    rng = np.random.default_rng([CORRUPT_SEED, int(index), s])
+    angle = float(rng.uniform(-5.0 * s, 5.0 * s))
+    reach = -(-s // 2)  # ceil(s / 2) pixels
+    dx, dy = (int(v) for v in rng.integers(-reach, reach + 1, size=2))
+    moved = image.rotate(
+        angle, resample=Image.Resampling.BICUBIC, translate=(dx, dy), fillcolor=255
+    )
+    grey = np.asarray(moved, dtype=np.float64) + rng.normal(0.0, 20.0 * s, size=(image.height, image.width))
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+
+
+def write_digits(
+    out_dir: str | Path, split: str = "heldout", limit: int | None = None, severity: int | None = None
+) -> list[Path]:
     """Write a split as PNGs, one subfolder per class: `out_dir/three/heldout_0042.png`.
 
     The number in the file name is the digit's index in `load_digits()`. `limit` keeps the
-    first N images of the class-interleaved order (a class-balanced subset).
+    first N images of the class-interleaved order (a class-balanced subset). `severity` 1..5
+    writes corrupted images (`corrupt_digit`); 0 or None the clean ones.
     """
     _check_split(split)
     if limit is not None and limit < 1:
         raise DiffclsError(f"--limit must be at least 1, got {limit}")
+    severity = _check_severity(severity)
     images, labels = _load_digits()
     idx = split_indices(split, labels)
     if limit is not None:
@@ -108,7 +148,7 @@ def write_digits(out_dir: str | Path, split: str = "heldout", limit: int | None 
             folder = out / CLASSNAMES[labels[i]]
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{split}_{int(i):04d}.png"
-            render_digit(images[i]).save(path, format="PNG")
+            corrupt_digit(render_digit(images[i]), severity, int(i)).save(path, format="PNG")
             paths.append(path)
     except OSError as e:
         raise DiffclsError(f"cannot write digits into {out}: {e}; pass a writable folder") from e

@@ -24,6 +24,7 @@ from PIL import Image
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.cache import DiskCache
+from diffcls.runtime.calibration import UNCALIBRATED, shared_means, softmax_neg
 from diffcls.runtime.preprocess import (
     BadImage,
     Interpolation,
@@ -65,12 +66,54 @@ class ImageResult:
                 break
         return out
 
-    def to_json(self) -> dict:
+    def listed(self, k: int = 5) -> list[tuple[int, str, int]]:
+        """(classidx, classname, prompt) of the best k classes, in ranking order (a class is
+        represented by its best-ranked prompt)."""
+        out, seen = [], set()
+        for p in self.ranking:
+            idx = self._prompts.classidx[p]
+            if idx not in seen:
+                seen.add(idx)
+                out.append((idx, self._prompts.classnames[p], p))
+                if len(out) == k:
+                    break
+        return out
+
+    def shared_scores(self, k: int = 5) -> tuple[list[tuple[int, str, float]], int]:
+        """The best k classes (ranking order, as `top_classes`) with scores that compare: each
+        listed prompt's mean error over the (t, trial) samples all listed prompts share (lower
+        is better; see runtime.calibration). Returns (rows, number of shared samples)."""
+        rows = self.listed(k)
+        means, n_shared = shared_means(self.errors, [p for _, _, p in rows])
+        return [(idx, name, m) for (idx, name, _), m in zip(rows, means)], n_shared
+
+    def probabilities(self, temperature: float = UNCALIBRATED, k: int = 5) -> list[tuple[int, str, float]]:
+        """(classidx, classname, probability) of the best k classes, ranking order: a softmax of
+        the negative shared mean errors at `temperature` (from `diffcls calibrate`)."""
+        rows, _ = self.shared_scores(k)
+        probs = softmax_neg([m for _, _, m in rows], temperature)
+        return [(idx, name, p) for (idx, name, _), p in zip(rows, probs)]
+
+    def to_json(self, temperature: float | None = None, k: int = 5) -> dict:
+        """The --save-errors record. `scores` lists every scored prompt with its class (mean
+        error over its own samples); `top` the best k classes with their shared mean errors
+        and (with a temperature) probabilities."""
+        rows, n_shared = self.shared_scores(k)
+        top = [{"classidx": i, "classname": n, "mean_error": m} for i, n, m in rows]
+        if temperature is not None:
+            for rec, p in zip(top, softmax_neg([m for _, _, m in rows], temperature)):
+                rec["probability"] = p
         return {
             "path": self.source,
             "prediction": self.classname,
             "classidx": self.prediction,
-            "scores": {str(p): s for p, s in sorted(self.scores.items())},
+            "scores": [
+                {"prompt": p, "classidx": self._prompts.classidx[p], "classname": self._prompts.classnames[p], "mean_error": s}
+                for p, s in sorted(self.scores.items())
+            ],
+            "n_shared": n_shared,
+            "top": top,
+            "temperature": temperature,
             "errors": [[p, t, j, e] for p, t, j, e in self.errors],
         }
 

@@ -45,6 +45,12 @@ COLUMNS = ["path", "prediction", "classidx", "score", "n_evals"] + [
     f"top{i}{suffix}" for i in range(1, TOP_K + 1) for suffix in ("", "_score")
 ]
 COLUMNS += ["sha256"]  # of the image bytes the row was computed from
+# Scores that compare (mean error over the samples all listed classes share; lower is better)
+# and probabilities (empty without --calibration); see runtime.calibration.
+SHARED_COLUMNS = ["n_shared", "probability"] + [
+    f"top{i}{suffix}" for suffix in ("_mean_error", "_probability") for i in range(1, TOP_K + 1)
+]
+COLUMNS += SHARED_COLUMNS
 
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -148,10 +154,13 @@ def _valid_row(row: dict) -> bool:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
-    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=()):
+    def __init__(
+        self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=(), temperature: float | None = None
+    ):
         """`extra_columns`: names appended after COLUMNS (evaluate's label, correct); each
-        `write` gives their values."""
+        `write` gives their values. `temperature` (from --calibration) fills the probability columns."""
         self.out = Path(out)
+        self.temperature = temperature
         self.columns = COLUMNS + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
@@ -387,6 +396,12 @@ class ResultsWriter:
         }
         for i in range(TOP_K):
             row[f"top{i + 1}"], row[f"top{i + 1}_score"] = (top[i][1], f"{top[i][2]:.6g}") if i < len(top) else ("", "")
+        shared, row["n_shared"] = result.shared_scores(TOP_K)
+        probs = result.probabilities(self.temperature, TOP_K) if self.temperature is not None else []
+        row["probability"] = f"{probs[0][2]:.6g}" if probs else ""
+        for i in range(TOP_K):
+            row[f"top{i + 1}_mean_error"] = f"{shared[i][2]:.6g}" if i < len(shared) else ""
+            row[f"top{i + 1}_probability"] = f"{probs[i][2]:.6g}" if i < len(probs) else ""
         row.update(zip(self.columns[len(COLUMNS):], extra))
         return {c: str(row.get(c, "")) for c in self.columns}
 
@@ -397,7 +412,7 @@ class ResultsWriter:
         line = _csv_line([row[c] for c in self.columns])
         parts = []
         if self._err_fd is not None:
-            rec = result.to_json()
+            rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             rec["sha256"] = row["sha256"]
             # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
