@@ -44,7 +44,7 @@ from diffcls.cli.classify import (
     WorkersOpt,
     _setup,
 )
-from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.common import app, console, out, per_second, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
@@ -107,7 +107,7 @@ def plot_stages(report: dict, path: Path) -> None:
     s = report["settings"]
     ax.set_title(
         f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "
-        f"{report['unet_evals_per_s']:.0f} UNet evals/s",
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 0)}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -146,7 +146,8 @@ def _print_report(report: dict) -> None:
     cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
     mem = report["peak_gpu_memory_bytes"]
     out.print(
-        f"{report['images_per_s']:.3f} images/s, {report['unet_evals_per_s']:.1f} UNet evals/s "
+        f"{per_second(report['images_per_s'], 'images', 'image', 3)}, "
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 1)} "
         f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
         f"{100 * report['padding_fraction']:.2f}%, cache {cache_txt}, peak GPU memory "
         + ("n/a" if mem == "n/a" else f"{mem / 2**20:.0f} MiB")
