@@ -35,7 +35,8 @@ class Backend(str, Enum):
 
 
 # --- shared options (defined once) ------------------------------------------------------------
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory or checkpoint file (default: the bundled demo model).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")]
 EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).")]
 BackendOpt = Annotated[Backend, typer.Option("--backend", help="Engine backend; auto = torch, or the one an --engines directory was exported for.")]
 PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="CSV with columns prompt,classname,classidx (several prompts may share a classidx).")]
@@ -155,7 +156,7 @@ def open_classifier(model, engines, backend, device, precision, image_size, batc
             except (OSError, json.JSONDecodeError):
                 name = "onnxruntime"  # the backend reports the broken manifest
     clf = Classifier.from_pretrained(
-        model if engines is None else (str(model) if model is not None else None),
+        model if engines is None or model is None or not isinstance(model, Path) else str(model),
         backend=name,
         engine_dir=engines,
         device=None if device == "auto" else device,
@@ -322,6 +323,7 @@ def classify(
     classes: ClassesOpt = None,
     template: TemplateOpt = "a photo of a {}.",
     model: ModelOpt = None,
+    config: ConfigOpt = None,
     engines: EnginesOpt = None,
     backend: BackendOpt = Backend.auto,
     n_samples: NSamplesOpt = None,
@@ -344,7 +346,7 @@ def classify(
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
     with user_errors():
-        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise)
+        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, config=config)
         results, skipped, keys = run_folder(
             folder,
             prompts_set=ctx["prompts"],
@@ -366,7 +368,7 @@ def classify(
             raise DiffclsError(f"no image under {folder} could be classified; see the skipped files above")
 
 
-def _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, folder_classes=None):
+def _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, folder_classes=None, config=None):
     from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.preprocess import find_images
 
@@ -385,6 +387,12 @@ def _setup(folder, prompts, classes, template, model, engines, backend, n_sample
     schedule = build_schedule(n_samples, to_keep, n_trials, loss.value, len(prompt_set), defaults)
     schedule.validate(len(prompt_set))
     noise_t = load_noise(noise)
+    if config is not None:
+        if model is None:
+            raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+        from diffcls.models.loading import load_model
+
+        model = load_model(model, config=config)
     clf = open_classifier(model, engines, backend, device, precision, image_size or defaults.get("image_size"), batch_size, compile, cache_dir, no_cache)
     schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)
     return {"prompts": prompt_set, "schedule": schedule, "clf": clf, "noise": noise_t}
@@ -420,6 +428,7 @@ def evaluate(
     classes: ClassesOpt = None,
     template: TemplateOpt = "a photo of a {}.",
     model: ModelOpt = None,
+    config: ConfigOpt = None,
     engines: EnginesOpt = None,
     backend: BackendOpt = Backend.auto,
     n_samples: NSamplesOpt = None,
@@ -449,7 +458,7 @@ def evaluate(
         subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not subdirs:
             raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
-        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, folder_classes=subdirs)
+        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, folder_classes=subdirs, config=config)
         pset = ctx["prompts"]
         by_name = {_norm(name): idx for idx, name in pset.classes.items()}
         unknown = [d for d in subdirs if _norm(d) not in by_name]

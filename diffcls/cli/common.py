@@ -23,6 +23,25 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+def quiet_third_party_logs() -> None:
+    """The CLI's choice, not the library's: diffusers/transformers advice and progress bars off
+    (their own loggers; DIFFCLS_VERBOSE=1 keeps them). Nothing else in the process changes."""
+    import os
+
+    if os.environ.get("DIFFCLS_VERBOSE"):
+        return
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - logging knobs only
+        pass
+
+
 class _State:
     debug: bool = False
 

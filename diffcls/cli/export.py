@@ -63,7 +63,8 @@ class _Reporter:
 @app.command("export")
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
-    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory or checkpoint file (default: the bundled demo model).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")] = None,
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for.")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32.")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
@@ -80,6 +81,12 @@ def export_cmd(
     from diffcls.export.pipeline import human_size
 
     with user_errors():
+        if config is not None:
+            if model is None:
+                raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+            from diffcls.models.loading import load_model
+
+            model = load_model(model, config=config)
         cfg = ExportConfig(
             out=out_dir,
             model=model,

@@ -24,6 +24,7 @@ from diffcls.cli.classify import (
     CacheDirOpt,
     ClassesOpt,
     CompileOpt,
+    ConfigOpt,
     DeviceOpt,
     EnginesOpt,
     Interp,
@@ -161,6 +162,7 @@ def profile(
     classes: ClassesOpt = None,
     template: TemplateOpt = "a photo of a {}.",
     model: ModelOpt = None,
+    config: ConfigOpt = None,
     engines: EnginesOpt = None,
     backend: BackendOpt = Backend.auto,
     n_samples: NSamplesOpt = None,
@@ -189,7 +191,7 @@ def profile(
             _require_matplotlib()  # fail before any work
         from diffcls.runtime.preprocess import find_images
 
-        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise)
+        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise, config=config)
         clf, schedule, pset = ctx["clf"], ctx["schedule"], ctx["prompts"]
         images = [str(p) for p in find_images(folder)[:limit]]
         kw = dict(seed=seed, noise=ctx["noise"], batch_size=batch_size, interpolation=interpolation.value, workers=workers)

@@ -15,7 +15,6 @@ one-line `DiffclsError` with the reason and the `diffcls export ...` command tha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -23,7 +22,8 @@ from pathlib import Path
 
 from diffcls.engines.base import EngineSet
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import SDModel, load_model
+from diffcls.models.filehash import file_sha256
+from diffcls.models.loading import SDModel, cached_fingerprint, load_model
 from diffcls.models.spec import COMPONENTS, component_specs
 
 MANIFEST = "manifest.json"
@@ -32,12 +32,9 @@ TOKENIZER_DIR = "tokenizer"
 ALPHAS_FILE = "alphas_cumprod.json"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """sha256 of an engine file; remembered by size + mtime, so a second open reads nothing."""
+    return file_sha256(path)
 
 
 def read_manifest(engine_dir: str | Path) -> dict | None:
@@ -253,6 +250,10 @@ def resolve_model_arg(model):
     if model is None:
         return None, None
     if not isinstance(model, SDModel):
+        # remembered from an earlier load of the same files: no need to load gigabytes to check it
+        remembered = cached_fingerprint(model)
+        if remembered is not None:
+            return remembered, str(model)
         model = load_model(model)
     src = str(model.source)
     return model.fingerprint(), (None if src.startswith("<") else src)
