@@ -20,8 +20,7 @@ kernels, so on CPU only the portable fusions run (what the tests check).
 from __future__ import annotations
 
 import contextlib
-import io
-import os
+import logging
 import sys
 import tempfile
 import warnings
@@ -33,6 +32,8 @@ import torch
 from diffcls.errors import DiffclsError
 from diffcls.models.spec import ComponentSpec
 from diffcls.models.wrappers import wrap
+
+log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 and ORT >= 1.14 take it
 LARGE_BYTES = 1_800_000_000  # protobuf's limit is 2 GB: larger models keep weights in `<file>.data`
@@ -70,6 +71,7 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
     """Export one fp32 component to `out_path` (weights in `<name>.data` beside it when > 2 GB)."""
     import onnx
 
+    log.debug("exporting %s to %s (opset %d)", component, out_path, opset)
     module = wrap(model, component).float().eval()
     feed = random_feed(model, spec, batch=2)
     args = tuple(feed[n] for n in spec.input_names)
@@ -77,7 +79,7 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -148,17 +150,16 @@ def optimize_unet(src: Path, gpu: bool):
     from onnxruntime.transformers import optimizer
 
     _patch_ort_num_heads()
-    with _quiet():
-        m = optimizer.optimize_model(
-            str(src),
-            model_type="unet",
-            num_heads=0,  # detected per attention block
-            hidden_size=0,
-            opt_level=0,  # fusions only; ORT applies its own graph optimizations at load
-            optimization_options=fusion_options(gpu),
-            use_gpu=gpu,
-        )
-    return m
+    # ORT shows its own "fusion" progress bar (tqdm, on stderr); its loggers are its own
+    return optimizer.optimize_model(
+        str(src),
+        model_type="unet",
+        num_heads=0,  # detected per attention block
+        hidden_size=0,
+        opt_level=0,  # fusions only; ORT applies its own graph optimizations at load
+        optimization_options=fusion_options(gpu),
+        use_gpu=gpu,
+    )
 
 
 def fused_ops(onnx_model) -> dict[str, int]:
@@ -177,12 +178,11 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
         m = src_or_model
     else:
         m = OnnxModel(onnx.load(str(src_or_model)))
-    with _quiet():
-        m.convert_float_to_float16(
-            use_symbolic_shape_infer=True,
-            keep_io_types=False,
-            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK_LIST,
-        )
+    m.convert_float_to_float16(
+        use_symbolic_shape_infer=True,
+        keep_io_types=False,
+        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_OP_BLOCK_LIST,
+    )
     return save_onnx(m.model, out_path)
 
 
@@ -244,24 +244,6 @@ def measure(component: str, ref: np.ndarray, out: np.ndarray, precision: str) ->
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0][:300] if s else type(e).__name__
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the chatty exporters/optimizers (tqdm bars, print) unless DIFFCLS_VERBOSE is set."""
-    if os.environ.get("DIFFCLS_VERBOSE"):
-        yield
-        return
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 _PATCHED = False

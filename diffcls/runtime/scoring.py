@@ -25,6 +25,7 @@ from typing import Callable, Hashable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from diffcls.errors import DiffclsError
 from diffcls.runtime.schedule import Schedule
 
 
@@ -55,7 +56,7 @@ def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.T
     elif loss == "huber":
         e = F.huber_loss(eps, pred, reduction="none", delta=1.0)
     else:
-        raise ValueError(loss)
+        raise DiffclsError(f"unknown loss {loss!r}; choose l2, l1 or huber")
     return e.mean(dim=(1, 2, 3))
 
 
