@@ -298,7 +298,7 @@ class _Shape:
         self.shape = tuple(shape)
 
 
-def _checkpoint_shapes(path: Path) -> dict:
+def checkpoint_shapes(path: Path) -> dict:
     """{key: object with .shape} of a checkpoint, without reading its tensors where possible."""
     try:
         if path.suffix == ".safetensors":
@@ -337,7 +337,7 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
         return root
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    kind = infer_diffusers_model_type(_checkpoint_shapes(path))
+    kind = infer_diffusers_model_type(checkpoint_shapes(path))
     include = "--include '*.json' --include '*.txt'"
     if kind == "v2":
         a, b = SD2_CONFIG_REPOS
