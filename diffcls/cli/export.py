@@ -68,6 +68,8 @@ def export_cmd(
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for.")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32.")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
+    vae_batch_size: Annotated[int, typer.Option("--vae-batch-size", min=1, help="The VAE encoder's batch size (the runtime encodes images this many at a time).")] = 8,
+    text_batch_size: Annotated[Optional[int], typer.Option("--text-batch-size", min=1, help="The text encoder's batch size (default: the model's prompt count rounded up to 8, else 16).")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input resolution S (default: the model's, 512 for SD 2.x base).")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize/--no-optimize", help="ONNX Runtime UNet fusion (attention, GroupNorm, ...); default on for fp16 on CUDA.")] = None,
     device: Annotated[ExportDevice, typer.Option("--device", help="Where exported graphs are checked against torch (auto: cuda if usable).")] = ExportDevice.auto,
@@ -93,6 +95,8 @@ def export_cmd(
             backend=backend.value,
             precision=None if precision == ExportPrecision.auto else precision.value,
             batch_sizes=parse_batch_sizes(batch_sizes),
+            vae_batch_size=vae_batch_size,
+            text_batch_size=text_batch_size,
             image_size=image_size,
             optimize=optimize,
             device=None if device == ExportDevice.auto else device.value,
@@ -106,10 +110,11 @@ def export_cmd(
         total = sum(
             (result.engine_dir / f).stat().st_size for c in m["components"].values() for f in c["files"]
         )
-        first = next(iter(m["components"].values()))
+        comps = m["components"]
         out.print(
-            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {first['precision']}, "
-            f"batch sizes {','.join(map(str, first['batch_sizes']))}, image size {m['image_size']}; "
+            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
+            f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
+            f"text encoder {comps['text_encoder']['batch_sizes'][0]}, image size {m['image_size']}; "
             f"built {len(result.built)}, cached {len(result.cached)}"
         )
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

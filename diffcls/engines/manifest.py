@@ -64,10 +64,16 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
     """The exact `diffcls export` command that (re)builds `engine_dir` as its manifest describes."""
     m = manifest or {}
     comps = m.get("components") or {}
-    first = next(iter(comps.values()), {}) if comps else {}
+    first = comps.get("unet") or (next(iter(comps.values()), {}) if comps else {})
     backend = overrides.get("backend") or m.get("backend") or "onnxruntime"
     precision = overrides.get("precision") or first.get("precision")
     batch_sizes = overrides.get("batch_sizes") or first.get("batch_sizes")
+    # the text encoder's and VAE's own batch size (manifests before per-component sizes have none)
+    own = {}
+    for comp, flag in (("vae_encoder", "--vae-batch-size"), ("text_encoder", "--text-batch-size")):
+        sizes = (comps.get(comp) or {}).get("batch_sizes") or []
+        if len(sizes) == 1 and list(sizes) != list(first.get("batch_sizes") or []):
+            own[flag] = str(sizes[0])
     image_size = overrides.get("image_size") or m.get("image_size")
     source = model if model is not None else m.get("source")
     parts = ["diffcls", "export"]
@@ -78,6 +84,8 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
         parts += ["--precision", precision]
     if batch_sizes:
         parts += ["--batch-sizes", ",".join(map(str, batch_sizes))]
+    for flag, value in own.items():
+        parts += [flag, value]
     if image_size:
         parts += ["--image-size", str(image_size)]
     return shlex.join(parts)

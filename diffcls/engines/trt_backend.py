@@ -196,7 +196,8 @@ def open_engines(
     specs = mf.manifest_specs(manifest)
     engines = {}
     for comp in COMPONENTS:
-        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
+        # one profile per exported batch size; requested batch sizes are the UNet's
+        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes if comp == "unet" else None)
         engines[comp] = TensorRTEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], list(have), dev)
     return mf.engine_set(
         engine_dir, manifest, engines, backend=BACKEND, device=dev,

@@ -13,6 +13,7 @@ The tokenizer and ᾱ (`alphas_cumprod`) are copied in, so the directory classif
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import tempfile
@@ -26,11 +27,13 @@ from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
-from diffcls.models.loading import SDModel, load_model
+from diffcls.models.loading import SDModel, load_model, model_defaults
 from diffcls.models.spec import COMPONENTS, model_component_specs
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BATCH_SIZES = (8, 16, 32)
+DEFAULT_VAE_BATCH_SIZE = 8  # the runtime's VAE batches (Classifier.iter_classify's vae_batch_size)
+DEFAULT_TEXT_BATCH_SIZE = 16  # when the model names no prompts file to count
 
 
 @dataclass
@@ -40,6 +43,8 @@ class ExportConfig:
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
+    vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE  # the VAE encoder's one batch size
+    text_batch_size: int | None = None  # the text encoder's; None: the model's prompt count rounded up to 8, else 16
     image_size: int | None = None  # None: the model's training resolution
     optimize: bool | None = None  # ORT UNet fusion; None: on for onnxruntime fp16 on CUDA
     device: str | None = None  # where the exported graphs are checked: cpu/cuda; None: cuda if usable
@@ -162,6 +167,12 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
     specs = model_component_specs(model, image_size)  # validates image_size
+    # each component is built for the batches the runtime sends it (TensorRT: one profile each)
+    component_batches = {
+        "text_encoder": [_one_batch_size(cfg.text_batch_size or default_text_batch_size(model), "--text-batch-size")],
+        "vae_encoder": [_one_batch_size(cfg.vae_batch_size, "--vae-batch-size")],
+        "unet": list(batch_sizes),
+    }
 
     try:
         old = mf.read_manifest(out)
@@ -196,10 +207,10 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
             "optimize": bool(optimize and comp == "unet"),
         }
         if cfg.backend == "tensorrt":
-            settings.update(batch_sizes=list(batch_sizes), tensorrt=versions.get("tensorrt"), gpu=gpu)
+            settings.update(batch_sizes=component_batches[comp], tensorrt=versions.get("tensorrt"), gpu=gpu)
         build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
         entry = build(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
-        entry["batch_sizes"] = list(batch_sizes)
+        entry["batch_sizes"] = component_batches[comp]  # ONNX graphs take any batch; the runtime sends these
         entry["image_size"] = image_size
         manifest["components"][comp] = entry
         # write as we go: an interrupted export keeps what it finished
@@ -208,6 +219,32 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     _write_runtime_files(model, out)
     mf.write_manifest(out, manifest)
     return result
+
+
+def _one_batch_size(value, flag: str) -> int:
+    try:
+        b = int(value)
+    except (TypeError, ValueError):
+        b = 0
+    if b < 1:
+        raise DiffclsError(f"{flag} must be a positive integer, got {value!r}")
+    return b
+
+
+def default_text_batch_size(model: SDModel) -> int:
+    """The model's prompt count (its diffcls.json prompts file) rounded up to a multiple of 8,
+    so one text-encoder call embeds every prompt; 16 when the model names no prompts."""
+    root = Path(str(model.source))
+    try:
+        prompts = model_defaults(root).get("prompts") if root.is_dir() else None
+        if prompts:
+            with open(prompts, newline="") as f:
+                n = sum(1 for row in csv.reader(f) if row) - 1  # minus the header
+            if n > 0:
+                return -(-n // 8) * 8
+    except (OSError, DiffclsError, csv.Error):
+        pass
+    return DEFAULT_TEXT_BATCH_SIZE
 
 
 def _fresh(out: Path, comp: str, entry: dict | None, settings: dict) -> bool:
