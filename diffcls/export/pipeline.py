@@ -197,6 +197,9 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "components": {},
     }
     result = ExportResult(out, manifest)
+    # a model this export loaded is its own: each component's torch weights are freed once its
+    # graph is written (before the fp16 conversion), which keeps an SD-2.1-size export's peak low
+    owns_model = not isinstance(cfg.model, SDModel)
     for comp in COMPONENTS:
         settings = {
             "backend": cfg.backend,
@@ -208,8 +211,11 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         }
         if cfg.backend == "tensorrt":
             settings.update(batch_sizes=component_batches[comp], tensorrt=versions.get("tensorrt"), gpu=gpu)
-        build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
-        entry = build(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
+        if cfg.backend == "onnxruntime":
+            release = (lambda c=comp: free_component(model, c)) if owns_model else None
+            entry = _export_ort(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result, release)
+        else:
+            entry = _export_trt(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
         entry["batch_sizes"] = component_batches[comp]  # ONNX graphs take any batch; the runtime sends these
         entry["image_size"] = image_size
         manifest["components"][comp] = entry
@@ -288,22 +294,50 @@ def _entry(out: Path, paths: list[Path], settings: dict, check: dict, extra: dic
     }
 
 
-def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report, result) -> dict:
+def free_component(model: SDModel, comp: str) -> None:
+    """Drop a component's torch weights (moved to the meta device: configs stay readable)."""
+    import gc
+
+    module = {"text_encoder": model.text_encoder, "vae_encoder": model.vae, "unet": model.unet}[comp]
+    module.to("meta")
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report, result, release=None) -> dict:
     step = f"{comp} onnx"
     if _fresh(out, comp, old, settings):
         _report_cached(report, step, result, out, old["files"])
+        if release is not None:
+            release()
         return old
     final = out / f"{comp}.onnx"
     precision = settings["precision"]
 
     def run():
         extra = {}
+        feed, ref = ox.reference_pair(model, comp, spec)  # first: the torch weights may go after the export
         if not settings["optimize"] and precision == "fp32":
             ox.export_onnx(model, comp, spec, final, cfg.opset)
+            if release is not None:
+                release()
             paths = ox.onnx_files(final)
         else:
-            paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra)
-        check = ox.check_against_torch(model, comp, spec, final, precision, device)
+            paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra, release)
+        _trim_heap()
+        check = ox.check_against_reference(comp, final, precision, device, feed, ref)
         return paths, check, extra
 
     try:
@@ -316,10 +350,13 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
     return _entry(out, paths, settings, check, extra)
 
 
-def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra) -> list[Path]:
+def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra, release=None) -> list[Path]:
     """fp32 ONNX in a temp dir -> [ORT fusion] -> [fp16] -> final."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset)
+        if release is not None:
+            release()  # the torch weights are not needed again: free them before converting
+        _trim_heap()
         if not optimize:
             return ox.convert_fp16(fp32, final)
         fused = ox.optimize_unet(fp32, gpu=device == "cuda")
