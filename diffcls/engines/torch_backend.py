@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffcls.config import default_cache_dir
+from diffcls.config import default_cache_dir, parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.models.loading import SDModel, load_model
@@ -22,7 +22,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
+    device = parse_device(None if device is None else str(device))
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -181,12 +182,14 @@ def open_engines(
     fingerprint = model.fingerprint()  # before moving/casting: the fp32 weights identify it
     if device.type == "cuda":
         _use_fast_attention(model)
+    # the VAE encoder stays fp32 where its config asks for it (SD's VAE overflows in fp16)
+    vae_dtype = torch.float32 if model.vae_force_upcast else dtype
     engines = {
         name: TorchEngine(
             wrap(model, name),
             specs[name],
             device,
-            dtype,
+            vae_dtype if name == "vae_encoder" else dtype,
             batch_sizes=batch_sizes if name == "unet" else None,
             compile=compile and name == "unet",
         )
@@ -205,7 +208,8 @@ def open_engines(
         backend="torch",
         precision=precision,
         device=device,
-        info={"source": model.source, "compile": compile},
+        info={"source": model.source, "compile": compile, "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
+        prediction_type=model.prediction_type,
     )
 
 

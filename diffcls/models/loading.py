@@ -22,6 +22,8 @@ from diffcls.models import filehash
 log = logging.getLogger(__name__)
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# what the UNet predicts (the scheduler config's `prediction_type`); the scorer knows these targets
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # "org/name" as the Hugging Face Hub spells model ids
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -40,6 +42,7 @@ class SDModel:
     unet: torch.nn.Module  # diffusers UNet2DConditionModel
     alphas_cumprod: torch.Tensor  # (T,) float32, ᾱ_t of the training noise schedule
     source: str = "<memory>"  # where it was loaded from, for messages and manifests
+    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (noise) or "v_prediction"
     _fingerprint: str | None = field(default=None, repr=False)
     # (directory, its files' sizes and mtimes, library versions): where fingerprint() remembers itself
     _fingerprint_record: tuple | None = field(default=None, repr=False)
@@ -56,6 +59,11 @@ class SDModel:
     @property
     def scaling_factor(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def vae_force_upcast(self) -> bool:
+        """The VAE config asks to run in fp32 (`force_upcast`, true for SD's VAE: it overflows in fp16)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
 
     @property
     def latent_channels(self) -> int:
@@ -120,6 +128,8 @@ def hash_weights(model: SDModel) -> str:
             h.update(str(t.dtype).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
+    if model.prediction_type != "epsilon":  # same weights, other target: another model
+        h.update(f"prediction_type={model.prediction_type}".encode())
     vocab = model.tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items())).encode())
     return h.hexdigest()[:16]
@@ -161,6 +171,17 @@ def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
     known = {k: v for k, v in config.items() if not k.startswith("_")}
     scheduler = DDPMScheduler.from_config(known)
     return scheduler.alphas_cumprod.to(torch.float32).clone()
+
+
+def prediction_type_from_scheduler_config(config: dict, where) -> str:
+    """The scheduler config's `prediction_type` (absent: epsilon); one the scorer cannot score is refused."""
+    value = config.get("prediction_type") or "epsilon"
+    if value not in PREDICTION_TYPES:
+        raise DiffclsError(
+            f"{where}: prediction_type {value!r} is not supported; diffcls scores models that predict "
+            f"{' or '.join(PREDICTION_TYPES)} (set it in the scheduler config if that is what the UNet was trained for)"
+        )
+    return value
 
 
 def default_model_path() -> Path:
@@ -285,6 +306,7 @@ def _load_directory(path: Path) -> SDModel:
         unet=unet,
         alphas_cumprod=alphas_cumprod_from_scheduler_config(sched_cfg),
         source=str(path),
+        prediction_type=prediction_type_from_scheduler_config(sched_cfg, sched_file),
         _fingerprint=remembered,
         _fingerprint_record=(path, state, versions),
     )
@@ -391,6 +413,7 @@ def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel:
         unet=pipe.unet,
         alphas_cumprod=alphas_cumprod_from_scheduler_config(dict(pipe.scheduler.config)),
         source=str(path),
+        prediction_type=prediction_type_from_scheduler_config(dict(pipe.scheduler.config), path),
     )
     return model.eval()
 

@@ -10,39 +10,40 @@ scaled to 8 bits, and EXIF orientation is applied.
 from __future__ import annotations
 
 import hashlib
-from enum import Enum
+import os
+import stat
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffcls.config import Interpolation
 from diffcls.errors import DiffclsError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 MAX_PIXELS = 16384 * 16384  # refuse larger images (about 800 MB decoded) instead of swapping
 
 
-class Interpolation(str, Enum):
-    bicubic = "bicubic"
-    bilinear = "bilinear"
-    lanczos = "lanczos"
-
-    @property
-    def pil(self) -> int:
-        return {
-            "bicubic": Image.Resampling.BICUBIC,
-            "bilinear": Image.Resampling.BILINEAR,
-            "lanczos": Image.Resampling.LANCZOS,
-        }[self.value]
+PIL_FILTERS = {
+    Interpolation.bicubic: Image.Resampling.BICUBIC,
+    Interpolation.bilinear: Image.Resampling.BILINEAR,
+    Interpolation.lanczos: Image.Resampling.LANCZOS,
+}
 
 
 class BadImage(DiffclsError):
     """One image could not be used; a folder run reports it and goes on."""
 
 
-def find_images(path: str | Path) -> list[Path]:
-    """Every image under `path` (recursive, sorted), or `[path]` for a single image file."""
+def find_images(path: str | Path, on_problem: Callable[[str, str], None] | None = None) -> list[Path]:
+    """Every image under `path` (recursive, sorted), or `[path]` for a single image file.
+
+    Hidden files and folders are left out and symlinked folders are not followed. A folder that
+    cannot be listed or entered is skipped: `on_problem(folder, message)` hears of it (the
+    message names the folder and the reason). The top folder itself must be readable.
+    """
     path = Path(path)
     if not path.exists():
         raise DiffclsError(f"{path} does not exist; pass an image file or a folder of images")
@@ -52,18 +53,48 @@ def find_images(path: str | Path) -> list[Path]:
                 f"{path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image or a folder"
             )
         return [path]
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    _walk(path, found, problems, top=True)
+    for folder, msg in problems:
+        if on_problem is not None:
+            on_problem(folder, msg)
     if not found:
+        hint = f"; {len(problems)} folder(s) could not be read: {problems[0][1]}" if problems else ""
         raise DiffclsError(
-            f"no images found in {path} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"no images found in {path} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}"
         )
-    return found
+    return sorted(found)
+
+
+def _walk(folder: Path, found: list[Path], problems: list[tuple[str, str]], top: bool = False) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        if top:
+            raise DiffclsError(f"cannot list the folder {folder} ({e.strerror or e}); check its permissions") from None
+        problems.append((str(folder), f"{folder}: cannot list this folder ({e.strerror or e}); its images are skipped"))
+        return
+    subdirs = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            # stat (not the listing's d_type): it fails in a folder that can be listed but not entered
+            is_file = not is_dir and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and stat.S_ISREG(entry.stat().st_mode)
+        except OSError as e:  # e.g. a folder that can be listed but not entered (no x bit)
+            if top:
+                raise DiffclsError(f"cannot enter the folder {folder} ({e.strerror or e}); check its permissions") from None
+            problems.append((str(folder), f"{folder}: cannot enter this folder ({e.strerror or e}); its images are skipped"))
+            return
+        if is_dir:
+            subdirs.append(Path(entry.path))
+        elif is_file:
+            found.append(Path(entry.path))
+    for sub in subdirs:
+        _walk(sub, found, problems)
 
 
 def file_digest(path: str | Path) -> str:
@@ -127,7 +158,7 @@ def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation
     else:
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=Interpolation(interpolation).pil)
+        img = img.resize((new_w, new_h), resample=PIL_FILTERS[Interpolation(interpolation)])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
