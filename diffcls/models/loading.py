@@ -330,7 +330,7 @@ def checkpoint_shapes(path: Path) -> dict:
                 return {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
         sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable file
-        raise DiffclsError(f"cannot read checkpoint {path}: {_first_line(e)}; pass a .safetensors or .ckpt Stable Diffusion checkpoint") from e
+        raise DiffclsError(f"cannot load checkpoint {path}: {_first_line(e)}; pass a readable .safetensors or .ckpt Stable Diffusion checkpoint") from e
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
     return {k: _Shape(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
