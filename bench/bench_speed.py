@@ -391,9 +391,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    from diffcls.models.loading import quiet_hf_logs
+    from diffcls.cli.common import quiet_third_party_logs
 
-    quiet_hf_logs()
+    quiet_third_party_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     t_setup = time.perf_counter()

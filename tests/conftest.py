@@ -10,6 +10,11 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the remembered file hashes and fingerprints (diffcls.models.filehash) of this test session, not the user's
+if "DIFFCLS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DIFFCLS_CACHE"] = tempfile.mkdtemp(prefix="diffcls-test-cache-")
 # one thread: tiny models are overhead-bound, and two threads on a busy 2-core box stall badly
 torch.set_num_threads(1)
 

@@ -94,8 +94,26 @@ def scratch(tmp_path, monkeypatch):
     torch.use_deterministic_algorithms(False)  # the demo trainer turns it on
 
 
-def test_readme_commands_run(scratch, tiny_dir):
+def _models_users_have(tmp: Path, tiny, tiny_dir, monkeypatch) -> None:
+    """The README's model-id and checkpoint examples: the tiny model stands in, laid out as
+    `hf download` leaves a model in the (scratch) Hugging Face cache and as original-format
+    single-file checkpoints under the README's file names."""
+    from huggingface_hub import constants
+
+    from test_hub import cache_model, write_ldm_checkpoint
+
+    hub = tmp / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    for repo in ("stabilityai/stable-diffusion-2-1-base", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        cache_model(hub, repo, tiny_dir)
+    for name in ("v1-5-pruned-emaonly.safetensors", "v2-1_512-ema-pruned.safetensors"):
+        write_ldm_checkpoint(tiny, tmp / name)
+
+
+def test_readme_commands_run(scratch, tiny, tiny_dir, monkeypatch):
     pytest.importorskip("sklearn", reason="the README's digits commands need scikit-learn (pip install 'diffcls[train]')")
+    _models_users_have(scratch, tiny, tiny_dir, monkeypatch)
     used = set()
     ran, skipped = [], []
     for command in bash_commands(README.read_text()):

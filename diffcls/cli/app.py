@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from diffcls.cli.common import app, state
+from diffcls.cli.common import app, quiet_third_party_logs, state
 
 
 def _version(value: bool) -> None:
@@ -27,6 +27,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     state.debug = debug
+    quiet_third_party_logs()
 
 
 # each command module adds its commands to `app` when imported

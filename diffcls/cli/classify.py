@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
 from diffcls.cli.settings import Run, RunSettings, prepare, run_options
 from diffcls.errors import DiffclsError
 
@@ -58,7 +58,7 @@ def _progress():
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
+        TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -200,7 +200,7 @@ def run_folder(
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
-                progress.update(task, advance=1, rate=f"{n_done / elapsed:.2f}" if elapsed > 0 else "-")
+                progress.update(task, advance=1, rate=rate(n_done, elapsed, "img"))
     finally:
         if writer is not None:
             writer.close()
@@ -215,8 +215,8 @@ def run_folder(
     elif n_done:
         evals = stats.unet_evals if stats else 0
         console.print(
-            f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
-            f"{evals / n_done:.0f} UNet evals/image, {evals / elapsed:.0f} UNet evals/s, "
+            f"classified {n_done} images in {elapsed:.1f} s ({rate(n_done, elapsed, 'img')}, "
+            f"{evals / n_done:.0f} UNet evals/image, {rate(evals, elapsed, 'UNet evals', 'UNet eval', digits=0)}, "
             f"padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )

@@ -25,6 +25,25 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+def quiet_third_party_logs() -> None:
+    """The CLI's choice, not the library's: diffusers/transformers advice and progress bars off
+    (their own loggers; DIFFCLS_VERBOSE=1 keeps them). Nothing else in the process changes."""
+    import os
+
+    if os.environ.get("DIFFCLS_VERBOSE"):
+        return
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - logging knobs only
+        pass
+
+
 class _State:
     debug: bool = False
 
@@ -46,6 +65,26 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted; finished results were kept, rerun the same command to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
+    """'3.91 img/s', or '4.20 s/img' when it is below one per second (a large model on a CPU).
+
+    `unit` is the plural written before "/s" ("img", "UNet evals"); `per_unit` the singular
+    written after "s/" (default: `unit`).
+    """
+    if count <= 0 or seconds <= 0:
+        return f"0 {unit}/s"
+    return per_second(count / seconds, unit, per_unit, digits)
+
+
+def per_second(value: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
+    """A rate `value` (per second) as `rate` writes it: seconds per item when below 1/s."""
+    if value >= 1:
+        return f"{value:.{digits}f} {unit}/s"
+    if value <= 0:
+        return f"0 {unit}/s"
+    return f"{1 / value:.2f} s/{per_unit or unit}"
 
 
 def progress_interval() -> float:
@@ -109,14 +148,12 @@ class LineProgress:
         text = f"{t['description']}: {done:g}/{total:g} {self.unit}" if total else f"{t['description']}: {done:g} {self.unit}"
         if total:
             text += f" ({100 * done / total:.0f}%)"
-        rate = done / elapsed if elapsed > 0 else 0.0
-        if rate >= 1:
-            text += f", {rate:.2f} img/s"
-        elif rate > 0:
-            text += f", {1 / rate:.1f} s/img"
+        per_s = done / elapsed if elapsed > 0 else 0.0
+        if per_s > 0:
+            text += ", " + per_second(per_s, "img")  # seconds per image below one a second
         text += f", elapsed {_duration(elapsed)}"
-        if total and rate > 0:
-            text += f", ETA {_duration((total - done) / rate)}"
+        if total and per_s > 0:
+            text += f", ETA {_duration((total - done) / per_s)}"
         return text
 
 

@@ -46,10 +46,13 @@ class _Reporter:
 @app.command("export")
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
-    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory or checkpoint file (default: the bundled demo model).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="What the engines are for: onnxruntime or tensorrt.")] = Backend.onnxruntime,
     precision: Annotated[Precision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 is not exported).")] = Precision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
+    vae_batch_size: Annotated[int, typer.Option("--vae-batch-size", min=1, help="The VAE encoder's batch size (the runtime encodes images this many at a time).")] = 8,
+    text_batch_size: Annotated[Optional[int], typer.Option("--text-batch-size", min=1, help="The text encoder's batch size (default: the model's prompt count rounded up to 8, else 16).")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input resolution S (default: the model's, 512 for SD 2.x base).")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize/--no-optimize", help="ONNX Runtime UNet fusion (attention, GroupNorm, ...); default on for fp16 on CUDA.")] = None,
     device: Annotated[str, typer.Option("--device", help="Where exported graphs are checked against torch: auto (cuda if usable), cpu, cuda or cuda:N.")] = "auto",
@@ -67,12 +70,20 @@ def export_cmd(
             raise DiffclsError(f"--backend {backend.value} cannot be exported; export for onnxruntime or tensorrt (torch runs the model itself)")
         if precision == Precision.bf16:
             raise DiffclsError("--precision bf16 is not exported; use fp16 or fp32 (bf16 runs on the torch backend)")
+        if config is not None:
+            if model is None:
+                raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+            from diffcls.models.loading import load_model
+
+            model = load_model(model, config=config)
         cfg = ExportConfig(
             out=out_dir,
             model=model,
             backend=backend.value,
             precision=None if precision == Precision.auto else precision.value,
             batch_sizes=parse_batch_sizes(batch_sizes),
+            vae_batch_size=vae_batch_size,
+            text_batch_size=text_batch_size,
             image_size=image_size,
             optimize=optimize,
             device=parse_device(device),
@@ -86,10 +97,11 @@ def export_cmd(
         total = sum(
             (result.engine_dir / f).stat().st_size for c in m["components"].values() for f in c["files"]
         )
-        first = next(iter(m["components"].values()))
+        comps = m["components"]
         out.print(
-            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {first['precision']}, "
-            f"batch sizes {','.join(map(str, first['batch_sizes']))}, image size {m['image_size']}; "
+            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
+            f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
+            f"text encoder {comps['text_encoder']['batch_sizes'][0]}, image size {m['image_size']}; "
             f"built {len(result.built)}, cached {len(result.cached)}"
         )
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

@@ -48,7 +48,10 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
         raise DiffclsError(f"{engine_dir} is not a directory; pass an engine directory written by diffcls export")
     manifest = mf.read_manifest(engine_dir)
     if manifest is None:
-        raise DiffclsError(f"{engine_dir} has no manifest.json; create it with: diffcls export --out {engine_dir}")
+        raise DiffclsError(
+            f"{engine_dir} is neither an engine directory (no manifest.json) nor a diffusers model directory; "
+            f"pass one, or create an engine directory with: diffcls export --model MODEL --out {engine_dir}"
+        )
     rows = []
     from diffcls.models.spec import COMPONENTS
 
@@ -63,6 +66,7 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
             {
                 "component": name,
                 "file": entry.get("file"),
+                "files": [f.relative_to(engine_dir).as_posix() for f in files],
                 "precision": entry.get("precision"),
                 "batch_sizes": entry.get("batch_sizes"),
                 "image_size": entry.get("image_size", manifest.get("image_size")),
@@ -77,11 +81,48 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
     return manifest, rows
 
 
+def is_model(path: Path) -> bool:
+    """Whether `info PATH` describes a model (directory, checkpoint, cached id), not engines."""
+    from diffcls.engines.manifest import MANIFEST
+    from diffcls.models.loading import CHECKPOINT_SUFFIXES, REQUIRED_DIRS, REPO_ID
+
+    if path.is_dir():
+        return not (path / MANIFEST).exists() and all((path / d).is_dir() for d in REQUIRED_DIRS)
+    if path.is_file():
+        return path.suffix in CHECKPOINT_SUFFIXES
+    return bool(REPO_ID.fullmatch(str(path)))
+
+
+def print_model(path: Path) -> None:
+    from rich.table import Table
+
+    from diffcls.export.pipeline import human_size
+    from diffcls.models.describe import describe_model
+
+    d = describe_model(path)
+    if d["kind"] == "checkpoint":
+        out.print(f"\ncheckpoint {d['path']} ({human_size(d['bytes'])}): {d['model_type']}")
+    else:
+        out.print(
+            f"\nmodel directory {d['path']}: prediction type {d['prediction_type']}, default image size "
+            f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']})"
+        )
+    table = Table()
+    for col in ("component", "class", "parameters", "size"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("component", "class") else "right")
+    for name, c in d["components"].items():
+        table.add_row(name, str(c["class"] or "-"), f"{c['parameters'] / 1e6:,.1f} M", human_size(c["bytes"]) if c["bytes"] is not None else "-")
+    out.print(table)
+    if d["kind"] == "directory":
+        out.print("weights: " + ", ".join(f for c in d["components"].values() for f in c["files"]))
+        out.print(f"export engines with: diffcls export --model {path} --out ENGINES")
+
+
 @app.command("info")
 def info_cmd(
-    engine_dir: Annotated[Optional[Path], typer.Argument(help="An engine directory to describe.")] = None,
+    engine_dir: Annotated[Optional[Path], typer.Argument(help="An engine directory, or a model (directory, checkpoint, cached org/name) to describe.")] = None,
 ) -> None:
-    """Show installed backends, ONNX Runtime providers, torch/CUDA, and an engine directory's contents."""
+    """Show installed backends, ONNX Runtime providers, torch/CUDA, and what an engine or model directory holds."""
     from rich.table import Table
 
     from diffcls.export.pipeline import human_size
@@ -97,6 +138,9 @@ def info_cmd(
             out.print(f"onnxruntime {env['onnxruntime']}, providers: {', '.join(env['ort_providers'])}")
         out.print(f"tensorrt: {env['tensorrt'] or 'not installed'}")
         if engine_dir is None:
+            return
+        if is_model(engine_dir):
+            print_model(engine_dir)
             return
         manifest, rows = engine_dir_rows(engine_dir)
         out.print(
@@ -127,4 +171,13 @@ def info_cmd(
                 r["status"],
             )
         out.print(table)
-        out.print("files: " + ", ".join(str(r["file"]) for r in rows) + "; errors: largest difference from torch on random inputs")
+        out.print("files: " + ", ".join(_files_text(r) for r in rows) + "; errors: largest difference from torch on random inputs")
+
+
+def _files_text(row: dict) -> str:
+    """'unet.onnx + unet.onnx.data (external data)': every file a component's size counts."""
+    first = str(row["file"])
+    extra = [f for f in row.get("files") or [] if f != first]
+    if not extra:
+        return first
+    return first + " + " + " + ".join(f + (" (external data)" if f.endswith(".data") else "") for f in extra)

@@ -21,7 +21,7 @@ import typer
 
 from diffcls.cli.classify import PathsArg
 from diffcls.cli.settings import RunSettings, prepare, run_options
-from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
@@ -84,7 +84,7 @@ def plot_stages(report: dict, path: Path) -> None:
     s = report["settings"]
     ax.set_title(
         f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "
-        f"{report['unet_evals_per_s']:.0f} UNet evals/s",
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 0)}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -126,7 +126,8 @@ def _print_report(report: dict) -> None:
     if ev:
         out.print(f"UNet evaluations per image: mean {ev['mean']:.1f}, p50 {ev['p50']:.0f}, p90 {ev['p90']:.0f}, max {ev['max']}")
     out.print(
-        f"{report['images_per_s']:.3f} images/s, {report['unet_evals_per_s']:.1f} UNet evals/s "
+        f"{per_second(report['images_per_s'], 'images', 'image', 3)}, "
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 1)} "
         f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
         f"{100 * report['padding_fraction']:.2f}%, cache {cache_txt}, peak GPU memory "
         + ("n/a (no GPU)" if mem is None else f"{mem / 2**20:.0f} MiB")

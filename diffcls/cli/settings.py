@@ -44,7 +44,8 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> (annotation, default); the order is the order in --help
 OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory or checkpoint file (default: the bundled demo model).", _MODEL)], None),
+    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).", _MODEL)], None),
+    "config": (Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)], None),
     "engines": (Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)], None),
     "backend": (Annotated[Backend, _opt("--backend", "Engine backend; auto = torch, or the one an --engines directory was exported for.", _MODEL)], Backend.auto),
     "device": (Annotated[str, _opt("--device", "auto, cpu, cuda or cuda:N.", _MODEL)], "auto"),
@@ -95,6 +96,7 @@ class RunSettings:
     """Everything a classify/evaluate/profile run is configured with (defaults as in OPTIONS)."""
 
     model: Path | None = None
+    config: Path | None = None  # configs for a single-file --model checkpoint
     engines: Path | None = None
     backend: Backend = Backend.auto
     device: str | None = None  # None: auto
@@ -140,6 +142,8 @@ class RunSettings:
 
     def check(self) -> None:
         engines_backend = self.backend in (Backend.onnxruntime, Backend.tensorrt)
+        if self.config is not None and self.model is None:
+            raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
         if self.engines is not None and self.backend == Backend.torch:
             raise DiffclsError("--backend torch runs a model, not an --engines directory; drop --backend torch or --engines")
         if self.engines is None and engines_backend:
@@ -338,11 +342,17 @@ def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = F
     def path(p):
         if p is None:
             return None
-        return str(Path(p).resolve()) if absolute else p
+        # a Hugging Face model id is not a path: only what exists here is made absolute
+        return str(Path(p).resolve()) if absolute and Path(p).exists() else p
 
     name = backend_name(s)
+    model = path(s.model) if s.engines is None else (str(path(s.model)) if s.model is not None else None)
+    if s.config is not None:  # a checkpoint file with its configs: loaded here, handed over
+        from diffcls.models.loading import load_model
+
+        model = load_model(s.model, config=s.config)
     return dict(
-        model=path(s.model) if s.engines is None else (str(path(s.model)) if s.model is not None else None),
+        model=model,
         backend=name,
         engine_dir=path(s.engines),
         device=s.device,

@@ -35,7 +35,10 @@ def check_batch(engine: Engine, feed: dict[str, torch.Tensor]) -> int:
     """The feed's batch size, after checking names and that the engine was built for it."""
     names = engine.spec.input_names
     if sorted(feed) != sorted(names):
-        raise ValueError(f"{engine.component} takes inputs {names}, got {sorted(feed)}")
+        raise DiffclsError(
+            f"the {engine.component} engine takes inputs {names}, got {sorted(feed)}; key the feed by those "
+            "names (diffcls.models.spec lists each component's inputs)"
+        )
     batch = int(feed[names[0]].shape[0])
     if engine.batch_sizes is not None and batch not in engine.batch_sizes:
         raise DiffclsError(

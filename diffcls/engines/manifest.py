@@ -15,7 +15,6 @@ one-line `DiffclsError` with the reason and the `diffcls export ...` command tha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -23,7 +22,8 @@ from pathlib import Path
 
 from diffcls.engines.base import EngineSet
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import PREDICTION_TYPES, SDModel, load_model
+from diffcls.models.filehash import file_sha256
+from diffcls.models.loading import PREDICTION_TYPES, SDModel, cached_fingerprint, load_model
 from diffcls.models.spec import COMPONENTS, component_specs
 
 MANIFEST = "manifest.json"
@@ -32,12 +32,9 @@ TOKENIZER_DIR = "tokenizer"
 ALPHAS_FILE = "alphas_cumprod.json"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """sha256 of an engine file; remembered by size + mtime, so a second open reads nothing."""
+    return file_sha256(path)
 
 
 def read_manifest(engine_dir: str | Path) -> dict | None:
@@ -67,10 +64,16 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
     """The exact `diffcls export` command that (re)builds `engine_dir` as its manifest describes."""
     m = manifest or {}
     comps = m.get("components") or {}
-    first = next(iter(comps.values()), {}) if comps else {}
+    first = comps.get("unet") or (next(iter(comps.values()), {}) if comps else {})
     backend = overrides.get("backend") or m.get("backend") or "onnxruntime"
     precision = overrides.get("precision") or first.get("precision")
     batch_sizes = overrides.get("batch_sizes") or first.get("batch_sizes")
+    # the text encoder's and VAE's own batch size (manifests before per-component sizes have none)
+    own = {}
+    for comp, flag in (("vae_encoder", "--vae-batch-size"), ("text_encoder", "--text-batch-size")):
+        sizes = (comps.get(comp) or {}).get("batch_sizes") or []
+        if len(sizes) == 1 and list(sizes) != list(first.get("batch_sizes") or []):
+            own[flag] = str(sizes[0])
     image_size = overrides.get("image_size") or m.get("image_size")
     source = model if model is not None else m.get("source")
     parts = ["diffcls", "export"]
@@ -81,6 +84,8 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
         parts += ["--precision", precision]
     if batch_sizes:
         parts += ["--batch-sizes", ",".join(map(str, batch_sizes))]
+    for flag, value in own.items():
+        parts += [flag, value]
     if image_size:
         parts += ["--image-size", str(image_size)]
     return shlex.join(parts)
@@ -288,6 +293,10 @@ def resolve_model_arg(model):
     if model is None:
         return None, None
     if not isinstance(model, SDModel):
+        # remembered from an earlier load of the same files: no need to load gigabytes to check it
+        remembered = cached_fingerprint(model)
+        if remembered is not None:
+            return remembered, str(model)
         model = load_model(model)
     src = str(model.source)
     return model.fingerprint(), (None if src.startswith("<") else src)

@@ -202,8 +202,10 @@ def open_engines(
     specs = mf.manifest_specs(manifest)
     engines = {}
     for comp in COMPONENTS:
-        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
-        sizes = tuple(sorted(set(map(int, batch_sizes)))) if batch_sizes else (have or None)
+        # requested batch sizes are the UNet's; the text encoder and VAE get what they were exported for
+        requested = batch_sizes if comp == "unet" else None
+        have = mf.check_batch_sizes(engine_dir, manifest, comp, requested)
+        sizes = tuple(sorted(set(map(int, requested)))) if requested else (have or None)
         engines[comp] = OrtEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], sizes, dev, provider_list, threads)
     return mf.engine_set(
         engine_dir, manifest, engines, backend=BACKEND, device=dev,

@@ -132,7 +132,10 @@ class TensorRTEngine:
         self._stream.wait_stream(caller)
         self.calls += 1
         if not self._contexts[batch].execute_async_v3(self._stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execution of {self.component} failed at batch {batch}")
+            raise DiffclsError(
+                f"TensorRT execution of {self.component} failed at batch {batch} (TensorRT logged the cause "
+                f"above); check GPU memory, or re-export {self.path.parent}"
+            )
         caller.wait_stream(self._stream)
         # the bound output buffers are overwritten by the next call: hand out copies (on the
         # caller's stream, after the engine; the next call's input copies are ordered after them)
@@ -193,7 +196,8 @@ def open_engines(
     specs = mf.manifest_specs(manifest)
     engines = {}
     for comp in COMPONENTS:
-        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
+        # one profile per exported batch size; requested batch sizes are the UNet's
+        have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes if comp == "unet" else None)
         engines[comp] = TensorRTEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], list(have), dev)
     return mf.engine_set(
         engine_dir, manifest, engines, backend=BACKEND, device=dev,

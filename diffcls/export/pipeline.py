@@ -22,6 +22,7 @@ step, so `info` and `classify` can tell an interrupted export from a finished on
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -36,11 +37,13 @@ from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
-from diffcls.models.loading import SDModel, load_model
+from diffcls.models.loading import SDModel, load_model, model_defaults
 from diffcls.models.spec import COMPONENTS, model_component_specs
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BATCH_SIZES = (8, 16, 32)
+DEFAULT_VAE_BATCH_SIZE = 8  # the runtime's VAE batches (Classifier.iter_classify's vae_batch_size)
+DEFAULT_TEXT_BATCH_SIZE = 16  # when the model names no prompts file to count
 
 
 @dataclass
@@ -50,6 +53,8 @@ class ExportConfig:
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
+    vae_batch_size: int = DEFAULT_VAE_BATCH_SIZE  # the VAE encoder's one batch size
+    text_batch_size: int | None = None  # the text encoder's; None: the model's prompt count rounded up to 8, else 16
     image_size: int | None = None  # None: the model's training resolution
     optimize: bool | None = None  # ORT UNet fusion; None: on for onnxruntime fp16 on CUDA
     device: str | None = None  # where the exported graphs are checked: cpu/cuda; None: cuda if usable
@@ -172,6 +177,12 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
     specs = model_component_specs(model, image_size)  # validates image_size
+    # each component is built for the batches the runtime sends it (TensorRT: one profile each)
+    component_batches = {
+        "text_encoder": [_one_batch_size(cfg.text_batch_size or default_text_batch_size(model), "--text-batch-size")],
+        "vae_encoder": [_one_batch_size(cfg.vae_batch_size, "--vae-batch-size")],
+        "unet": list(batch_sizes),
+    }
 
     try:
         old = mf.read_manifest(out)
@@ -209,6 +220,9 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     # old manifest vouches for, so that a killed export still reuses its finished parts)
     mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps)})
     result = ExportResult(out, manifest)
+    # a model this export loaded is its own: each component's torch weights are freed once its
+    # graph is written (before the fp16 conversion), which keeps an SD-2.1-size export's peak low
+    owns_model = not isinstance(cfg.model, SDModel)
     for comp in COMPONENTS:
         settings = {
             "backend": cfg.backend,
@@ -221,10 +235,13 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         if precision != "fp32" and comp == "vae_encoder" and model.vae_force_upcast:
             settings["upcast_fp32"] = True  # the VAE config asks for fp32 (SD's VAE overflows in fp16)
         if cfg.backend == "tensorrt":
-            settings.update(batch_sizes=list(batch_sizes), tensorrt=versions.get("tensorrt"), gpu=gpu)
-        build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
-        entry = build(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
-        entry["batch_sizes"] = list(batch_sizes)
+            settings.update(batch_sizes=component_batches[comp], tensorrt=versions.get("tensorrt"), gpu=gpu)
+        if cfg.backend == "onnxruntime":
+            release = (lambda c=comp: free_component(model, c)) if owns_model else None
+            entry = _export_ort(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result, release)
+        else:
+            entry = _export_trt(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
+        entry["batch_sizes"] = component_batches[comp]  # ONNX graphs take any batch; the runtime sends these
         entry["image_size"] = image_size
         manifest["components"][comp] = entry
         # write as we go: an interrupted export keeps what it finished
@@ -241,6 +258,32 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     manifest["complete"] = True
     mf.write_manifest(out, manifest)
     return result
+
+
+def _one_batch_size(value, flag: str) -> int:
+    try:
+        b = int(value)
+    except (TypeError, ValueError):
+        b = 0
+    if b < 1:
+        raise DiffclsError(f"{flag} must be a positive integer, got {value!r}")
+    return b
+
+
+def default_text_batch_size(model: SDModel) -> int:
+    """The model's prompt count (its diffcls.json prompts file) rounded up to a multiple of 8,
+    so one text-encoder call embeds every prompt; 16 when the model names no prompts."""
+    root = Path(str(model.source))
+    try:
+        prompts = model_defaults(root).get("prompts") if root.is_dir() else None
+        if prompts:
+            with open(prompts, newline="") as f:
+                n = sum(1 for row in csv.reader(f) if row) - 1  # minus the header
+            if n > 0:
+                return -(-n // 8) * 8
+    except (OSError, DiffclsError, csv.Error):
+        pass
+    return DEFAULT_TEXT_BATCH_SIZE
 
 
 def _fresh(out: Path, comp: str, entry: dict | None, settings: dict) -> bool:
@@ -284,22 +327,50 @@ def _entry(out: Path, paths: list[Path], settings: dict, check: dict, extra: dic
     }
 
 
-def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report, result) -> dict:
+def free_component(model: SDModel, comp: str) -> None:
+    """Drop a component's torch weights (moved to the meta device: configs stay readable)."""
+    import gc
+
+    module = {"text_encoder": model.text_encoder, "vae_encoder": model.vae, "unet": model.unet}[comp]
+    module.to("meta")
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report, result, release=None) -> dict:
     step = f"{comp} onnx"
     if _fresh(out, comp, old, settings):
         _report_cached(report, step, result, out, old["files"])
+        if release is not None:
+            release()
         return old
     final = out / f"{comp}.onnx"
     precision = run_precision(settings)
 
     def run():
         extra = {"run_precision": precision}
+        feed, ref = ox.reference_pair(model, comp, spec)  # first: the torch weights may go after the export
         if not settings["optimize"] and precision == "fp32":
             ox.export_onnx(model, comp, spec, final, cfg.opset, work_dir=partial_dir(out))
+            if release is not None:
+                release()
             paths = ox.onnx_files(final)
         else:
-            paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra)
-        check = ox.check_against_torch(model, comp, spec, final, precision, device)
+            paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra, release)
+        _trim_heap()
+        check = ox.check_against_reference(comp, final, precision, device, feed, ref)
         return paths, check, extra
 
     try:
@@ -317,10 +388,13 @@ def run_precision(settings: dict) -> str:
     return "fp32" if settings.get("upcast_fp32") else settings["precision"]
 
 
-def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra) -> list[Path]:
+def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra, release=None) -> list[Path]:
     """fp32 ONNX in a temp dir -> [ORT fusion] -> [fp16] -> final."""
     with tempfile.TemporaryDirectory(dir=partial_dir(out)) as tmp:
         fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset, work_dir=Path(tmp))
+        if release is not None:
+            release()  # the torch weights are not needed again: free them before converting
+        _trim_heap()
         if not optimize:
             return ox.convert_fp16(fp32, final)
         fused = ox.optimize_unet(fp32, gpu=device == "cuda")

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from diffcls.errors import DiffclsError
+from diffcls.models import filehash
+
+log = logging.getLogger(__name__)
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # what the UNet predicts (the scheduler config's `prediction_type`); the scorer knows these targets
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# "org/name" as the Hugging Face Hub spells model ids
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# single-file checkpoints: the diffusers repos whose configs describe them (diffusers' model types)
+SD1_CONFIG_REPOS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
+SD2_CONFIG_REPOS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
 
 
 @dataclass
@@ -34,6 +44,8 @@ class SDModel:
     source: str = "<memory>"  # where it was loaded from, for messages and manifests
     prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (noise) or "v_prediction"
     _fingerprint: str | None = field(default=None, repr=False)
+    # (directory, its files' sizes and mtimes, library versions): where fingerprint() remembers itself
+    _fingerprint_record: tuple | None = field(default=None, repr=False)
 
     # --- derived facts, read once from the configs -------------------------------------
     @property
@@ -86,22 +98,10 @@ class SDModel:
         fingerprint, whatever path they were loaded from.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name in ("text_encoder", "vae", "unet"):
-                module = getattr(self, name)
-                h.update(name.encode())
-                h.update(_config_json(module).encode())
-                for key, tensor in sorted(module.state_dict().items()):
-                    h.update(key.encode())
-                    t = tensor.detach().to("cpu").contiguous()
-                    h.update(str(t.dtype).encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            h.update(self.alphas_cumprod.detach().cpu().float().numpy().tobytes())
-            if self.prediction_type != "epsilon":  # same weights, other target: another model
-                h.update(f"prediction_type={self.prediction_type}".encode())
-            vocab = self.tokenizer.get_vocab()
-            h.update(json.dumps(sorted(vocab.items())).encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = hash_weights(self)
+            if self._fingerprint_record is not None:  # loaded from a directory: remember it
+                root, state, versions = self._fingerprint_record
+                filehash.remember_fingerprint(root, versions, state, self._fingerprint)
         return self._fingerprint
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "SDModel":
@@ -113,6 +113,43 @@ class SDModel:
         for m in (self.text_encoder, self.vae, self.unet):
             m.eval().requires_grad_(False)
         return self
+
+
+def hash_weights(model: SDModel) -> str:
+    """The fingerprint computed from the loaded configs and tensors (reads every weight)."""
+    h = hashlib.sha256()
+    for name in ("text_encoder", "vae", "unet"):
+        module = getattr(model, name)
+        h.update(name.encode())
+        h.update(_config_json(module).encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(key.encode())
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
+    if model.prediction_type != "epsilon":  # same weights, other target: another model
+        h.update(f"prediction_type={model.prediction_type}".encode())
+    vocab = model.tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def _library_versions() -> dict:
+    """What shapes the fingerprint besides the files: configs are read through these libraries."""
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def cached_fingerprint(model: str | Path | None) -> str | None:
+    """The fingerprint of the model directory `model` remembered from an earlier load, if its
+    files are unchanged; None if it must be loaded to be fingerprinted (or is a single file)."""
+    path = check_model_path(model)
+    if not path.is_dir():
+        return None
+    return filehash.lookup_fingerprint(path, _library_versions())
 
 
 def _config_json(module) -> str:
@@ -152,15 +189,60 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo"
 
 
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a Hugging Face model id (what `hf download` or diffusers left in the
+    cache, `$HF_HUB_CACHE`), found by huggingface_hub itself without the network; None if absent."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError and friends: not cached
+        log.debug("%s is not in the local Hugging Face cache: %s", repo_id, e)
+        return None
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def resolve_model_path(model: str | Path | None = None) -> Path:
+    """A `--model` argument as a local path: a directory or file as given, else a Hugging Face
+    model id ("org/name") resolved in the local cache. Nothing is downloaded."""
+    if model is None:
+        return default_model_path()
+    path = Path(model)
+    if path.exists():
+        return path
+    text = str(model)
+    if REPO_ID.fullmatch(text):
+        snapshot = hub_snapshot(text)
+        if snapshot is not None:
+            return snapshot
+        raise DiffclsError(
+            f"--model {text} is not a local path, and the Hugging Face model {text} is not in the local "
+            f"cache ({hub_cache_dir()}); download it with: hf download {text}"
+        )
+    raise DiffclsError(
+        f"model path {path} does not exist; pass a diffusers directory, a checkpoint file or a "
+        "Hugging Face model id (org/name) from the local cache"
+    )
+
+
 def check_model_path(path: str | Path | None = None) -> Path:
-    """The model path, if it can be a model (exists; a directory has every component); cheap."""
-    path = Path(path) if path is not None else default_model_path()
-    if not path.exists():
-        if path == default_model_path():
+    """The model path, if it can be a model (exists; a directory has every component); cheap.
+
+    `path` may be a Hugging Face model id; the local snapshot's path is returned.
+    """
+    if path is None or Path(path) == default_model_path():
+        path = default_model_path()
+        if not path.exists():
             raise DiffclsError(
                 f"the bundled demo model is missing at {path}; reinstall diffcls or pass --model DIR"
             )
-        raise DiffclsError(f"model path {path} does not exist; pass a diffusers directory or a checkpoint file")
+    else:
+        path = resolve_model_path(path)
     if path.is_dir():
         missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
         if missing:
@@ -171,52 +253,47 @@ def check_model_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None) -> SDModel:
-    """Load from a diffusers directory, a single checkpoint file, or (None) the demo model."""
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel:
+    """Load from a diffusers directory, a Hugging Face model id in the local cache, a single
+    checkpoint file (`config`: the diffusers directory or cached model id whose configs describe
+    it; inferred for SD 1.x), or (None) the demo model. Never touches the network."""
     path = check_model_path(path)
     if path.is_file():
-        return _load_single_file(path)
+        return _load_single_file(path, config)
+    if config is not None:
+        raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
     return _load_directory(path)
 
 
-def quiet_hf_logs() -> None:
-    """diffusers/transformers log progress bars and advice on every load; keep the CLI clean."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - logging knobs only
-        pass
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _load_directory(path: Path) -> SDModel:
     """A directory `check_model_path` accepted (load_model checks it first)."""
-    quiet_hf_logs()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    # the files' sizes and mtimes, before reading them: a fingerprint remembered for exactly
+    # these files is reused instead of hashing gigabytes of weights again
+    state = filehash.directory_state(path)
+    versions = _library_versions()
+    remembered = filehash.lookup_fingerprint(path, versions, state)
+
     def load(kind: str, loader):
         try:
-            return loader(path / kind)
+            return loader(str(path / kind))
         except Exception as e:  # noqa: BLE001 - any loader failure is a broken component dir
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DiffclsError(
-                f"cannot load {path / kind}: {first}; re-save that component with diffusers/transformers"
+                f"cannot load {path / kind}: {_first_line(e)}; re-save that component with diffusers/transformers"
             ) from e
 
-    tokenizer = load("tokenizer", lambda p: CLIPTokenizer.from_pretrained(p))
-    text_encoder = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p))
-    vae = load("vae", lambda p: AutoencoderKL.from_pretrained(p))
-    unet = load("unet", lambda p: UNet2DConditionModel.from_pretrained(p))
+    local = {"local_files_only": True}
+    tokenizer = load("tokenizer", lambda p: CLIPTokenizer.from_pretrained(p, **local))
+    text_encoder = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, **local))
+    vae = load("vae", lambda p: AutoencoderKL.from_pretrained(p, **local))
+    unet = load("unet", lambda p: UNet2DConditionModel.from_pretrained(p, **local))
     sched_file = path / "scheduler" / "scheduler_config.json"
     try:
         sched_cfg = json.loads(sched_file.read_text())
@@ -230,27 +307,104 @@ def _load_directory(path: Path) -> SDModel:
         alphas_cumprod=alphas_cumprod_from_scheduler_config(sched_cfg),
         source=str(path),
         prediction_type=prediction_type_from_scheduler_config(sched_cfg, sched_file),
+        _fingerprint=remembered,
+        _fingerprint_record=(path, state, versions),
     )
     return model.eval()
 
 
-def _load_single_file(path: Path) -> SDModel:
+class _Shape:
+    """Stands in for a tensor where only its shape is read (diffusers' model-type inference)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def checkpoint_shapes(path: Path) -> dict:
+    """{key: object with .shape} of a checkpoint, without reading its tensors where possible."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
+        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable file
+        raise DiffclsError(f"cannot load checkpoint {path}: {_first_line(e)}; pass a readable .safetensors or .ckpt Stable Diffusion checkpoint") from e
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return {k: _Shape(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def single_file_config(path: Path, config: str | Path | None = None) -> Path:
+    """The local diffusers directory whose configs (and tokenizer, scheduler) describe checkpoint
+    `path`: `config` if given (a directory or a cached model id), else inferred from its tensors.
+
+    SD 1.x files are unambiguous (their configs come from the local Hugging Face cache). SD 2.x
+    base (512 px, epsilon) and 768-v (v-prediction) files have the same tensors, so they need
+    `config`: guessing would score with the wrong prediction type.
+    """
+    if config is not None:
+        try:
+            root = resolve_model_path(config)
+        except DiffclsError as e:
+            raise DiffclsError(f"--config {config}: {e}") from None
+        if not root.is_dir():
+            raise DiffclsError(f"--config {config} must be a diffusers model directory (or a cached model id), not a file")
+        missing = [d for d in REQUIRED_DIRS if not (root / d).is_dir()]
+        if missing:
+            raise DiffclsError(
+                f"--config {config} ({root}) lacks {', '.join(d + '/' for d in missing)}; it must hold a "
+                "diffusers model's configs, e.g. hf download stabilityai/stable-diffusion-2-1-base --include '*.json' --include '*.txt'"
+            )
+        return root
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    kind = infer_diffusers_model_type(checkpoint_shapes(path))
+    include = "--include '*.json' --include '*.txt'"
+    if kind == "v2":
+        a, b = SD2_CONFIG_REPOS
+        raise DiffclsError(
+            f"{path} is a Stable Diffusion 2.x checkpoint, and 2.x base (512 px, epsilon) and 768-v (v-prediction) "
+            f"checkpoints have the same tensors; pass --config {a} or --config {b} (a diffusers directory "
+            f"or a cached model id; get the configs with: hf download {a} {include})"
+        )
+    if kind != "v1":
+        raise DiffclsError(
+            f"{path} is not a Stable Diffusion 1.x/2.x checkpoint (diffusers reads it as {kind!r}); "
+            "pass a diffusers directory, or --config DIR with the configs of the model it was saved from"
+        )
+    for repo in SD1_CONFIG_REPOS:
+        snapshot = hub_snapshot(repo)
+        if snapshot is not None and all((snapshot / d).is_dir() for d in REQUIRED_DIRS):
+            return snapshot
+    raise DiffclsError(
+        f"{path} is a Stable Diffusion 1.x checkpoint, and its configs are not in the local Hugging Face "
+        f"cache ({hub_cache_dir()}); download them with: hf download {SD1_CONFIG_REPOS[0]} {include}, "
+        "or pass --config DIR"
+    )
+
+
+def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(
             f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a diffusers directory or a checkpoint file"
         )
-    quiet_hf_logs()
+    root = single_file_config(path, config)
     try:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False
+            str(path),
+            config=str(root),
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffclsError(
-            f"cannot load checkpoint {path}: {first}; single-file loading needs the original "
-            "configs cached locally, or convert it to a diffusers directory and pass --model DIR"
+            f"cannot load checkpoint {path} with the configs in {root}: {_first_line(e)}; check that --config "
+            "matches the checkpoint, or convert it to a diffusers directory and pass --model DIR"
         ) from e
     model = SDModel(
         tokenizer=pipe.tokenizer,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from diffcls.errors import DiffclsError
+
 
 class TextEncoderWrapper(torch.nn.Module):
     def __init__(self, text_encoder):
@@ -49,4 +51,4 @@ def wrap(model, component: str) -> torch.nn.Module:
         return VaeEncoderWrapper(model.vae, model.scaling_factor)
     if component == "unet":
         return UNetWrapper(model.unet)
-    raise ValueError(f"unknown component {component!r}")
+    raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")

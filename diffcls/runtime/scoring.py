@@ -66,7 +66,7 @@ def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.T
     elif loss == "huber":
         e = F.huber_loss(eps, pred, reduction="none", delta=1.0)
     else:
-        raise ValueError(loss)
+        raise DiffclsError(f"unknown loss {loss!r}; choose l2, l1 or huber")
     return e.flatten(1).double().mean(dim=1)
 
 

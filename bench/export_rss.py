@@ -1,0 +1,43 @@
+"""Peak memory of exporting one component of an SD-2.1-base-size model (run under /usr/bin/time -v).
+
+    /usr/bin/time -v python bench/export_rss.py /tmp/sd21 /tmp/eng16 --component unet --precision fp16
+
+Runs `diffcls.export.export_model` for that component only, as the full export reaches it: the
+components exported before it have had their torch weights freed. Prints the export's lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--component", default="unet", choices=("text_encoder", "vae_encoder", "unet"))
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    args = p.parse_args(argv)
+
+    from diffcls.export import ExportConfig, export_model
+    from diffcls.export import pipeline
+
+    order = ("text_encoder", "vae_encoder", "unet")
+    load = pipeline.load_model
+
+    def load_as_the_full_export_has_it(path):
+        model = load(path)
+        model.fingerprint()  # what export_model computes first
+        for earlier in order[: order.index(args.component)]:
+            pipeline.free_component(model, earlier)
+        return model
+
+    pipeline.load_model = load_as_the_full_export_has_it
+    pipeline.COMPONENTS = (args.component,)  # this component only; the manifest lists just it
+    cfg = ExportConfig(out=args.out, model=args.model, precision=args.precision, device="cpu", force=True)
+    export_model(cfg, lambda e: print(f"{e.step}: {e.message or e.status}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""What a model directory (or checkpoint file) holds, read from its configs and weight headers.
+
+`diffcls info MODEL` shows this: components, parameter counts, weight files and sizes, the
+prediction type and the default image size. Nothing is loaded: parameter counts come from the
+safetensors headers (a .bin/.ckpt file is memory-mapped, not read), so it is quick at any size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffcls.errors import DiffclsError
+from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes
+
+COMPONENT_DIRS = ("text_encoder", "vae", "unet")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffclsError(f"cannot read {path} ({type(e).__name__}); re-save the model with diffusers") from e
+    return data if isinstance(data, dict) else {}
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a weight file, from its header (safetensors) or a memory map."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        import torch
+
+        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable weights
+        raise DiffclsError(f"cannot read weights {path} ({type(e).__name__}); re-save the model with diffusers") from e
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def weight_files(component_dir: Path) -> list[Path]:
+    """The weight files diffusers/transformers would load: safetensors (all shards) before .bin,
+    plain files before variants such as `*.fp16.safetensors` (listed only when nothing else is)."""
+    for suffix in (".safetensors", ".bin"):
+        files = sorted(component_dir.glob(f"*{suffix}"))
+        plain = [f for f in files if f.name.count(".") == 1]
+        if plain or files:
+            return plain or files
+    return []
+
+
+def describe_model(model: str | Path | None) -> dict:
+    """Plain data about a model directory, cached model id or checkpoint file."""
+    root = check_model_path(model)
+    if root.is_file():
+        return _describe_checkpoint(root)
+    components = {}
+    for name in COMPONENT_DIRS:
+        cfg = _read_json(root / name / "config.json")
+        files = weight_files(root / name)
+        params = sum(_numel(s) for f in files for s in tensor_shapes(f).values())
+        components[name] = {
+            "class": cfg.get("_class_name") or (cfg.get("architectures") or [None])[0],
+            "parameters": params,
+            "files": [f.relative_to(root).as_posix() for f in files],
+            "bytes": sum(f.stat().st_size for f in files),
+        }
+    unet = _read_json(root / "unet" / "config.json")
+    vae = _read_json(root / "vae" / "config.json")
+    text = _read_json(root / "text_encoder" / "config.json")
+    sched = _read_json(root / "scheduler" / "scheduler_config.json")
+    factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
+    return {
+        "kind": "directory",
+        "path": str(root),
+        "components": components,
+        "scheduler": sched.get("_class_name"),
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "num_train_timesteps": sched.get("num_train_timesteps", 1000),
+        "default_image_size": int(unet.get("sample_size", 0)) * factor or None,
+        "latent_channels": unet.get("in_channels"),
+        "text_hidden_size": text.get("hidden_size"),
+        "max_length": text.get("max_position_embeddings"),
+    }
+
+
+def _describe_checkpoint(path: Path) -> dict:
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise DiffclsError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a model directory")
+    shapes = checkpoint_shapes(path)
+    prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+    components = {
+        name: {"class": None, "parameters": sum(_numel(s.shape) for k, s in shapes.items() if k.startswith(p)), "files": [path.name], "bytes": None}
+        for name, p in prefixes.items()
+    }
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    kind = infer_diffusers_model_type(shapes)
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "components": components,
+        "model_type": {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x (base or 768-v: pass --config)"}.get(kind, kind),
+        "prediction_type": None,
+        "default_image_size": None,
+    }
