@@ -1,12 +1,17 @@
-"""Small settings every layer may read: where diffcls keeps its caches.
+"""Small settings every layer may read: where diffcls keeps its caches, and the choices
+(loss, interpolation, backend, precision, device) that the library and the CLI share.
 
-A leaf module (imports nothing from diffcls), so engines and runtime can both use it.
+A leaf module (only `diffcls.errors` below it), so every layer can use it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from enum import Enum
 from pathlib import Path
+
+from diffcls.errors import DiffclsError
 
 
 def default_cache_dir() -> Path:
@@ -15,3 +20,48 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffcls"
     )
     return Path(root)
+
+
+# --- choices the library and the CLI share (each defined once) ---------------------------------
+class Loss(str, Enum):
+    """Error between the true and the predicted noise, averaged over (C, H, W)."""
+
+    l2 = "l2"  # the paper's
+    l1 = "l1"
+    huber = "huber"
+
+
+class Interpolation(str, Enum):
+    """Resize filter of preprocessing (shorter side to S, then a center crop)."""
+
+    bicubic = "bicubic"
+    bilinear = "bilinear"
+    lanczos = "lanczos"
+
+
+class Backend(str, Enum):
+    """What runs the components: the diffusers modules, or an exported engine directory."""
+
+    auto = "auto"  # torch, or the backend an --engines directory was exported for
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # fp16 on a GPU, fp32 on a CPU
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"  # torch backend on a GPU only (exports are fp32 or fp16)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def parse_device(text: str | None) -> str | None:
+    """'auto' -> None; 'cpu', 'cuda', 'cuda:N' as given; anything else a one-line error."""
+    value = "auto" if text is None else str(text).strip().lower()
+    if not _DEVICE.fullmatch(value):
+        hint = " (GPUs are named cuda or cuda:N)" if value in ("gpu", "0", "1") or value.isdigit() else ""
+        raise DiffclsError(f"--device {text!r} is not a device{hint}; use auto, cpu, cuda or cuda:N")
+    return None if value == "auto" else value

@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import re
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from diffcls.cli.common import app, console, out, user_errors
+from diffcls.config import Backend, Precision, parse_device
 from diffcls.errors import DiffclsError
-
-
-class ExportBackend(str, Enum):
-    onnxruntime = "onnxruntime"
-    tensorrt = "tensorrt"
-
-
-class ExportPrecision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-class ExportDevice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -64,12 +47,12 @@ class _Reporter:
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
     model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory or checkpoint file (default: the bundled demo model).")] = None,
-    backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for.")] = ExportBackend.onnxruntime,
-    precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32.")] = ExportPrecision.auto,
+    backend: Annotated[Backend, typer.Option("--backend", help="What the engines are for: onnxruntime or tensorrt.")] = Backend.onnxruntime,
+    precision: Annotated[Precision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 is not exported).")] = Precision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input resolution S (default: the model's, 512 for SD 2.x base).")] = None,
     optimize: Annotated[Optional[bool], typer.Option("--optimize/--no-optimize", help="ONNX Runtime UNet fusion (attention, GroupNorm, ...); default on for fp16 on CUDA.")] = None,
-    device: Annotated[ExportDevice, typer.Option("--device", help="Where exported graphs are checked against torch (auto: cuda if usable).")] = ExportDevice.auto,
+    device: Annotated[str, typer.Option("--device", help="Where exported graphs are checked against torch: auto (cuda if usable), cpu, cuda or cuda:N.")] = "auto",
     workspace_gb: Annotated[float, typer.Option("--workspace-gb", min=0.1, help="TensorRT builder workspace memory limit.")] = 8.0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts.")] = False,
 ) -> None:
@@ -80,15 +63,19 @@ def export_cmd(
     from diffcls.export.pipeline import human_size
 
     with user_errors():
+        if backend not in (Backend.onnxruntime, Backend.tensorrt):
+            raise DiffclsError(f"--backend {backend.value} cannot be exported; export for onnxruntime or tensorrt (torch runs the model itself)")
+        if precision == Precision.bf16:
+            raise DiffclsError("--precision bf16 is not exported; use fp16 or fp32 (bf16 runs on the torch backend)")
         cfg = ExportConfig(
             out=out_dir,
             model=model,
             backend=backend.value,
-            precision=None if precision == ExportPrecision.auto else precision.value,
+            precision=None if precision == Precision.auto else precision.value,
             batch_sizes=parse_batch_sizes(batch_sizes),
             image_size=image_size,
             optimize=optimize,
-            device=None if device == ExportDevice.auto else device.value,
+            device=parse_device(device),
             workspace_gb=workspace_gb,
             force=force,
         )

@@ -17,33 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.classify import (
-    Backend,
-    BackendOpt,
-    BatchOpt,
-    CacheDirOpt,
-    ClassesOpt,
-    CompileOpt,
-    DeviceOpt,
-    EnginesOpt,
-    Interp,
-    InterpOpt,
-    Loss,
-    LossOpt,
-    ModelOpt,
-    NoCacheOpt,
-    NoiseOpt,
-    NSamplesOpt,
-    PrecisionOpt,
-    PromptsOpt,
-    SeedOpt,
-    SizeOpt,
-    TemplateOpt,
-    ToKeepOpt,
-    TrialsOpt,
-    WorkersOpt,
-    _setup,
-)
+from diffcls.cli.settings import RunSettings, prepare, run_options
 from diffcls.cli.common import app, console, out, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
@@ -154,33 +128,15 @@ def _print_report(report: dict) -> None:
 
 
 @app.command()
+@run_options
 def profile(
     folder: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
-    prompts: PromptsOpt = None,
-    classes: ClassesOpt = None,
-    template: TemplateOpt = "a photo of a {}.",
-    model: ModelOpt = None,
-    engines: EnginesOpt = None,
-    backend: BackendOpt = Backend.auto,
-    n_samples: NSamplesOpt = None,
-    to_keep: ToKeepOpt = None,
-    n_trials: TrialsOpt = 1,
-    loss: LossOpt = Loss.l2,
-    batch_size: BatchOpt = 32,
-    image_size: SizeOpt = None,
-    interpolation: InterpOpt = Interp.bicubic,
-    seed: SeedOpt = 0,
-    noise: NoiseOpt = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    compile: CompileOpt = False,
-    workers: WorkersOpt = 2,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Profile only the first N images.")] = None,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Classify one image first, not counted (reports compile/first-call cost separately).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full profile as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-stage bar chart (PNG; needs matplotlib).")] = None,
+    *,
+    settings: RunSettings,
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
     with user_errors():
@@ -188,13 +144,19 @@ def profile(
             _require_matplotlib()  # fail before any work
         from diffcls.runtime.preprocess import find_images
 
-        ctx = _setup(folder, prompts, classes, template, model, engines, backend, n_samples, to_keep, n_trials, loss, batch_size, image_size, device, precision, cache_dir, no_cache, compile, noise)
-        clf, schedule, pset = ctx["clf"], ctx["schedule"], ctx["prompts"]
+        run = prepare(settings, folder)
+        s = settings
         images = [str(p) for p in find_images(folder)[:limit]]
-        kw = dict(seed=seed, noise=ctx["noise"], batch_size=batch_size, interpolation=interpolation.value, workers=workers)
-        report = profile_run(clf, images, pset, schedule, warmup=warmup, **kw)
+        kw = dict(seed=s.seed, noise=run.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
+        report = profile_run(run.classifier, images, run.prompts, run.schedule, warmup=warmup, **kw)
         report["settings"].update(
-            {"folder": str(folder), "model": str(model) if model is not None else None, "engines": str(engines) if engines is not None else None, "interpolation": interpolation.value, "workers": workers}
+            {
+                "folder": str(folder),
+                "model": str(s.model) if s.model is not None else None,
+                "engines": str(s.engines) if s.engines is not None else None,
+                "interpolation": s.interpolation.value,
+                "workers": s.workers,
+            }
         )
         _print_report(report)
         if json_out is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffcls.config import parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.engines import manifest as mf
@@ -42,7 +43,8 @@ def resolve_providers(device: str | torch.device | None, providers=None) -> tupl
     available = ort.get_available_providers()
     if providers is None and os.environ.get("DIFFCLS_ORT_PROVIDERS"):
         providers = [p.strip() for p in os.environ["DIFFCLS_ORT_PROVIDERS"].split(",") if p.strip()]
-    dev = None if device in (None, "auto") else torch.device(device)
+    parsed = parse_device(None if device is None else str(device))
+    dev = None if parsed is None else torch.device(parsed)
     if providers is None:
         if dev is None:
             cuda_ok = torch.cuda.is_available() and "CUDAExecutionProvider" in available

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffcls.config import default_cache_dir
+from diffcls.config import default_cache_dir, parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.models.loading import SDModel, load_model
@@ -22,7 +22,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
+    device = parse_device(None if device is None else str(device))
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

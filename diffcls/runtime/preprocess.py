@@ -10,31 +10,24 @@ scaled to 8 bits, and EXIF orientation is applied.
 from __future__ import annotations
 
 import hashlib
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffcls.config import Interpolation
 from diffcls.errors import DiffclsError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 MAX_PIXELS = 16384 * 16384  # refuse larger images (about 800 MB decoded) instead of swapping
 
 
-class Interpolation(str, Enum):
-    bicubic = "bicubic"
-    bilinear = "bilinear"
-    lanczos = "lanczos"
-
-    @property
-    def pil(self) -> int:
-        return {
-            "bicubic": Image.Resampling.BICUBIC,
-            "bilinear": Image.Resampling.BILINEAR,
-            "lanczos": Image.Resampling.LANCZOS,
-        }[self.value]
+PIL_FILTERS = {
+    Interpolation.bicubic: Image.Resampling.BICUBIC,
+    Interpolation.bilinear: Image.Resampling.BILINEAR,
+    Interpolation.lanczos: Image.Resampling.LANCZOS,
+}
 
 
 class BadImage(DiffclsError):
@@ -127,7 +120,7 @@ def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation
     else:
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=Interpolation(interpolation).pil)
+        img = img.resize((new_w, new_h), resample=PIL_FILTERS[Interpolation(interpolation)])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))

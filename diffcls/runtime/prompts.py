@@ -52,7 +52,14 @@ class PromptSet:
             raise DiffclsError(f"--classes names {', '.join(dupes)} more than once; give each class once")
         if "{}" not in template:
             raise DiffclsError(f'--template {template!r} has no {{}} for the class name, e.g. "a photo of a {{}}."')
-        return cls(tuple(template.format(n) for n in names), tuple(names), tuple(range(len(names))))
+        try:
+            texts = tuple(template.format(n) for n in names)
+        except (KeyError, IndexError, ValueError) as e:
+            raise DiffclsError(
+                f"--template {template!r} has a field other than {{}} ({type(e).__name__}: {e}); "
+                'use {} for the class name and double any other brace, e.g. "a photo of a {}."'
+            ) from None
+        return cls(texts, tuple(names), tuple(range(len(names))))
 
     @classmethod
     def from_csv(cls, path: str | Path) -> "PromptSet":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffcls.config import Loss
 from diffcls.errors import DiffclsError
 
-LOSSES = ("l2", "l1", "huber")
+LOSSES = tuple(loss.value for loss in Loss)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Schedule:
     def __post_init__(self):
         object.__setattr__(self, "n_samples", tuple(int(n) for n in self.n_samples))
         object.__setattr__(self, "to_keep", tuple(int(k) for k in self.to_keep))
+        if isinstance(self.loss, Loss):  # plain strings in describe(), results and caches
+            object.__setattr__(self, "loss", self.loss.value)
 
     @property
     def max_samples(self) -> int:
@@ -34,6 +37,9 @@ class Schedule:
         return self.max_samples * self.n_trials
 
     def validate(self, n_prompts: int, num_train_timesteps: int = 1000) -> "Schedule":
+        """Refuse an impossible schedule with a one-line error; checked once per (prompts, T)."""
+        if getattr(self, "_valid_for", None) == (n_prompts, num_train_timesteps):
+            return self
         ns, ks, T = self.n_samples, self.to_keep, num_train_timesteps
         if not ns or not ks:
             raise DiffclsError("the schedule is empty; give --n-samples and --to-keep, e.g. --n-samples 50 500 --to-keep 5 1")
@@ -61,6 +67,7 @@ class Schedule:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         if self.loss not in LOSSES:
             raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        object.__setattr__(self, "_valid_for", (n_prompts, num_train_timesteps))
         return self
 
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:

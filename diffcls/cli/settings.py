@@ -1,0 +1,290 @@
+"""The options `classify`, `evaluate` and `profile` share: declared once, parsed into one frozen
+`RunSettings`, validated once, and turned into what a run needs by `prepare`.
+
+    @app.command()
+    @run_options
+    def classify(folder: Path, out_csv: ..., settings: RunSettings) -> None:
+        run = prepare(settings, folder)      # prompts, schedule, noise, opened classifier
+
+`run_options` adds the shared options to the command's signature (so Typer shows and parses
+them) and hands the command one `RunSettings` instead of twenty arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from diffcls.config import Backend, Interpolation, Loss, Precision, parse_device
+from diffcls.errors import DiffclsError
+
+_MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
+
+
+def _opt(flag: str, help: str, panel: str, **kw) -> Any:
+    return typer.Option(flag, help=help, rich_help_panel=panel, **kw)
+
+
+# name -> (annotation, default); the order is the order in --help
+OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory or checkpoint file (default: the bundled demo model).", _MODEL)], None),
+    "engines": (Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)], None),
+    "backend": (Annotated[Backend, _opt("--backend", "Engine backend; auto = torch, or the one an --engines directory was exported for.", _MODEL)], Backend.auto),
+    "device": (Annotated[str, _opt("--device", "auto, cpu, cuda or cuda:N.", _MODEL)], "auto"),
+    "precision": (Annotated[Precision, _opt("--precision", "auto = fp16 on a GPU, fp32 on a CPU; bf16 only with the torch backend on a GPU.", _MODEL)], Precision.auto),
+    "compile": (Annotated[bool, _opt("--compile/--no-compile", "torch.compile the UNet (torch backend; CUDA graphs on GPU; once per batch size).", _MODEL)], False),
+    "prompts": (Annotated[Optional[Path], _opt("--prompts", "CSV with columns prompt,classname,classidx (several prompts may share a classidx).", _INPUT)], None),
+    "classes": (Annotated[Optional[str], _opt("--classes", 'Comma-separated class names, e.g. "cat,dog" (used with --template).', _INPUT)], None),
+    "template": (Annotated[str, _opt("--template", "Prompt template for --classes; {} is the class name.", _INPUT)], "a photo of a {}."),
+    "image_size": (Annotated[Optional[int], _opt("--image-size", "Input resolution S (default: the model's, 512 for SD 2.x base).", _INPUT, min=8)], None),
+    "interpolation": (Annotated[Interpolation, _opt("--interpolation", "Resize filter.", _INPUT)], Interpolation.bicubic),
+    "n_samples": (Annotated[Optional[str], _opt("--n-samples", "Timesteps per round, e.g. '50 500' or 50,500 (default: the model's, else 50 500).", _SCHEDULE)], None),
+    "to_keep": (Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. '5 1' (the last must be 1).", _SCHEDULE)], None),
+    "n_trials": (Annotated[int, _opt("--n-trials", "Noise draws per timestep.", _SCHEDULE, min=1)], 1),
+    "loss": (Annotated[Loss, _opt("--loss", "Error between true and predicted noise.", _SCHEDULE)], Loss.l2),
+    "seed": (Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)], 0),
+    # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
+    "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
+    "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
+    "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
+    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
+    "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache.", _RUNTIME)], False),
+}
+
+
+def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise DiffclsError(f"{flag} {text!r} must be integers, e.g. {flag} 50 500") from None
+    if not values:
+        raise DiffclsError(f"{flag} is empty; give integers, e.g. {flag} 50 500")
+    return values
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a classify/evaluate/profile run is configured with (defaults as in OPTIONS)."""
+
+    model: Path | None = None
+    engines: Path | None = None
+    backend: Backend = Backend.auto
+    device: str | None = None  # None: auto
+    precision: Precision = Precision.auto
+    compile: bool = False
+    prompts: Path | None = None
+    classes: str | None = None
+    template: str = "a photo of a {}."
+    image_size: int | None = None
+    interpolation: Interpolation = Interpolation.bicubic
+    n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
+    to_keep: tuple[int, ...] | None = None
+    n_trials: int = 1
+    loss: Loss = Loss.l2
+    seed: int = 0
+    noise: Path | None = None
+    batch_size: int = 32
+    workers: int = 2
+    cache_dir: Path | None = None
+    no_cache: bool = False
+
+    @classmethod
+    def from_options(cls, **raw) -> "RunSettings":
+        """Parse the command-line values and refuse combinations no backend can honour."""
+        s = cls(
+            **{
+                **raw,
+                "device": parse_device(raw.get("device")),
+                "n_samples": parse_ints(raw.get("n_samples"), "--n-samples"),
+                "to_keep": parse_ints(raw.get("to_keep"), "--to-keep"),
+            }
+        )
+        s.check()
+        return s
+
+    def check(self) -> None:
+        engines_backend = self.backend in (Backend.onnxruntime, Backend.tensorrt)
+        if self.engines is not None and self.backend == Backend.torch:
+            raise DiffclsError("--backend torch runs a model, not an --engines directory; drop --backend torch or --engines")
+        if self.engines is None and engines_backend:
+            raise DiffclsError(
+                f"--backend {self.backend.value} runs an exported engine directory; pass --engines DIR "
+                f"(create one with: diffcls export --out DIR --backend {self.backend.value})"
+            )
+        if self.compile and (self.engines is not None or engines_backend):
+            raise DiffclsError("--compile applies to the torch backend only (engines are compiled at export); drop --compile")
+        if self.precision == Precision.bf16 and self.engines is not None:
+            raise DiffclsError("--precision bf16 runs only on the torch backend; engines are fp32 or fp16")
+        if (self.n_samples is None) != (self.to_keep is None):
+            raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
+        if self.prompts is not None and self.classes is not None:
+            raise DiffclsError("give either --prompts or --classes, not both")
+
+
+def run_options(command):
+    """Add the shared options to `command`'s signature; it receives them as `settings`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+    args = [p for p in own if p.default is inspect.Parameter.empty]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter(name, kw, default=d, annotation=a) for name, (a, d) in OPTIONS.items()]
+    rest = [p.replace(kind=kw) for p in own if p.default is not inspect.Parameter.empty]
+    params = args + shared + rest
+
+    @functools.wraps(command)
+    def wrapper(**values):
+        raw = {name: values.pop(name) for name in OPTIONS}
+        from diffcls.cli.common import user_errors
+
+        with user_errors():
+            settings = RunSettings.from_options(**raw)
+        return command(**values, settings=settings)
+
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # Typer must read the new signature, not the command's
+    return wrapper
+
+
+# --- from settings to a run ---------------------------------------------------------------------
+@dataclass
+class Run:
+    prompts: Any  # runtime.prompts.PromptSet
+    schedule: Any  # runtime.schedule.Schedule
+    classifier: Any  # runtime.classifier.Classifier
+    noise: Any  # torch.Tensor | None
+
+
+def prepare(s: RunSettings, folder: Path, folder_classes: list[str] | None = None) -> Run:
+    """Check the inputs cheaply (folder, model or engines, prompts, schedule, noise), then open
+    the engines. Cheap checks come first, so a typo costs no model load."""
+    from diffcls.engines.manifest import require_engine_dir
+    from diffcls.models.loading import check_model_path, model_defaults
+    from diffcls.runtime.preprocess import find_images
+
+    find_images(folder)
+    if s.engines is None:
+        check_model_path(s.model)
+        defaults = model_defaults(s.model) if s.model is None or Path(s.model).is_dir() else {}
+    else:
+        require_engine_dir(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
+        defaults = model_defaults(s.engines) if s.model is None and (s.engines / "diffcls.json").exists() else {}
+    prompt_set = resolve_prompts(s, defaults, folder_classes)
+    schedule = build_schedule(s, len(prompt_set), defaults)
+    T = _known_train_timesteps(s)
+    if T is not None:
+        schedule.validate(len(prompt_set), T)
+    noise = load_noise(s.noise)
+    clf = open_classifier(s, s.image_size or defaults.get("image_size"))
+    schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)  # a no-op when T was known
+    return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise)
+
+
+def _known_train_timesteps(s: RunSettings) -> int | None:
+    """The model's number of training timesteps when a small file says it, else None."""
+    try:
+        if s.engines is not None:
+            from diffcls.engines.manifest import ALPHAS_FILE
+
+            return len(json.loads((s.engines / ALPHAS_FILE).read_text())["alphas_cumprod"])
+        from diffcls.models.loading import default_model_path
+
+        root = Path(s.model) if s.model is not None else default_model_path()
+        cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        return int(cfg.get("num_train_timesteps", 1000))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # validated after loading
+
+
+def resolve_prompts(s: RunSettings, defaults: dict, folder_classes: list[str] | None = None):
+    from diffcls.runtime.prompts import PromptSet
+
+    if s.prompts is not None:
+        return PromptSet.from_csv(s.prompts)
+    if s.classes is not None:
+        return PromptSet.from_classes(s.classes, s.template)
+    if defaults.get("prompts"):
+        return PromptSet.from_csv(defaults["prompts"])
+    if folder_classes:
+        return PromptSet.from_classes(folder_classes, s.template)
+    raise DiffclsError('no class prompts: pass --prompts prompts.csv or --classes "cat,dog"')
+
+
+def build_schedule(s: RunSettings, n_prompts: int, defaults: dict):
+    """The user's schedule as given; else the model's default with the first keep capped at the
+    prompt count (a cap the user's own --to-keep never gets: that is an error to report)."""
+    from diffcls.runtime.schedule import Schedule, default_schedule
+
+    if s.n_samples is None:
+        ns = tuple(defaults.get("n_samples", (50, 500)))
+        ks = tuple(defaults.get("to_keep", (5, 1)))
+        return default_schedule(n_prompts, ns, ks, n_trials=s.n_trials, loss=s.loss.value)
+    return Schedule(n_samples=s.n_samples, to_keep=s.to_keep, n_trials=s.n_trials, loss=s.loss.value)
+
+
+def load_noise(path: Path | None):
+    if path is None:
+        return None
+    import numpy as np
+    import torch
+
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path)).float()
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DiffclsError(f"noise file {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001
+        raise DiffclsError(f"cannot read noise file {path} ({type(e).__name__}); save a tensor with torch.save or numpy.save") from None
+    if not isinstance(obj, torch.Tensor):
+        raise DiffclsError(f"noise file {path} holds a {type(obj).__name__}, not a tensor; torch.save(tensor, path)")
+    return obj.float()
+
+
+def backend_name(s: RunSettings) -> str:
+    """The backend that will run: auto means torch, or what an engine directory was exported for."""
+    if s.backend != Backend.auto:
+        return s.backend.value
+    if s.engines is None:
+        return "torch"
+    try:
+        return json.loads((s.engines / "manifest.json").read_text()).get("backend", "onnxruntime")
+    except (OSError, json.JSONDecodeError):
+        return "onnxruntime"  # the backend reports the broken manifest
+
+
+def open_classifier(s: RunSettings, image_size: int | None):
+    from diffcls.runtime.classifier import Classifier
+
+    name = backend_name(s)
+    clf = Classifier.from_pretrained(
+        s.model if s.engines is None else (str(s.model) if s.model is not None else None),
+        backend=name,
+        engine_dir=s.engines,
+        device=s.device,
+        precision=None if s.precision == Precision.auto else s.precision.value,
+        image_size=image_size,
+        # a compiled UNet gets one static graph per batch size: pad the tail to the same size
+        batch_sizes=(s.batch_size,) if s.compile and name == "torch" else None,
+        compile=s.compile,
+        cache_dir=s.cache_dir,
+        use_cache=not s.no_cache,
+    )
+    sizes = clf.engines.unet.batch_sizes
+    if s.engines is not None and sizes and s.batch_size not in sizes:
+        from diffcls.engines.manifest import check_batch_sizes, read_manifest
+
+        try:  # refuses it, with the export command that adds it
+            check_batch_sizes(s.engines, read_manifest(s.engines), "unet", (s.batch_size,))
+        except DiffclsError as e:
+            raise DiffclsError(f"--batch-size {s.batch_size}: {e}") from None
+    return clf
