@@ -25,7 +25,7 @@ from diffcls.config import parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.engines import manifest as mf
-from diffcls.models.spec import COMPONENTS, ComponentSpec
+from diffcls.models.spec import ComponentSpec, exported_components
 
 BACKEND = "onnxruntime"
 _ORT_TYPES = {
@@ -180,7 +180,7 @@ def open_engines(
     dev, provider_list = resolve_providers(device, providers)
     specs = mf.manifest_specs(manifest)
     engines = {}
-    for comp in COMPONENTS:
+    for comp in exported_components(specs):
         have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
         sizes = tuple(sorted(set(map(int, batch_sizes)))) if batch_sizes else (have or None)
         engines[comp] = OrtEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], sizes, dev, provider_list)

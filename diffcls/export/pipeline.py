@@ -26,8 +26,8 @@ from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
-from diffcls.models.loading import SDModel, load_model
-from diffcls.models.spec import COMPONENTS, model_component_specs
+from diffcls.models.loading import MODEL_TYPES, SDModel, load_model
+from diffcls.models.spec import exported_components, model_component_specs
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BATCH_SIZES = (8, 16, 32)
@@ -36,7 +36,7 @@ DEFAULT_BATCH_SIZES = (8, 16, 32)
 @dataclass
 class ExportConfig:
     out: Path  # the engine directory
-    model: str | Path | SDModel | None = None  # None: the bundled demo model
+    model: str | Path | SDModel | None = None  # a loaded model (SDModel/DiTModel), a path or bundled name; None: the SD demo
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
@@ -157,7 +157,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
-    model = cfg.model if isinstance(cfg.model, SDModel) else load_model(cfg.model)
+    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model)
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
@@ -179,6 +179,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "max_length": model.max_length,  # with the two below: the component specs, no model needed
         "hidden_size": model.hidden_size,
         "latent_shape": list(model.latent_shape(image_size)),
+        "kind": model.kind,  # "stable-diffusion" or "dit"
+        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
         "source": str(model.source),
         "versions": versions,
         "gpu": gpu,
@@ -186,7 +188,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "components": {},
     }
     result = ExportResult(out, manifest)
-    for comp in COMPONENTS:
+    for comp in exported_components(specs):
         settings = {
             "backend": cfg.backend,
             "fingerprint": fingerprint,
@@ -351,7 +353,7 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
         raise
 
 
-def _write_runtime_files(model: SDModel, out: Path) -> None:
+def _write_runtime_files(model, out: Path) -> None:
     """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config."""
     tok = out / mf.TOKENIZER_DIR
     if tok.exists():
