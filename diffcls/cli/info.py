@@ -77,6 +77,17 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
     return manifest, rows
 
 
+def model_kind_line(manifest: dict) -> str:
+    """What kind of model an engine directory was exported from, and what conditions its denoiser."""
+    from diffcls.engines.manifest import manifest_specs
+
+    unet = manifest_specs(manifest)["unet"]
+    cond = unet.input(unet.condition) if unet.condition else unet.inputs[-1]
+    kind = manifest.get("kind", "stable-diffusion")
+    what = "class-conditional: a prompt is a class id" if cond.dtype == "int64" else "text-conditional"
+    return f"model kind {kind} ({what}; denoiser conditioning input {cond.name} {cond.dtype} {list(cond.shape)})"
+
+
 @app.command("info")
 def info_cmd(
     engine_dir: Annotated[Optional[Path], typer.Argument(help="An engine directory to describe.")] = None,
@@ -103,6 +114,7 @@ def info_cmd(
             f"\nengine directory {engine_dir}: backend {manifest.get('backend')}, model {manifest.get('source')} "
             f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}"
         )
+        out.print(model_kind_line(manifest))
         versions = manifest.get("versions") or {}
         out.print("built with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
         if manifest.get("gpu"):
