@@ -251,3 +251,11 @@ def test_adm_crop_matches_reference(size):
     assert np.array_equal(got, want)
     if size == (301, 197):  # box-halving differs from a direct bicubic resize
         assert not np.array_equal(got, np.asarray(resize_center_crop(img, 32, "bicubic")))
+
+
+def test_cli_profile_runs_a_dit(tmp_path, dit, dit_dir):
+    folder = digit_like_folder(tmp_path / "imgs", dit)
+    r = runner.invoke(app, ["profile", str(folder), "--model", str(dit_dir), "--n-samples", "4", "--to-keep", "1",
+                            "--no-cache", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())

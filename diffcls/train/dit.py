@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE
-from diffcls.models.loading import alphas_cumprod_from_scheduler_config, default_model_path
+from diffcls.models.dit import DiTModel, dit_scheduler_config, save_dit_directory
+from diffcls.models.loading import alphas_cumprod_from_scheduler_config, default_model_path, load_model
 from diffcls.models.wrappers import VaeEncoderWrapper
 from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors
 
@@ -65,21 +66,6 @@ class DitDemoConfig:
     # measured); the official DiT protocol is n_samples [200], to_keep [1]
     n_samples: list[int] = field(default_factory=lambda: [10, 50])
     to_keep: list[int] = field(default_factory=lambda: [3, 1])
-
-
-def scheduler_config() -> dict:
-    """DiT's schedule (the DiT-XL-2 pipelines ship it as a DDIMScheduler config)."""
-    return {
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_schedule": "linear",
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "prediction_type": "epsilon",
-        "clip_sample": False,
-        "set_alpha_to_one": True,
-        "steps_offset": 0,
-    }
 
 
 def build_transformer(cfg: DitDemoConfig, latent_channels: int, latent_size: int, num_classes: int):
@@ -176,36 +162,30 @@ def train_transformer(model, lat: torch.Tensor, labels: torch.Tensor, alphas: to
 class _AsUnet(torch.nn.Module):
     """The DiT behind the UNet call `classify_latents` makes; "embeddings" are class ids."""
 
-    def __init__(self, transformer):
+    def __init__(self, model: DiTModel):
         super().__init__()
-        self.transformer = transformer
+        self.denoiser = model.wrap("unet")  # learned sigma: only the first C channels (the noise)
 
     def forward(self, xt, t, encoder_hidden_states, return_dict=False):
-        out = self.transformer(xt, t, class_labels=encoder_hidden_states, return_dict=False)[0]
-        return (out[:, : xt.shape[1]],)  # learned sigma: the first C channels are the noise
+        return (self.denoiser(xt, t, encoder_hidden_states),)
 
 
 def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, n_samples=(10, 50), to_keep=(3, 1),
              n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
     """Top-1 accuracy of the DiT directory on a digits split (plain-torch DESIGN.md loop)."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
-
-    transformer = DiTTransformer2DModel.from_pretrained(model_dir / "transformer").eval()
-    vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval()
-    alphas = alphas_cumprod_from_scheduler_config(json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text()))
-    K = int(transformer.config.num_embeds_ada_norm)
+    model = load_model(model_dir)
     x, y = split_tensors(split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     t0 = time.time()
     with torch.no_grad():
-        enc = VaeEncoderWrapper(vae, float(vae.config.scaling_factor))
+        enc = model.wrap("vae_encoder")
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
-    unet = _AsUnet(transformer)
+    unet = _AsUnet(model)
     preds, evals = [], 0
     for s in range(0, len(lat), chunk):
-        p, e = classify_latents(unet, lat[s : s + chunk], torch.arange(K), alphas, list(n_samples), list(to_keep),
-                                n_trials, seed)
+        p, e = classify_latents(unet, lat[s : s + chunk], torch.arange(model.num_classes), model.alphas_cumprod,
+                                list(n_samples), list(to_keep), n_trials, seed)
         preds += p
         evals += e
         if verbose:
@@ -221,27 +201,6 @@ def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, 
     }
 
 
-def save_dit(out: Path, transformer, vae, sched: dict, id2label: dict[int, str]) -> Path:
-    """Write the directory `DiTPipeline.save_pretrained` writes, with `id2label` in model_index.json
-
-    (as the DiT-XL-2 pipelines on the Hub carry it; `DiTPipeline.from_pretrained` reads it from there).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(str(out / "transformer"), safe_serialization=True)
-    vae.save_pretrained(str(out / "vae"), safe_serialization=True)
-    (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-    index = {
-        "_class_name": "DiTPipeline",
-        "id2label": {str(i): name for i, name in id2label.items()},
-        "scheduler": ["diffusers", sched["_class_name"]],
-        "transformer": ["diffusers", "DiTTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
-
-
 def train(out: Path, cfg: DitDemoConfig, vae_dir: Path, command: str = "") -> Path:
     from diffusers import AutoencoderKL
 
@@ -250,7 +209,7 @@ def train(out: Path, cfg: DitDemoConfig, vae_dir: Path, command: str = "") -> Pa
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
     scaling = float(vae.config.scaling_factor)
-    sched = scheduler_config()
+    sched = dit_scheduler_config()
     alphas = alphas_cumprod_from_scheduler_config(sched)
     x, y = split_tensors("train")
     with torch.no_grad():
@@ -262,7 +221,7 @@ def train(out: Path, cfg: DitDemoConfig, vae_dir: Path, command: str = "") -> Pa
     _log(f"DiT: {n_params / 1e6:.2f} M parameters", t0)
     ema = train_transformer(model, lat, y, alphas, cfg, gen, t0)
     t_total = time.time() - t0
-    save_dit(out, ema, vae, sched, dict(enumerate(CLASSNAMES)))
+    save_dit_directory(DiTModel(ema, vae, alphas, dict(enumerate(CLASSNAMES))), out, sched)
     (out / "diffcls.json").write_text(
         json.dumps({"image_size": cfg.image_size, "n_samples": cfg.n_samples, "to_keep": cfg.to_keep}, indent=2) + "\n"
     )
