@@ -184,3 +184,127 @@ def test_cache_command_reports_and_clears(tmp_path):
     r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path), "--clear"])
     assert r.exit_code == 0 and "removed 2 cached entries" in r.output
     assert c.get("text", {"prompt": "a"}) is None
+
+
+def _flip_exponent_bit(path):
+    """Flip the top exponent bit of one float32 in the entry's data, header untouched.
+
+    The element is one with 0 < |x| < 1, so the flipped value is huge but finite (a NaN or inf
+    would already be caught by the finiteness check; this must be caught by the checksum).
+    """
+    import json
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    start, end = header["value"]["data_offsets"]
+    base = 8 + n + start
+    for off in range(base, 8 + n + end, 4):
+        (x,) = struct.unpack_from("<f", raw, off)
+        if 0 < abs(x) < 1:
+            raw[off + 3] ^= 0x40  # bit 30: the exponent's most significant bit
+            (y,) = struct.unpack_from("<f", raw, off)
+            assert abs(y) > 1e30 and y == y and abs(y) != float("inf")
+            path.write_bytes(bytes(raw))
+            return
+    raise AssertionError("no element to flip")
+
+
+def test_flipped_exponent_bit_in_a_latent_is_recomputed(tiny_engines, tmp_path, images):
+    clean, _, _ = _run(tiny_engines, tmp_path / "clean", images)
+    _run(tiny_engines, tmp_path / "c", images)
+    for path in _files(tmp_path / "c", "latent"):
+        _flip_exponent_bit(path)
+    second, work, cache = _run(tiny_engines, tmp_path / "c", images)
+    assert cache.rejected == len(images)  # every flipped entry caught by its checksum
+    assert work == (0, 1)  # the latents were encoded again (one VAE batch), the prompts were not
+    _close(clean, second)
+    third, work3, cache3 = _run(tiny_engines, tmp_path / "c", images)  # and replaced by good ones
+    assert work3 == (0, 0) and cache3.rejected == 0
+    _close(clean, third)
+
+
+def test_wrong_shape_entry_with_a_valid_key_is_recomputed_and_replaced(tiny_engines, tmp_path, images):
+    import json
+
+    from safetensors import safe_open
+
+    first, _, _ = _run(tiny_engines, tmp_path, images)
+    cache = DiskCache(tmp_path)
+    for kind in ("latent", "text"):
+        with safe_open(str(_files(tmp_path, kind)[0]), framework="pt") as f:
+            fields = json.loads(f.metadata()["key"])
+        cache.put(kind, fields, torch.ones(2, 3))  # a well-formed entry (checksum and all), wrong shape
+    second, work, c2 = _run(tiny_engines, tmp_path, images)
+    assert c2.rejected == 2
+    assert work[0] >= 1 and work[1] >= 1
+    _close(first, second)
+    third, work3, c3 = _run(tiny_engines, tmp_path, images)  # replaced: not rejected again
+    assert work3 == (0, 0) and c3.rejected == 0
+    _close(first, third)
+
+
+def test_entry_without_checksum_is_not_trusted(tmp_path):
+    """An entry from an older diffcls (key metadata, no checksum) is recomputed, not trusted."""
+    from safetensors.torch import save_file
+
+    cache = DiskCache(tmp_path)
+    fields = {"image": "abc"}
+    path = cache._path("latent", cache._canonical(fields))
+    path.parent.mkdir(parents=True)
+    save_file({"value": torch.ones(4, 2, 2)}, str(path), metadata={"key": cache._canonical(fields)})
+    assert cache.get("latent", fields, (4, 2, 2)) is None and cache.rejected == 1
+    assert not path.exists()
+    cache.put("latent", fields, torch.ones(4, 2, 2))
+    assert torch.equal(cache.get("latent", fields, (4, 2, 2)), torch.ones(4, 2, 2))
+
+
+def test_cache_clear_deletes_only_what_diffcls_wrote(tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from diffcls.cli.app import app
+
+    root = tmp_path / "x"
+    notes = root / "text" / "notes" / "thesis.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("four years of work")
+    mine = root / "latent" / "my_tensors.safetensors"  # a user's file where diffcls keeps latents
+    mine.parent.mkdir(parents=True)
+    save_file({"value": torch.ones(2)}, str(mine), metadata={"key": "{}"})
+    # a user's safetensors file at an entry-shaped path whose key does not hash to its name
+    lookalike = root / "latent" / "ab" / ("ab" + "0" * 62 + ".safetensors")
+    lookalike.parent.mkdir(parents=True)
+    save_file({"value": torch.ones(2)}, str(lookalike), metadata={"key": '{"image":"x"}'})
+    c = DiskCache(root)
+    c.put("text", {"prompt": "a"}, torch.zeros(2, 3))
+    c.put("latent", {"image": "b"}, torch.zeros(4, 2, 2))
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(root), "--clear"])
+    assert r.exit_code == 0
+    assert notes.read_text() == "four years of work"
+    assert mine.is_file() and lookalike.is_file()
+    assert "removed 2 cached entries" in r.output
+    assert c.get("text", {"prompt": "a"}) is None and c.get("latent", {"image": "b"}) is None
+    # the two-hex directories diffcls created are gone once empty; the user's stay
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "latent", "latent/ab", lookalike.relative_to(root).as_posix(), "latent/my_tensors.safetensors",
+        "text", "text/notes", "text/notes/thesis.txt",
+    ]
+
+
+def test_cache_size_counts_only_its_entries(tmp_path):
+    c = DiskCache(tmp_path)
+    c.put("text", {"prompt": "a"}, torch.zeros(2, 3))
+    (tmp_path / "latent" / "ab").mkdir(parents=True)
+    (tmp_path / "latent" / "ab" / ("ab" + "1" * 62 + ".safetensors")).write_bytes(b"not ours")
+    assert c.size()[0] == 1
+
+
+def test_cache_clear_removes_its_own_directories(tmp_path):
+    c = DiskCache(tmp_path / "c")
+    c.put("text", {"prompt": "a"}, torch.zeros(2, 3))
+    c.put("latent", {"image": "b"}, torch.zeros(4, 2, 2))
+    (tmp_path / "c" / "inductor").mkdir()  # torch.compile's cache lives beside ours: not ours to clear
+    assert c.clear() == 2
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["inductor"]

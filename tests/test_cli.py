@@ -58,7 +58,8 @@ def test_classify_writes_results_and_errors(tmp_path, tiny_dir, image_folder):
     recs = [json.loads(l) for l in errs.read_text().splitlines()]
     assert sorted(r["path"] for r in recs) == sorted(g["path"] for g in got)
     rec = recs[0]
-    assert set(rec) == {"path", "prediction", "classidx", "scores", "errors"}
+    assert set(rec) == {"path", "prediction", "classidx", "scores", "errors", "sha256"}
+    assert rec["sha256"] == next(g["sha256"] for g in got if g["path"] == rec["path"])
     assert len(rec["errors"]) == 20 and all(len(e) == 4 for e in rec["errors"])
     # the score of a prompt is the mean of its errors
     p0 = [e[3] for e in rec["errors"] if e[0] == 0]

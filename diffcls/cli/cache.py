@@ -13,7 +13,7 @@ from diffcls.cli.common import app, out, user_errors
 @app.command()
 def cache(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache directory (default: ~/.cache/diffcls or $DIFFCLS_CACHE).")] = None,
-    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached text embedding and latent.")] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached text embedding and latent (only files diffcls wrote; nothing else under the directory).")] = False,
 ) -> None:
     """Show the text-embedding/latent cache, or clear it with --clear."""
     from diffcls.runtime.cache import DiskCache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -76,12 +77,21 @@ def run_folder(
     labels: dict[str, int] | None = None,
 ):
     """Classify every image under `folder`, resuming `out_csv`; returns {key: (classidx, row)}."""
-    from diffcls.runtime.preprocess import find_images
-    from diffcls.runtime.results import ResultsWriter
+    from rich.markup import escape
 
-    images = find_images(folder)
+    from diffcls.runtime.preprocess import file_digest, find_images
+    from diffcls.runtime.results import ResultsWriter, printable
+
+    skipped: list[tuple[str, str]] = []
+
+    def folder_problem(path, msg):
+        skipped.append((path, msg))
+        console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
+
+    images = find_images(folder, on_problem=folder_problem)
     root = folder if folder.is_dir() else folder.parent
     keys = {p: p.relative_to(root).as_posix() for p in images}
+    by_key = {k: p for p, k in keys.items()}
     e = clf.engines
     settings = {
         "model": e.fingerprint,
@@ -93,19 +103,33 @@ def run_folder(
         "noise": None if noise is None else _tensor_digest(noise),
         "image_size": e.image_size,
         "interpolation": interpolation,
+        # rows are keyed by the path under the root: another root's "a.png" is another image
+        "root": os.fsdecode(os.path.abspath(root)),
     }
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
         writer = ResultsWriter(out_csv, settings, errors_path)
-        done = writer.open()
+
+        def unchanged(key: str, sha: str) -> bool:  # a row stands only for the bytes it was computed from
+            p = by_key.get(key)
+            if p is None:
+                return True  # not part of this run: left as it is
+            try:
+                return file_digest(p) == sha
+            except OSError:
+                return False  # unreadable now: the run will report it
+
+        done = writer.open(current=unchanged)
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in keys.values()}
-    if done:
-        console.print(f"resuming {out_csv}: {len(done)} of {len(images)} images already done")
-    skipped: list[tuple[str, str]] = []
+    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in by_key}
+    if writer is not None:
+        for why, n in writer.dropped.items():
+            console.print(escape(f"{out_csv}: {_DROPPED.get(why, why).format(n=n, errors=errors_path)}"))
+    if results:
+        console.print(f"resuming {out_csv}: {len(results)} of {len(images)} images already done")
     start = time.perf_counter()
     n_done = 0
     try:
@@ -114,7 +138,7 @@ def run_folder(
 
             def on_skip(path, msg):
                 skipped.append((path, msg))
-                console.print(f"[yellow]skipped[/] {msg}")
+                console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
                 progress.advance(task)
 
             for r in clf.iter_classify(
@@ -156,6 +180,15 @@ def run_folder(
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+_DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
+    "torn": "a row cut short by an interrupted write was dropped; that image is classified again",
+    "malformed": "{n} malformed row(s) dropped; those images are classified again",
+    "duplicate": "{n} duplicate row(s) dropped",
+    "changed": "{n} image(s) changed since they were classified; classifying them again",
+    "no errors record": "{n} image(s) have no record in {errors}; classifying them again to write one",
+}
 
 
 def _per_image_speed(stages: dict, n: int) -> str:
@@ -216,14 +249,17 @@ def classify(
 
 
 def _print_predictions(results: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
+
+    from diffcls.runtime.results import printable
 
     table = Table("image", "prediction", "score", "runner-up")
     for key in sorted(results):
         r = results[key]
         top = r.get("top") or []
         runner = f"{top[1][1]} ({top[1][2]:.4g})" if len(top) > 1 else (r["row"].get("top2", "") if "row" in r else "")
-        table.add_row(key, r["prediction"], str(r["score"]), runner)
+        table.add_row(escape(printable(key)), escape(r["prediction"]), str(r["score"]), escape(runner))
     out.print(table)
 
 
@@ -249,6 +285,10 @@ def evaluate(
         subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not subdirs:
             raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
+        from diffcls.runtime.results import check_writable
+
+        check_writable(json_out, "--json")  # before the run, not after it finished
+        check_writable(plot, "--plot")
         run = prepare(settings, folder, folder_classes=subdirs)
         pset = run.prompts
         by_name = {_norm(name): idx for idx, name in pset.classes.items()}

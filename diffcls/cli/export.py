@@ -54,7 +54,7 @@ def export_cmd(
     optimize: Annotated[Optional[bool], typer.Option("--optimize/--no-optimize", help="ONNX Runtime UNet fusion (attention, GroupNorm, ...); default on for fp16 on CUDA.")] = None,
     device: Annotated[str, typer.Option("--device", help="Where exported graphs are checked against torch: auto (cuda if usable), cpu, cuda or cuda:N.")] = "auto",
     workspace_gb: Annotated[float, typer.Option("--workspace-gb", min=0.1, help="TensorRT builder workspace memory limit.")] = 8.0,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts; also replaces another model's engines in --out.")] = False,
 ) -> None:
     """Export the model's networks to ONNX (and TensorRT), checked against torch: SD's text encoder, VAE encoder and UNet; a DiT's VAE encoder and transformer."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -115,6 +115,10 @@ def info_cmd(
             f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}"
         )
         out.print(model_kind_line(manifest))
+        if manifest.get("complete") is False:
+            from diffcls.engines.manifest import fix_command
+
+            out.print(f"status: INCOMPLETE - its export did not finish (interrupted or failed); finish it with: {fix_command(engine_dir, manifest)}")
         versions = manifest.get("versions") or {}
         out.print("built with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
         if manifest.get("gpu"):

@@ -143,6 +143,10 @@ def profile(
         if plot is not None:
             _require_matplotlib()  # fail before any work
         from diffcls.runtime.preprocess import find_images
+        from diffcls.runtime.results import check_writable
+
+        check_writable(json_out, "--json")  # before the run, not after it finished
+        check_writable(plot, "--plot")
 
         run = prepare(settings, folder)
         s = settings

@@ -239,16 +239,22 @@ def load_noise(path: Path | None):
     import numpy as np
     import torch
 
+    from diffcls.runtime.classifier import non_finite_problem
+
     try:
         if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path)).float()
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.from_numpy(np.load(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DiffclsError(f"noise file {path} does not exist") from None
     except Exception as e:  # noqa: BLE001
         raise DiffclsError(f"cannot read noise file {path} ({type(e).__name__}); save a tensor with torch.save or numpy.save") from None
     if not isinstance(obj, torch.Tensor):
         raise DiffclsError(f"noise file {path} holds a {type(obj).__name__}, not a tensor; torch.save(tensor, path)")
+    problem = non_finite_problem(obj)
+    if problem:
+        raise DiffclsError(f"noise file {path} {problem}; save finite standard-normal noise, or drop --noise to use --seed")
     return obj.float()
 
 

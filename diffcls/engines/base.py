@@ -83,6 +83,7 @@ class EngineSet:
     precision: str  # "fp32" or "fp16"
     device: torch.device
     info: dict = field(default_factory=dict)  # backend details for `info` / `profile`
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
 
     @property
     def num_train_timesteps(self) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from diffcls.engines.base import EngineSet, PassThroughEngine
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import MODEL_TYPES, load_model
+from diffcls.models.loading import MODEL_TYPES, PREDICTION_TYPES, load_model
 from diffcls.models.spec import ComponentSpec, component_specs, exported_components
 from diffcls.models.tokenizer import load_tokenizer
 
@@ -91,11 +91,32 @@ def component_files(engine_dir: Path, entry: dict) -> dict[str, str]:
     return dict(entry.get("files") or {})
 
 
+def inside(engine_dir: str | Path, rel) -> bool:
+    """Whether the manifest path `rel` names a file inside `engine_dir` (no absolute path, no
+    `..`, no symlink leading out)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return False
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        return False
+    root = Path(engine_dir).resolve()
+    return (root / p).resolve().is_relative_to(root)
+
+
 def file_problem(engine_dir: Path, name: str, entry: dict, *, check_hash: bool = True) -> str | None:
-    """Why a component's files cannot be trusted, or None if they can."""
+    """Why a component's files cannot be trusted, or None if they can.
+
+    Every listed file must lie inside the directory and match its sha256, and the file that is
+    loaded (`file`) must be one of them.
+    """
     files = component_files(engine_dir, entry)
     if not files:
         return f"the manifest lists no file for {name}"
+    outside = [rel for rel in [*files, entry.get("file")] if rel is not None and not inside(engine_dir, rel)]
+    if outside:
+        return f"the manifest names {name} file {outside[0]!r}, outside the engine directory"
+    if "file" in entry and entry["file"] not in files:
+        return f"the manifest's {name} file {entry['file']!r} is not among its checked files"
     for rel, digest in files.items():
         path = engine_dir / rel
         if not path.is_file():
@@ -161,6 +182,8 @@ def verify_engine_dir(
             f"it was built for image size {manifest.get('image_size')}, not {image_size}",
             image_size=image_size,
         )
+    if manifest.get("complete") is False:
+        raise fail("its export did not finish (it was interrupted); rerun the export to complete it")
     comps = manifest["components"]
     missing = [k for k in ("fingerprint", "image_size", "max_length", "hidden_size", "latent_shape") if k not in manifest]
     if missing:
@@ -257,7 +280,19 @@ def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend
         precision=precisions.pop() if len(precisions) == 1 else "mixed",
         device=device,
         info={"engine_dir": str(engine_dir), **info},
+        prediction_type=manifest_prediction_type(engine_dir, manifest),
     )
+
+
+def manifest_prediction_type(engine_dir, manifest: dict) -> str:
+    """The UNet's prediction type the export recorded; a manifest from before it was recorded means epsilon."""
+    value = manifest.get("prediction_type", "epsilon")
+    if value not in PREDICTION_TYPES:
+        raise DiffclsError(
+            f"engine directory {engine_dir}: its manifest says prediction_type {value!r}, which diffcls cannot "
+            f"score ({' or '.join(PREDICTION_TYPES)}); rebuild it with: {fix_command(engine_dir, manifest)}"
+        )
+    return value
 
 
 def resolve_model_arg(model):

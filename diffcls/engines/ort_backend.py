@@ -100,6 +100,7 @@ class OrtEngine:
         except Exception as e:  # noqa: BLE001 - ORT raises its own (pybind) exception types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise DiffclsError(f"ONNX Runtime cannot load {path} ({first}); re-export it with diffcls export") from e
+        _check_shapes(self.path, spec, self.session)
         self.input_types = {i.name: _ORT_TYPES.get(i.type, (torch.float32, np.float32)) for i in self.session.get_inputs()}
         self.output_types = {o.name: _ORT_TYPES.get(o.type, (torch.float32, np.float32)) for o in self.session.get_outputs()}
         floats = [t for t, _ in self.input_types.values() if t.is_floating_point]
@@ -142,6 +143,22 @@ class OrtEngine:
         self.session.run_with_iobinding(binding, self._run_options)
         caller.wait_stream(self._stream)  # the caller's next kernels see the outputs
         return result
+
+
+def _check_shapes(path: Path, spec: ComponentSpec, session) -> None:
+    """The graph's fixed dimensions must be the ones the manifest describes (an edited manifest,
+    e.g. its latent_shape, would otherwise fail deep inside a run, or run on wrong shapes)."""
+    graph = {t.name: t.shape for t in (*session.get_inputs(), *session.get_outputs())}
+    for t in (*spec.inputs, *spec.outputs):
+        have = graph.get(t.name)
+        if have is None:
+            raise DiffclsError(f"{path} has no tensor {t.name!r}; it is not a diffcls {spec.name} graph, re-export it with diffcls export")
+        fixed = [(i, d) for i, d in enumerate(t.shape) if d != "B"]
+        if len(have) != len(t.shape) or any(isinstance(have[i], int) and have[i] != int(d) for i, d in fixed):
+            raise DiffclsError(
+                f"{path}: its {t.name} has shape {list(have)} but the manifest describes {list(t.shape)} "
+                f"(was manifest.json edited, e.g. its latent_shape?); re-export the engine directory with diffcls export"
+            )
 
 
 def _opts(provider) -> dict:

@@ -182,12 +182,14 @@ def open_engines(
     fingerprint = model.fingerprint()  # before moving/casting: the fp32 weights identify it
     if device.type == "cuda":
         _use_fast_attention(model)
+    # the VAE encoder stays fp32 where its config asks for it (SD's VAE overflows in fp16)
+    vae_dtype = torch.float32 if model.vae_force_upcast else dtype
     engines = {
         name: TorchEngine(
             wrap(model, name),
             specs[name],
             device,
-            dtype,
+            vae_dtype if name == "vae_encoder" else dtype,
             batch_sizes=batch_sizes if name == "unet" else None,
             compile=compile and name == "unet",
         )
@@ -206,7 +208,9 @@ def open_engines(
         backend="torch",
         precision=precision,
         device=device,
-        info={"source": model.source, "compile": compile, "kind": model.kind},
+        info={"source": model.source, "compile": compile, "kind": model.kind,
+              "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
+        prediction_type=model.prediction_type,
     )
 
 

@@ -68,8 +68,11 @@ def torch_reference(model, component: str, feed: dict[str, torch.Tensor]) -> np.
     return module(*[feed[n] for n in spec_inputs]).float().numpy()
 
 
-def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opset: int = OPSET) -> Path:
-    """Export one fp32 component to `out_path` (weights in `<name>.data` beside it when > 2 GB)."""
+def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opset: int = OPSET, work_dir: Path | None = None) -> Path:
+    """Export one fp32 component to `out_path` (weights in `<name>.data` beside it when > 2 GB).
+
+    torch writes into a temp folder under `work_dir` (default: beside `out_path`) first.
+    """
     import onnx
 
     module = wrap(model, component).float().eval()
@@ -77,7 +80,7 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
     args = tuple(feed[n] for n in spec.input_names)
     names = spec.input_names + spec.output_names
     out_path = Path(out_path)
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=work_dir or out_path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")

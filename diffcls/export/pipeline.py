@@ -9,11 +9,21 @@ A component is rebuilt when its file is missing or its sha256 differs from the m
 anything that shaped it changed (model fingerprint, precision, image size, opset, fusion, and for
 TensorRT the batch sizes, TensorRT version and GPU). Otherwise it is reported as "found cached".
 The tokenizer and ᾱ (`alphas_cumprod`) are copied in, so the directory classifies on its own.
+An fp16 export keeps the VAE encoder in fp32 where the VAE config sets `force_upcast` (SD's VAE
+overflows in fp16); each component's manifest entry records the precision its graph computes in
+(`run_precision`), and the manifest records the UNet's `prediction_type`.
+
+The export owns the directory: a directory holding another model's engines is refused unless
+`force`; what an earlier export wrote and this one did not (another model's `diffcls.json` and
+prompts, the other backend's engines) is removed at the end; temporary files live under
+`.partial/`, which the next export clears; the manifest says `"complete": false` until the last
+step, so `info` and `classify` can tell an interrupted export from a finished one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +37,7 @@ from diffcls.errors import DiffclsError
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model
-from diffcls.models.spec import exported_components, model_component_specs
+from diffcls.models.spec import COMPONENTS, exported_components, model_component_specs
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BATCH_SIZES = (8, 16, 32)
@@ -167,6 +177,14 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         old = mf.read_manifest(out)
     except DiffclsError:
         old = None  # corrupt: rebuild everything
+    # another model (not the same source rebuilt or retrained in place): its engines are not ours
+    if old is not None and old.get("fingerprint") != fingerprint and old.get("source") != str(model.source) and not cfg.force:
+        raise DiffclsError(
+            f"--out {out} holds engines of another model ({old.get('source')}, fingerprint {old.get('fingerprint')}); "
+            f"pass --force to replace them, or another --out"
+        )
+    stale_candidates = _owned_paths(out, old)  # what an earlier export wrote: removed unless rewritten
+    _remove_partial(out)  # temp files of an export that was killed
     old_comps = (old or {}).get("components", {}) if not cfg.force else {}
     versions = library_versions(cfg.backend)
     gpu = trt_build.gpu_info() if cfg.backend == "tensorrt" else None
@@ -181,12 +199,17 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "latent_shape": list(model.latent_shape(image_size)),
         "kind": model.kind,  # "stable-diffusion" or "dit"
         "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
+        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
         "source": str(model.source),
         "versions": versions,
         "gpu": gpu,
         "exporter": "torch.onnx.export(dynamo=False)",
+        "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
         "components": {},
     }
+    # mark the directory as being rewritten before touching anything in it (keeping what the
+    # old manifest vouches for, so that a killed export still reuses its finished parts)
+    mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps)})
     result = ExportResult(out, manifest)
     for comp in exported_components(specs):
         settings = {
@@ -197,6 +220,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
             "opset": cfg.opset,
             "optimize": bool(optimize and comp == "unet"),
         }
+        if precision != "fp32" and comp == "vae_encoder" and model.vae_force_upcast:
+            settings["upcast_fp32"] = True  # the VAE config asks for fp32 (SD's VAE overflows in fp16)
         if cfg.backend == "tensorrt":
             settings.update(batch_sizes=list(batch_sizes), tensorrt=versions.get("tensorrt"), gpu=gpu)
         build = _export_ort if cfg.backend == "onnxruntime" else _export_trt
@@ -207,7 +232,15 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         # write as we go: an interrupted export keeps what it finished
         mf.write_manifest(out, manifest)
 
-    _write_runtime_files(model, out)
+    written = _write_runtime_files(model, out)
+    keep = {mf.MANIFEST, *written}
+    for entry in manifest["components"].values():
+        keep |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
+    if cfg.backend == "tensorrt":
+        keep.add(trt_build.TIMING_CACHE)
+    _remove_stale(out, stale_candidates - keep)
+    _remove_partial(out)
+    manifest["complete"] = True
     mf.write_manifest(out, manifest)
     return result
 
@@ -259,12 +292,12 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
         _report_cached(report, step, result, out, old["files"])
         return old
     final = out / f"{comp}.onnx"
-    precision = settings["precision"]
+    precision = run_precision(settings)
 
     def run():
-        extra = {}
+        extra = {"run_precision": precision}
         if not settings["optimize"] and precision == "fp32":
-            ox.export_onnx(model, comp, spec, final, cfg.opset)
+            ox.export_onnx(model, comp, spec, final, cfg.opset, work_dir=partial_dir(out))
             paths = ox.onnx_files(final)
         else:
             paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra)
@@ -281,10 +314,15 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
     return _entry(out, paths, settings, check, extra)
 
 
+def run_precision(settings: dict) -> str:
+    """The precision a component's graph computes in: fp32 for an upcast VAE encoder, else the export's."""
+    return "fp32" if settings.get("upcast_fp32") else settings["precision"]
+
+
 def _export_converted(model, comp, spec, out, final, precision, optimize, device, opset, extra) -> list[Path]:
     """fp32 ONNX in a temp dir -> [ORT fusion] -> [fp16] -> final."""
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset)
+    with tempfile.TemporaryDirectory(dir=partial_dir(out)) as tmp:
+        fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset, work_dir=Path(tmp))
         if not optimize:
             return ox.convert_fp16(fp32, final)
         fused = ox.optimize_unet(fp32, gpu=device == "cuda")
@@ -306,7 +344,7 @@ def _export_trt(model, comp, spec, out: Path, settings, old, device, cfg, report
         onnx_entry = old_onnx
     else:
         def run():
-            paths = ox.export_onnx(model, comp, spec, onnx_path, cfg.opset)
+            paths = ox.export_onnx(model, comp, spec, onnx_path, cfg.opset, work_dir=partial_dir(out))
             paths = ox.onnx_files(onnx_path)
             return paths, ox.check_against_torch(model, comp, spec, onnx_path, "fp32", "cpu")
 
@@ -327,14 +365,14 @@ def _export_trt(model, comp, spec, out: Path, settings, old, device, cfg, report
 
     def run():
         trt_build.build_engine(
-            onnx_path, plan, spec, settings["batch_sizes"], fp16=settings["precision"] == "fp16",
+            onnx_path, plan, spec, settings["batch_sizes"], fp16=run_precision(settings) == "fp16",
             timing_cache=out / trt_build.TIMING_CACHE, workspace_gb=cfg.workspace_gb,
         )
         return check_trt_against_torch(model, comp, spec, plan, settings)
 
     (check), seconds = _timed(report, step, result, run)
     _report_saved(report, step, seconds, [plan], f"max rel err {check['max_rel_err']:.2g} vs torch")
-    return _entry(out, [plan], settings, check, {"onnx": onnx_entry})
+    return _entry(out, [plan], settings, check, {"onnx": onnx_entry, "run_precision": run_precision(settings)})
 
 
 def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
@@ -347,14 +385,16 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
     ref = ox.torch_reference(model, comp, feed)
     out = engine(feed)[spec.output_names[0]].float().cpu().numpy()
     try:
-        return ox.measure(comp, ref, out, settings["precision"])
+        return ox.measure(comp, ref, out, run_precision(settings))
     except DiffclsError:
         plan.unlink(missing_ok=True)
         raise
 
 
-def _write_runtime_files(model, out: Path) -> None:
-    """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config."""
+def _write_runtime_files(model, out: Path) -> set[str]:
+    """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config,
+    and the model's classify defaults; returns the paths written (relative to `out`)."""
+    written = {mf.TOKENIZER_DIR, mf.ALPHAS_FILE}
     tok = out / mf.TOKENIZER_DIR
     if tok.exists():
         shutil.rmtree(tok)
@@ -365,19 +405,95 @@ def _write_runtime_files(model, out: Path) -> None:
     tmp.replace(out / mf.ALPHAS_FILE)
     root = Path(str(model.source)) if not str(model.source).startswith("<") else None
     if root is None or not root.is_dir():
-        return
+        return written
     src = root / "scheduler" / "scheduler_config.json"
     if src.is_file():
         (out / "scheduler").mkdir(exist_ok=True)
         shutil.copyfile(src, out / "scheduler" / "scheduler_config.json")
+        written.add("scheduler")
     # the model's classify defaults (the demo model ships them) and the prompts file they name
-    defaults = root / "diffcls.json"
+    defaults = root / DEFAULTS_FILE
     if defaults.is_file():
-        shutil.copyfile(defaults, out / "diffcls.json")
+        shutil.copyfile(defaults, out / DEFAULTS_FILE)
+        written.add(DEFAULTS_FILE)
         try:
             prompts = json.loads(defaults.read_text()).get("prompts")
         except (OSError, json.JSONDecodeError, AttributeError):
             prompts = None
-        if isinstance(prompts, str) and (root / prompts).is_file() and not Path(prompts).is_absolute():
+        if isinstance(prompts, str) and (root / prompts).is_file() and _removable(out, prompts):
             (out / prompts).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / prompts, out / prompts)
+            written.add(prompts)
+    return written
+
+
+# --- what the directory holds besides this export's own files ----------------------------------
+DEFAULTS_FILE = "diffcls.json"
+PARTIAL = ".partial"  # temp work inside the engine directory; removed by the next export
+
+
+def partial_dir(out: Path) -> Path:
+    d = Path(out) / PARTIAL
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _remove_partial(out: Path) -> None:
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    for d in (out, out / "onnx"):  # what older versions left behind: tmpXXXXXXXX/, .export-*/, *.tmp
+        if not d.is_dir() or d.is_symlink():
+            continue
+        for p in d.iterdir():
+            if p.is_dir() and not p.is_symlink() and (re.fullmatch(r"tmp[a-z0-9_]{8}", p.name) or p.name.startswith(".export-")):
+                if all(f.is_file() and f.name.startswith(("model.onnx", *COMPONENTS)) for f in p.iterdir()):
+                    shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and p.name in (mf.MANIFEST + ".tmp", mf.ALPHAS_FILE + ".tmp"):
+                p.unlink(missing_ok=True)
+
+
+def _removable(out: Path, rel) -> bool:
+    """A relative path inside `out` whose folder (symlinks resolved) is inside `out` too."""
+    if not isinstance(rel, str) or not rel:
+        return False
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        return False
+    root = out.resolve()
+    return (root / p).parent.resolve().is_relative_to(root)
+
+
+def _owned_paths(out: Path, old: dict | None) -> set[str]:
+    """Paths (relative to `out`) an export may have written: the old manifest's files and the
+    runtime files every export writes, including the prompts file a copied diffcls.json names."""
+    names = {mf.ALPHAS_FILE, mf.TOKENIZER_DIR, "scheduler", DEFAULTS_FILE, trt_build.TIMING_CACHE, "onnx"}
+    for comp in COMPONENTS:
+        names |= {f"{comp}.onnx", f"{comp}.onnx.data", f"{comp}.plan"}
+    for entry in ((old or {}).get("components") or {}).values():
+        if isinstance(entry, dict):
+            names |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
+    try:
+        prompts = json.loads((out / DEFAULTS_FILE).read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        prompts = None
+    if isinstance(prompts, str):
+        names.add(prompts)
+    return {n for n in names if _removable(out, n)}
+
+
+def _remove_stale(out: Path, rels: set[str]) -> None:
+    """Remove what an earlier export wrote and this one did not (another model's defaults, the
+    other backend's engines); never anything outside `out`, never through a symlink."""
+    for rel in sorted(rels, key=lambda r: -len(Path(r).parts)):
+        if not _removable(out, rel):
+            continue
+        p = out / rel
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            continue
+        parent = p.parent
+        while parent != out and parent.is_dir() and not parent.is_symlink() and not any(parent.iterdir()):
+            parent.rmdir()  # a folder emptied by the removal (e.g. prompts/)
+            parent = parent.parent

@@ -30,6 +30,7 @@ KIND = "dit"
 PIPELINE_CLASS = "DiTPipeline"
 REQUIRED_DIRS = ("transformer", "vae", "scheduler")
 LABELS_FILE = "id2label.json"  # what LabelTokenizer.save_pretrained writes
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the targets the scorer knows (as loading.PREDICTION_TYPES)
 # the official protocol: every class at every timestep of a grid with interval 5 (t = 2, 7, ...)
 DEFAULT_SCHEDULE = {"n_samples": [200], "to_keep": [1]}
 
@@ -102,6 +103,7 @@ class DiTModel:
     alphas_cumprod: torch.Tensor  # (T,) float32
     id2label: dict[int, str]
     source: str = "<memory>"
+    prediction_type: str = "epsilon"  # the scheduler config's (DiT predicts the noise)
     kind: str = KIND
     _fingerprint: str | None = field(default=None, repr=False)
 
@@ -182,6 +184,8 @@ class DiTModel:
                     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             h.update(self.alphas_cumprod.detach().cpu().float().numpy().tobytes())
             h.update(json.dumps(sorted(self.id2label.items())).encode())
+            if self.prediction_type != "epsilon":
+                h.update(f"prediction_type={self.prediction_type}".encode())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -282,12 +286,19 @@ def load_dit_directory(path: str | Path) -> DiTModel:
     except (OSError, ValueError) as e:
         raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
     alphas = DDPMScheduler.from_config(sched).alphas_cumprod.to(torch.float32).clone()
+    prediction_type = sched.get("prediction_type") or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise DiffclsError(
+            f"{sched_file}: prediction_type {prediction_type!r} is not supported; diffcls scores models that "
+            f"predict {' or '.join(PREDICTION_TYPES)}"
+        )
     n = int(transformer.config.num_embeds_ada_norm)
     id2label = read_id2label(path, n)
     extra = sorted(k for k in id2label if not 0 <= k < n)
     if extra:
         raise DiffclsError(f"{path / 'model_index.json'}: id2label has ids {extra[:3]} outside the model's {n} classes; fix id2label")
-    model = DiTModel(transformer=transformer, vae=vae, alphas_cumprod=alphas, id2label=id2label, source=str(path))
+    model = DiTModel(transformer=transformer, vae=vae, alphas_cumprod=alphas, id2label=id2label, source=str(path),
+                     prediction_type=prediction_type)
     return model.eval()
 
 

@@ -21,6 +21,8 @@ from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
 from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+# what the UNet predicts (the scheduler config's `prediction_type`); the scorer knows these targets
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -34,6 +36,7 @@ class SDModel:
     unet: torch.nn.Module  # diffusers UNet2DConditionModel
     alphas_cumprod: torch.Tensor  # (T,) float32, ᾱ_t of the training noise schedule
     source: str = "<memory>"  # where it was loaded from, for messages and manifests
+    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (noise) or "v_prediction"
     _fingerprint: str | None = field(default=None, repr=False)
 
     # --- derived facts, read once from the configs -------------------------------------
@@ -48,6 +51,11 @@ class SDModel:
     @property
     def scaling_factor(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def vae_force_upcast(self) -> bool:
+        """The VAE config asks to run in fp32 (`force_upcast`, true for SD's VAE: it overflows in fp16)."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
 
     @property
     def latent_channels(self) -> int:
@@ -93,6 +101,8 @@ class SDModel:
                     h.update(str(t.dtype).encode())
                     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             h.update(self.alphas_cumprod.detach().cpu().float().numpy().tobytes())
+            if self.prediction_type != "epsilon":  # same weights, other target: another model
+                h.update(f"prediction_type={self.prediction_type}".encode())
             vocab = self.tokenizer.get_vocab()
             h.update(json.dumps(sorted(vocab.items())).encode())
             self._fingerprint = h.hexdigest()[:16]
@@ -146,6 +156,17 @@ def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
     known = {k: v for k, v in config.items() if not k.startswith("_")}
     scheduler = DDPMScheduler.from_config(known)
     return scheduler.alphas_cumprod.to(torch.float32).clone()
+
+
+def prediction_type_from_scheduler_config(config: dict, where) -> str:
+    """The scheduler config's `prediction_type` (absent: epsilon); one the scorer cannot score is refused."""
+    value = config.get("prediction_type") or "epsilon"
+    if value not in PREDICTION_TYPES:
+        raise DiffclsError(
+            f"{where}: prediction_type {value!r} is not supported; diffcls scores models that predict "
+            f"{' or '.join(PREDICTION_TYPES)} (set it in the scheduler config if that is what the UNet was trained for)"
+        )
+    return value
 
 
 def default_model_path() -> Path:
@@ -257,6 +278,7 @@ def _load_directory(path: Path) -> SDModel:
         unet=unet,
         alphas_cumprod=alphas_cumprod_from_scheduler_config(sched_cfg),
         source=str(path),
+        prediction_type=prediction_type_from_scheduler_config(sched_cfg, sched_file),
     )
     return model.eval()
 
@@ -286,6 +308,7 @@ def _load_single_file(path: Path) -> SDModel:
         unet=pipe.unet,
         alphas_cumprod=alphas_cumprod_from_scheduler_config(dict(pipe.scheduler.config)),
         source=str(path),
+        prediction_type=prediction_type_from_scheduler_config(dict(pipe.scheduler.config), path),
     )
     return model.eval()
 

@@ -27,6 +27,7 @@ class TinyConfig:
     beta_schedule: str = "scaled_linear"  # SD's schedule
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # the scheduler config's; "v_prediction" as in SD 2.x 768-v
 
 
 def scheduler_config(cfg: TinyConfig) -> dict:
@@ -36,7 +37,7 @@ def scheduler_config(cfg: TinyConfig) -> dict:
         "beta_schedule": cfg.beta_schedule,
         "beta_start": cfg.beta_start,
         "beta_end": cfg.beta_end,
-        "prediction_type": "epsilon",
+        "prediction_type": cfg.prediction_type,
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
@@ -126,6 +127,7 @@ def tiny_model(seed: int = 0, cfg: TinyConfig | None = None, words: list[str] = 
         unet=unet,
         alphas_cumprod=alphas_cumprod_from_scheduler_config(scheduler_config(cfg)),
         source=f"<tiny seed={seed}>",
+        prediction_type=cfg.prediction_type,
     )
     return model.eval()
 
@@ -141,7 +143,9 @@ def save_model(model: SDModel, out_dir: str | Path, sched_cfg: dict | None = Non
     model.vae.save_pretrained(str(out / "vae"), safe_serialization=True)
     model.unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
-    cfg = sched_cfg or scheduler_config(TinyConfig(num_train_timesteps=model.num_train_timesteps))
+    cfg = sched_cfg or scheduler_config(
+        TinyConfig(num_train_timesteps=model.num_train_timesteps, prediction_type=model.prediction_type)
+    )
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg, indent=2))
     (out / "model_index.json").write_text(
         json.dumps(

@@ -50,6 +50,7 @@ class ImageResult:
     ranking: list[int]  # prompt indices, best first
     n_evals: int
     _prompts: PromptSet | None = None
+    sha256: str | None = None  # of the file's bytes (in-memory images: of the preprocessed pixels)
 
     def top_classes(self, k: int = 5) -> list[tuple[int, str, float]]:
         """(classidx, classname, score) of the best k classes; a class ranks by its best prompt."""
@@ -134,6 +135,9 @@ class Classifier:
         e = self.engines
         return {"model": e.fingerprint, "backend": e.backend, "precision": e.precision}
 
+    def _text_shape(self) -> tuple[int, ...]:
+        return self.engines.text_encoder.spec.outputs[0].concrete(1)[1:]  # (L, D)
+
     # --- text -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: PromptSet | list[str], batch_size: int = 64) -> torch.Tensor:
         """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt;
@@ -142,7 +146,7 @@ class Classifier:
         found: dict[int, torch.Tensor] = {}
         if self.cache is not None:
             for i, text in enumerate(texts):
-                hit = self.cache.get("text", {**self._key_base(), "prompt": text})
+                hit = self.cache.get("text", {**self._key_base(), "prompt": text}, self._text_shape())
                 if hit is not None:
                     found[i] = hit
         missing = [i for i in range(len(texts)) if i not in found]
@@ -191,12 +195,13 @@ class Classifier:
         return _Prepared(index, f"<image {index}>", digest, latent=hit, pixels=None if hit is not None else pixels)
 
     def _latent_fields(self, digest: str, size: int, interpolation: Interpolation) -> dict:
-        return {**self._key_base(), "image": digest, "size": size, "interpolation": interpolation.value}
+        vae_dtype = str(self.engines.vae_encoder.dtype).removeprefix("torch.")  # fp32 when the VAE is upcast
+        return {**self._key_base(), "vae_dtype": vae_dtype, "image": digest, "size": size, "interpolation": interpolation.value}
 
     def _latent_cache_get(self, digest, size, interpolation):
         if self.cache is None:
             return None
-        return self.cache.get("latent", self._latent_fields(digest, size, interpolation))
+        return self.cache.get("latent", self._latent_fields(digest, size, interpolation), self.engines.latent_shape)
 
     def _prepared_stream(self, images: Iterable, size: int, interpolation: Interpolation, workers: int, window: int) -> Iterator[_Prepared]:
         """Decode on `workers` threads, `window` images ahead, yielding in input order."""
@@ -231,7 +236,7 @@ class Classifier:
 
     _lock = threading.Lock()
 
-    def _latent_stream(self, prepared: Iterator[_Prepared], vae_batch: int, on_skip, sources: dict) -> Iterator[tuple[int, torch.Tensor]]:
+    def _latent_stream(self, prepared: Iterator[_Prepared], vae_batch: int, on_skip, sources: dict, digests: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, x0) per good image; VAE encodes the cache misses `vae_batch` at a time."""
         size = self.engines.image_size
         chunk: list[_Prepared] = []
@@ -243,6 +248,8 @@ class Classifier:
                     lat = run_batched(self.engines.vae_encoder, "image", torch.stack([p.pixels for p in todo]), vae_batch)
                     lat = lat.float().cpu()
                 for p, x0 in zip(todo, lat):
+                    if not torch.isfinite(x0).all():
+                        raise DiffclsError(self._non_finite_latent(p.source))
                     p.latent = x0.clone()
                     p.pixels = None
                     if self.cache is not None:
@@ -253,6 +260,8 @@ class Classifier:
 
         for p in prepared:
             sources[p.index] = p.source
+            if digests is not None:
+                digests[p.index] = p.digest
             if p.error is not None:
                 if on_skip is None:
                     raise p.error
@@ -263,6 +272,19 @@ class Classifier:
                 yield from flush()
         if chunk:
             yield from flush()
+
+    def _non_finite_latent(self, source: str) -> str:
+        """One line: which image, and the likely cause given the VAE encoder's dtype."""
+        dtype = self.engines.vae_encoder.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            fix = ("use --precision fp32, or set \"force_upcast\": true in the model's vae/config.json"
+                   if self.engines.backend == "torch" else
+                   "re-export the engines with --precision fp32, or with \"force_upcast\": true in the VAE config")
+            cause = f"the VAE encoder runs in {str(dtype).removeprefix('torch.')} and likely overflowed; {fix}"
+        else:
+            cause = ("it runs in fp32, so the VAE weights, the engine or an input tensor hold NaN/inf; "
+                     "check the model files or re-export the engines")
+        return f"{source}: the VAE encoder produced NaN/inf latents (nothing was cached); {cause}"
 
     # --- scoring ----------------------------------------------------------------------------
     def iter_classify(
@@ -290,14 +312,17 @@ class Classifier:
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
-        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size)
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type)
         self.last_stats = scorer.stats
         sources: dict[int, str] = {}
+        digests: dict[int, str | None] = {}
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
-        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources)
+        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)
         for index, score in scorer.run(latents):
-            yield self._result(index, sources[index], score, prompts)
+            result = self._result(index, sources[index], score, prompts)
+            result.sha256 = digests.get(index)
+            yield result
         for r, secs in scorer.stats.round_seconds.items():
             self.timer.add(f"unet_round_{r + 1}", secs)
         for secs in scorer.stats.unet_seconds:
@@ -316,6 +341,9 @@ class Classifier:
                 f"the noise tensor has shape {list(noise.shape)}; this schedule and model need "
                 f"{list(shape)} (max(n_samples) * n_trials, C, h, w)"
             )
+        problem = non_finite_problem(noise)
+        if problem:
+            raise DiffclsError(f"the noise tensor {problem}; pass finite standard-normal noise (or drop it to use --seed)")
         return noise.float()
 
     @staticmethod
@@ -332,6 +360,22 @@ class Classifier:
             n_evals=s.n_evals,
             _prompts=prompts,
         )
+
+
+def non_finite_problem(x: torch.Tensor) -> str | None:
+    """"holds 3 NaN and 1 inf values (of 4096)" for a tensor with non-finite values, else None.
+
+    Checked in the tensor's own dtype and again after the float32 cast scoring uses (a float64
+    value beyond float32's range becomes inf).
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return None
+    x32 = x.float()
+    if bool(torch.isfinite(x).all()) and bool(torch.isfinite(x32).all()):
+        return None
+    n_nan = int(torch.isnan(x32).sum())
+    n_inf = int(torch.isinf(x32).sum())
+    return f"holds {n_nan} NaN and {n_inf} inf values (of {x.numel()})"
 
 
 def run_batched(engine, name: str, x: torch.Tensor, preferred: int) -> torch.Tensor:

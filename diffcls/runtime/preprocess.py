@@ -10,7 +10,10 @@ scaled to 8 bits, and EXIF orientation is applied.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,8 +37,13 @@ class BadImage(DiffclsError):
     """One image could not be used; a folder run reports it and goes on."""
 
 
-def find_images(path: str | Path) -> list[Path]:
-    """Every image under `path` (recursive, sorted), or `[path]` for a single image file."""
+def find_images(path: str | Path, on_problem: Callable[[str, str], None] | None = None) -> list[Path]:
+    """Every image under `path` (recursive, sorted), or `[path]` for a single image file.
+
+    Hidden files and folders are left out and symlinked folders are not followed. A folder that
+    cannot be listed or entered is skipped: `on_problem(folder, message)` hears of it (the
+    message names the folder and the reason). The top folder itself must be readable.
+    """
     path = Path(path)
     if not path.exists():
         raise DiffclsError(f"{path} does not exist; pass an image file or a folder of images")
@@ -45,18 +53,48 @@ def find_images(path: str | Path) -> list[Path]:
                 f"{path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image or a folder"
             )
         return [path]
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    _walk(path, found, problems, top=True)
+    for folder, msg in problems:
+        if on_problem is not None:
+            on_problem(folder, msg)
     if not found:
+        hint = f"; {len(problems)} folder(s) could not be read: {problems[0][1]}" if problems else ""
         raise DiffclsError(
-            f"no images found in {path} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"no images found in {path} (looked recursively for {', '.join(sorted(IMAGE_SUFFIXES))}){hint}"
         )
-    return found
+    return sorted(found)
+
+
+def _walk(folder: Path, found: list[Path], problems: list[tuple[str, str]], top: bool = False) -> None:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        if top:
+            raise DiffclsError(f"cannot list the folder {folder} ({e.strerror or e}); check its permissions") from None
+        problems.append((str(folder), f"{folder}: cannot list this folder ({e.strerror or e}); its images are skipped"))
+        return
+    subdirs = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            # stat (not the listing's d_type): it fails in a folder that can be listed but not entered
+            is_file = not is_dir and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and stat.S_ISREG(entry.stat().st_mode)
+        except OSError as e:  # e.g. a folder that can be listed but not entered (no x bit)
+            if top:
+                raise DiffclsError(f"cannot enter the folder {folder} ({e.strerror or e}); check its permissions") from None
+            problems.append((str(folder), f"{folder}: cannot enter this folder ({e.strerror or e}); its images are skipped"))
+            return
+        if is_dir:
+            subdirs.append(Path(entry.path))
+        elif is_file:
+            found.append(Path(entry.path))
+    for sub in subdirs:
+        _walk(sub, found, problems)
 
 
 def file_digest(path: str | Path) -> str:

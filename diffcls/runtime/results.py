@@ -1,35 +1,72 @@
-"""Results files that survive being killed: append-only CSV (+ JSONL errors), resumable.
+"""Results files that survive being killed, a full disk and odd file names: resumable CSV (+ JSONL).
 
-Each finished image is one line written with a single `write` on an O_APPEND descriptor and
-fsync'ed, JSONL first and CSV second; the CSV is the record of what is done. On resume a torn
-last line is cut off, JSONL records of images missing from the CSV are dropped (they are
-recomputed), and the settings the file was written with must match the current ones, stored
-beside it in `<out>.settings.json`.
+Each finished image is one CSV row (and, with `--save-errors`, one JSONL record), committed
+together: the JSONL record is written first, then the CSV row, each with a single `write` loop
+on an O_APPEND descriptor and fsync'ed; if either write fails (disk full), both files are cut
+back to where they were, so an image is either wholly recorded or not at all. The CSV is the
+record of what is done.
+
+On resume (`open`), under an exclusive lock on `<out>.lock` (a second process is refused with
+the holder's PID): the settings the file was written with must match the current ones (stored
+in `<out>.settings.json`, the input root among them); a torn last row, a malformed row (wrong
+field count, unparsable numbers) and all but the last row of a duplicated path are dropped (the
+file is rewritten atomically); JSONL records that no CSV row vouches for are dropped, and CSV
+rows whose JSONL record is missing are dropped so the image is recomputed. Each row carries the
+sha256 of the image bytes it was computed from, and `open(current=...)` drops the rows of
+images whose bytes changed, so they are recomputed.
+
+Paths are stored losslessly: the path field is always quoted (a name may hold `\\r`, `\\n`,
+`"` or `,`), and bytes that are not valid UTF-8 are written as they are on disk
+(`surrogateescape`), so a row reads back to the very `str` that `os.fsdecode` gave.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
 
+try:  # POSIX; elsewhere the results file is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 TOP_K = 5
 COLUMNS = ["path", "prediction", "classidx", "score", "n_evals"] + [
     f"top{i}{suffix}" for i in range(1, TOP_K + 1) for suffix in ("", "_score")
 ]
+COLUMNS += ["sha256"]  # of the image bytes the row was computed from
+
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` (temp file + fsync + rename); new files get 0666 & ~umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777  # keep an existing file's mode
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", **ENCODING) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -39,15 +76,72 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _complete_lines(path: Path) -> tuple[list[str], bool]:
-    """The file's complete lines and whether a torn last line was found."""
-    data = path.read_bytes().decode("utf-8", errors="replace")
-    if not data:
-        return [], False
-    torn = not data.endswith("\n")
-    lines = data.split("\n")
-    lines = lines[:-1]  # the part after the last newline: '' or a torn line
-    return lines, torn
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be written (one-line DiffclsError).
+
+    Creates and removes a temp file beside `path`: the only honest test (permissions, read-only
+    mounts, /proc, a full disk's quota all show up here, also for root).
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
+        os.close(fd)
+        os.unlink(tmp)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder") from None
+
+
+def _csv_line(fields: list, quote_first: bool = True) -> str:
+    """One CSV record ending in '\\n'; the first field (the path) is always quoted."""
+    parts = []
+    for i, v in enumerate(fields):
+        s = "" if v is None else str(v)
+        if (i == 0 and quote_first) or any(c in s for c in ',"\r\n'):
+            s = '"' + s.replace('"', '""') + '"'
+        parts.append(s)
+    return ",".join(parts) + "\n"
+
+
+def _records(text: str) -> tuple[list[tuple[str, list[str] | None]], str]:
+    """Split CSV text into complete records: ([(raw text, fields or None if unparsable)], torn tail)."""
+    pieces = text.split("\n")
+    tail = pieces.pop()  # after the last newline: '' or a torn line
+    lines = [p + "\n" for p in pieces]
+    out: list[tuple[str, list[str] | None]] = []
+    reader = csv.reader(iter(lines))
+    start = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a record runs past the end of the complete lines: torn
+            return out, "".join(lines[start:]) + tail
+        out.append(("".join(lines[start : reader.line_num]), fields))
+        start = reader.line_num
+    if start < len(lines):  # an unclosed quote swallowed the rest
+        return out, "".join(lines[start:]) + tail
+    return out, tail
+
+
+def _valid_row(row: dict) -> bool:
+    """A row that a finished image would have written (a cut or edited row is not done)."""
+    try:
+        int(row["classidx"])
+        int(row["n_evals"])
+        ok = math.isfinite(float(row["score"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    sha = row.get("sha256") or ""  # empty: a row not bound to file bytes (an in-memory image)
+    return ok and bool(row.get("path")) and bool(row.get("prediction")) and (sha == "" or bool(_SHA256.fullmatch(sha)))
 
 
 class ResultsWriter:
@@ -58,29 +152,114 @@ class ResultsWriter:
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
+        self.lock_path = self.out.with_name(self.out.name + ".lock")
         self.done: dict[str, dict] = {}  # path -> CSV row of images already finished
+        self.dropped: dict[str, int] = {}  # why rows were dropped on open -> how many
+        self._records: dict[str, str] = {}  # path -> the row's raw CSV text
         self._csv_fd = None
         self._err_fd = None
+        self._lock_fd = None
+        if self.errors_path is not None:
+            own = {_same_key(p) for p in (self.out, self.settings_path, self.lock_path)}
+            if _same_key(self.errors_path) in own:
+                raise DiffclsError(
+                    f"--save-errors {self.errors_path} is the results file itself (or one beside it); "
+                    "pass another path, e.g. --save-errors errors.jsonl"
+                )
 
-    def open(self) -> dict[str, dict]:
-        """Check/prepare the files; returns the rows already done (for resume)."""
-        if self.out.exists() and self.out.stat().st_size > 0:
-            self._check_settings()
-            self._load_csv()
-        else:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out, ",".join(COLUMNS) + "\n")
-            atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
-        if self.errors_path is not None:
-            self._reconcile_errors()
-        self._csv_fd = os.open(self.out, os.O_WRONLY | os.O_APPEND)
-        if self.errors_path is not None:
-            self._err_fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # --- opening ------------------------------------------------------------------------------
+    def open(self, current=None) -> dict[str, dict]:
+        """Lock, check and repair the files; returns the rows already done (for resume).
+
+        `current(path, sha256) -> bool`, if given, says whether a done row still describes the
+        image (e.g. the file's bytes are unchanged); rows it rejects are dropped and redone.
+        """
+        try:
+            if self.out.is_dir():
+                raise DiffclsError(f"--out {self.out} is a folder; pass a CSV file path")
+            try:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._os_error(e, self.out) from None
+            self._lock()
+            try:
+                if self.out.exists() and self.out.stat().st_size > 0:
+                    self._check_settings()
+                    self._load_csv()
+                    if current is not None:
+                        stale = [k for k, r in self.done.items() if not current(k, r["sha256"])]
+                        if stale:
+                            self._count("changed", len(stale))
+                            self._drop(stale)
+                else:
+                    atomic_write_text(self.out, ",".join(COLUMNS) + "\n")
+                    atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
+            except OSError as e:
+                raise self._os_error(e, self.out) from None
+            if self.errors_path is not None:
+                try:
+                    self._reconcile_errors()
+                except OSError as e:
+                    raise self._os_error(e, self.errors_path, "--save-errors") from None
+            try:
+                self._csv_fd = os.open(self.out, os.O_WRONLY | os.O_APPEND)
+            except OSError as e:
+                raise self._os_error(e, self.out) from None
+            if self.errors_path is not None:
+                try:
+                    self._err_fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                except OSError as e:
+                    raise self._os_error(e, self.errors_path, "--save-errors") from None
+        except BaseException:
+            self.close()
+            raise
         return self.done
+
+    def _os_error(self, e: OSError, path: Path, flag: str = "--out") -> DiffclsError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiffclsError(f"{flag} {path} cannot be written ({e.strerror}); free some space and rerun the same command")
+        return DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder")
+
+    def _lock(self) -> None:
+        """flock `<out>.lock` (holding our PID) for as long as the writer is open.
+
+        The holder removes the file when it closes; a process that locked a file that was
+        removed meanwhile (it opened it just before) notices that the path now names another
+        file, or none, and tries again, so two processes never both hold "the" lock.
+        """
+        if fcntl is None:
+            return
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise self._os_error(e, self.out) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                except OSError:
+                    holder = "unknown"
+                os.close(fd)
+                raise DiffclsError(
+                    f"--out {self.out} is in use by another diffcls process (PID {holder}); wait for it to "
+                    "finish or pass another --out"
+                ) from None
+            try:
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _check_settings(self) -> None:
         try:
-            old = json.loads(self.settings_path.read_text())
+            old = json.loads(self.settings_path.read_text(**ENCODING))
         except FileNotFoundError:
             raise DiffclsError(
                 f"{self.out} exists but has no {self.settings_path.name}, so it cannot be resumed safely; "
@@ -88,6 +267,16 @@ class ResultsWriter:
             ) from None
         except (OSError, json.JSONDecodeError) as e:
             raise DiffclsError(f"cannot read {self.settings_path} ({e}); pass another --out or delete both files") from None
+        if "root" in self.settings and "root" not in old:
+            raise DiffclsError(
+                f"{self.out} was written by an earlier diffcls version, which did not record the input folder; "
+                "pass another --out to classify afresh"
+            )
+        if "root" in self.settings and old.get("root") != self.settings["root"]:
+            raise DiffclsError(
+                f"{self.out} holds results for the images under {_shown(old.get('root'))}, not "
+                f"{_shown(self.settings['root'])}; pass another --out (or classify {_shown(old.get('root'))} to resume it)"
+            )
         changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         if changed:
             detail = "; ".join(f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:3])
@@ -97,57 +286,138 @@ class ResultsWriter:
             )
 
     def _load_csv(self) -> None:
-        lines, torn = _complete_lines(self.out)
-        if not lines or lines[0].split(",")[: len(COLUMNS)] != COLUMNS:
-            raise DiffclsError(f"{self.out} is not a diffcls results file (unexpected header); pass another --out")
-        if torn:  # killed mid-write: drop the partial row, it will be recomputed
-            with open(self.out, "r+b") as f:
-                f.truncate(len(("\n".join(lines) + "\n").encode("utf-8")))
-        for row in csv.DictReader(io.StringIO("\n".join(lines) + "\n")):
-            if row.get("path"):
-                self.done[row["path"]] = row
+        text = self.out.read_bytes().decode(**ENCODING)
+        records, tail = _records(text)
+        if not records or records[0][1] != COLUMNS:
+            raise DiffclsError(
+                f"{self.out} is not a results file of this diffcls version (unexpected header); pass another --out"
+            )
+        rewrite = bool(tail)
+        if tail:
+            self._count("torn")
+        for raw, fields in records[1:]:
+            row = dict(zip(COLUMNS, fields)) if fields is not None and len(fields) == len(COLUMNS) else None
+            if row is None or not _valid_row(row):
+                self._count("malformed")
+                rewrite = True
+                continue
+            if row["path"] in self.done:  # two writers, or an old duplicate: keep the latest
+                self._count("duplicate")
+                rewrite = True
+                del self.done[row["path"]], self._records[row["path"]]
+            self.done[row["path"]] = row
+            self._records[row["path"]] = raw
+        if rewrite:
+            self._rewrite_csv()
+
+    def _rewrite_csv(self) -> None:
+        atomic_write_text(self.out, ",".join(COLUMNS) + "\n" + "".join(self._records.values()))
+
+    def _count(self, why: str, n: int = 1) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + n
 
     def _reconcile_errors(self) -> None:
+        """Keep one JSONL record per done row (same path and sha256); rows without one are redone."""
         path = self.errors_path
-        if not path.exists():
-            return
-        lines, torn = _complete_lines(path)
-        keep = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("path") in self.done and rec["path"] not in {k for k, _ in keep}:
-                keep.append((rec["path"], line))
-        if torn or len(keep) != len(lines):
-            atomic_write_text(path, "".join(line + "\n" for _, line in keep))
+        keep: dict[str, str] = {}
+        n_lines = 0
+        torn = False
+        if path.exists():
+            data = path.read_bytes().decode(**ENCODING)
+            torn = bool(data) and not data.endswith("\n")
+            lines = data.split("\n")[:-1]
+            n_lines = len(lines)
+            for line in lines:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                key = rec.get("path") if isinstance(rec, dict) else None
+                row = self.done.get(key) if isinstance(key, str) else None
+                if row is not None and rec.get("sha256") == row["sha256"]:
+                    keep.pop(key, None)
+                    keep[key] = line
+        missing = [k for k in self.done if k not in keep]
+        if missing:  # e.g. a disk that filled between the two writes, or --save-errors added now
+            self._count("no errors record", len(missing))
+            self._drop(missing)
+        if torn or len(keep) != n_lines:
+            atomic_write_text(path, "".join(line + "\n" for line in keep.values()))
 
+    def _drop(self, keys) -> None:
+        """Forget the rows of `keys` (rewriting the CSV) so their images are computed anew."""
+        keys = [k for k in keys if k in self.done]
+        for k in keys:
+            del self.done[k], self._records[k]
+        if keys:
+            self._rewrite_csv()
+
+    # --- writing ------------------------------------------------------------------------------
     @staticmethod
-    def _append(fd: int, text: str) -> None:
-        os.write(fd, text.encode("utf-8"))
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:  # pragma: no cover - os.write raises instead on every known system
+                raise OSError(28, "No space left on device")
+            view = view[n:]
         os.fsync(fd)
 
+    def row(self, key: str, result) -> dict:
+        """The CSV row of one finished image, as {column: value}."""
+        top = result.top_classes(TOP_K)
+        row = {
+            "path": key,
+            "prediction": result.classname,
+            "classidx": result.prediction,
+            "score": f"{result.scores[result.prompt]:.6g}",
+            "n_evals": result.n_evals,
+            "sha256": getattr(result, "sha256", None) or "",
+        }
+        for i in range(TOP_K):
+            row[f"top{i + 1}"], row[f"top{i + 1}_score"] = (top[i][1], f"{top[i][2]:.6g}") if i < len(top) else ("", "")
+        return {c: str(row.get(c, "")) for c in COLUMNS}
+
     def write(self, key: str, result) -> None:
-        """Record one finished image (`result`: runtime.classifier.ImageResult)."""
+        """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing."""
+        row = self.row(key, result)
+        line = _csv_line([row[c] for c in COLUMNS])
+        parts = []
         if self._err_fd is not None:
             rec = result.to_json()
             rec["path"] = key
-            self._append(self._err_fd, json.dumps(rec, separators=(",", ":")) + "\n")
-        top = result.top_classes(TOP_K)
-        row = [key, result.classname, result.prediction, f"{result.scores[result.prompt]:.6g}", result.n_evals]
-        for i in range(TOP_K):
-            row += [top[i][1], f"{top[i][2]:.6g}"] if i < len(top) else ["", ""]
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(row)
-        self._append(self._csv_fd, buf.getvalue())
-        self.done[key] = dict(zip(COLUMNS, map(str, row)))
+            rec["sha256"] = row["sha256"]
+            # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
+            parts.append((self._err_fd, self.errors_path, (json.dumps(rec, separators=(",", ":")) + "\n").encode("ascii")))
+        parts.append((self._csv_fd, self.out, line.encode(**ENCODING)))
+        sizes = [(fd, os.fstat(fd).st_size) for fd, _, _ in parts]
+        for fd, path, data in parts:
+            try:
+                self._write_all(fd, data)
+            except OSError as e:
+                for fd2, size in sizes:  # take back what was written: nothing half-recorded
+                    try:
+                        os.ftruncate(fd2, size)
+                    except OSError:
+                        pass
+                raise DiffclsError(
+                    f"cannot write to {path} ({e.strerror or e}); the {len(self.done)} images recorded so far are "
+                    "kept: free some space and rerun the same command to resume"
+                ) from None
+        self.done[key] = row
+        self._records[key] = line
 
     def close(self) -> None:
         for fd in (self._csv_fd, self._err_fd):
             if fd is not None:
                 os.close(fd)
-        self._csv_fd = self._err_fd = None
+        if self._lock_fd is not None:
+            try:
+                self.lock_path.unlink()  # still holding the lock: see _lock
+            except OSError:
+                pass
+            os.close(self._lock_fd)  # releases the lock
+        self._csv_fd = self._err_fd = self._lock_fd = None
 
     def __enter__(self):
         self.open()
@@ -155,3 +425,23 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _same_key(p: Path):
+    try:
+        return os.path.realpath(p)
+    except OSError:  # pragma: no cover
+        return str(p)
+
+
+def _shown(s) -> str:
+    """A path for a message: undecodable bytes and control characters made visible."""
+    if s is None:
+        return "(unknown)"
+    return printable(str(s))
+
+
+def printable(s: str) -> str:
+    """`s` safe to print on any terminal: invalid bytes as U+FFFD, control characters escaped."""
+    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)

@@ -25,6 +25,7 @@ from typing import Callable, Hashable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from diffcls.errors import DiffclsError
 from diffcls.runtime.schedule import Schedule
 
 
@@ -151,15 +152,20 @@ class Scorer:
         batch_size: int,
         *,
         sync_timing: bool = False,
+        prediction_type: str = "epsilon",
     ):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise DiffclsError(
+                f"prediction_type {prediction_type!r} cannot be scored; the UNet must predict the noise "
+                "(epsilon) or v (v_prediction), as set in the model's scheduler config"
+            )
+        self.v_prediction = prediction_type == "v_prediction"  # target v = sqrt(ᾱ) eps - sqrt(1-ᾱ) x0
         self.unet = unet
         self.device = unet.device
         self.schedule = schedule
         self.n_prompts = int(embeddings.shape[0])
         schedule.validate(self.n_prompts, int(alphas_cumprod.shape[0]))
         if unet.batch_sizes is not None and batch_size not in unet.batch_sizes:
-            from diffcls.errors import DiffclsError
-
             raise DiffclsError(
                 f"--batch-size {batch_size} is not one of the UNet engine's batch sizes "
                 f"{', '.join(map(str, unet.batch_sizes))}; pick one of those or re-export"
@@ -215,7 +221,8 @@ class Scorer:
         }
         start = time.perf_counter()
         pred = self.unet(feed)["out_sample"]
-        err = per_sample_loss(eps, pred, self.schedule.loss)[:n].tolist()  # syncs
+        target = a * eps - s * x0 if self.v_prediction else eps
+        err = per_sample_loss(target, pred, self.schedule.loss)[:n].tolist()  # syncs
         elapsed = time.perf_counter() - start
         self.stats.unet_calls += 1
         self.stats.unet_evals += n
