@@ -125,6 +125,11 @@ class DiTModel:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     @property
+    def vae_force_upcast(self) -> bool:
+        """The VAE config asks to run in fp32 (`force_upcast`), as for `SDModel`."""
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels)
 
