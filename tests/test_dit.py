@@ -19,6 +19,7 @@ from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
 from diffcls.models.dit import DiTModel, LabelTokenizer, dit_scheduler_config, save_dit_directory, tiny_dit
 from diffcls.models.loading import load_model, model_defaults
+from diffcls.runtime.cache import DiskCache
 from diffcls.runtime.classifier import Classifier
 from diffcls.runtime.prompts import PromptSet
 from diffcls.runtime.schedule import Schedule
@@ -259,3 +260,15 @@ def test_cli_profile_runs_a_dit(tmp_path, dit, dit_dir):
                             "--no-cache", "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_cached_rerun_skips_the_vae_and_scores_the_same(tmp_path, dit, images):
+    from diffcls.engines import open_engines
+
+    engines = open_engines("torch", model=tiny_dit(seed=0), device="cpu")  # own engines: counts calls
+    schedule = Schedule(n_samples=(4,), to_keep=(1,))
+    first = Classifier(engines, cache=DiskCache(tmp_path)).classify(images, all_classes(dit), schedule)
+    vae_calls = engines.vae_encoder.calls
+    again = Classifier(engines, cache=DiskCache(tmp_path)).classify(images, all_classes(dit), schedule)
+    assert engines.vae_encoder.calls == vae_calls  # latents came from the cache
+    assert [r.scores for r in again] == [r.scores for r in first]
