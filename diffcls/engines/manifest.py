@@ -215,9 +215,18 @@ def manifest_specs(manifest: dict) -> dict[str, ComponentSpec]:
     a manifest from before that holds the Stable Diffusion sizes they are built from)."""
     if isinstance(manifest.get("specs"), dict):
         try:
-            return {name: ComponentSpec.from_json(name, d) for name, d in manifest["specs"].items()}
-        except (KeyError, TypeError, ValueError) as e:
+            specs = {name: ComponentSpec.from_json(name, d) for name, d in manifest["specs"].items()}
+            sample = specs["unet"].input("sample").shape[1:]
+            image = specs["vae_encoder"].input("image").shape[2:]
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise DiffclsError(f"the manifest's component specs are unreadable ({type(e).__name__}); re-export the engine directory") from e
+        latent, size = [int(x) for x in manifest["latent_shape"]], int(manifest["image_size"])
+        if list(sample) != latent or list(image) != [size, size]:
+            raise DiffclsError(
+                f"the manifest's latent_shape {latent} / image_size {size} disagree with its component specs "
+                f"(sample {list(sample)}, image {list(image)}; was manifest.json edited?); re-export the engine directory with diffcls export"
+            )
+        return specs
     return component_specs(
         max_length=int(manifest["max_length"]),
         hidden_size=int(manifest["hidden_size"]),
