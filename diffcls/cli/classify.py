@@ -6,12 +6,13 @@ import json
 import os
 import re
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
 from diffcls.cli.settings import Run, RunSettings, prepare, run_options
 from diffcls.errors import DiffclsError
 
@@ -39,6 +40,9 @@ def join_list_flags(args: list[str]) -> list[str]:
 
 
 def _progress():
+    """A progress bar on a terminal; plain progress lines every few seconds in a log or pipe."""
+    if not interactive(console):
+        return LineProgress(console)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -76,10 +80,13 @@ def run_folder(
     workers,
     labels: dict[str, int] | None = None,
 ):
-    """Classify every image under `folder`, resuming `out_csv`; returns {key: (classidx, row)}."""
+    """Classify every image `folder` names (a path, or collected `Inputs`), resuming `out_csv`;
+    returns ({key: result}, skipped, {image: key}). `labels` ({key: true classidx}) adds the
+    CSV columns label and correct."""
     from rich.markup import escape
 
-    from diffcls.runtime.preprocess import file_digest, find_images
+    from diffcls.runtime.inputs import Inputs, collect_inputs
+    from diffcls.runtime.preprocess import file_digest
     from diffcls.runtime.results import ResultsWriter, printable
 
     skipped: list[tuple[str, str]] = []
@@ -88,9 +95,10 @@ def run_folder(
         skipped.append((path, msg))
         console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
 
-    images = find_images(folder, on_problem=folder_problem)
-    root = folder if folder.is_dir() else folder.parent
-    keys = {p: p.relative_to(root).as_posix() for p in images}
+    inputs = folder if isinstance(folder, Inputs) else collect_inputs([folder])
+    for path, msg in inputs.problems:  # folders that could not be listed or entered
+        folder_problem(path, msg)
+    images, keys, root = inputs.images, inputs.keys, inputs.root
     by_key = {k: p for p, k in keys.items()}
     e = clf.engines
     settings = {
@@ -109,7 +117,7 @@ def run_folder(
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
-        writer = ResultsWriter(out_csv, settings, errors_path)
+        writer = ResultsWriter(out_csv, settings, errors_path, extra_columns=LABEL_COLUMNS if labels is not None else ())
 
         def unchanged(key: str, sha: str) -> bool:  # a row stands only for the bytes it was computed from
             p = by_key.get(key)
@@ -154,7 +162,7 @@ def run_folder(
             ):
                 key = keys[Path(r.source)]
                 if writer is not None:
-                    writer.write(key, r)
+                    writer.write(key, r, _label_cells(labels, key, r, prompts_set))
                 results[key] = {
                     "classidx": r.prediction,
                     "prediction": r.classname,
@@ -190,6 +198,14 @@ _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is tol
     "no errors record": "{n} image(s) have no record in {errors}; classifying them again to write one",
 }
 
+LABEL_COLUMNS = ("label", "correct")  # evaluate's extra CSV columns: true class name, 1 or 0
+
+
+def _label_cells(labels: dict[str, int] | None, key: str, r, prompts_set) -> tuple[str, ...]:
+    if labels is None or key not in labels:
+        return ()
+    return prompts_set.classes[labels[key]], "1" if labels[key] == r.prediction else "0"
+
 
 def _per_image_speed(stages: dict, n: int) -> str:
     """'1.2 ms preprocess, 0.4 ms text encode, ... per image' (stages summed over the run / n)."""
@@ -211,7 +227,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
 
 
-def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, labels=None):
+def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None):
     return run_folder(
         folder,
         prompts_set=run.prompts,
@@ -224,28 +240,47 @@ def _run_folder(folder: Path, run: Run, s: RunSettings, out_csv, save_errors, la
         out_csv=out_csv,
         errors_path=save_errors,
         workers=s.workers,
+        labels=labels,
     )
+
+
+PathsArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        help="Images, folders (searched recursively) or globs such as 'photos/*.jpg'. Result keys are "
+        "paths relative to the folder given, or to the deepest folder holding all inputs.",
+        show_default=False,
+        metavar="PATH",
+    ),
+]
 
 
 @app.command()
 @run_options
 def classify(
-    folder: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
+    paths: PathsArg = None,
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
+    from diffcls.runtime.inputs import collect_inputs
+
     with user_errors():
-        run = prepare(settings, folder)
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
+        inputs = collect_inputs(paths or [], settings.list_file)
+        run = prepare(settings, inputs)
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors)
         if out_csv is None or len(results) <= 20:
             _print_predictions(results)
         if out_csv is not None:
             console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
-            raise DiffclsError(f"no image under {folder} could be classified; see the skipped files above")
+            raise DiffclsError(f"no image of {_describe(paths, settings)} could be classified; see the skipped files above")
+
+
+def _describe(paths, s: RunSettings) -> str:
+    return ", ".join([*(paths or []), *([f"--list {s.list_file}"] if s.list_file else [])])
 
 
 def _print_predictions(results: dict) -> None:
@@ -267,53 +302,76 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
+class LabelKind(str, Enum):
+    name = "name"  # folder / label text is the class name
+    index = "index"  # folder / label text is the class index (0, 1, ...: the prompts' classidx)
+
+
 @app.command()
 @run_options
 def evaluate(
-    folder: Annotated[Path, typer.Argument(help="Labeled folder: one subfolder of images per class, named as the classes.")],
+    paths: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Labeled folders: one subfolder of images per class (or --list a CSV with path,label).", show_default=False, metavar="FOLDER"),
+    ] = None,
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON.")] = None,
+    labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")] = LabelKind.name,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (needs the plot extra).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and the run's settings as JSON.")] = None,
     *,
     settings: RunSettings,
 ) -> None:
-    """Accuracy on a labeled folder: top-1, mean per-class accuracy and a confusion matrix."""
+    """Accuracy on labeled images: top-1/top-5, per-class precision/recall, a confusion matrix."""
+    from diffcls.runtime.inputs import collect_inputs
+
     with user_errors():
-        if not folder.is_dir():
-            raise DiffclsError(f"{folder} is not a folder; evaluate needs one subfolder of images per class")
-        subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not subdirs:
-            raise DiffclsError(f"{folder} has no class subfolders; put each class's images in a subfolder named after the class")
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
-        run = prepare(settings, folder, folder_classes=subdirs)
-        pset = run.prompts
-        by_name = {_norm(name): idx for idx, name in pset.classes.items()}
-        unknown = [d for d in subdirs if _norm(d) not in by_name]
-        if unknown:
+        inputs = collect_inputs(paths or [], settings.list_file)
+        raw = inputs.labels
+        if not raw:
             raise DiffclsError(
-                f"subfolders {', '.join(unknown)} of {folder} match no class name ({', '.join(pset.classes.values())}); rename them or fix the prompts"
+                f"no labeled image in {_describe(paths, settings)}; evaluate needs folders with one subfolder "
+                "of images per class, or --list a CSV with path and label columns"
             )
-        results, skipped, keys = _run_folder(folder, run, settings, out_csv, save_errors)
-        truth = {}
-        for key in results:
-            top = key.split("/", 1)[0]
-            if "/" in key and _norm(top) in by_name:
-                truth[key] = by_name[_norm(top)]
+        names = sorted(set(raw.values()))
+        run = prepare(settings, inputs, folder_classes=names if labels == LabelKind.name else None)
+        pset = run.prompts
+        what = "labels" if settings.list_file is not None else "subfolders"
+        truth_of = _label_ids(names, labels, pset, _describe(paths, settings), what)
+        truth_by_key = {k: truth_of[v] for k, v in raw.items()}
+        unlabeled = len(inputs) - len(raw)
+        if unlabeled:
+            console.print(f"{unlabeled} image(s) have no label (not in a class subfolder); they are classified but not scored")
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key)
+        truth = {k: t for k, t in truth_by_key.items() if k in results}
         if not truth:
-            raise DiffclsError(f"no labeled image under {folder} was classified")
+            raise DiffclsError(f"no labeled image of {_describe(paths, settings)} was classified")
         from diffcls.runtime.metrics import confusion_metrics
 
         class_ids = list(pset.classes)
-        m = confusion_metrics([truth[k] for k in truth], [results[k]["classidx"] for k in truth], class_ids)
+        by_name = {name: idx for idx, name in pset.classes.items()}
+        m = confusion_metrics(
+            [truth[k] for k in truth],
+            [results[k]["classidx"] for k in truth],
+            class_ids,
+            top=[_top_ids(results[k], by_name) for k in truth],
+        )
         _print_metrics(m, pset.classes)
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            atomic_write_text(json_out, json.dumps({**m, "classes": pset.classes, "n_skipped": len(skipped)}, indent=2))
+            report = {
+                **m,
+                "classes": pset.classes,
+                "n_skipped": len(skipped),
+                "n_unlabeled": unlabeled,
+                "settings": _run_record(settings, run, paths, labels.value),
+            }
+            atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
@@ -321,15 +379,98 @@ def evaluate(
             console.print(f"confusion matrix plot in {plot}")
 
 
+def _label_ids(names: list[str], kind: LabelKind, pset, where: str, what: str = "subfolders") -> dict[str, int]:
+    """Raw label text (folder name / CSV label) -> classidx; a one-line error for unknown ones."""
+    if kind == LabelKind.index:
+        ids = {}
+        bad = []
+        for name in names:
+            try:
+                ids[name] = int(name)
+            except ValueError:
+                bad.append(name)
+            else:
+                if ids[name] not in pset.classes:
+                    bad.append(name)
+        if bad:
+            raise DiffclsError(
+                f"{what} {', '.join(bad[:5])} of {where} are not class indices of the prompts "
+                f"({min(pset.classes)}..{max(pset.classes)}); fix them, or use --labels name"
+            )
+        return ids
+    by_name = {_norm(name): idx for idx, name in pset.classes.items()}
+    unknown = [n for n in names if _norm(n) not in by_name]
+    if unknown:
+        hint = "; the labels are numbers: pass --labels index" if all(u.isdigit() for u in unknown) else "; rename them or fix the prompts"
+        raise DiffclsError(
+            f"{what} {', '.join(unknown[:5])} of {where} match no class name "
+            f"({', '.join(list(pset.classes.values())[:10])}){hint}"
+        )
+    return {n: by_name[_norm(n)] for n in names}
+
+
+def _top_ids(r: dict, by_name: dict[str, int]) -> list[int]:
+    """The class ids of a result's top-5, best first (a resumed CSV row has the names)."""
+    if r.get("top") is not None:
+        return [t[0] for t in r["top"]]
+    row = r.get("row") or {}
+    return [by_name[row[f"top{i}"]] for i in range(1, 6) if row.get(f"top{i}") in by_name]
+
+
+def _run_record(s: RunSettings, run: Run, paths, labels: str) -> dict:
+    """What --json records about the run: the inputs, every shared option, and what ran."""
+    from dataclasses import asdict
+
+    import torch
+
+    def plain(v):
+        if isinstance(v, Enum):
+            return v.value
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    e = run.classifier.engines
+    return {
+        "inputs": list(paths or []),
+        "labels": labels,
+        **{k: plain(v) for k, v in asdict(s).items()},
+        "resolved": {
+            "backend": e.backend,
+            "device": str(e.device),
+            "precision": e.precision,
+            "image_size": e.image_size,
+            "model_fingerprint": e.fingerprint,
+            "schedule": run.schedule.describe(),
+            "n_prompts": len(run.prompts),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
 def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     from rich.table import Table
 
     names = [classes[i] for i in m["class_ids"]]
     out.print(f"top-1 accuracy: {100 * m['top1']:.2f}% ({m['correct']}/{m['n']})")
+    if "top5" in m:
+        out.print(f"top-5 accuracy: {100 * m['top5']:.2f}% ({m['correct_top5']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
     if len(names) > 30:
-        out.print(f"confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
+        out.print(f"per-class precision/recall and confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
         return
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    per = Table(title="per class (precision: of the images predicted as the class, recall: of its images)")
+    for col in ("class", "precision", "recall", "f1", "images"):
+        per.add_column(col, justify="left" if col == "class" else "right", no_wrap=True)
+    for i, name, p, r, f, n in zip(m["class_ids"], names, m["precision"], m["recall"], m["f1"], m["support"]):
+        per.add_row(f"{i} {name}", pct(p), pct(r), pct(f), str(n))
+    out.print(per)
     # columns are headed by class id so the counts stay readable in an 80-column terminal
     table = Table(title="confusion (rows: true, columns: predicted class id)")
     table.add_column("true class", no_wrap=True)

@@ -10,6 +10,7 @@ compile and first-call costs are reported on their own line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from diffcls.cli.classify import PathsArg
 from diffcls.cli.settings import RunSettings, prepare, run_options
-from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
@@ -123,14 +125,14 @@ def _print_report(report: dict) -> None:
         f"{report['images_per_s']:.3f} images/s, {report['unet_evals_per_s']:.1f} UNet evals/s "
         f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
         f"{100 * report['padding_fraction']:.2f}%, cache {cache_txt}, peak GPU memory "
-        + ("n/a" if mem == "n/a" else f"{mem / 2**20:.0f} MiB")
+        + ("n/a (no GPU)" if mem is None else f"{mem / 2**20:.0f} MiB")
     )
 
 
 @app.command()
 @run_options
 def profile(
-    folder: Annotated[Path, typer.Argument(help="Image file or folder (searched recursively).")],
+    paths: PathsArg = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Profile only the first N images.")] = None,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Classify one image first, not counted (reports compile/first-call cost separately).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full profile as JSON.")] = None,
@@ -142,20 +144,22 @@ def profile(
     with user_errors():
         if plot is not None:
             _require_matplotlib()  # fail before any work
-        from diffcls.runtime.preprocess import find_images
+        from diffcls.runtime.inputs import collect_inputs
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
 
-        run = prepare(settings, folder)
+        inputs = collect_inputs(paths or [], settings.list_file)
+        run = prepare(settings, inputs)
         s = settings
-        images = [str(p) for p in find_images(folder)[:limit]]
+        images = [str(p) for p in inputs.images[:limit]]
         kw = dict(seed=s.seed, noise=run.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
         report = profile_run(run.classifier, images, run.prompts, run.schedule, warmup=warmup, **kw)
         report["settings"].update(
             {
-                "folder": str(folder),
+                "folder": ", ".join(paths or []),
+                "list": str(s.list_file) if s.list_file is not None else None,
                 "model": str(s.model) if s.model is not None else None,
                 "engines": str(s.engines) if s.engines is not None else None,
                 "interpolation": s.interpolation.value,
@@ -172,7 +176,7 @@ def profile(
             plot_stages(report, plot)
             console.print(f"stage plot in {plot}")
         if not report["n_images"]:
-            raise DiffclsError(f"no image under {folder} could be classified; see the skipped files above")
+            raise DiffclsError(f"no image of {', '.join(paths or [str(s.list_file)])} could be classified; see the skipped files above")
 
 
 def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw) -> dict:
@@ -205,9 +209,14 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
     cache0 = (clf.cache.hits, clf.cache.misses, clf.cache.rejected) if clf.cache is not None else None
     start = time.perf_counter()
     n = 0
-    with console.status(f"profiling {len(images)} images ..."):
+    # a spinner on a terminal; in a log or pipe (where it shows nothing), a line every few seconds
+    lines = None if interactive(console) else LineProgress(console)
+    task = lines.add_task("profile", total=len(images)) if lines is not None else None
+    with console.status(f"profiling {len(images)} images ...") if lines is None else contextlib.nullcontext():
         for _ in clf.iter_classify(images, pset, schedule, on_skip=on_skip, **kw):
             n += 1
+            if lines is not None:
+                lines.advance(task)
     if e.device.type == "cuda":
         torch.cuda.synchronize(e.device)
     wall = time.perf_counter() - start
@@ -229,6 +238,7 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
             "precision": e.precision,
             "compile": bool(e.info.get("compile", False)),
             "batch_size": kw.get("batch_size"),
+            "threads": torch.get_num_threads(),
             "image_size": e.image_size,
             "model_fingerprint": e.fingerprint,
             "model_source": e.info.get("source"),
@@ -247,6 +257,6 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
         "end_to_end_evals_per_s": (stats.unet_evals / wall) if stats and wall else 0.0,
         "padding_fraction": stats.padding_fraction if stats else 0.0,
         "cache": cache,
-        "peak_gpu_memory_bytes": peak if peak is not None else "n/a",
+        "peak_gpu_memory_bytes": peak,  # None (JSON null) without a GPU
         "skipped": skipped,
     }

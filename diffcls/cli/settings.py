@@ -43,6 +43,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "prompts": (Annotated[Optional[Path], _opt("--prompts", "CSV with columns prompt,classname,classidx (several prompts may share a classidx).", _INPUT)], None),
     "classes": (Annotated[Optional[str], _opt("--classes", 'Comma-separated class names, e.g. "cat,dog" (used with --template).', _INPUT)], None),
     "template": (Annotated[str, _opt("--template", "Prompt template for --classes; {} is the class name.", _INPUT)], "a photo of a {}."),
+    "list_file": (Annotated[Optional[Path], _opt("--list", "Text file of image paths, one a line, or a CSV with a path column (and label, for evaluate); relative paths are read from its folder.", _INPUT)], None),
     "image_size": (Annotated[Optional[int], _opt("--image-size", "Input resolution S (default: the model's, 512 for SD 2.x base).", _INPUT, min=8)], None),
     "interpolation": (Annotated[Interpolation, _opt("--interpolation", "Resize filter.", _INPUT)], Interpolation.bicubic),
     "n_samples": (Annotated[Optional[str], _opt("--n-samples", "Timesteps per round, e.g. '50 500' or 50,500 (default: the model's, else 50 500).", _SCHEDULE)], None),
@@ -54,6 +55,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
+    "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: the cores torch sees).", _RUNTIME, min=1)], None),
     "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
     "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache.", _RUNTIME)], False),
 }
@@ -85,6 +87,7 @@ class RunSettings:
     prompts: Path | None = None
     classes: str | None = None
     template: str = "a photo of a {}."
+    list_file: Path | None = None  # --list: more images, from a text file or a CSV
     image_size: int | None = None
     interpolation: Interpolation = Interpolation.bicubic
     n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
@@ -95,6 +98,7 @@ class RunSettings:
     noise: Path | None = None
     batch_size: int = 32
     workers: int = 2
+    threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees
     cache_dir: Path | None = None
     no_cache: bool = False
 
@@ -164,14 +168,16 @@ class Run:
     noise: Any  # torch.Tensor | None
 
 
-def prepare(s: RunSettings, folder: Path, folder_classes: list[str] | None = None) -> Run:
-    """Check the inputs cheaply (folder, model or engines, prompts, schedule, noise), then open
-    the engines. Cheap checks come first, so a typo costs no model load."""
+def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> Run:
+    """Check the inputs cheaply (images, model or engines, prompts, schedule, noise), then open
+    the engines. Cheap checks come first, so a typo costs no model load. `folder`: a path, or
+    the `runtime.inputs.Inputs` a command already collected."""
     from diffcls.engines.manifest import require_engine_dir
     from diffcls.models.loading import check_model_path, model_defaults
-    from diffcls.runtime.preprocess import find_images
+    from diffcls.runtime.inputs import Inputs, collect_inputs
 
-    find_images(folder)
+    if not isinstance(folder, Inputs):
+        collect_inputs([folder])
     if s.engines is None:
         root = check_model_path(s.model)  # a bundled name resolves to its directory
         defaults = model_defaults(root) if root.is_dir() else {}
@@ -184,9 +190,19 @@ def prepare(s: RunSettings, folder: Path, folder_classes: list[str] | None = Non
     if T is not None:
         schedule.validate(len(prompt_set), T)
     noise = load_noise(s.noise)
+    if s.precision == Precision.bf16 and _runs_on_cpu(s):  # as --precision's help says (the library allows it)
+        raise DiffclsError("--precision bf16 runs on a GPU only (torch backend); use --precision fp32 on a CPU")
     clf = open_classifier(s, s.image_size or defaults.get("image_size"))
     schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)  # a no-op when T was known
     return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise)
+
+
+def _runs_on_cpu(s: RunSettings) -> bool:
+    if s.device is not None:
+        return s.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _known_train_timesteps(s: RunSettings) -> int | None:
@@ -286,6 +302,7 @@ def open_classifier(s: RunSettings, image_size: int | None):
         compile=s.compile,
         cache_dir=s.cache_dir,
         use_cache=not s.no_cache,
+        threads=s.threads,
     )
     sizes = clf.engines.unet.batch_sizes
     if s.engines is not None and sizes and s.batch_size not in sizes:

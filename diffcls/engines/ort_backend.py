@@ -68,7 +68,7 @@ def resolve_providers(device: str | torch.device | None, providers=None) -> tupl
 class OrtEngine:
     """One component as an ONNX Runtime session; only the manifest's batch sizes are accepted."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, batch_sizes, device: torch.device, providers: list):
+    def __init__(self, path: Path, spec: ComponentSpec, batch_sizes, device: torch.device, providers: list, threads: int | None = None):
         import onnxruntime as ort
 
         self.component = spec.name
@@ -80,6 +80,8 @@ class OrtEngine:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:  # else ORT's default: one thread per physical core
+            so.intra_op_num_threads = int(threads)
         if device.type == "cpu":
             # no busy-waiting threads after each run: torch shares these cores in the same process
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -175,9 +177,11 @@ def open_engines(
     batch_sizes: tuple[int, ...] | None = None,
     providers: list | None = None,
     check_hash: bool = True,
+    threads: int | None = None,
     **_ignored,
 ) -> EngineSet:
-    """Open an onnxruntime engine directory; `model` (optional) must be the one it was built from."""
+    """Open an onnxruntime engine directory; `model` (optional) must be the one it was built from.
+    `threads`: each session's intra-op threads (None: ORT's default, one per physical core)."""
     if engine_dir is None:
         raise DiffclsError(
             "the onnxruntime backend runs an exported engine directory; pass --engines DIR "
@@ -200,7 +204,7 @@ def open_engines(
     for comp in exported_components(specs):
         have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes)
         sizes = tuple(sorted(set(map(int, batch_sizes)))) if batch_sizes else (have or None)
-        engines[comp] = OrtEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], sizes, dev, provider_list)
+        engines[comp] = OrtEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], sizes, dev, provider_list, threads)
     return mf.engine_set(
         engine_dir, manifest, engines, backend=BACKEND, device=dev,
         info={"providers": engines["unet"].providers, "source": manifest.get("source")},

@@ -35,7 +35,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision in (None, "auto"):
         return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
-        raise DiffclsError(f"unknown precision {precision!r}; choose fp32 or fp16")
+        raise DiffclsError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
     if precision == "fp16" and device.type == "cpu":
         raise DiffclsError("fp16 on CPU is slow and inexact in torch; use --precision fp32 on CPU")
     return precision

@@ -106,14 +106,20 @@ class Classifier:
         compile: bool = False,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
+        threads: int | None = None,
     ) -> "Classifier":
         """Open engines for `model` (path, SDModel, or None for the demo) with `backend`.
+
+        `threads`: CPU threads for torch (`torch.set_num_threads`, process-wide) and for ONNX
+        Runtime's intra-op pool; None keeps torch's setting and gives ONNX Runtime the same count.
 
         An `SDModel` passed in is taken over by the torch engines: moved to the device and
         precision in place (and QKV-fused when compiled on CUDA), not copied.
         """
         from diffcls.engines import open_engines
 
+        if threads is not None:
+            torch.set_num_threads(int(threads))
         timer = StageTimer()
         with timer.stage("load"):
             engines = open_engines(
@@ -125,6 +131,7 @@ class Classifier:
                 image_size=image_size,
                 batch_sizes=batch_sizes,
                 compile=compile,
+                threads=torch.get_num_threads() if threads is None else int(threads),
             )
         timer.device = engines.device
         cache = DiskCache(cache_dir) if use_cache else None

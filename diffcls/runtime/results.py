@@ -31,6 +31,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from diffcls.errors import DiffclsError
 
@@ -147,8 +148,11 @@ def _valid_row(row: dict) -> bool:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
-    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None):
+    def __init__(self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=()):
+        """`extra_columns`: names appended after COLUMNS (evaluate's label, correct); each
+        `write` gives their values."""
         self.out = Path(out)
+        self.columns = COLUMNS + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
@@ -192,7 +196,7 @@ class ResultsWriter:
                             self._count("changed", len(stale))
                             self._drop(stale)
                 else:
-                    atomic_write_text(self.out, ",".join(COLUMNS) + "\n")
+                    atomic_write_text(self.out, ",".join(self.columns) + "\n")
                     atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
             except OSError as e:
                 raise self._os_error(e, self.out) from None
@@ -288,15 +292,21 @@ class ResultsWriter:
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
         records, tail = _records(text)
-        if not records or records[0][1] != COLUMNS:
+        if not records or records[0][1] is None or records[0][1][: len(COLUMNS)] != COLUMNS:
             raise DiffclsError(
                 f"{self.out} is not a results file of this diffcls version (unexpected header); pass another --out"
+            )
+        if records[0][1][len(COLUMNS):] != self.columns[len(COLUMNS):]:
+            have = ",".join(records[0][1][len(COLUMNS):]) or "none"
+            raise DiffclsError(
+                f"{self.out} has other extra columns ({have}) than this run writes "
+                f"({','.join(self.columns[len(COLUMNS):]) or 'none'}; evaluate adds label,correct); pass another --out"
             )
         rewrite = bool(tail)
         if tail:
             self._count("torn")
         for raw, fields in records[1:]:
-            row = dict(zip(COLUMNS, fields)) if fields is not None and len(fields) == len(COLUMNS) else None
+            row = dict(zip(self.columns, fields)) if fields is not None and len(fields) == len(self.columns) else None
             if row is None or not _valid_row(row):
                 self._count("malformed")
                 rewrite = True
@@ -311,7 +321,7 @@ class ResultsWriter:
             self._rewrite_csv()
 
     def _rewrite_csv(self) -> None:
-        atomic_write_text(self.out, ",".join(COLUMNS) + "\n" + "".join(self._records.values()))
+        atomic_write_text(self.out, ",".join(self.columns) + "\n" + "".join(self._records.values()))
 
     def _count(self, why: str, n: int = 1) -> None:
         self.dropped[why] = self.dropped.get(why, 0) + n
@@ -363,8 +373,9 @@ class ResultsWriter:
             view = view[n:]
         os.fsync(fd)
 
-    def row(self, key: str, result) -> dict:
-        """The CSV row of one finished image, as {column: value}."""
+    def row(self, key: str, result, extra: Sequence = ()) -> dict:
+        """The CSV row of one finished image, as {column: value}; `extra`: the values of the
+        extra columns, in order (missing ones are left empty)."""
         top = result.top_classes(TOP_K)
         row = {
             "path": key,
@@ -376,12 +387,14 @@ class ResultsWriter:
         }
         for i in range(TOP_K):
             row[f"top{i + 1}"], row[f"top{i + 1}_score"] = (top[i][1], f"{top[i][2]:.6g}") if i < len(top) else ("", "")
-        return {c: str(row.get(c, "")) for c in COLUMNS}
+        row.update(zip(self.columns[len(COLUMNS):], extra))
+        return {c: str(row.get(c, "")) for c in self.columns}
 
-    def write(self, key: str, result) -> None:
-        """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing."""
-        row = self.row(key, result)
-        line = _csv_line([row[c] for c in COLUMNS])
+    def write(self, key: str, result, extra: Sequence = ()) -> None:
+        """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
+        `extra`: the values of the extra columns (evaluate's label, correct)."""
+        row = self.row(key, result, extra)
+        line = _csv_line([row[c] for c in self.columns])
         parts = []
         if self._err_fd is not None:
             rec = result.to_json()

@@ -1,0 +1,161 @@
+"""Which images a run classifies, the key each result is stored under, and each image's label.
+
+Inputs are what the ecosystem passes around:
+
+    diffcls classify photos/                      a folder (searched recursively) or one image
+    diffcls classify a.png b/ 'c/*.jpg'           several paths; globs the shell did not expand
+                                                  (`*`, `?`, `[..]`, `**`) are expanded here
+    diffcls classify --list files.txt             one path per line (blank and # lines skipped)
+    diffcls evaluate --list data.csv              a CSV with a `path` column and optional `label`
+
+Relative paths in a list file are read relative to the list file's folder, so a list works from
+any working directory.
+
+Result key (the CSV's `path` column, what a rerun resumes by): the image's path relative to
+the *root*, with `/` separators. With one folder, the root is that folder (`cat/1.png`); with
+one image, its folder (`1.png`); with several inputs or a list, the deepest folder that holds
+them all (`a.png`, `b/x.png`, `c/y.jpg` for the example above). Keys are unique: an image named
+twice is classified once.
+
+Labels (for `evaluate`): an image under a folder argument is labeled by the subfolder of that
+folder it lies in (`data/cat/1.png` under `data/` -> `cat`); a list CSV's `label` column labels
+its rows. An image given directly (a file, a glob match) or lying directly in a folder argument
+has no label.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from diffcls.errors import DiffclsError
+from diffcls.runtime.preprocess import IMAGE_SUFFIXES, find_images
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class Inputs:
+    images: list[Path]  # in run order (each argument's images sorted, arguments in the order given)
+    keys: dict[Path, str]  # image -> result key, relative to `root`
+    root: Path
+    labels: dict[str, str] = field(default_factory=dict)  # key -> raw label text (folder name or CSV label)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, message): unreadable subfolders, skipped
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+
+
+def _expand(arg: str, problems: list) -> list[tuple[Path, Path | None]]:
+    """(image, the folder argument it was found under or None) for one command-line argument;
+    subfolders that cannot be read are added to `problems` and skipped."""
+
+    def on_problem(folder, msg):
+        problems.append((folder, msg))
+
+    path = Path(arg)
+    if not path.exists() and _GLOB_CHARS & set(arg):
+        matches = sorted(glob.glob(arg, recursive=True))
+        found: list[tuple[Path, Path | None]] = []
+        for m in map(Path, matches):
+            if m.is_dir():
+                try:
+                    found += [(p, m) for p in find_images(m, on_problem=on_problem)]
+                except DiffclsError:
+                    continue  # a matched folder without images: the pattern as a whole is judged
+            elif _is_image(m):
+                found.append((m, None))
+        if not found:
+            raise DiffclsError(f"{arg!r} matches no image ({', '.join(sorted(IMAGE_SUFFIXES))}); check the pattern")
+        return found
+    images = find_images(path, on_problem=on_problem)  # a one-line error for a missing path, a non-image, an empty folder
+    return [(p, path if path.is_dir() else None) for p in images]
+
+
+def read_list(list_file: Path) -> list[tuple[Path, str | None]]:
+    """(path, label or None) per entry of a text list or a CSV with a `path` column."""
+    try:
+        text = Path(list_file).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DiffclsError(f"--list {list_file} does not exist; pass a text file of image paths or a CSV with a path column") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiffclsError(f"cannot read --list {list_file} ({e}); pass a UTF-8 text file of image paths") from None
+    base = Path(list_file).parent
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    header = [h.strip().lower() for h in next(csv.reader([first]), [])]
+    entries: list[tuple[str, str | None, int]] = []
+    if "path" in header:  # a CSV: path[,label][,...]
+        reader = csv.DictReader(io.StringIO(text))
+        reader.fieldnames = [h.strip().lower() for h in reader.fieldnames or []]
+        for row in reader:
+            value = (row.get("path") or "").strip()
+            if value:
+                label = (row.get("label") or "").strip() if "label" in header else ""
+                entries.append((value, label or None, reader.line_num))
+    else:
+        for n, line in enumerate(lines, 1):
+            value = line.strip()
+            if value and not value.startswith("#"):
+                entries.append((value, None, n))
+    if not entries:
+        raise DiffclsError(f"--list {list_file} names no image; write one path per line, or a CSV with a path column")
+    out, missing = [], []
+    for value, label, n in entries:
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not _is_image(p):
+            missing.append((n, value, p.exists()))
+        out.append((p, label))
+    if missing:
+        n, value, exists = missing[0]
+        why = "is not an image file" if exists else "does not exist"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DiffclsError(
+            f"--list {list_file} line {n}: {value} {why}{more}; relative paths are read from {base or '.'}/, fix or remove the entries"
+        )
+    return out
+
+
+def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = None) -> Inputs:
+    """The images named by command-line arguments and/or a list file, with keys and labels."""
+    if not args and list_file is None:
+        raise DiffclsError("no images given; pass image files, folders or globs, or --list FILE")
+    found: list[tuple[Path, Path | None, str | None]] = []  # (image, folder argument, list label)
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        found += [(p, under, None) for p, under in _expand(str(arg), problems)]
+    if list_file is not None:
+        found += [(p, None, label) for p, label in read_list(list_file)]
+
+    arg = Path(args[0]) if len(args) == 1 and list_file is None else None
+    if arg is not None and arg.exists():  # one folder or image: keys relative to it / its folder
+        root = arg if arg.is_dir() else arg.parent
+    else:
+        tops = [os.path.abspath(under if under is not None else p.parent) for p, under, _ in found]
+        root = Path(os.path.commonpath(tops))
+    images, keys, labels, seen = [], {}, {}, set()
+    for p, under, label in found:
+        real = os.path.abspath(p)
+        if real in seen:
+            continue  # named twice (two globs, a folder and a file in it): classified once
+        seen.add(real)
+        key = Path(os.path.relpath(real, os.path.abspath(root))).as_posix()
+        images.append(p)
+        keys[p] = key
+        if label is not None:
+            labels[key] = label
+        elif under is not None:
+            parts = Path(os.path.relpath(real, os.path.abspath(under))).parts
+            if len(parts) > 1:
+                labels[key] = parts[0]
+    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems)
