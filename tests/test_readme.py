@@ -31,6 +31,7 @@ README = ROOT / "README.md"
 # (pattern in a README command, replacement, why); {model}, {tmp} are filled in
 SUBSTITUTIONS = [
     (r"\./stable-diffusion-2-1-base|\./sd21", "{model}", "no real Stable Diffusion weights offline: the tiny SD-shaped test model stands in"),
+    (r"\./DiT-XL-2-256", "{dit}", "no real DiT weights offline: a tiny random DiTTransformer2DModel directory stands in"),
     (r"--n-samples 50 500", "--n-samples 4 8", "the paper's 550 timesteps per image take minutes on a CPU; 12 run the same code"),
     (r"(diffcls digits digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
     (r"(diffcls profile .*)--limit 20", r"\1--limit 2", "2 images profile every stage"),
@@ -94,14 +95,14 @@ def scratch(tmp_path, monkeypatch):
     torch.use_deterministic_algorithms(False)  # the demo trainer turns it on
 
 
-def test_readme_commands_run(scratch, tiny_dir):
+def test_readme_commands_run(scratch, tiny_dir, tiny_dit_dir):
     pytest.importorskip("sklearn", reason="the README's digits commands need scikit-learn (pip install 'diffcls[train]')")
     used = set()
     ran, skipped = [], []
     for command in bash_commands(README.read_text()):
         original = command
         for pattern, replacement, _why in SUBSTITUTIONS:
-            new = re.sub(pattern, replacement.format(model=tiny_dir, tmp=scratch), command)
+            new = re.sub(pattern, replacement.format(model=tiny_dir, dit=tiny_dit_dir, tmp=scratch), command)
             if new != command:
                 used.add(pattern)
             command = new
