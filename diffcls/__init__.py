@@ -8,7 +8,7 @@ from diffcls.errors import DiffclsError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffclsError", "Classifier", "Schedule", "__version__"]
+__all__ = ["DiffclsError", "Classifier", "Schedule", "AdaptiveSchedule", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
@@ -16,8 +16,8 @@ def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy mod
         from diffcls.runtime.classifier import Classifier
 
         return Classifier
-    if name == "Schedule":
-        from diffcls.runtime.schedule import Schedule
+    if name in ("Schedule", "AdaptiveSchedule"):
+        from diffcls.runtime import schedule
 
-        return Schedule
+        return getattr(schedule, name)
     raise AttributeError(name)

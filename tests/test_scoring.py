@@ -78,6 +78,8 @@ SCHEDULES = [
     Schedule((4, 8), (3, 1), loss="l1"),
     Schedule((4, 8), (3, 1), loss="huber"),
     Schedule((3, 3), (2, 1)),  # second round adds no new timestep
+    Schedule((4, 4, 12), (4, 3, 1)),  # an empty middle round: it prunes, then round 3 runs
+    Schedule((2, 2, 2, 8), (5, 4, 3, 1)),  # two empty rounds in a row, each pruning
 ]
 
 
@@ -183,3 +185,60 @@ def test_ranking_puts_survivors_first(tiny_engines, inputs):
     # the three pruned after round 1 come last, ordered by their round-1 score
     pruned = r.ranking[3:]
     assert [r.scores[c] for c in pruned] == sorted(r.scores[c] for c in pruned)
+
+
+def test_an_empty_round_prunes_and_the_later_rounds_run(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = Schedule((4, 4, 12), (4, 3, 1))  # rounds of 4, 0 and 8 new timesteps
+    assert [len(r) for r in schedule.rounds(1000)] == [4, 0, 8]
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    got, stats = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=8)
+    per_image = 6 * 4 + 3 * 8  # 48: round 2 prunes 4 -> 3 without new work, round 3 scores 3 prompts
+    assert schedule.evals_upper_bound(6) == per_image
+    assert all(r.n_evals == per_image for r in got.values())
+    assert stats.unet_evals == 3 * per_image
+    for r in got.values():
+        late = {c for c, t, _j, _e in r.errors if t not in {t for _k, t in schedule.rounds(1000)[0]}}
+        assert len(late) == 3  # the third round ran on the three prompts the empty round kept
+
+
+def test_non_finite_errors_stop_with_one_line_naming_the_image(tiny_engines, inputs):
+    from diffcls.errors import DiffclsError
+
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1))
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    bad = latents.clone()
+    bad[1, 0, 2, 3] = float("nan")  # one NaN in the second image's latent
+    scorer = Scorer(tiny_engines.unet, emb, tiny_engines.alphas_cumprod, schedule, bank, 8)
+    with pytest.raises(DiffclsError) as e:
+        dict(scorer.run((key, bad[i]) for i, key in enumerate(["a.png", "b.png", "c.png"])))
+    msg = str(e.value)
+    assert "\n" not in msg and "'b.png'" in msg and "not finite" in msg and "--precision fp32" in msg
+
+
+def test_non_finite_latent_through_the_classifier_names_the_image(tiny_engines):
+    from diffcls.errors import DiffclsError
+    from diffcls.runtime.classifier import Classifier
+
+    clf = Classifier(tiny_engines, cache=None)
+    size = tiny_engines.image_size
+    good = torch.zeros(3, size, size)
+    bad = good.clone()
+    bad[0, 1, 1] = float("inf")  # the VAE turns it into a non-finite latent
+    with pytest.raises(DiffclsError) as e:
+        clf.classify([good, bad], ["a cat", "a dog"], Schedule((2,), (1,)), batch_size=4)
+    assert "<image 1>" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_error_reduction_does_not_depend_on_the_batch():
+    """Per-sample errors from one batch equal those of each sample alone, bit for bit."""
+    from diffcls.runtime.scoring import per_sample_loss
+
+    g = torch.Generator().manual_seed(0)
+    eps, pred = torch.randn(13, 4, 24, 24, generator=g), torch.randn(13, 4, 24, 24, generator=g)
+    for loss in ("l2", "l1", "huber"):
+        batched = per_sample_loss(eps, pred, loss)
+        alone = torch.cat([per_sample_loss(eps[i : i + 1], pred[i : i + 1], loss) for i in range(13)])
+        assert torch.equal(batched, alone)
+        assert torch.equal(per_sample_loss(eps[3:9], pred[3:9], loss), batched[3:9])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -79,14 +81,19 @@ def run_folder(
     errors_path,
     workers,
     labels: dict[str, int] | None = None,
+    shard: tuple[int, int] | None = None,
+    runner=None,
 ):
-    """Classify every image `folder` names (a path, or collected `Inputs`), resuming `out_csv`;
-    returns ({key: result}, skipped, {image: key}). `labels` ({key: true classidx}) adds the
-    CSV columns label and correct."""
+    """Classify every image `folder` names (a path, or collected `Inputs`; or shard I of N of
+    them: `shard=(I, N)`), resuming `out_csv`; `runner` (a runtime.distributed.RayRunner) scores
+    them instead of `clf`. Returns ({key: result}, skipped, {image: key}). `labels` ({key: true
+    classidx}) adds the CSV columns label and correct."""
     from rich.markup import escape
 
+    from diffcls.runtime.distributed import engine_info
     from diffcls.runtime.inputs import Inputs, collect_inputs
     from diffcls.runtime.preprocess import file_digest
+    from diffcls.runtime.shards import shard_of
     from diffcls.runtime.results import ResultsWriter, printable
 
     skipped: list[tuple[str, str]] = []
@@ -99,21 +106,26 @@ def run_folder(
     for path, msg in inputs.problems:  # folders that could not be listed or entered
         folder_problem(path, msg)
     images, keys, root = inputs.images, inputs.keys, inputs.root
+    if shard is not None:
+        images = [p for p in images if shard_of(keys[p], shard[1]) == shard[0]]
+        keys = {p: keys[p] for p in images}
     by_key = {k: p for p, k in keys.items()}
-    e = clf.engines
+    e = runner.info if runner is not None else engine_info(clf)
     settings = {
-        "model": e.fingerprint,
-        "backend": e.backend,
-        "precision": e.precision,
+        "model": e["fingerprint"],
+        "backend": e["backend"],
+        "precision": e["precision"],
         "prompts": prompts_set.digest(),
         "schedule": schedule.describe(),
         "seed": seed if noise is None else None,
         "noise": None if noise is None else _tensor_digest(noise),
-        "image_size": e.image_size,
+        "image_size": e["image_size"],
         "interpolation": interpolation,
         # rows are keyed by the path under the root: another root's "a.png" is another image
         "root": os.fsdecode(os.path.abspath(root)),
     }
+    if shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
+        settings["shard"] = f"{shard[0]}/{shard[1]}"
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
@@ -132,7 +144,11 @@ def run_folder(
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "row": r} for k, r in done.items() if k in by_key}
+    results: dict[str, dict] = {
+        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r}
+        for k, r in done.items()
+        if k in by_key
+    }
     if writer is not None:
         for why, n in writer.dropped.items():
             console.print(escape(f"{out_csv}: {_DROPPED.get(why, why).format(n=n, errors=errors_path)}"))
@@ -149,18 +165,24 @@ def run_folder(
                 console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
                 progress.advance(task)
 
-            for r in clf.iter_classify(
-                [str(p) for p in todo],
-                prompts_set,
-                schedule,
-                seed=seed,
-                noise=noise,
-                batch_size=batch_size,
-                interpolation=interpolation,
-                workers=workers,
-                on_skip=on_skip,
-            ):
-                key = keys[Path(r.source)]
+            if runner is not None:  # workers elsewhere: absolute paths, mapped back to keys
+                by_abs = {os.path.abspath(p): p for p in todo}
+                stream = runner.iter_classify(list(by_abs), on_skip=on_skip)
+            else:
+                by_abs = None
+                stream = clf.iter_classify(
+                    [str(p) for p in todo],
+                    prompts_set,
+                    schedule,
+                    seed=seed,
+                    noise=noise,
+                    batch_size=batch_size,
+                    interpolation=interpolation,
+                    workers=workers,
+                    on_skip=on_skip,
+                )
+            for r in stream:
+                key = keys[by_abs[r.source] if by_abs is not None else Path(r.source)]
                 if writer is not None:
                     writer.write(key, r, _label_cells(labels, key, r, prompts_set))
                 results[key] = {
@@ -168,6 +190,7 @@ def run_folder(
                     "prediction": r.classname,
                     "score": f"{r.scores[r.prompt]:.6g}",
                     "top": r.top_classes(5),
+                    "n_evals": r.n_evals,
                 }
                 n_done += 1
                 elapsed = time.perf_counter() - start
@@ -176,18 +199,38 @@ def run_folder(
         if writer is not None:
             writer.close()
     elapsed = time.perf_counter() - start
-    stats = clf.last_stats
-    if n_done:
+    stats = clf.last_stats if clf is not None else None
+    if n_done and runner is not None:
+        console.print(
+            f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s) on "
+            f"{len(runner.worker_stats)} Ray workers" + (f"; {len(skipped)} skipped" if skipped else "")
+        )
+        console.print("per worker: " + runner.summary())
+    elif n_done:
         evals = stats.unet_evals if stats else 0
         console.print(
             f"classified {n_done} images in {elapsed:.1f} s ({n_done / elapsed:.2f} img/s, "
-            f"{evals / elapsed:.0f} UNet evals/s, padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
+            f"{evals / n_done:.0f} UNet evals/image, {evals / elapsed:.0f} UNet evals/s, "
+            f"padding {100 * (stats.padding_fraction if stats else 0):.1f}%)"
             + (f"; {len(skipped)} skipped" if skipped else "")
         )
         console.print("speed: " + _per_image_speed(clf.timer.summary(), n_done))
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+def _int_or_none(text) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def evals_per_image(results: dict, keys=None) -> float | None:
+    """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
+    counts = [results[k]["n_evals"] for k in (results if keys is None else keys) if results[k].get("n_evals") is not None]
+    return sum(counts) / len(counts) if counts else None
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -227,21 +270,76 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
 
 
-def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None):
-    return run_folder(
-        folder,
-        prompts_set=run.prompts,
-        clf=run.classifier,
-        schedule=run.schedule,
-        seed=s.seed,
-        noise=run.noise,
-        batch_size=s.batch_size,
-        interpolation=s.interpolation.value,
-        out_csv=out_csv,
-        errors_path=save_errors,
-        workers=s.workers,
-        labels=labels,
-    )
+_SCALE = "Many GPUs"
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """How a run is spread: a shard of the folder, and/or Ray workers."""
+
+    shard: tuple[int, int] | None = None
+    ray: bool = False
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+
+    @classmethod
+    def from_options(cls, shard, ray, address, workers, gpus_per_worker) -> "ScaleOut":
+        from diffcls.runtime.shards import parse_shard
+
+        if not ray:
+            given = [f for f, v in (("--ray-address", address), ("--ray-workers", workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
+            if given:
+                raise DiffclsError(f"{', '.join(given)} only apply with --ray; add --ray or drop {given[0]}")
+        return cls(None if shard is None else parse_shard(shard), ray, address, workers, gpus_per_worker)
+
+
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Classify only shard I of N (e.g. 0/4): a fixed share of the images, by a hash of each path; join the shards' --out files with `diffcls merge`.", rich_help_panel=_SCALE)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (pip install 'diffcls[ray]'): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local cluster).", rich_help_panel=_SCALE)]
+RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray workers, each opening the engines once (default: one per GPU, else 1).", rich_help_panel=_SCALE, min=1)]
+GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
+
+
+def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None, scale: ScaleOut | None = None):
+    """run_folder, locally or on Ray workers (then `run` was prepared without opening engines)."""
+    scale = scale or ScaleOut()
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if scale.ray:
+            from diffcls.cli.settings import classifier_kwargs
+            from diffcls.runtime.distributed import RayRunner, WorkerSpec
+
+            spec = WorkerSpec(
+                classifier=classifier_kwargs(s, run.image_size, absolute=True),
+                prompts=run.prompts,
+                schedule=run.schedule,
+                seed=s.seed,
+                noise=run.noise,
+                batch_size=s.batch_size,
+                interpolation=s.interpolation.value,
+                decode_workers=s.workers,
+            )
+            runner = RayRunner(spec, address=scale.address, workers=scale.workers, gpus_per_worker=scale.gpus_per_worker)
+            stack.enter_context(runner)
+            console.print(f"Ray: {runner.workers} workers x {runner.gpus_per_worker:g} GPUs, engines on {runner.info['device']} ({runner.info['backend']})")
+        results, skipped, keys = run_folder(
+            folder,
+            prompts_set=run.prompts,
+            clf=run.classifier,
+            schedule=run.schedule,
+            seed=s.seed,
+            noise=run.noise,
+            batch_size=s.batch_size,
+            interpolation=s.interpolation.value,
+            out_csv=out_csv,
+            errors_path=save_errors,
+            workers=s.workers,
+            labels=labels,
+            shard=scale.shard,
+            runner=runner,
+        )
+    return results, skipped, keys
 
 
 PathsArg = Annotated[
@@ -261,6 +359,11 @@ def classify(
     paths: PathsArg = None,
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
+    shard: ShardOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -268,9 +371,10 @@ def classify(
     from diffcls.runtime.inputs import collect_inputs
 
     with user_errors():
+        scale = ScaleOut.from_options(shard, ray, ray_address, ray_workers, gpus_per_worker)
         inputs = collect_inputs(paths or [], settings.list_file)
-        run = prepare(settings, inputs)
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors)
+        run = prepare(settings, inputs, open_engines=not scale.ray)
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale)
         if out_csv is None or len(results) <= 20:
             _print_predictions(results)
         if out_csv is not None:
@@ -319,6 +423,10 @@ def evaluate(
     labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")] = LabelKind.name,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (needs the plot extra).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and the run's settings as JSON.")] = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -326,6 +434,7 @@ def evaluate(
     from diffcls.runtime.inputs import collect_inputs
 
     with user_errors():
+        scale = ScaleOut.from_options(None, ray, ray_address, ray_workers, gpus_per_worker)
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
@@ -338,7 +447,7 @@ def evaluate(
                 "of images per class, or --list a CSV with path and label columns"
             )
         names = sorted(set(raw.values()))
-        run = prepare(settings, inputs, folder_classes=names if labels == LabelKind.name else None)
+        run = prepare(settings, inputs, folder_classes=names if labels == LabelKind.name else None, open_engines=not scale.ray)
         pset = run.prompts
         what = "labels" if settings.list_file is not None else "subfolders"
         truth_of = _label_ids(names, labels, pset, _describe(paths, settings), what)
@@ -346,7 +455,7 @@ def evaluate(
         unlabeled = len(inputs) - len(raw)
         if unlabeled:
             console.print(f"{unlabeled} image(s) have no label (not in a class subfolder); they are classified but not scored")
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key)
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key, scale=scale)
         truth = {k: t for k, t in truth_by_key.items() if k in results}
         if not truth:
             raise DiffclsError(f"no labeled image of {_describe(paths, settings)} was classified")
@@ -360,12 +469,14 @@ def evaluate(
             class_ids,
             top=[_top_ids(results[k], by_name) for k in truth],
         )
+        m["evals_per_image"] = evals_per_image(results, truth)
         _print_metrics(m, pset.classes)
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
             report = {
                 **m,
+                "schedule": run.schedule.describe(),
                 "classes": pset.classes,
                 "n_skipped": len(skipped),
                 "n_unlabeled": unlabeled,
@@ -458,6 +569,8 @@ def _print_metrics(m: dict, classes: dict[int, str]) -> None:
     if "top5" in m:
         out.print(f"top-5 accuracy: {100 * m['top5']:.2f}% ({m['correct_top5']}/{m['n']})")
     out.print(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
+    if m.get("evals_per_image") is not None:
+        out.print(f"UNet evaluations per image: {m['evals_per_image']:.1f}")
     if len(names) > 30:
         out.print(f"per-class precision/recall and confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
         return

@@ -3,7 +3,8 @@
 Runs the same pipeline as `classify` (same options) over the first `--limit` images and reports,
 per stage (model/engine load, preprocess, text encode, VAE encode, UNet scoring per round, total),
 the number of calls, total seconds and p50/p90 per call, plus UNet evals/s, images/s, the padding
-fraction of UNet batches, cache hits/misses and the peak GPU memory. `--warmup` classifies one
+fraction of UNet batches, UNet evaluations per image (mean, p50, p90, max: they vary per image
+with --adaptive), cache hits/misses and the peak GPU memory. `--warmup` classifies one
 image first, outside the measurement (with the cache off, so that it warms every stage), so
 compile and first-call costs are reported on their own line.
 """
@@ -121,6 +122,9 @@ def _print_report(report: dict) -> None:
     cache = report["cache"]
     cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
     mem = report["peak_gpu_memory_bytes"]
+    ev = report.get("evals_per_image")
+    if ev:
+        out.print(f"UNet evaluations per image: mean {ev['mean']:.1f}, p50 {ev['p50']:.0f}, p90 {ev['p90']:.0f}, max {ev['max']}")
     out.print(
         f"{report['images_per_s']:.3f} images/s, {report['unet_evals_per_s']:.1f} UNet evals/s "
         f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
@@ -179,6 +183,16 @@ def profile(
             raise DiffclsError(f"no image of {', '.join(paths or [str(s.list_file)])} could be classified; see the skipped files above")
 
 
+def _distribution(values: list[int]) -> dict | None:
+    """mean, p50, p90 and max of UNet evaluations per image (None without images)."""
+    if not values:
+        return None
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "max": int(v.max())}
+
+
 def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw) -> dict:
     """Classify `images` with per-stage timing; returns the report dict (see module docstring)."""
     import torch
@@ -209,12 +223,14 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
     cache0 = (clf.cache.hits, clf.cache.misses, clf.cache.rejected) if clf.cache is not None else None
     start = time.perf_counter()
     n = 0
+    n_evals: list[int] = []
     # a spinner on a terminal; in a log or pipe (where it shows nothing), a line every few seconds
     lines = None if interactive(console) else LineProgress(console)
     task = lines.add_task("profile", total=len(images)) if lines is not None else None
     with console.status(f"profiling {len(images)} images ...") if lines is None else contextlib.nullcontext():
-        for _ in clf.iter_classify(images, pset, schedule, on_skip=on_skip, **kw):
+        for r in clf.iter_classify(images, pset, schedule, on_skip=on_skip, **kw):
             n += 1
+            n_evals.append(r.n_evals)
             if lines is not None:
                 lines.advance(task)
     if e.device.type == "cuda":
@@ -256,6 +272,7 @@ def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw
         "unet_evals_per_s": (stats.unet_evals / unet_s) if stats and unet_s else 0.0,
         "end_to_end_evals_per_s": (stats.unet_evals / wall) if stats and wall else 0.0,
         "padding_fraction": stats.padding_fraction if stats else 0.0,
+        "evals_per_image": _distribution(n_evals),
         "cache": cache,
         "peak_gpu_memory_bytes": peak,  # None (JSON null) without a GPU
         "skipped": skipped,

@@ -17,6 +17,7 @@ import inspect
 import json
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,8 +25,17 @@ import typer
 
 from diffcls.config import Backend, Interpolation, Loss, Precision, parse_device
 from diffcls.errors import DiffclsError
+from diffcls.runtime.schedule import AdaptiveSchedule
 
 _MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
+_ADAPTIVE = "Adaptive evaluation"
+ADAPTIVE_DEFAULTS = AdaptiveSchedule()
+_ADAPTIVE_FLAGS = {"error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule", "rel_delta": "--rel-delta"}
+
+
+class Rule(str, Enum):
+    mixture = "mixture"
+    kim_nelson = "kim-nelson"
 
 
 def _opt(flag: str, help: str, panel: str, **kw) -> Any:
@@ -53,6 +63,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "seed": (Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)], 0),
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
+    "adaptive": (Annotated[bool, _opt("--adaptive", "Stop each image once its answer is settled (sequential elimination; docs/adaptive.md) instead of the fixed --n-samples/--to-keep rounds.", _ADAPTIVE)], False),
+    "error_rate": (Annotated[Optional[float], _opt("--error-rate", f"--adaptive: the chance the best prompt is eliminated, alpha (default {ADAPTIVE_DEFAULTS.error_rate:g}).", _ADAPTIVE)], None),
+    "min_samples": (Annotated[Optional[int], _opt("--min-samples", f"--adaptive: timesteps every prompt gets before any is eliminated, n0 (default {ADAPTIVE_DEFAULTS.min_samples}).", _ADAPTIVE)], None),
+    "max_samples": (Annotated[Optional[int], _opt("--max-samples", f"--adaptive: timesteps per prompt at most; then the lowest mean error wins (default {ADAPTIVE_DEFAULTS.max_samples}).", _ADAPTIVE)], None),
+    "rule": (Annotated[Optional[Rule], _opt("--rule", f"--adaptive: the elimination boundary (default {ADAPTIVE_DEFAULTS.rule}; kim-nelson needs an indifference zone, --rel-delta).", _ADAPTIVE)], None),
+    "rel_delta": (Annotated[Optional[float], _opt("--rel-delta", f"--adaptive --rule kim-nelson: the indifference zone as a fraction of the mean error (default {ADAPTIVE_DEFAULTS.rel_delta:g}).", _ADAPTIVE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
     "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: the cores torch sees).", _RUNTIME, min=1)], None),
@@ -96,6 +112,12 @@ class RunSettings:
     loss: Loss = Loss.l2
     seed: int = 0
     noise: Path | None = None
+    adaptive: bool = False
+    error_rate: float | None = None  # None: AdaptiveSchedule's default (adaptive flags only)
+    min_samples: int | None = None
+    max_samples: int | None = None
+    rule: Rule | None = None
+    rel_delta: float | None = None
     batch_size: int = 32
     workers: int = 2
     threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees
@@ -129,10 +151,28 @@ class RunSettings:
             raise DiffclsError("--compile applies to the torch backend only (engines are compiled at export); drop --compile")
         if self.precision == Precision.bf16 and self.engines is not None:
             raise DiffclsError("--precision bf16 runs only on the torch backend; engines are fp32 or fp16")
+        if self.adaptive and self.n_samples is not None:
+            raise DiffclsError(
+                "--n-samples/--to-keep set the fixed rounds, which --adaptive replaces; drop them "
+                "(--max-samples caps the timesteps per prompt) or drop --adaptive"
+            )
+        given = [flag for name, flag in _ADAPTIVE_FLAGS.items() if getattr(self, name) is not None]
+        if given and not self.adaptive:
+            raise DiffclsError(f"{given[0]} applies to adaptive evaluation only; add --adaptive or drop {given[0]}")
+        if self.adaptive:
+            self.adaptive_schedule().validate(2)  # the prompt-independent checks, before any work
         if (self.n_samples is None) != (self.to_keep is None):
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
             raise DiffclsError("give either --prompts or --classes, not both")
+
+
+    def adaptive_schedule(self) -> AdaptiveSchedule:
+        """The --adaptive schedule: the flags given, AdaptiveSchedule's defaults for the rest."""
+        given = {name: getattr(self, name) for name in _ADAPTIVE_FLAGS if getattr(self, name) is not None}
+        if "rule" in given:
+            given["rule"] = given["rule"].value
+        return AdaptiveSchedule(**given, n_trials=self.n_trials, loss=self.loss.value)
 
 
 def run_options(command):
@@ -163,15 +203,17 @@ def run_options(command):
 @dataclass
 class Run:
     prompts: Any  # runtime.prompts.PromptSet
-    schedule: Any  # runtime.schedule.Schedule
-    classifier: Any  # runtime.classifier.Classifier
+    schedule: Any  # runtime.schedule.Schedule or AdaptiveSchedule (--adaptive)
+    classifier: Any  # runtime.classifier.Classifier (None when prepared with open_engines=False)
     noise: Any  # torch.Tensor | None
+    image_size: int | None = None  # the resolution asked for (None: the model's)
 
 
-def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> Run:
+def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None, open_engines: bool = True) -> Run:
     """Check the inputs cheaply (images, model or engines, prompts, schedule, noise), then open
-    the engines. Cheap checks come first, so a typo costs no model load. `folder`: a path, or
-    the `runtime.inputs.Inputs` a command already collected."""
+    the engines (unless `open_engines` is False: Ray workers open their own). Cheap checks come
+    first, so a typo costs no model load. `folder`: a path, or the `runtime.inputs.Inputs` a
+    command already collected."""
     from diffcls.engines.manifest import require_engine_dir
     from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.inputs import Inputs, collect_inputs
@@ -192,9 +234,12 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None) -> 
     noise = load_noise(s.noise)
     if s.precision == Precision.bf16 and _runs_on_cpu(s):  # as --precision's help says (the library allows it)
         raise DiffclsError("--precision bf16 runs on a GPU only (torch backend); use --precision fp32 on a CPU")
-    clf = open_classifier(s, s.image_size or defaults.get("image_size"))
+    image_size = s.image_size or defaults.get("image_size")
+    if not open_engines:
+        return Run(prompts=prompt_set, schedule=schedule, classifier=None, noise=noise, image_size=image_size)
+    clf = open_classifier(s, image_size)
     schedule.validate(len(prompt_set), clf.engines.num_train_timesteps)  # a no-op when T was known
-    return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise)
+    return Run(prompts=prompt_set, schedule=schedule, classifier=clf, noise=noise, image_size=image_size)
 
 
 def _runs_on_cpu(s: RunSettings) -> bool:
@@ -242,6 +287,8 @@ def build_schedule(s: RunSettings, n_prompts: int, defaults: dict):
     prompt count (a cap the user's own --to-keep never gets: that is an error to report)."""
     from diffcls.runtime.schedule import Schedule, default_schedule
 
+    if s.adaptive:
+        return s.adaptive_schedule()
     if s.n_samples is None:
         ns = tuple(defaults.get("n_samples", (50, 500)))
         ks = tuple(defaults.get("to_keep", (5, 1)))
@@ -286,24 +333,36 @@ def backend_name(s: RunSettings) -> str:
         return "onnxruntime"  # the backend reports the broken manifest
 
 
-def open_classifier(s: RunSettings, image_size: int | None):
-    from diffcls.runtime.classifier import Classifier
+def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = False) -> dict:
+    """`Classifier.from_pretrained`'s keyword arguments, as plain values (Ray sends them to
+    workers: `absolute` makes the paths independent of the working directory)."""
+
+    def path(p):
+        if p is None:
+            return None
+        return str(Path(p).resolve()) if absolute else p
 
     name = backend_name(s)
-    clf = Classifier.from_pretrained(
-        s.model if s.engines is None else (str(s.model) if s.model is not None else None),
+    return dict(
+        model=path(s.model) if s.engines is None else (str(path(s.model)) if s.model is not None else None),
         backend=name,
-        engine_dir=s.engines,
+        engine_dir=path(s.engines),
         device=s.device,
         precision=None if s.precision == Precision.auto else s.precision.value,
         image_size=image_size,
         # a compiled UNet gets one static graph per batch size: pad the tail to the same size
         batch_sizes=(s.batch_size,) if s.compile and name == "torch" else None,
         compile=s.compile,
-        cache_dir=s.cache_dir,
+        cache_dir=path(s.cache_dir),
         use_cache=not s.no_cache,
         threads=s.threads,
     )
+
+
+def open_classifier(s: RunSettings, image_size: int | None):
+    from diffcls.runtime.classifier import Classifier
+
+    clf = Classifier.from_pretrained(**classifier_kwargs(s, image_size))
     sizes = clf.engines.unet.batch_sizes
     if s.engines is not None and sizes and s.batch_size not in sizes:
         from diffcls.engines.manifest import check_batch_sizes, read_manifest

@@ -33,8 +33,8 @@ from diffcls.runtime.preprocess import (
     to_rgb,
 )
 from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import ImageScore, Scorer, make_noise_bank
+from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
 from diffcls.runtime.timing import StageTimer
 
 
@@ -91,6 +91,7 @@ class Classifier:
         self.cache = cache
         self.timer = timer or StageTimer(engines.device)
         self.last_stats = None  # ScoreStats of the last run
+        self._text_memo: tuple[tuple[str, ...], torch.Tensor] | None = None  # the last prompts' embeddings
 
     @classmethod
     def from_pretrained(
@@ -150,6 +151,8 @@ class Classifier:
         """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt;
         for a class-conditional model, (P,) int64 class ids (its prompt encoder passes them on)."""
         texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
+        if self._text_memo is not None and self._text_memo[0] == tuple(texts):
+            return self._text_memo[1]  # a worker scoring one small batch after another
         found: dict[int, torch.Tensor] = {}
         if self.cache is not None:
             for i, text in enumerate(texts):
@@ -167,7 +170,9 @@ class Classifier:
                 found[i] = emb[j].clone()
                 if self.cache is not None:
                     self.cache.put("text", {**self._key_base(), "prompt": texts[i]}, found[i])
-        return torch.stack([found[i] for i in range(len(texts))])
+        emb = torch.stack([found[i] for i in range(len(texts))])
+        self._text_memo = (tuple(texts), emb)
+        return emb
 
     # --- images -----------------------------------------------------------------------------
     def _prepare(self, index: int, image, size: int, interpolation: Interpolation) -> _Prepared:
@@ -298,7 +303,7 @@ class Classifier:
         self,
         images: Iterable,
         prompts: PromptSet,
-        schedule: Schedule,
+        schedule: Schedule | AdaptiveSchedule,
         *,
         seed: int = 0,
         noise: torch.Tensor | None = None,
@@ -326,20 +331,23 @@ class Classifier:
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
         latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)
-        for index, score in scorer.run(latents):
-            result = self._result(index, sources[index], score, prompts)
-            result.sha256 = digests.get(index)
-            yield result
+        try:
+            for index, score in scorer.run(latents):
+                result = self._result(index, sources[index], score, prompts)
+                result.sha256 = digests.get(index)
+                yield result
+        except NonFiniteError as e:
+            raise DiffclsError(e.message(sources.get(e.key, f"<image {e.key}>"))) from None
         for r, secs in scorer.stats.round_seconds.items():
             self.timer.add(f"unet_round_{r + 1}", secs)
         for secs in scorer.stats.unet_seconds:
             self.timer.add("unet_call", secs)
 
-    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule, **kw) -> list[ImageResult]:
+    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule | AdaptiveSchedule, **kw) -> list[ImageResult]:
         """All results, in input order."""
         return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)
 
-    def noise_bank(self, schedule: Schedule, seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def noise_bank(self, schedule: Schedule | AdaptiveSchedule, seed: int, noise: torch.Tensor | None = None) -> torch.Tensor:
         shape = (schedule.noise_bank_size(), *self.engines.latent_shape)
         if noise is None:
             return make_noise_bank(schedule, self.engines.latent_shape, seed)

@@ -114,3 +114,100 @@ def default_schedule(n_prompts: int, n_samples=(50, 500), to_keep=(5, 1), **kw) 
     """The default (paper's CIFAR-10) schedule with the first round's keep capped at n_prompts."""
     ks = tuple(min(k, n_prompts) for k in to_keep)
     return Schedule(n_samples=tuple(n_samples), to_keep=ks, **kw)
+
+
+RULES = ("mixture", "kim-nelson")
+
+
+def van_der_corput_order(m: int) -> list[int]:
+    """0..m-1 in bit-reversal order: every prefix is spread evenly over the range.
+
+    The bit-reversed counter over the next power of two, skipping values >= m (so for m = 2^b
+    every prefix of length 2^j is exactly every 2^(b-j)-th point).
+    """
+    if m <= 1:
+        return list(range(m))
+    bits = (m - 1).bit_length()
+    order = []
+    for i in range(1 << bits):
+        r = int(format(i, f"0{bits}b")[::-1], 2)
+        if r < m:
+            order.append(r)
+    return order
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """Sequential evaluation: each image stops once its answer is statistically settled.
+
+    Timesteps come from the fine grid of `max_samples` points in van der Corput order (the k-th
+    timestep evaluated uses noise bank[k * n_trials + j], as in the fixed schedule); every
+    prompt still alive is evaluated at every timestep taken (paired samples). After the first
+    `min_samples` timesteps, prompts are eliminated by paired sequential tests with overall
+    error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.policy`).
+    """
+
+    error_rate: float = 0.1  # alpha: P(the best prompt is eliminated) <= alpha
+    min_samples: int = 12  # n0: first-stage timesteps for every prompt (variance estimates)
+    max_samples: int = 500  # budget: timesteps per prompt (the grid size); then lowest mean wins
+    rule: str = "mixture"  # "mixture" (indifference-zone-free) or "kim-nelson"
+    rel_delta: float = 0.05  # kim-nelson only: delta = rel_delta * mean error of the first stage
+    n_trials: int = 1  # noise draws per timestep (one sample = their mean error)
+    loss: str = "l2"
+
+    def __post_init__(self):
+        object.__setattr__(self, "error_rate", float(self.error_rate))
+        object.__setattr__(self, "rel_delta", float(self.rel_delta))
+        object.__setattr__(self, "min_samples", int(self.min_samples))
+        object.__setattr__(self, "max_samples", int(self.max_samples))
+        object.__setattr__(self, "n_trials", int(self.n_trials))
+        if isinstance(self.loss, Loss):
+            object.__setattr__(self, "loss", self.loss.value)
+
+    def noise_bank_size(self) -> int:
+        return self.max_samples * self.n_trials
+
+    def validate(self, n_prompts: int, num_train_timesteps: int = 1000) -> "AdaptiveSchedule":
+        T = num_train_timesteps
+        if not 0.0 < self.error_rate < 1.0:
+            raise DiffclsError(f"--error-rate {self.error_rate:g} must be between 0 and 1 (exclusive), e.g. --error-rate 0.05")
+        if self.max_samples < 2:
+            raise DiffclsError(f"--max-samples {self.max_samples} must be >= 2")
+        if self.max_samples > T:
+            raise DiffclsError(f"--max-samples {self.max_samples} exceeds the model's {T} training timesteps; use at most {T}")
+        if not 2 <= self.min_samples <= self.max_samples:
+            raise DiffclsError(
+                f"--min-samples {self.min_samples} must be between 2 and --max-samples {self.max_samples} (a variance needs 2 samples)"
+            )
+        if self.rule not in RULES:
+            raise DiffclsError(f"unknown adaptive rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if not self.rel_delta > 0.0:
+            raise DiffclsError(f"--rel-delta {self.rel_delta:g} must be > 0, e.g. --rel-delta 0.05")
+        if self.n_trials < 1:
+            raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
+        if self.loss not in LOSSES:
+            raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if n_prompts < 1:
+            raise DiffclsError("no prompts to score; give at least one")
+        return self
+
+    def grid(self, num_train_timesteps: int = 1000) -> list[int]:
+        """The fine grid of max_samples evenly spaced timesteps (as `Schedule.grid`)."""
+        T, M = num_train_timesteps, self.max_samples
+        return list(range(T // M // 2, T, T // M))[:M]
+
+    def timestep_order(self, num_train_timesteps: int = 1000) -> list[int]:
+        """The grid's timesteps in evaluation order: position k uses noise bank[k * n_trials + j]."""
+        grid = self.grid(num_train_timesteps)
+        return [grid[i] for i in van_der_corput_order(len(grid))]
+
+    def evals_upper_bound(self, n_prompts: int, num_train_timesteps: int = 1000) -> int:
+        """The most UNet evaluations one image can take: every prompt to the budget."""
+        return n_prompts * self.max_samples * self.n_trials
+
+    def describe(self) -> str:
+        delta = f" rel_delta={self.rel_delta:g}" if self.rule == "kim-nelson" else ""
+        return (
+            f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
+            f"max_samples={self.max_samples}{delta} n_trials={self.n_trials} loss={self.loss}"
+        )

@@ -8,6 +8,9 @@ For one image with latent x0 and prompts c (DESIGN.md, "The scoring loop"):
              err = mean_{C,H,W} loss(eps, unet(x_t, t, E[c]))
              score(c) = mean of all of c's errors so far; keep the k_i lowest scores.
 
+Which samples an image needs is its policy's business (`diffcls.runtime.policy`): the fixed
+schedule above (`FixedPolicy`) or sequential elimination (`SequentialPolicy`, `AdaptiveSchedule`).
+Each policy hands out a block of (prompt, k, trial) items at a time and receives their errors.
 Every (image, prompt, t, trial) is independent given x0, so the `Scorer` keeps a FIFO queue of
 work items from several images in flight and runs the UNet only at full batches of the chosen
 size; a new image is admitted whenever the queue cannot fill a batch. Only the final batch of a
@@ -17,6 +20,7 @@ errors come back to the host.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.policy import make_policy
+from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
 
 
 @dataclass
@@ -40,14 +45,19 @@ class ImageScore:
     n_evals: int
 
 
-def make_noise_bank(schedule: Schedule, latent_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+def make_noise_bank(schedule: Schedule | AdaptiveSchedule, latent_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     """M * n_trials standard-normal latents from one seeded CPU generator (float32)."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn((schedule.noise_bank_size(), *latent_shape), generator=g, dtype=torch.float32)
 
 
 def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.Tensor:
-    """mean over (C, H, W) of the elementwise loss, in float32 -> (B,)."""
+    """mean over (C, H, W) of the elementwise loss -> (B,) float64.
+
+    Elementwise in float32, then each sample's mean accumulated in float64 over its own
+    C*H*W values: how a kernel splits that reduction (which can follow the batch size on a
+    GPU) moves the result by ~1e-16 relative, far below the UNet's own batch-size effects.
+    """
     pred = pred.float()
     if loss == "l2":
         e = F.mse_loss(eps, pred, reduction="none")
@@ -57,64 +67,61 @@ def per_sample_loss(eps: torch.Tensor, pred: torch.Tensor, loss: str) -> torch.T
         e = F.huber_loss(eps, pred, reduction="none", delta=1.0)
     else:
         raise ValueError(loss)
-    return e.mean(dim=(1, 2, 3))
+    return e.flatten(1).double().mean(dim=1)
+
+
+class NonFiniteError(DiffclsError):
+    """A UNet error came out NaN or inf: the image's scores would be meaningless."""
+
+    def __init__(self, key, prompt: int, t: int):
+        self.key, self.prompt, self.t = key, prompt, t
+        super().__init__(self.message(f"image {key!r}"))
+
+    def message(self, name: str) -> str:
+        return (
+            f"{name}: the UNet's error is not finite (NaN or inf) for prompt {self.prompt} at t={self.t}; "
+            "the image's latent is not finite or the model overflows in fp16: "
+            "rerun with --precision fp32 (and --no-cache to re-encode the latent)"
+        )
 
 
 class _Image:
-    """Per-image state: current round, remaining prompts, running sums."""
+    """Per-image state: its policy, the block in flight, every error so far."""
 
-    def __init__(self, key, slot: int, n_prompts: int, rounds, schedule: Schedule):
+    def __init__(self, key, slot: int, policy):
         self.key = key
         self.slot = slot
-        self.rounds = rounds
-        self.schedule = schedule
-        self.round = -1
-        self.remaining = list(range(n_prompts))
-        self.sums = [0.0] * n_prompts
-        self.counts = [0] * n_prompts
+        self.policy = policy
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
         self.errors: list[tuple[int, int, int, float]] = []
         self.pending = 0
-        self.eliminated: list[list[int]] = []  # prompts pruned after each round, best first
+        self.phase = 0  # the policy's phase of the block in flight (fixed schedule: the round)
 
-    def next_round_items(self) -> list[tuple["_Image", int, int, int, int]]:
-        """(image, prompt, k, t, trial) for the next round; empty if done."""
-        self.round += 1
-        if self.round >= len(self.rounds):
+    def next_items(self) -> list[tuple["_Image", int, int, int, int]]:
+        """(image, prompt, k, t, trial) of the policy's next block; empty if it is done."""
+        if self.policy.done:
             return []
-        n_trials = self.schedule.n_trials
-        items = [
-            (self, c, k, t, j)
-            for c in self.remaining
-            for (k, t) in self.rounds[self.round]
-            for j in range(n_trials)
-        ]
+        self.phase = self.policy.phase
+        ts = self.policy.timesteps
+        items = [(self, c, k, ts[k], j) for c, k, j in self.policy.next_block()]
         self.pending = len(items)
         return items
 
-    def record(self, c: int, t: int, j: int, err: float) -> None:
+    def record(self, c: int, k: int, t: int, j: int, err: float) -> None:
         self.errors.append((c, t, j, err))
-        self.sums[c] += err
-        self.counts[c] += 1
+        self.sums[c] = self.sums.get(c, 0.0) + err
+        self.counts[c] = self.counts.get(c, 0) + 1
         self.pending -= 1
-
-    def score(self, c: int) -> float:
-        return self.sums[c] / self.counts[c] if self.counts[c] else float("inf")
-
-    def prune(self) -> None:
-        keep = self.schedule.to_keep[self.round]
-        order = sorted(self.remaining, key=lambda c: (self.score(c), c))  # ties: lower index
-        self.eliminated.append(order[keep:])
-        self.remaining = order[:keep]
+        self.policy.feed(c, k, j, err)
 
     def result(self) -> ImageScore:
-        ranking = list(self.remaining)
-        for pruned in reversed(self.eliminated):
-            ranking.extend(pruned)
+        res = self.policy.result()
         return ImageScore(
-            prediction=self.remaining[0],
-            scores={c: self.score(c) for c in range(len(self.sums)) if self.counts[c]},
+            prediction=res.prediction,
+            scores={c: self.sums[c] / self.counts[c] for c in sorted(self.sums)},
             errors=self.errors,
-            ranking=ranking,
+            ranking=res.ranking,
             n_evals=len(self.errors),
         )
 
@@ -147,7 +154,7 @@ class Scorer:
         unet,
         embeddings: torch.Tensor,
         alphas_cumprod: torch.Tensor,
-        schedule: Schedule,
+        schedule: Schedule | AdaptiveSchedule,
         noise_bank: torch.Tensor,
         batch_size: int,
         *,
@@ -180,7 +187,7 @@ class Scorer:
         self.sqrt_a = ac.sqrt()
         self.sqrt_1ma = (1.0 - ac).sqrt()
         self.bank = noise_bank.to(self.device, torch.float32)
-        self.rounds = schedule.rounds(int(alphas_cumprod.shape[0]))
+        self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.stats = ScoreStats()
         self.sync_timing = sync_timing
         self._table: torch.Tensor | None = None  # (capacity, C, h, w) latents of images in flight
@@ -211,6 +218,7 @@ class Scorer:
         slots, prompts, noise_idx, ts = idx.unbind(1)
         x0 = self._table.index_select(0, slots)  # (B, C, h, w)
         eps = self.bank.index_select(0, noise_idx)  # (B, C, h, w)
+        # --- noising, UNet, loss against the target (epsilon prediction: the noise itself) -------
         a = self.sqrt_a.index_select(0, ts).view(-1, 1, 1, 1)
         s = self.sqrt_1ma.index_select(0, ts).view(-1, 1, 1, 1)
         x_t = a * x0 + s * eps
@@ -222,13 +230,20 @@ class Scorer:
         start = time.perf_counter()
         pred = self.unet(feed)["out_sample"]
         target = a * eps - s * x0 if self.v_prediction else eps
-        err = per_sample_loss(target, pred, self.schedule.loss)[:n].tolist()  # syncs
+        err = per_sample_loss(target, pred, self.schedule.loss)[:n]  # (n,)
+        # -----------------------------------------------------------------------------------------
+        # one transfer, the only host sync: the errors and, last, whether every one is finite
+        host = torch.cat([err, torch.isfinite(err).all().to(err.dtype).view(1)]).tolist()
         elapsed = time.perf_counter() - start
         self.stats.unet_calls += 1
         self.stats.unet_evals += n
         self.stats.padded += size - n
         self.stats.unet_seconds.append(elapsed)
-        return err, elapsed
+        if host[n] != 1.0:
+            bad = next(i for i, e in enumerate(host[:n]) if not math.isfinite(e))
+            image, c, _k, t, _j = items[bad]
+            raise NonFiniteError(image.key, c, t)
+        return host[:n], elapsed
 
     def _padded_size(self, n: int) -> int:
         sizes = self.unet.batch_sizes
@@ -254,23 +269,23 @@ class Scorer:
                 except StopIteration:
                     exhausted = True
                     break
-                image = _Image(key, self._store(x0), self.n_prompts, self.rounds, self.schedule)
-                queue.extend(image.next_round_items())
+                policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps)
+                image = _Image(key, self._store(x0), policy)
+                queue.extend(image.next_items())
             if not queue:
                 return
             batch = [queue.popleft() for _ in range(min(B, len(queue)))]
             errors, elapsed = self._run_batch(batch)
-            for (image, c, _k, t, j), err in zip(batch, errors):
-                image.record(c, t, j, err)
             per_round = self.stats.round_seconds
             for image, *_ in batch:
-                per_round[image.round] = per_round.get(image.round, 0.0) + elapsed / len(batch)
-            done_round = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
-            for image in done_round.values():
-                image.prune()
+                per_round[image.phase] = per_round.get(image.phase, 0.0) + elapsed / len(batch)
+            for (image, c, k, t, j), err in zip(batch, errors):
+                image.record(c, k, t, j, err)
+            done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
+            for image in done_block.values():
                 if on_round is not None:
-                    on_round(image.key, image.round)
-                items = image.next_round_items()
+                    on_round(image.key, image.phase)
+                items = image.next_items()
                 if items:
                     queue.extend(items)
                 else:

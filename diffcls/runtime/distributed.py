@@ -1,0 +1,319 @@
+"""One folder across many GPUs and machines with Ray Data (shards by hand: `runtime.shards`).
+
+Ray (`diffcls classify FOLDER --ray`): a Ray Data dataset of image *paths* (not pixels) goes
+through `map_batches` with `ScoreWorker`, a callable class whose constructor opens the engines
+once per worker; results stream back to the driver, which writes them through the same results
+writer as a single process. An image is the unit of work (the adaptive schedule makes image
+costs uneven; Ray balances them). Ray restarts a killed worker and retries its unfinished
+images; the driver drops a result it already has and, after the stream ends, dispatches again
+any image no result came back for, so nothing is lost or written twice.
+
+Scores do not depend on how images are split: the noise bank depends only on the seed, and an
+image's errors only on its latent, the prompts and the bank.
+
+Everything a worker needs travels as a `WorkerSpec` of plain values (paths, strings, the
+prompt set, the schedule, the noise tensor): the worker builds its own `Classifier` from it.
+Ray is an optional dependency (`pip install "diffcls[ray]"`), imported inside the functions
+that use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from diffcls.errors import DiffclsError, missing_extra
+from diffcls.runtime.classifier import Classifier, ImageResult
+from diffcls.runtime.prompts import PromptSet
+from diffcls.runtime.schedule import Schedule
+
+
+# --- what a worker is given -----------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to open a `Classifier` and score images; plain and picklable."""
+
+    classifier: dict  # keyword arguments of Classifier.from_pretrained (paths, strings, numbers)
+    prompts: PromptSet
+    schedule: Schedule
+    seed: int = 0
+    noise: Any = None  # torch.Tensor | None: an explicit noise bank instead of the seed's
+    batch_size: int = 32  # UNet batch size
+    interpolation: str = "bicubic"
+    decode_workers: int = 2  # threads that decode images inside each worker
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def engine_info(clf: Classifier) -> dict:
+    """What the driver needs to know about the engines a worker opened (for the results file)."""
+    e = clf.engines
+    return {
+        "fingerprint": e.fingerprint,
+        "backend": e.backend,
+        "precision": e.precision,
+        "image_size": e.image_size,
+        "num_train_timesteps": e.num_train_timesteps,
+        "device": str(e.device),
+    }
+
+
+def _cause(e: BaseException) -> str:
+    msg = str(e) if isinstance(e, DiffclsError) else f"{type(e).__name__}: {e}"
+    return " ".join(msg.split())
+
+
+def open_worker_classifier(spec: WorkerSpec) -> Classifier:
+    """The worker's Classifier; a DiffclsError that says why it cannot be opened or used."""
+    try:
+        clf = Classifier.from_pretrained(**spec.classifier)
+    except Exception as e:  # noqa: BLE001 - missing extra, wrong GPU, unreadable model: one line
+        raise DiffclsError(f"cannot open the engines: {_cause(e)}") from e
+    spec.schedule.validate(len(spec.prompts), clf.engines.num_train_timesteps)
+    return clf
+
+
+def result_to_json(r: ImageResult) -> str:
+    """An ImageResult as JSON (every public field; floats round-trip exactly)."""
+    d = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if not f.name.startswith("_")}
+    d["scores"] = {str(k): v for k, v in d["scores"].items()}
+    return json.dumps(d)
+
+
+def result_from_json(text: str, prompts: PromptSet) -> ImageResult:
+    d = json.loads(text)
+    d["scores"] = {int(k): v for k, v in d["scores"].items()}
+    d["errors"] = [tuple(e) for e in d["errors"]]
+    return ImageResult(**d, _prompts=prompts)
+
+
+class ScoreWorker:
+    """Ray Data callable class: opens the engines once, then scores batches of image paths.
+
+    Input batch: {"i": indices, "path": file paths as bytes}. Output: one row per input image,
+    {"i", "worker", "kind", "payload", "seconds"} with kind "result" (payload: the result as
+    JSON), "skip" (payload: why the file is not an image) or "fatal" (payload: why this worker
+    cannot score at all: the driver stops the run with that line).
+    """
+
+    def __init__(self, spec: WorkerSpec):
+        self.name = worker_name()
+        self.spec = spec
+        self.error: str | None = None
+        try:
+            self.clf = open_worker_classifier(spec)
+            self.clf.encode_prompts(spec.prompts)  # once per worker: the classifier keeps them
+        except Exception as e:  # noqa: BLE001 - reported to the driver as one line
+            self.clf = None
+            self.error = _cause(e)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        idx = [int(i) for i in batch["i"]]
+        paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
+        start = time.perf_counter()
+        kinds, payloads = {}, {}
+        if self.error is not None:
+            kinds = {i: "fatal" for i in idx}
+            payloads = {i: self.error for i in idx}
+        else:
+            s = self.spec
+
+            def on_skip(path, msg):
+                i = idx[paths.index(path)]
+                kinds[i], payloads[i] = "skip", msg
+
+            try:
+                for r in self.clf.iter_classify(
+                    paths,
+                    s.prompts,
+                    s.schedule,
+                    seed=s.seed,
+                    noise=s.noise,
+                    batch_size=s.batch_size,
+                    interpolation=s.interpolation,
+                    workers=s.decode_workers,
+                    on_skip=on_skip,
+                ):
+                    i = idx[r.index]
+                    kinds[i], payloads[i] = "result", result_to_json(r)
+            except Exception as e:  # noqa: BLE001 - a broken engine stops the run, in one line
+                kinds = {i: "fatal" for i in idx}
+                payloads = {i: f"failed while scoring {paths[0]}: {_cause(e)}" for i in idx}
+        per_image = (time.perf_counter() - start) / max(1, len(idx))
+        return {
+            "i": np.array(idx, dtype=np.int64),
+            "worker": np.array([self.name] * len(idx), dtype=object),
+            "kind": np.array([kinds.get(i, "lost") for i in idx], dtype=object),
+            "payload": np.array([payloads.get(i, "") for i in idx], dtype=object),
+            "seconds": np.array([per_image] * len(idx), dtype=np.float64),
+        }
+
+
+def _probe(spec: WorkerSpec) -> dict:
+    """Runs on one worker before any image is dispatched: open the engines, describe them."""
+    name = worker_name()
+    try:
+        clf = open_worker_classifier(spec)
+    except Exception as e:  # noqa: BLE001
+        return {"worker": name, "error": _cause(e)}
+    return {"worker": name, **engine_info(clf)}
+
+
+# --- the driver -----------------------------------------------------------------------------
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise missing_extra("ray[data]", "ray") from None
+    return ray
+
+
+@dataclass
+class WorkerStats:
+    images: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class RayRunner:
+    """Scores image paths on a Ray cluster with `workers` ScoreWorker actors.
+
+        with RayRunner(spec, workers=2) as runner:     # joins or starts a cluster, probes a worker
+            for result in runner.iter_classify(paths, on_skip=...):
+                ...
+
+    A cluster that is already initialized in this process (`ray.init` called before) is used
+    as it is and left running; one this runner started is shut down on close.
+    """
+
+    spec: WorkerSpec
+    address: str | None = None  # None: the running cluster (ray.init already called) or a local one
+    workers: int | None = None  # None: one per GPU (with gpus_per_worker > 0), else 1
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None  # None: 1 with GPUs, else the cluster's CPUs / workers (torch threads)
+    images_per_task: int = 1  # images per map_batches call (an image is the unit of work)
+    max_passes: int = 3  # dispatch rounds for images no result came back for
+    info: dict = field(default_factory=dict)  # engine_info from the probe, and "worker"
+    worker_stats: dict[str, WorkerStats] = field(default_factory=dict)
+    _owns: bool = False
+
+    def __enter__(self) -> "RayRunner":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> dict:
+        ray = import_ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.address, include_dashboard=False, logging_level="warning", log_to_driver=False)
+            except ConnectionError as e:
+                raise DiffclsError(f"--ray-address {self.address}: cannot connect to a Ray cluster ({_cause(e)}); start one with `ray start --head` or drop --ray-address") from None
+            self._owns = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver draws its own bar
+        try:
+            ctx.print_on_execution_start = False
+        except AttributeError:  # pragma: no cover - older Ray
+            pass
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if self.gpus_per_worker is None:
+            self.gpus_per_worker = 1.0 if gpus > 0 else 0.0
+        if self.gpus_per_worker > gpus:
+            raise DiffclsError(
+                f"--gpus-per-worker {self.gpus_per_worker:g}: the Ray cluster has {gpus:g} GPUs; "
+                "lower it (0 runs on CPUs)"
+            )
+        if self.workers is None:
+            self.workers = max(1, int(gpus // self.gpus_per_worker)) if self.gpus_per_worker > 0 else 1
+        if self.cpus_per_worker is None:  # GPU workers: 1 CPU each; CPU workers share the CPUs evenly
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            self.cpus_per_worker = 1.0 if self.gpus_per_worker > 0 else max(1.0, float(int(cpus // self.workers)))
+        probe = ray.remote(_probe).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)
+        info = ray.get(probe.remote(self.spec))
+        if "error" in info:
+            raise DiffclsError(f"Ray worker {info['worker']}: {info['error']}")
+        self.info = info
+        return info
+
+    def close(self) -> None:
+        if self._owns:
+            import ray
+
+            ray.shutdown()
+            self._owns = False
+
+    def iter_classify(self, paths: list[str], on_skip: Callable[[str, str], None] | None = None) -> Iterator[ImageResult]:
+        """Yield one ImageResult per good image (in the order they finish), each exactly once."""
+        seen: set[int] = set()
+        todo = list(range(len(paths)))
+        for _ in range(self.max_passes):
+            if not todo:
+                return
+            for kind, i, payload in self._dispatch(paths, todo):
+                if i in seen:
+                    continue  # a retried task's second answer
+                seen.add(i)
+                if kind == "result":
+                    r = result_from_json(payload, self.spec.prompts)
+                    r.index, r.source = i, paths[i]
+                    yield r
+                elif on_skip is None:
+                    raise DiffclsError(payload)
+                else:
+                    on_skip(paths[i], payload)
+            todo = [i for i in todo if i not in seen]
+        if todo:
+            raise DiffclsError(
+                f"{len(todo)} images got no result after {self.max_passes} dispatch rounds (e.g. {paths[todo[0]]}); "
+                "rerun the same command to resume"
+            )
+
+    def _dispatch(self, paths: list[str], todo: list[int]) -> Iterator[tuple[str, int, str]]:
+        ray = import_ray()
+        ds = ray.data.from_items([{"i": i, "path": os.fsencode(paths[i])} for i in todo])
+        ds = ds.map_batches(
+            ScoreWorker,
+            fn_constructor_kwargs={"spec": self.spec},
+            batch_size=self.images_per_task,
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker or None,
+        )
+        rows = ds.iter_rows()
+        it = iter(rows)
+        try:
+            for row in it:
+                kind, i, worker = row["kind"], int(row["i"]), row["worker"]
+                if kind == "fatal":
+                    raise DiffclsError(f"Ray worker {worker}: {row['payload']}")
+                if kind == "lost":
+                    continue  # dispatched again in the next pass
+                st = self.worker_stats.setdefault(worker, WorkerStats())
+                st.images += 1
+                st.busy_s += float(row["seconds"])
+                yield kind, i, row["payload"]
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def summary(self) -> str:
+        """'host:123 5 images 1.2 img/s, host:456 ...' (images/s over each worker's busy time)."""
+        parts = []
+        for name, st in sorted(self.worker_stats.items()):
+            rate = st.images / st.busy_s if st.busy_s > 0 else 0.0
+            parts.append(f"{name} {st.images} images {rate:.2f} img/s")
+        return ", ".join(parts)

@@ -1,0 +1,76 @@
+"""`--adaptive` through the CLI: flags, evaluations per image in every report, resume settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from diffcls.cli.app import app
+from diffcls.cli.settings import RunSettings
+
+runner = CliRunner()
+ADAPTIVE = ["--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--max-samples", "8", "--batch-size", "8"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_classify_adaptive_records_the_schedule_and_evals(tmp_path, tiny_dir, image_folder):
+    out = tmp_path / "r.csv"
+    r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *ADAPTIVE, "--out", out, "--no-cache")
+    assert r.exit_code == 0, r.output
+    assert "UNet evals/image" in r.output
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert len(rows) == 6
+    n_evals = [int(row["n_evals"]) for row in rows]
+    assert all(3 * 3 <= n <= 3 * 8 for n in n_evals)  # the first stage at least, the budget at most
+    settings = json.loads((tmp_path / "r.csv.settings.json").read_text())
+    assert settings["schedule"].startswith("adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=8")
+    # the same --out with the fixed schedule is refused, not mixed
+    r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", "--n-samples", "4,8", "--to-keep", "2,1", "--out", out, "--no-cache")
+    assert r.exit_code == 2 and "schedule" in r.output
+
+
+def test_evaluate_json_reports_evals_per_image(tmp_path, tiny_dir, image_folder):
+    metrics = tmp_path / "m.json"
+    r = invoke("evaluate", image_folder, "--model", tiny_dir, *ADAPTIVE, "--json", metrics, "--out", tmp_path / "r.csv", "--no-cache")
+    assert r.exit_code == 0, r.output
+    m = json.loads(metrics.read_text())
+    rows = list(csv.DictReader(open(tmp_path / "r.csv", newline="")))
+    assert m["evals_per_image"] == sum(int(row["n_evals"]) for row in rows) / len(rows)
+    assert "top1" in m and m["schedule"].startswith("adaptive")
+    assert f"UNet evaluations per image: {m['evals_per_image']:.1f}" in r.output
+
+
+def test_profile_shows_the_distribution_of_evals(tmp_path, tiny_dir, image_folder):
+    out_json = tmp_path / "p.json"
+    r = invoke("profile", image_folder, "--model", tiny_dir, "--classes", "cat,dog,car", *ADAPTIVE, "--limit", "4", "--no-cache", "--json", out_json)
+    assert r.exit_code == 0, r.output
+    ev = json.loads(out_json.read_text())["evals_per_image"]
+    assert ev["p50"] <= ev["p90"] <= ev["max"] <= 3 * 8 and ev["mean"] * 4 == json.loads(out_json.read_text())["unet_evals"]
+    assert "UNet evaluations per image: mean" in r.output and "p90" in r.output
+
+
+def test_adaptive_flags_are_checked_before_any_work(tmp_path, image_folder):
+    one_line_error(invoke("classify", image_folder, "--adaptive", "--n-samples", "4,8", "--to-keep", "2,1"), "--adaptive replaces")
+    one_line_error(invoke("classify", image_folder, "--error-rate", "0.1"), "--error-rate applies to adaptive evaluation only", "add --adaptive")
+    one_line_error(invoke("classify", image_folder, "--adaptive", "--error-rate", "2"), "--error-rate 2 must be between 0 and 1")
+    one_line_error(invoke("classify", image_folder, "--adaptive", "--min-samples", "1"), "--min-samples 1")
+    one_line_error(invoke("classify", image_folder, "--adaptive", "--max-samples", "5000"), "--max-samples 5000")
+
+
+def test_settings_build_the_adaptive_schedule():
+    s = RunSettings.from_options(adaptive=True, error_rate=0.2, max_samples=100)
+    sched = s.adaptive_schedule()
+    assert (sched.error_rate, sched.max_samples, sched.min_samples, sched.rule) == (0.2, 100, 12, "mixture")

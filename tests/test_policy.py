@@ -1,0 +1,303 @@
+"""Adaptive evaluation (issue 10): the sequential policy against a plain re-implementation of its
+rule, its error guarantee in simulation, and its independence from batching."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcls.errors import DiffclsError
+from diffcls.runtime.policy import FixedPolicy, SequentialPolicy, make_policy, mixture_constants
+from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, van_der_corput_order
+from diffcls.runtime.scoring import Scorer, make_noise_bank
+
+PROMPTS = [f"a photo of class {i}" for i in range(6)]
+
+
+# --- the plain version, written from docs/adaptive.md ------------------------------------------
+def plain_order(M: int, T: int) -> list[int]:
+    grid = list(range(T // M // 2, T, T // M))[:M]
+    bits = max(1, (M - 1).bit_length())
+    rev = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(2**bits)]
+    return [grid[i] for i in rev if i < M]
+
+
+def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000):
+    """error(c, k, t, j) -> float. Returns (prediction, ranking, {(c, t, j): error})."""
+    ts = plain_order(p.max_samples, T)
+    alive = list(range(K))
+    X = {c: [] for c in range(K)}
+    table = {}
+    out_groups = []
+    s2 = None
+    for r in range(1, p.max_samples + 1):
+        k = r - 1
+        t = ts[k]
+        for c in alive:
+            errs = []
+            for j in range(p.n_trials):
+                e = error(c, k, t, j)
+                table[(c, t, j)] = e
+                errs.append(e)
+            x = 0.0
+            for e in errs:
+                x += e
+            X[c].append(x / p.n_trials if p.n_trials > 1 else x)
+        if r == p.min_samples:
+            n0 = p.min_samples
+            s2 = {(i, j): statistics.variance([X[i][s] - X[j][s] for s in range(n0)]) for i in range(K) for j in range(K) if i != j}
+            first_mean = sum(X[c][s] for c in range(K) for s in range(n0)) / (n0 * K)
+        if r >= p.min_samples and len(alive) > 1:
+            def total(c):
+                acc = 0.0
+                for v in X[c]:
+                    acc += v
+                return acc
+
+            def bound(i, j):
+                if p.rule == "mixture":
+                    c, rho2 = mixture_constants(K, p.error_rate, p.min_samples, p.max_samples)  # tested below
+                    return math.sqrt(s2[i, j]) * math.sqrt((r + 1 / rho2) * (c + math.log(1 + rho2 * r)))
+                eta = 0.5 * ((2 * p.error_rate / (K - 1)) ** (-2 / (p.min_samples - 1)) - 1)
+                h2 = 2 * eta * (p.min_samples - 1)
+                delta = p.rel_delta * first_mean
+                return max(0.0, h2 * s2[i, j] / (2 * delta) - delta * r / 2)
+
+            drop = [i for i in alive if any(total(i) - total(j) > bound(i, j) for j in alive if j != i)]
+            if drop:
+                out_groups.append(sorted(drop, key=lambda c: (total(c), c)))
+                alive = [c for c in alive if c not in drop]
+        if len(alive) == 1:
+            break
+    final = sorted(alive, key=lambda c: (sum(X[c]), c))
+    ranking = final + [c for g in reversed(out_groups) for c in g]
+    return final[0], ranking, table
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny, tiny_engines):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = tiny.vae.encode(images).latent_dist.mean * tiny.scaling_factor
+        emb = tiny.text_encoder(tiny_engines.tokenize(PROMPTS)).last_hidden_state
+    # a random tiny model barely tells its prompts apart; scaled embeddings give the rule gaps to find
+    return latents, emb * torch.tensor([0.0, 1.0, 4.0, 8.0, 12.0, 16.0])[:, None, None]
+
+
+def unet_error(tiny, x0, emb, bank, n_trials, loss):
+    ac = tiny.alphas_cumprod
+
+    def error(c, k, t, j):
+        eps = bank[k * n_trials + j]
+        x_t = ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * eps
+        with torch.no_grad():
+            pred = tiny.unet(x_t[None], torch.tensor([t]), encoder_hidden_states=emb[c][None]).sample[0]
+        fn = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": lambda a, b: F.huber_loss(a, b, delta=1.0)}[loss]
+        return float(fn(pred, eps))
+
+    return error
+
+
+def run_scorer(engines, emb, latents, schedule, bank, batch_size, keys=None):
+    scorer = Scorer(engines.unet, emb, engines.alphas_cumprod, schedule, bank, batch_size)
+    keys = keys if keys is not None else range(len(latents))
+    return dict(scorer.run((i, latents[i]) for i in keys)), scorer.stats
+
+
+ADAPTIVE = [
+    AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16),
+    AdaptiveSchedule(error_rate=0.3, min_samples=5, max_samples=12, n_trials=2, loss="l1"),
+    AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=16, rule="kim-nelson", rel_delta=0.02),
+]
+
+
+@pytest.mark.parametrize("schedule", ADAPTIVE, ids=lambda s: s.describe().replace(" ", "_"))
+def test_sequential_policy_matches_plain_rule_on_a_tiny_model(tiny, tiny_engines, inputs, schedule):
+    latents, emb = inputs
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=3)
+    got, stats = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=8)
+    eliminated_any = False
+    for i in range(len(latents)):
+        error = unet_error(tiny, latents[i], emb, bank, schedule.n_trials, schedule.loss)
+        pred, ranking, table = plain_sequential(error, len(PROMPTS), schedule)
+        assert got[i].prediction == pred
+        assert got[i].ranking == ranking
+        mine = {(c, t, j): e for c, t, j, e in got[i].errors}
+        assert mine.keys() == table.keys()
+        assert max(abs(mine[key] - table[key]) for key in table) < 1e-5
+        assert got[i].n_evals == len(table) <= schedule.evals_upper_bound(len(PROMPTS))
+        eliminated_any |= len(table) < schedule.evals_upper_bound(len(PROMPTS))
+    assert eliminated_any  # the rule acted: some image stopped before the budget
+    assert stats.unet_evals == sum(r.n_evals for r in got.values())
+
+
+def test_results_do_not_depend_on_batch_size_or_on_images_sharing_a_batch(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    base, _ = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=5)
+    runs = [run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=b)[0] for b in (3, 32)]
+    runs.append({2: run_scorer(tiny_engines, emb, latents[2:3], schedule, bank, batch_size=8)[0][0]})  # alone
+    for got in runs:
+        for i, r in got.items():
+            assert r.prediction == base[i].prediction and r.ranking == base[i].ranking
+            a = {(c, t, j): e for c, t, j, e in base[i].errors}
+            b = {(c, t, j): e for c, t, j, e in r.errors}
+            assert a.keys() == b.keys()
+            assert max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
+def test_batches_stay_full_while_images_need_different_work(tiny_engines, inputs):
+    latents, emb = inputs
+    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    seen = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.spec, self.device, self.dtype = inner, inner.spec, inner.device, inner.dtype
+            self.component, self.batch_sizes = "unet", None
+
+        def __call__(self, feed):
+            seen.append(feed["sample"].shape[0])
+            return self.inner(feed)
+
+    calls_before_last_image = []
+
+    def source():
+        for i in range(6):
+            if i == 5:
+                calls_before_last_image.append(len(seen))
+            yield i, latents[i % 3]
+
+    scorer = Scorer(Counting(tiny_engines.unet), emb, tiny_engines.alphas_cumprod, schedule, bank, 7)
+    got = dict(scorer.run(source()))
+    assert len({r.n_evals for r in got.values()}) > 1  # images stopped at different points
+    n = calls_before_last_image[0]
+    assert n > 10 and seen[:n] == [7] * n  # full batches while images remain to be admitted
+    assert sum(seen) == scorer.stats.unet_evals == sum(r.n_evals for r in got.values())
+
+
+# --- the rule's guarantee, in simulation -----------------------------------------------------
+def simulate(params: AdaptiveSchedule, means, runs, seed, sd_common=0.5, sd_own=0.1):
+    """Paired Gaussian errors X_c(r) = means[c] + Z(r) + e_c(r) (Z shared by all prompts at a
+    timestep, like a (t, noise) sample). Returns (wrong-elimination rate, mean evaluations)."""
+    rng = np.random.default_rng(seed)
+    K, M = len(means), params.max_samples
+    means = np.asarray(means)
+    best = int(np.argmin(means))
+    wrong, evals = 0, 0
+    for _ in range(runs):
+        X = means[None, :] + rng.normal(0.0, sd_common, (M, 1)) + rng.normal(0.0, sd_own, (M, K))
+        policy = SequentialPolicy(K, params)
+        while not policy.done:
+            for c, k, j in policy.next_block():
+                policy.feed(c, k, j, X[k, c])
+        wrong += best in policy.eliminated_at
+        evals += policy.n_evals
+    return wrong / runs, evals / runs
+
+
+@pytest.mark.parametrize(
+    "params, means, runs",
+    [
+        # the mixture boundary needs no indifference zone: near-ties are its worst case
+        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32), [1.0, 1.0001, 1.0001, 1.0001], 800),
+        (AdaptiveSchedule(error_rate=0.2, min_samples=4, max_samples=32), [1.0, 1.01, 1.3, 1.3, 1.3], 600),
+        # Kim-Nelson at its least favourable configuration: every other prompt delta worse
+        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32, rule="kim-nelson", rel_delta=0.05), [1.0, 1.06, 1.06, 1.06], 600),
+    ],
+    ids=["mixture-near-ties", "mixture-n0=4", "kim-nelson-slippage"],
+)
+def test_wrong_elimination_rate_is_at_most_alpha(params, means, runs):
+    rate, evals = simulate(params, means, runs=runs, seed=7)
+    assert rate <= params.error_rate
+    assert evals < len(means) * params.max_samples  # and it does stop early
+
+
+def test_simulation_detects_a_rule_without_the_guarantee(monkeypatch):
+    """The same simulation catches a boundary that is too tight (so the test above can fail)."""
+    params = AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32)
+    monkeypatch.setattr(SequentialPolicy, "boundary", lambda self, r, idx: self._scale[np.ix_(idx, idx)] * math.sqrt(r) * 1.5)
+    rate, _ = simulate(params, [1.0, 1.0001, 1.0001, 1.0001], runs=200, seed=7)
+    assert rate > params.error_rate
+
+
+def test_mixture_constant_pays_for_the_estimated_variance():
+    K, alpha, M = 10, 0.05, 500
+    c0 = 2 * math.log((K - 1) / alpha)
+    cs = [mixture_constants(K, alpha, n0, M)[0] for n0 in (4, 8, 16, 64, 400)]
+    assert cs == sorted(cs, reverse=True) and cs[-1] > c0  # more first-stage samples, smaller c
+    assert cs[-1] == pytest.approx(c0, rel=0.1)  # a well-known variance: the known-variance constant
+    # c solves E_s[min(1, exp(-c''(s)/2))] = alpha / (K - 1), s^2 ~ chi2_(n0-1) / (n0-1): check by Monte Carlo
+    n0 = 8
+    c, rho2 = mixture_constants(K, alpha, n0, M)
+    lmin, lmax = math.log1p(rho2 * n0), math.log1p(rho2 * M)
+    s2 = np.random.default_rng(0).chisquare(n0 - 1, 1_000_000) / (n0 - 1)
+    cpp = s2 * c + np.minimum((s2 - 1) * lmin, (s2 - 1) * lmax)
+    assert np.minimum(1.0, np.exp(-cpp / 2)).mean() == pytest.approx(alpha / (K - 1), rel=0.05)
+
+
+# --- pure-policy behaviour ----------------------------------------------------------------
+def test_van_der_corput_prefixes_are_spread_evenly():
+    order = van_der_corput_order(16)
+    assert sorted(order) == list(range(16))
+    assert sorted(order[:4]) == [0, 4, 8, 12] and sorted(order[:8]) == list(range(0, 16, 2))
+    odd = van_der_corput_order(500)
+    assert sorted(odd) == list(range(500)) and len(set(odd)) == 500
+    ts = AdaptiveSchedule(max_samples=500).timestep_order(1000)
+    assert ts[:4] == [1, 513, 257, 769] and sorted(ts) == list(range(1, 1000, 2))
+
+
+def test_fixed_policy_prunes_on_an_empty_round_without_a_unet():
+    policy = FixedPolicy(Schedule((4, 4, 12), (4, 3, 1)), 6)
+    means = [0.5, 0.1, 0.4, 0.2, 0.6, 0.3]
+    blocks = []
+    while not policy.done:
+        block = policy.next_block()
+        blocks.append(block)
+        for c, k, j in block:
+            policy.feed(c, k, j, means[c] + 0.001 * k)
+    assert [len(b) for b in blocks] == [24, 24]  # round 2 adds nothing, round 3: 8 timesteps x 3 prompts
+    assert sorted({c for c, _k, _j in blocks[1]}) == [1, 3, 5]
+    assert policy.result().prediction == 1 and policy.n_evals == 48
+
+
+def test_a_block_must_be_fed_before_the_next():
+    policy = make_policy(AdaptiveSchedule(min_samples=2, max_samples=8), 3)
+    policy.next_block()
+    with pytest.raises(RuntimeError):
+        policy.next_block()
+
+
+def test_one_prompt_takes_the_first_stage_only():
+    policy = SequentialPolicy(1, AdaptiveSchedule(min_samples=3, max_samples=8))
+    block = policy.next_block()
+    for c, k, j in block:
+        policy.feed(c, k, j, 1.0)
+    assert policy.done and policy.n_evals == 3 and policy.result().prediction == 0
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (AdaptiveSchedule(error_rate=0.0), "--error-rate 0 must be between 0 and 1"),
+        (AdaptiveSchedule(error_rate=1.5), "--error-rate 1.5"),
+        (AdaptiveSchedule(min_samples=1), "--min-samples 1 must be between 2 and --max-samples"),
+        (AdaptiveSchedule(min_samples=50, max_samples=20), "--min-samples 50"),
+        (AdaptiveSchedule(max_samples=2000), "--max-samples 2000 exceeds the model's 1000"),
+        (AdaptiveSchedule(rule="bogus"), "unknown adaptive rule"),
+        (AdaptiveSchedule(rel_delta=0.0, rule="kim-nelson"), "--rel-delta 0 must be > 0"),
+        (AdaptiveSchedule(loss="l3"), "unknown --loss"),
+    ],
+)
+def test_adaptive_schedule_is_validated_up_front(params, message):
+    with pytest.raises(DiffclsError) as e:
+        params.validate(10)
+    assert message in str(e.value) and "\n" not in str(e.value)
