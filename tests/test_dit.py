@@ -272,3 +272,11 @@ def test_cached_rerun_skips_the_vae_and_scores_the_same(tmp_path, dit, images):
     again = Classifier(engines, cache=DiskCache(tmp_path)).classify(images, all_classes(dit), schedule)
     assert engines.vae_encoder.calls == vae_calls  # latents came from the cache
     assert [r.scores for r in again] == [r.scores for r in first]
+
+
+def test_cli_adaptive_schedule_runs_a_dit(tmp_path, dit, dit_dir):
+    folder = digit_like_folder(tmp_path / "imgs", dit)
+    r = runner.invoke(app, ["classify", str(folder), "--model", str(dit_dir), "--adaptive", "--max-samples", "20",
+                            "--min-samples", "4", "--no-cache", "--out", str(tmp_path / "a.csv")])
+    assert r.exit_code == 0, r.output
+    assert len(list(csv.DictReader(open(tmp_path / "a.csv")))) == 4
