@@ -37,6 +37,7 @@ class Interpolation(str, Enum):
     bicubic = "bicubic"
     bilinear = "bilinear"
     lanczos = "lanczos"
+    adm = "adm"  # ADM/DiT's center crop: box-halve while >= 2S, bicubic to S, crop (eval_prob_dit)
 
 
 class Backend(str, Enum):

@@ -35,6 +35,14 @@ def tiny_dir(tmp_path_factory, tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    """A tiny random class-conditional DiT saved as a DiTPipeline directory (16 px, 5 classes)."""
+    from diffcls.models.dit import dit_scheduler_config, save_dit_directory, tiny_dit
+
+    return save_dit_directory(tiny_dit(seed=0), tmp_path_factory.mktemp("models") / "tiny-dit", dit_scheduler_config())
+
+
+@pytest.fixture(scope="session")
 def tiny_engines(tiny):
     from diffcls.engines import open_engines
 

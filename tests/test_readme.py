@@ -31,6 +31,7 @@ README = ROOT / "README.md"
 # (pattern in a README command, replacement, why); {model}, {tmp} are filled in
 SUBSTITUTIONS = [
     (r"\./stable-diffusion-2-1-base|\./sd21", "{model}", "no real Stable Diffusion weights offline: the tiny SD-shaped test model stands in"),
+    (r"\./DiT-XL-2-256", "{dit}", "no real DiT weights offline: a tiny random DiTTransformer2DModel directory stands in"),
     (r"--n-samples 50 500", "--n-samples 4 8", "the paper's 550 timesteps per image take minutes on a CPU; 12 run the same code"),
     (r"(diffcls digits digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
     (r"(diffcls profile .*)--limit 20", r"\1--limit 2", "2 images profile every stage"),
@@ -44,6 +45,10 @@ SKIPS = [
     (r"^\. \.venv/bin/activate$", "activates the environment; .ci/run does this"),
     (r"^pip install ", "installs packages; .ci/run installs the dev extra (a superset) on a fresh clone"),
     (r"^python -m pytest", "the test suite itself, which .ci/run runs"),
+    (r" --ray\b", "ImageNet on GPUs or a Ray cluster; tests/test_distributed.py runs --ray on a local 2-CPU cluster"),
+    (r"^ray start ", "starts a node of a Ray cluster; tests/test_distributed.py starts a local cluster"),
+    (r"^CUDA_VISIBLE_DEVICES=\d diffcls classify val/ --shard", "one shard per GPU of an unnamed folder; tests/test_distributed.py runs shards + merge on the demo model"),
+    (r"^diffcls merge val\.csv part0\.csv", "merges the GPU shards above; tests/test_distributed.py checks merge against one process"),
 ]
 if importlib.util.find_spec("tensorrt") is None:
     SKIPS.append((r"--backend tensorrt", "needs a GPU with TensorRT; tests/test_trt.py covers it where TensorRT is installed"))
@@ -111,7 +116,7 @@ def _models_users_have(tmp: Path, tiny, tiny_dir, monkeypatch) -> None:
         write_ldm_checkpoint(tiny, tmp / name)
 
 
-def test_readme_commands_run(scratch, tiny, tiny_dir, monkeypatch):
+def test_readme_commands_run(scratch, tiny, tiny_dir, tiny_dit_dir, monkeypatch):
     pytest.importorskip("sklearn", reason="the README's digits commands need scikit-learn (pip install 'diffcls[train]')")
     _models_users_have(scratch, tiny, tiny_dir, monkeypatch)
     used = set()
@@ -119,7 +124,7 @@ def test_readme_commands_run(scratch, tiny, tiny_dir, monkeypatch):
     for command in bash_commands(README.read_text()):
         original = command
         for pattern, replacement, _why in SUBSTITUTIONS:
-            new = re.sub(pattern, replacement.format(model=tiny_dir, tmp=scratch), command)
+            new = re.sub(pattern, replacement.format(model=tiny_dir, dit=tiny_dit_dir, tmp=scratch), command)
             if new != command:
                 used.add(pattern)
             command = new

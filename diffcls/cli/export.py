@@ -46,7 +46,7 @@ class _Reporter:
 @app.command("export")
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
-    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD) or demo-dit.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", help="What the engines are for: onnxruntime or tensorrt.")] = Backend.onnxruntime,
     precision: Annotated[Precision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 is not exported).")] = Precision.auto,
@@ -59,7 +59,7 @@ def export_cmd(
     workspace_gb: Annotated[float, typer.Option("--workspace-gb", min=0.1, help="TensorRT builder workspace memory limit.")] = 8.0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts; also replaces another model's engines in --out.")] = False,
 ) -> None:
-    """Export the text encoder, VAE encoder and UNet to ONNX (and TensorRT), checked against torch."""
+    """Export the model's networks to ONNX (and TensorRT), checked against torch: SD's text encoder, VAE encoder and UNet; a DiT's VAE encoder and transformer."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from diffcls.export import ExportConfig, export_model

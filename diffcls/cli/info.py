@@ -118,6 +118,17 @@ def print_model(path: Path) -> None:
         out.print(f"export engines with: diffcls export --model {path} --out ENGINES")
 
 
+def model_kind_line(manifest: dict) -> str:
+    """What kind of model an engine directory was exported from, and what conditions its denoiser."""
+    from diffcls.engines.manifest import manifest_specs
+
+    unet = manifest_specs(manifest)["unet"]
+    cond = unet.input(unet.condition) if unet.condition else unet.inputs[-1]
+    kind = manifest.get("kind", "stable-diffusion")
+    what = "class-conditional: a prompt is a class id" if cond.dtype == "int64" else "text-conditional"
+    return f"model kind {kind} ({what}; denoiser conditioning input {cond.name} {cond.dtype} {list(cond.shape)})"
+
+
 @app.command("info")
 def info_cmd(
     engine_dir: Annotated[Optional[Path], typer.Argument(help="An engine directory, or a model (directory, checkpoint, cached org/name) to describe.")] = None,
@@ -147,6 +158,7 @@ def info_cmd(
             f"\nengine directory {engine_dir}: backend {manifest.get('backend')}, model {manifest.get('source')} "
             f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}"
         )
+        out.print(model_kind_line(manifest))
         if manifest.get("complete") is False:
             from diffcls.engines.manifest import fix_command
 

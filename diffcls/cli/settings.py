@@ -44,7 +44,7 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> (annotation, default); the order is the order in --help
 OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory, Hugging Face model id from the local cache (org/name), or checkpoint file (default: the bundled demo model).", _MODEL)], None),
+    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD) or demo-dit.", _MODEL)], None),
     "config": (Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)], None),
     "engines": (Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)], None),
     "backend": (Annotated[Backend, _opt("--backend", "Engine backend; auto = torch, or the one an --engines directory was exported for.", _MODEL)], Backend.auto),
@@ -225,11 +225,11 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None, ope
     if not isinstance(folder, Inputs):
         collect_inputs([folder])
     if s.engines is None:
-        check_model_path(s.model)
-        defaults = model_defaults(s.model) if s.model is None or Path(s.model).is_dir() else {}
+        root = check_model_path(s.model)  # a bundled name resolves to its directory
+        defaults = model_defaults(root) if root.is_dir() else {}
     else:
         require_engine_dir(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
-        defaults = model_defaults(s.engines) if s.model is None and (s.engines / "diffcls.json").exists() else {}
+        defaults = model_defaults(s.engines)  # the exported model's diffcls.json and class labels
     prompt_set = resolve_prompts(s, defaults, folder_classes)
     schedule = build_schedule(s, len(prompt_set), defaults)
     T = _known_train_timesteps(s)
@@ -261,9 +261,9 @@ def _known_train_timesteps(s: RunSettings) -> int | None:
             from diffcls.engines.manifest import ALPHAS_FILE
 
             return len(json.loads((s.engines / ALPHAS_FILE).read_text())["alphas_cumprod"])
-        from diffcls.models.loading import default_model_path
+        from diffcls.models.loading import resolve_model_path
 
-        root = Path(s.model) if s.model is not None else default_model_path()
+        root = resolve_model_path(s.model)
         cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         return int(cfg.get("num_train_timesteps", 1000))
     except (OSError, ValueError, KeyError, TypeError):
@@ -275,6 +275,8 @@ def resolve_prompts(s: RunSettings, defaults: dict, folder_classes: list[str] | 
 
     if s.prompts is not None:
         return PromptSet.from_csv(s.prompts)
+    if defaults.get("labels"):  # a class-conditional model (DiT): prompts are its class ids
+        return PromptSet.from_labels(defaults["labels"], s.classes)
     if s.classes is not None:
         return PromptSet.from_classes(s.classes, s.template)
     if defaults.get("prompts"):

@@ -12,7 +12,7 @@ import difflib
 import importlib
 import importlib.util
 
-from diffcls.engines.base import Engine, EngineSet, check_batch
+from diffcls.engines.base import Engine, EngineSet, PassThroughEngine, check_batch
 from diffcls.errors import DiffclsError
 
 # backend name -> (module, the Python package it needs, the extra that installs it)
@@ -22,7 +22,7 @@ BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
     "tensorrt": ("diffcls.engines.trt_backend", "tensorrt", "tensorrt"),
 }
 
-__all__ = ["BACKENDS", "Engine", "EngineSet", "available_backends", "check_batch", "open_engines"]
+__all__ = ["BACKENDS", "Engine", "EngineSet", "PassThroughEngine", "available_backends", "check_batch", "open_engines"]
 
 
 def is_available(backend: str) -> bool:

@@ -49,6 +49,26 @@ def check_batch(engine: Engine, feed: dict[str, torch.Tensor]) -> int:
     return batch
 
 
+class PassThroughEngine:
+    """A component with nothing to run (`spec.exported` is False): its output is its input.
+
+    A class-conditional model's prompt encoder is one: a prompt already is its class id.
+    """
+
+    def __init__(self, spec: ComponentSpec, device: torch.device | None = None):
+        self.component = spec.name
+        self.spec = spec
+        self.batch_sizes = None
+        self.device = device or torch.device("cpu")
+        self.dtype = torch.float32
+        self.calls = 0
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_batch(self, feed)
+        self.calls += 1
+        return {self.spec.output_names[0]: feed[self.spec.input_names[0]].clone()}
+
+
 @dataclass
 class EngineSet:
     """Everything the scoring runtime needs, independent of the backend."""
@@ -73,7 +93,8 @@ class EngineSet:
         return int(self.alphas_cumprod.shape[0])
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Pad/truncate every prompt to the tokenizer's max length (77 for SD) -> (P, L) int64."""
+        """Pad/truncate every prompt to the tokenizer's max length (77 for SD) -> (P, L) int64;
+        a class-conditional model's `LabelTokenizer` gives its class ids, (P,) int64."""
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",

@@ -20,11 +20,12 @@ import os
 import shlex
 from pathlib import Path
 
-from diffcls.engines.base import EngineSet
+from diffcls.engines.base import EngineSet, PassThroughEngine
 from diffcls.errors import DiffclsError
 from diffcls.models.filehash import file_sha256
-from diffcls.models.loading import PREDICTION_TYPES, SDModel, cached_fingerprint, load_model
-from diffcls.models.spec import COMPONENTS, component_specs
+from diffcls.models.loading import MODEL_TYPES, PREDICTION_TYPES, cached_fingerprint, load_model
+from diffcls.models.spec import ComponentSpec, component_specs, exported_components
+from diffcls.models.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -189,15 +190,18 @@ def verify_engine_dir(
     if manifest.get("complete") is False:
         raise fail("its export did not finish (it was interrupted); rerun the export to complete it")
     comps = manifest["components"]
-    missing = [c for c in COMPONENTS if c not in comps]
-    missing += [k for k in ("fingerprint", "image_size", "max_length", "hidden_size", "latent_shape") if k not in manifest]
+    missing = [k for k in ("fingerprint", "image_size", "max_length", "hidden_size", "latent_shape") if k not in manifest]
+    if missing:
+        raise fail(f"the manifest lacks {', '.join(missing)}")
+    built = exported_components(manifest_specs(manifest))
+    missing = [c for c in built if c not in comps]
     if missing:
         raise fail(f"the manifest lacks {', '.join(missing)}")
     if precision not in (None, "auto"):
-        have = {comps[c].get("precision") for c in COMPONENTS}
+        have = {comps[c].get("precision") for c in built}
         if have != {precision}:
             raise fail(f"it holds {'/'.join(sorted(map(str, have)))} engines, not {precision}", precision=precision)
-    for c in COMPONENTS:
+    for c in built:
         problem = file_problem(engine_dir, c, comps[c], check_hash=check_hash)
         if problem:
             raise fail(problem)
@@ -211,8 +215,23 @@ def verify_engine_dir(
     return manifest
 
 
-def manifest_specs(manifest: dict):
-    """The component specs an engine directory was exported with."""
+def manifest_specs(manifest: dict) -> dict[str, ComponentSpec]:
+    """The component specs an engine directory was exported with (written into its manifest;
+    a manifest from before that holds the Stable Diffusion sizes they are built from)."""
+    if isinstance(manifest.get("specs"), dict):
+        try:
+            specs = {name: ComponentSpec.from_json(name, d) for name, d in manifest["specs"].items()}
+            sample = specs["unet"].input("sample").shape[1:]
+            image = specs["vae_encoder"].input("image").shape[2:]
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise DiffclsError(f"the manifest's component specs are unreadable ({type(e).__name__}); re-export the engine directory") from e
+        latent, size = [int(x) for x in manifest["latent_shape"]], int(manifest["image_size"])
+        if list(sample) != latent or list(image) != [size, size]:
+            raise DiffclsError(
+                f"the manifest's latent_shape {latent} / image_size {size} disagree with its component specs "
+                f"(sample {list(sample)}, image {list(image)}; was manifest.json edited?); re-export the engine directory with diffcls export"
+            )
+        return specs
     return component_specs(
         max_length=int(manifest["max_length"]),
         hidden_size=int(manifest["hidden_size"]),
@@ -224,7 +243,6 @@ def manifest_specs(manifest: dict):
 def load_runtime_files(engine_dir: str | Path):
     """(tokenizer, alphas_cumprod) copied into the engine directory by export."""
     import torch
-    from transformers import CLIPTokenizer
 
     engine_dir = Path(engine_dir)
     try:
@@ -233,7 +251,7 @@ def load_runtime_files(engine_dir: str | Path):
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise DiffclsError(f"{engine_dir / ALPHAS_FILE} is unreadable ({type(e).__name__}); re-export the engine directory") from e
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / TOKENIZER_DIR))
+        tokenizer = load_tokenizer(engine_dir / TOKENIZER_DIR)
     except Exception as e:  # noqa: BLE001 - any loader failure is a broken copy
         raise DiffclsError(f"cannot load the tokenizer copy in {engine_dir / TOKENIZER_DIR}; re-export the engine directory") from e
     return tokenizer, alphas
@@ -256,9 +274,12 @@ def check_batch_sizes(engine_dir: str | Path, manifest: dict, component: str, re
 
 
 def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend: str, device, info: dict):
-    """An EngineSet over one engine per component, with the directory's tokenizer and schedule."""
+    """An EngineSet over one engine per exported component (a pass-through for the others), with
+    the directory's tokenizer and schedule."""
     tokenizer, alphas = load_runtime_files(engine_dir)
-    precisions = {manifest["components"][c]["precision"] for c in COMPONENTS}
+    specs = manifest_specs(manifest)
+    engines = {**{c: PassThroughEngine(s, device) for c, s in specs.items() if not s.exported}, **engines}
+    precisions = {manifest["components"][c]["precision"] for c in exported_components(specs)}
     return EngineSet(
         text_encoder=engines["text_encoder"],
         vae_encoder=engines["vae_encoder"],
@@ -292,7 +313,7 @@ def resolve_model_arg(model):
     """(fingerprint or None, the --model string for fix commands) for an optional model argument."""
     if model is None:
         return None, None
-    if not isinstance(model, SDModel):
+    if not isinstance(model, MODEL_TYPES):
         # remembered from an earlier load of the same files: no need to load gigabytes to check it
         remembered = cached_fingerprint(model)
         if remembered is not None:

@@ -25,7 +25,7 @@ from diffcls.config import parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.engines import manifest as mf
-from diffcls.models.spec import COMPONENTS, ComponentSpec
+from diffcls.models.spec import ComponentSpec, exported_components
 
 BACKEND = "onnxruntime"
 _ORT_TYPES = {
@@ -201,7 +201,7 @@ def open_engines(
     dev, provider_list = resolve_providers(device, providers)
     specs = mf.manifest_specs(manifest)
     engines = {}
-    for comp in COMPONENTS:
+    for comp in exported_components(specs):
         # requested batch sizes are the UNet's; the text encoder and VAE get what they were exported for
         requested = batch_sizes if comp == "unet" else None
         have = mf.check_batch_sizes(engine_dir, manifest, comp, requested)

@@ -14,7 +14,7 @@ import torch
 from diffcls.config import default_cache_dir, parse_device
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import SDModel, load_model
+from diffcls.models.loading import MODEL_TYPES, SDModel, load_model
 from diffcls.models.spec import ComponentSpec, model_component_specs
 from diffcls.models.wrappers import wrap
 
@@ -172,7 +172,7 @@ def open_engines(
 ) -> EngineSet:
     if engine_dir is not None:
         raise DiffclsError("the torch backend runs a model, not an engine directory; pass --model or another --backend")
-    if not isinstance(model, SDModel):
+    if not isinstance(model, MODEL_TYPES):
         model = load_model(model)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -208,7 +208,8 @@ def open_engines(
         backend="torch",
         precision=precision,
         device=device,
-        info={"source": model.source, "compile": compile, "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
+        info={"source": model.source, "compile": compile, "kind": model.kind,
+              "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
         prediction_type=model.prediction_type,
     )
 

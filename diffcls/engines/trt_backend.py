@@ -19,7 +19,7 @@ import torch
 from diffcls.engines.base import EngineSet, check_batch
 from diffcls.errors import DiffclsError
 from diffcls.engines import manifest as mf
-from diffcls.models.spec import COMPONENTS, ComponentSpec
+from diffcls.models.spec import ComponentSpec, exported_components
 
 BACKEND = "tensorrt"
 
@@ -195,7 +195,7 @@ def open_engines(
     )
     specs = mf.manifest_specs(manifest)
     engines = {}
-    for comp in COMPONENTS:
+    for comp in exported_components(specs):
         # one profile per exported batch size; requested batch sizes are the UNet's
         have = mf.check_batch_sizes(engine_dir, manifest, comp, batch_sizes if comp == "unet" else None)
         engines[comp] = TensorRTEngine(engine_dir / manifest["components"][comp]["file"], specs[comp], list(have), dev)

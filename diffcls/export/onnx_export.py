@@ -55,6 +55,8 @@ def random_feed(model, spec: ComponentSpec, batch: int, seed: int = 0) -> dict[s
             feed[t.name] = torch.rand(shape, generator=g) * 2 - 1
         elif t.name == "timestep":
             feed[t.name] = torch.randint(0, model.num_train_timesteps, shape, generator=g).float()
+        elif t.name in ("class_labels", "class_ids"):
+            feed[t.name] = torch.randint(0, model.num_classes, shape, generator=g, dtype=torch.int64)
         else:
             feed[t.name] = torch.randn(shape, generator=g)
     return feed

@@ -37,8 +37,8 @@ from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
-from diffcls.models.loading import SDModel, load_model, model_defaults
-from diffcls.models.spec import COMPONENTS, model_component_specs
+from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
+from diffcls.models.spec import COMPONENTS, exported_components, model_component_specs
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_BATCH_SIZES = (8, 16, 32)
@@ -49,7 +49,7 @@ DEFAULT_TEXT_BATCH_SIZE = 16  # when the model names no prompts file to count
 @dataclass
 class ExportConfig:
     out: Path  # the engine directory
-    model: str | Path | SDModel | None = None  # None: the bundled demo model
+    model: str | Path | SDModel | None = None  # a loaded model (SDModel/DiTModel), a path or bundled name; None: the SD demo
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
@@ -172,7 +172,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
-    model = cfg.model if isinstance(cfg.model, SDModel) else load_model(cfg.model)
+    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model)
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
@@ -208,6 +208,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "max_length": model.max_length,  # with the two below: the component specs, no model needed
         "hidden_size": model.hidden_size,
         "latent_shape": list(model.latent_shape(image_size)),
+        "kind": model.kind,  # "stable-diffusion" or "dit"
+        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
         "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
         "source": str(model.source),
         "versions": versions,
@@ -222,8 +224,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     result = ExportResult(out, manifest)
     # a model this export loaded is its own: each component's torch weights are freed once its
     # graph is written (before the fp16 conversion), which keeps an SD-2.1-size export's peak low
-    owns_model = not isinstance(cfg.model, SDModel)
-    for comp in COMPONENTS:
+    owns_model = not isinstance(cfg.model, MODEL_TYPES)
+    for comp in exported_components(specs):
         settings = {
             "backend": cfg.backend,
             "fingerprint": fingerprint,
@@ -327,12 +329,13 @@ def _entry(out: Path, paths: list[Path], settings: dict, check: dict, extra: dic
     }
 
 
-def free_component(model: SDModel, comp: str) -> None:
-    """Drop a component's torch weights (moved to the meta device: configs stay readable)."""
+def free_component(model, comp: str) -> None:
+    """Drop a component's torch weights (moved to the meta device: configs stay readable).
+
+    The model's wrapper for the component holds its modules, so moving it moves them (SD or DiT)."""
     import gc
 
-    module = {"text_encoder": model.text_encoder, "vae_encoder": model.vae, "unet": model.unet}[comp]
-    module.to("meta")
+    model.wrap(comp).to("meta")
     gc.collect()
     _trim_heap()
 
@@ -463,7 +466,7 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
         raise
 
 
-def _write_runtime_files(model: SDModel, out: Path) -> set[str]:
+def _write_runtime_files(model, out: Path) -> set[str]:
     """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config,
     and the model's classify defaults; returns the paths written (relative to `out`)."""
     written = {mf.TOKENIZER_DIR, mf.ALPHAS_FILE}

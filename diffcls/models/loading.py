@@ -20,6 +20,10 @@ from diffcls.errors import DiffclsError
 from diffcls.models import filehash
 
 log = logging.getLogger(__name__)
+from diffcls.models import spec as specs
+from diffcls.models import wrappers
+from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
+from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 # what the UNet predicts (the scheduler config's `prediction_type`); the scorer knows these targets
@@ -114,6 +118,24 @@ class SDModel:
             m.eval().requires_grad_(False)
         return self
 
+    # --- the one component description (a `DiTModel` offers the same two) ----------------------
+    kind = "stable-diffusion"
+
+    def component_specs(self, image_size: int) -> dict[str, specs.ComponentSpec]:
+        return specs.component_specs(
+            max_length=self.max_length,
+            hidden_size=self.hidden_size,
+            image_size=image_size,
+            latent_shape=self.latent_shape(image_size),
+        )
+
+    def wrap(self, component: str) -> torch.nn.Module:
+        return wrappers.sd_module(self, component)
+
+
+# what `load_model` returns: engines and export take either
+MODEL_TYPES = (SDModel, DiTModel)
+
 
 def hash_weights(model: SDModel) -> str:
     """The fingerprint computed from the loaded configs and tensors (reads every weight)."""
@@ -207,12 +229,24 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+# the models that ship inside the package, addressable by name: --model demo / --model demo-dit
+BUNDLED = {"demo": "demo", "demo-dit": "demo-dit"}
+
+
+def bundled_model_path(name: str = "demo") -> Path:
+    return Path(__file__).resolve().parent / BUNDLED[name]
+
+
 def resolve_model_path(model: str | Path | None = None) -> Path:
-    """A `--model` argument as a local path: a directory or file as given, else a Hugging Face
-    model id ("org/name") resolved in the local cache. Nothing is downloaded."""
+    """A `--model` argument as a local path: None -> the SD demo; a bundled name ("demo",
+    "demo-dit") that is not a local path -> its directory inside the package; a directory or file
+    as given; else a Hugging Face model id ("org/name") resolved in the local cache. Nothing is
+    downloaded."""
     if model is None:
         return default_model_path()
     path = Path(model)
+    if str(model) in BUNDLED and not path.exists():
+        return bundled_model_path(str(model))
     if path.exists():
         return path
     text = str(model)
@@ -225,43 +259,46 @@ def resolve_model_path(model: str | Path | None = None) -> Path:
             f"cache ({hub_cache_dir()}); download it with: hf download {text}"
         )
     raise DiffclsError(
-        f"model path {path} does not exist; pass a diffusers directory, a checkpoint file or a "
-        "Hugging Face model id (org/name) from the local cache"
+        f"model path {path} does not exist; pass a diffusers directory, a checkpoint file, a bundled "
+        f"model ({', '.join(BUNDLED)}) or a Hugging Face model id (org/name) from the local cache"
     )
 
 
 def check_model_path(path: str | Path | None = None) -> Path:
     """The model path, if it can be a model (exists; a directory has every component); cheap.
 
-    `path` may be a Hugging Face model id; the local snapshot's path is returned.
+    `path` may be a bundled model's name or a Hugging Face model id; the local path is returned.
     """
-    if path is None or Path(path) == default_model_path():
-        path = default_model_path()
-        if not path.exists():
+    path = resolve_model_path(path)
+    if not path.exists():
+        if path in [bundled_model_path(n) for n in BUNDLED]:
             raise DiffclsError(
-                f"the bundled demo model is missing at {path}; reinstall diffcls or pass --model DIR"
+                f"the bundled model is missing at {path}; reinstall diffcls or pass --model DIR"
             )
-    else:
-        path = resolve_model_path(path)
     if path.is_dir():
+        if is_dit_directory(path):
+            return path  # its components are checked when it loads
         missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
         if missing:
             raise DiffclsError(
                 f"model directory {path} lacks {', '.join(missing)}/; a diffusers Stable Diffusion "
-                f"directory needs {', '.join(d + '/' for d in REQUIRED_DIRS)}"
+                f"directory needs {', '.join(d + '/' for d in REQUIRED_DIRS)} (a DiT directory: transformer/, vae/, scheduler/)"
             )
     return path
 
 
-def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel:
-    """Load from a diffusers directory, a Hugging Face model id in the local cache, a single
-    checkpoint file (`config`: the diffusers directory or cached model id whose configs describe
-    it; inferred for SD 1.x), or (None) the demo model. Never touches the network."""
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel | DiTModel:
+    """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
+    Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
+    or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
+    model. Never touches the network."""
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
+    if is_dit_directory(path):
+        return load_dit_directory(path)
     return _load_directory(path)
 
 
@@ -421,17 +458,23 @@ def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel:
 def model_defaults(path: str | Path | None) -> dict:
     """Optional `diffcls.json` beside a model: default image_size, prompts file, schedule.
 
+    A class-conditional model (a DiT directory, or an engine directory exported from one) also
+    gives `labels` (class id -> name) and the DiT protocol's schedule unless diffcls.json has one.
+
     The bundled demo model ships one so that `diffcls classify DIR` needs no other flags.
     Paths inside it are relative to the model directory.
     """
-    root = Path(path) if path is not None else default_model_path()
+    root = resolve_model_path(path)
     f = root / "diffcls.json"
+    labels = class_labels(root) if root.is_dir() else None
+    # a class-conditional model: every class is a prompt, scored with the official DiT protocol
+    base = {"labels": labels, **DIT_DEFAULT_SCHEDULE} if labels else {}
     if not root.is_dir() or not f.exists():
-        return {}
+        return base
     try:
         d = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DiffclsError(f"cannot read {f} ({e}); fix or delete it") from None
     if "prompts" in d:
         d["prompts"] = str(root / d["prompts"])
-    return d
+    return {**base, **d}

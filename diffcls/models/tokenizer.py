@@ -11,6 +11,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from diffcls.models.dit import LABELS_FILE, LabelTokenizer
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -75,3 +77,13 @@ def build_tokenizer(words: list[str] = (), max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         build_tokenizer_files(tmp, words, max_length)
         return CLIPTokenizer.from_pretrained(tmp)
+
+
+def load_tokenizer(path: str | Path):
+    """A saved tokenizer: a class-conditional model's labels (`id2label.json`) or a CLIP tokenizer."""
+    path = Path(path)
+    if (path / LABELS_FILE).is_file():
+        return LabelTokenizer.from_pretrained(path)
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path))

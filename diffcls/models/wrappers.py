@@ -44,7 +44,33 @@ class UNetWrapper(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
-def wrap(model, component: str) -> torch.nn.Module:
+class DiTWrapper(torch.nn.Module):
+    """A class-conditional DiT as the denoiser: per-sample timesteps and class ids in, noise out.
+
+    With learned sigma the transformer returns 2C channels; the first C are the noise
+    prediction (`eval_prob_dit.py` splits them off the same way), and only those leave.
+    """
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:  # (B, C, h, w), (B,), (B,) int64 -> (B, C, h, w)
+        out = self.transformer(sample, timestep, class_labels=class_labels, return_dict=False)[0]
+        return out[:, : sample.shape[1]]
+
+
+class PassThrough(torch.nn.Module):
+    """The prompt encoder of a class-conditional model: a prompt already is its class id."""
+
+    def forward(self, class_ids: torch.Tensor) -> torch.Tensor:  # (B,) int64 -> (B,) int64
+        return class_ids.clone()
+
+
+def sd_module(model, component: str) -> torch.nn.Module:
+    """The wrapped modules of a Stable Diffusion model (`SDModel.wrap`)."""
     if component == "text_encoder":
         return TextEncoderWrapper(model.text_encoder)
     if component == "vae_encoder":
@@ -52,3 +78,8 @@ def wrap(model, component: str) -> torch.nn.Module:
     if component == "unet":
         return UNetWrapper(model.unet)
     raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")
+
+
+def wrap(model, component: str) -> torch.nn.Module:
+    """The torch module that computes `component` with its spec's signature (the model says which)."""
+    return model.wrap(component)

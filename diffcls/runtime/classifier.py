@@ -191,7 +191,8 @@ class Classifier:
 
     # --- text -------------------------------------------------------------------------------
     def encode_prompts(self, prompts: PromptSet | list[str], batch_size: int = 64) -> torch.Tensor:
-        """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt."""
+        """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt;
+        for a class-conditional model, (P,) int64 class ids (its prompt encoder passes them on)."""
         texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
         if self._text_memo is not None and self._text_memo[0] == tuple(texts):
             return self._text_memo[1]  # a worker scoring one small batch after another
@@ -205,8 +206,9 @@ class Classifier:
         if missing:
             with self.timer.stage("text_encode"):
                 ids = self.engines.tokenize([texts[i] for i in missing])
-                emb = run_batched(self.engines.text_encoder, "input_ids", ids, batch_size)
-                emb = emb.float().cpu()
+                encoder = self.engines.text_encoder
+                emb = run_batched(encoder, encoder.spec.input_names[0], ids, batch_size).cpu()
+                emb = emb.float() if emb.is_floating_point() else emb  # class ids stay int64
             for j, i in enumerate(missing):
                 found[i] = emb[j].clone()
                 if self.cache is not None:

@@ -151,7 +151,12 @@ def open_image(path, name: str | None = None) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation = Interpolation.bicubic) -> Image.Image:
-    """torchvision Resize(size) (shorter side, truncating the longer) + CenterCrop(size)."""
+    """torchvision Resize(size) (shorter side, truncating the longer) + CenterCrop(size).
+
+    `Interpolation.adm` is the other center crop the paper's code uses (for DiT): see `adm_center_crop`.
+    """
+    if Interpolation(interpolation) is Interpolation.adm:
+        return adm_center_crop(img, size)
     w, h = img.size
     if w <= h:
         new_w, new_h = size, int(size * h / w)
@@ -161,6 +166,21 @@ def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation
         img = img.resize((new_w, new_h), resample=PIL_FILTERS[Interpolation(interpolation)])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """ADM's center crop (guided-diffusion's `center_crop_arr`, used by DiT and `eval_prob_dit.py`).
+
+    Halve with a box filter while the shorter side is at least 2 * size, resize bicubic so the
+    shorter side is `size` (the longer one rounded), then crop the center (offsets rounded down).
+    """
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
 

@@ -62,6 +62,36 @@ class PromptSet:
         return cls(texts, tuple(names), tuple(range(len(names))))
 
     @classmethod
+    def from_labels(cls, id2label: dict[int, str], classes: list[str] | str | None = None) -> "PromptSet":
+        """A class-conditional model's classes: the prompt is the class id ("207"), the class name
+        its label's first synonym ("tench" of "tench, Tinca tinca"). `classes` picks a subset by
+        id or by name (any synonym), in the order given; default: every class, by id."""
+        labels = {int(k): str(v) for k, v in sorted(id2label.items())}
+        short = {i: v.split(",")[0].strip() or str(i) for i, v in labels.items()}
+        if classes is None:
+            chosen = list(labels)
+        else:
+            items = [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes)]
+            if not items or any(not c for c in items):
+                raise DiffclsError('--classes has an empty entry; give comma-separated class ids or names, e.g. --classes "3,seven"')
+            by_name: dict[str, int] = {}
+            for i, text in labels.items():
+                for name in [text, *text.split(",")]:
+                    by_name.setdefault(name.strip(), i)
+            chosen = []
+            for c in items:
+                i = int(c) if c.isdigit() and int(c) in labels else by_name.get(c)
+                if i is None:
+                    examples = ", ".join(f"{k} ({short[k]})" for k in list(labels)[:3])
+                    raise DiffclsError(
+                        f"--classes: {c!r} is not a class of this model; use ids 0..{max(labels)} or names, e.g. {examples}"
+                    )
+                if i in chosen:
+                    raise DiffclsError(f"--classes names class {i} ({short[i]}) more than once; give each class once")
+                chosen.append(i)
+        return cls(tuple(str(i) for i in chosen), tuple(short[i] for i in chosen), tuple(chosen))
+
+    @classmethod
     def from_csv(cls, path: str | Path) -> "PromptSet":
         path = Path(path)
         try:

@@ -143,7 +143,8 @@ class ScoreStats:
 class Scorer:
     """Scores a stream of latents against fixed prompt embeddings.
 
-    unet: an Engine for the "unet" component. embeddings: (P, L, D) on any device.
+    unet: an Engine for the "unet" component. embeddings: one row per prompt, on any device, as
+    the unet's `spec.condition` input takes them: (P, L, D) text embeddings, or (P,) class ids.
     batch_size: the UNet batch; must be one the engine accepts. The tail of the run is padded
     to the smallest accepted size that holds it.
     """
@@ -177,7 +178,11 @@ class Scorer:
                 f"{', '.join(map(str, unet.batch_sizes))}; pick one of those or re-export"
             )
         self.batch_size = int(batch_size)
-        self.emb = embeddings.to(self.device, unet.dtype)
+        # the denoiser's conditioning input, as its spec describes it: text embeddings in the
+        # engine's precision, or class ids (int64) for a class-conditional model
+        self.condition = unet.spec.condition
+        cond_dtype = torch.int64 if unet.spec.input(self.condition).dtype == "int64" else unet.dtype
+        self.emb = embeddings.to(self.device, cond_dtype)
         ac = alphas_cumprod.to(self.device, torch.float32)
         self.sqrt_a = ac.sqrt()
         self.sqrt_1ma = (1.0 - ac).sqrt()
@@ -220,7 +225,7 @@ class Scorer:
         feed = {
             "sample": x_t.to(self.unet.dtype),
             "timestep": ts.to(torch.float32),
-            "encoder_hidden_states": self.emb.index_select(0, prompts),
+            self.condition: self.emb.index_select(0, prompts),
         }
         start = time.perf_counter()
         pred = self.unet(feed)["out_sample"]
