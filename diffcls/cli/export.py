@@ -101,7 +101,9 @@ def export_cmd(
         out.print(
             f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
             f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
-            f"text encoder {comps['text_encoder']['batch_sizes'][0]}, image size {m['image_size']}; "
+            # a class-conditional model (DiT) exports no text encoder: its prompts are class ids
+            + (f"text encoder {comps['text_encoder']['batch_sizes'][0]}, " if "text_encoder" in comps else "")
+            + f"image size {m['image_size']}; "
             f"built {len(result.built)}, cached {len(result.cached)}"
         )
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

@@ -134,7 +134,9 @@ class Classifier:
         self.cache = cache
         self.timer = timer or StageTimer(engines.device)
         self.last_stats = None  # ScoreStats of the last run
-        self._text_memo: tuple[tuple[str, ...], torch.Tensor] | None = None  # the last prompts' embeddings
+        # the last prompts' embeddings, keyed by the prompts and the cache they were looked up in
+        # (a memo made with the cache off, as profile's warm-up runs, does not stand in for a cached run)
+        self._text_memo: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_pretrained(
@@ -194,7 +196,8 @@ class Classifier:
         """(P, L, D) float32 embeddings (the text encoder's last hidden state), cached per prompt;
         for a class-conditional model, (P,) int64 class ids (its prompt encoder passes them on)."""
         texts = list(prompts.prompts if isinstance(prompts, PromptSet) else prompts)
-        if self._text_memo is not None and self._text_memo[0] == tuple(texts):
+        memo_key = (tuple(texts), id(self.cache))
+        if self._text_memo is not None and self._text_memo[0] == memo_key:
             return self._text_memo[1]  # a worker scoring one small batch after another
         found: dict[int, torch.Tensor] = {}
         if self.cache is not None:
@@ -214,7 +217,7 @@ class Classifier:
                 if self.cache is not None:
                     self.cache.put("text", {**self._key_base(), "prompt": texts[i]}, found[i])
         emb = torch.stack([found[i] for i in range(len(texts))])
-        self._text_memo = (tuple(texts), emb)
+        self._text_memo = (memo_key, emb)
         return emb
 
     # --- images -----------------------------------------------------------------------------
