@@ -24,6 +24,7 @@ import torch
 
 from diffcls.errors import DiffclsError
 from diffcls.models import spec as specs
+from diffcls.models.latent import LatentDiffusionModel
 from diffcls.models import wrappers
 
 KIND = "dit"
@@ -95,7 +96,7 @@ class _Encoded:
 
 
 @dataclass
-class DiTModel:
+class DiTModel(LatentDiffusionModel):
     """A loaded class-conditional DiT (transformer + VAE + noise schedule + class names)."""
 
     transformer: torch.nn.Module  # diffusers DiTTransformer2DModel
@@ -109,25 +110,8 @@ class DiTModel:
 
     # --- derived facts ------------------------------------------------------------------------
     @property
-    def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
-
-    @property
     def num_classes(self) -> int:
         return int(self.transformer.config.num_embeds_ada_norm)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
-
-    @property
-    def vae_force_upcast(self) -> bool:
-        """The VAE config asks to run in fp32 (`force_upcast`), as for `SDModel`."""
-        return bool(getattr(self.vae.config, "force_upcast", False))
 
     @property
     def latent_channels(self) -> int:

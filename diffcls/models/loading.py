@@ -21,6 +21,7 @@ from diffcls.models import filehash
 
 log = logging.getLogger(__name__)
 from diffcls.models import spec as specs
+from diffcls.models.latent import LatentDiffusionModel
 from diffcls.models import wrappers
 from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
 from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory
@@ -37,7 +38,7 @@ SD2_CONFIG_REPOS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable
 
 
 @dataclass
-class SDModel:
+class SDModel(LatentDiffusionModel):
     """A loaded latent diffusion model, ready to be wrapped into engines."""
 
     tokenizer: object  # transformers CLIPTokenizer
@@ -52,23 +53,6 @@ class SDModel:
     _fingerprint_record: tuple | None = field(default=None, repr=False)
 
     # --- derived facts, read once from the configs -------------------------------------
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
-
-    @property
-    def vae_force_upcast(self) -> bool:
-        """The VAE config asks to run in fp32 (`force_upcast`, true for SD's VAE: it overflows in fp16)."""
-        return bool(getattr(self.vae.config, "force_upcast", False))
-
     @property
     def latent_channels(self) -> int:
         return int(self.unet.config.in_channels)
