@@ -38,7 +38,7 @@ from diffcls.engines.ort_backend import OrtEngine, resolve_providers  # noqa: E4
 from diffcls.engines.torch_backend import TorchEngine  # noqa: E402
 from diffcls.export import onnx_export as ox  # noqa: E402
 from diffcls.models.spec import component_specs  # noqa: E402
-from diffcls.models.wrappers import wrap  # noqa: E402
+from diffcls.models.wrappers import UNetWrapper, wrap  # noqa: E402
 from sd21 import SD21_UNET  # noqa: E402  (bench/sd21.py)
 
 TINY_UNET = dict(
@@ -77,7 +77,7 @@ def time_engine(engine, feed: dict, iters: int, warmup: int, cuda: bool) -> dict
     return {"evals_per_s": batch * iters / secs, "ms_per_call": 1000 * secs / iters, "out": next(iter(out.values()))}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny UNet")
     p.add_argument("--batch", type=int, default=None, help="UNet batch (default 32, tiny 4)")
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA graphs) for the torch backend")
     p.add_argument("--workdir", type=Path, default=None, help="where the ONNX files go (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write results here (default $OUT/bench_ort_gpu.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     tiny = args.tiny
     cuda = torch.cuda.is_available() and not tiny
@@ -111,7 +111,8 @@ def main() -> None:
     report["providers_available"] = ort.get_available_providers()
 
     unet = build_unet(cfg)
-    model = SimpleNamespace(unet=unet, num_train_timesteps=1000)
+    # just enough of a model for the exporter: the UNet and its wrapper (no text encoder or VAE)
+    model = SimpleNamespace(unet=unet, num_train_timesteps=1000, wrap=lambda component: UNetWrapper(unet))
     g = torch.Generator().manual_seed(0)
     feed = {
         "sample": torch.randn(spec.inputs[0].concrete(batch), generator=g),
@@ -189,6 +190,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {out}", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":

@@ -180,15 +180,15 @@ def run_reference(model, images, prompts, schedule, bank, device, dtype, batch_s
     }
 
 
-def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch_size, compile, backend="torch") -> dict:
-    """diffcls: torch engines (compiled on request) or ONNX Runtime engines exported here, full
-    interleaved batches, no disk cache."""
+def open_diffcls(model, images, prompts, device, precision, batch_size, compile, backend="torch") -> tuple:
+    """diffcls's engines (torch, compiled on request, or ONNX Runtime exported here), warmed up:
+    the first UNet calls compile and record the CUDA graph for this batch size (timed apart)."""
     import tempfile
 
     from diffcls.engines import open_engines
-    from diffcls.runtime.classifier import Classifier, run_batched
+    from diffcls.runtime.classifier import run_batched
 
-    export_s = None
+    facts = {"export_s": None}
     t0 = time.perf_counter()
     if backend == "onnxruntime":
         from diffcls.export import ExportConfig, export_model
@@ -196,7 +196,7 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
         workdir = tempfile.mkdtemp(prefix="diffcls-bench-ort-")
         export_model(ExportConfig(out=Path(workdir), model=model, precision=precision, batch_sizes=(batch_size,),
                                   image_size=int(images[0].shape[-1]), device=str(device)), report=lambda ev: None)
-        export_s = time.perf_counter() - t0
+        facts["export_s"] = time.perf_counter() - t0  # ONNX export + checks, not counted
         t0 = time.perf_counter()
         engines = open_engines("onnxruntime", engine_dir=workdir, device=str(device))
     else:
@@ -204,9 +204,7 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
             "torch", model=model, device=str(device), precision=precision,
             batch_sizes=(batch_size,) if compile else None, compile=compile,
         )
-    load_s = time.perf_counter() - t0
-    clf = Classifier(engines, cache=None)
-    # warm-up (not counted, reported): compiles and records the CUDA graph for this batch size
+    facts["engine_open_s"] = time.perf_counter() - t0
     feed = {t.name: torch.zeros(t.concrete(batch_size)) for t in engines.unet.spec.inputs}
     feed["timestep"] += 500.0
     _sync(device)
@@ -214,31 +212,64 @@ def run_diffcls(model, images, prompts, schedule, bank, device, precision, batch
     for _ in range(3 if compile else 1):
         engines.unet(feed)
     _sync(device)
-    compile_s = time.perf_counter() - t0
+    facts["compile_s"] = time.perf_counter() - t0  # first UNet calls: compile + CUDA-graph capture
     run_batched(engines.text_encoder, "input_ids", engines.tokenize(prompts[:1]), 8)
     run_batched(engines.vae_encoder, "image", images[0][None], 8)
     _sync(device)
-    warmup_s = time.perf_counter() - t0
+    facts["warmup_s"] = time.perf_counter() - t0  # first calls of all three engines, compile included
+    return engines, facts
+
+
+def run_diffcls(engines, facts, images, prompts, schedule, bank, device, batch_size, seed=0) -> dict:
+    """One timed classify of `images` with full interleaved batches and no disk cache. `schedule`
+    is a fixed Schedule (noise = the shared bank) or an AdaptiveSchedule (noise from `seed`)."""
+    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.schedule import AdaptiveSchedule
+
+    clf = Classifier(engines, cache=None)
     _reset_peak(device)
+    kw = {"seed": seed} if isinstance(schedule, AdaptiveSchedule) else {"noise": bank}
+    _sync(device)
     start = time.perf_counter()
-    results = clf.classify(images, list(prompts), schedule, noise=bank, batch_size=batch_size, workers=2)
+    results = clf.classify(images, list(prompts), schedule, batch_size=batch_size, workers=2, **kw)
     _sync(device)
     wall = time.perf_counter() - start
     stats = clf.last_stats
+    per_image = [r.n_evals for r in results] if hasattr(results[0], "n_evals") else None
     return {
+        **facts,
         "predictions": [r.prediction for r in results],
         "errors": [{(p, t, j): e for p, t, j, e in r.errors} for r in results],
         "wall_s": wall,
         "unet_s": sum(stats.unet_seconds),
         "unet_evals": stats.unet_evals,
         "unet_calls": stats.unet_calls,
+        "evals_per_image_each": per_image,
         "padding_fraction": stats.padding_fraction,
-        "engine_open_s": load_s,
-        "export_s": export_s,  # ONNX export + checks (--backend onnxruntime), not counted
-        "warmup_s": warmup_s,  # first calls of all three engines, compile included
-        "compile_s": compile_s,  # first 3 UNet calls: compile + CUDA-graph capture when compile=True
         "stages": clf.timer.summary(),
         "peak_gpu_memory_bytes": _peak(device),
+    }
+
+
+def vae_check(model, engines, images, device) -> dict:
+    """Issue 13 item 3: the engines' VAE latents on `device` against a CPU fp32 copy of the same
+    VAE (plain diffusers encode, latent mean), and the dtype the VAE engine runs in."""
+    import copy
+
+    cpu_vae = copy.deepcopy(model.vae).to("cpu", torch.float32).eval()
+    batch = torch.stack(images[:2])
+    with torch.inference_mode():
+        want = cpu_vae.encode(batch).latent_dist.mean * model.scaling_factor
+    from diffcls.runtime.classifier import run_batched
+
+    got = run_batched(engines.vae_encoder, "image", batch, 8).float().cpu()
+    diff = (got - want).abs().max().item()
+    return {
+        "vae_engine_dtype": str(engines.vae_encoder.dtype).removeprefix("torch."),
+        "force_upcast": bool(model.vae_force_upcast),
+        "max_abs_diff_vs_cpu_fp32": diff,
+        "max_abs_latent": want.abs().max().item(),
+        "rel_diff": diff / max(want.abs().max().item(), 1e-12),
     }
 
 
@@ -386,6 +417,10 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU modes; default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write results here (default $OUT/bench_speed.json if $OUT is set)")
     p.add_argument("--skip-reference", action="store_true", help="time diffcls only")
+    p.add_argument("--variants", default=None,
+                   help="comma list of diffcls runs: eager, compiled, adaptive (default: all three on GPU, eager on CPU)")
+    p.add_argument("--vae-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare the VAE engine's latents with a CPU fp32 copy of the VAE")
     p.add_argument("--cache-check", action="store_true",
                    help="after the run, compile again in a fresh process and report its compile time (persistent inductor cache)")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
@@ -431,10 +466,43 @@ def main(argv=None) -> dict:
         print(f"reference: {ref['wall_s'] / len(images):.2f} s/image, "
               f"{ref['unet_evals'] / ref['unet_s']:.0f} UNet evals/s (UNet time), "
               f"batch fill {100 * ref['mean_batch_fill']:.1f}%", flush=True)
-    ours = run_diffcls(model, images, prompts, schedule, bank, device, precision, B, compile, args.backend)
-    print(f"diffcls ({args.backend}): {ours['wall_s'] / len(images):.2f} s/image, "
-          f"{ours['unet_evals'] / ours['unet_s']:.0f} UNet evals/s (UNet time), padding "
-          f"{100 * ours['padding_fraction']:.2f}%, UNet compile+capture {ours['compile_s']:.1f} s", flush=True)
+
+    # diffcls variants, one engine set per compile setting (the compiled UNet is reused by the
+    # adaptive run); "eager" must come before "compiled": compiling fuses QKV in place
+    variants = [v for v in (args.variants or ("eager,compiled,adaptive" if device.type == "cuda" else "eager")).split(",") if v]
+    unknown = set(variants) - {"eager", "compiled", "adaptive"}
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)} (eager, compiled, adaptive)")
+    if args.compile is not None:  # the old single-run flag: --compile / --no-compile
+        variants = ["compiled" if args.compile else "eager"] + (["adaptive"] if "adaptive" in variants else [])
+    if args.backend == "onnxruntime":
+        variants = ["eager"] + (["adaptive"] if "adaptive" in variants else [])
+    runs: dict[str, dict] = {}
+    engines = facts = None
+    for name in variants:
+        if name in ("eager", "compiled"):
+            engines, facts = open_diffcls(model, images, prompts, device, precision, B, name == "compiled", args.backend)
+            runs[name] = run_diffcls(engines, facts, images, prompts, schedule, bank, device, B)
+        else:
+            if engines is None:
+                engines, facts = open_diffcls(model, images, prompts, device, precision, B, False, args.backend)
+            from diffcls.runtime.schedule import AdaptiveSchedule
+
+            runs[name] = run_diffcls(engines, {**facts, "on": "compiled" if "compiled" in runs else "eager"},
+                                     images, prompts, AdaptiveSchedule(), None, device, B, seed=args.seed)
+        r = runs[name]
+        print(f"diffcls {name} ({args.backend}): {r['wall_s'] / len(images):.2f} s/image, "
+              f"{r['unet_evals'] / len(images):.0f} evals/image, "
+              f"{r['unet_evals'] / r['unet_s']:.0f} UNet evals/s (UNet time), padding "
+              f"{100 * r['padding_fraction']:.2f}%, first UNet calls {r['compile_s']:.1f} s", flush=True)
+    vae = None
+    if engines is not None and args.vae_check:
+        vae = vae_check(model, engines, images, device)
+        print(f"VAE on {device}: engine dtype {vae['vae_engine_dtype']} (force_upcast={vae['force_upcast']}), "
+              f"max |latent - CPU fp32 latent| {vae['max_abs_diff_vs_cpu_fp32']:.3g} "
+              f"(relative {vae['rel_diff']:.2g})", flush=True)
+    fixed = [n for n in ("compiled", "eager") if n in runs]
+    ours = runs[fixed[0]] if fixed else next(iter(runs.values()))
 
     def summarize(r):
         if r is None:
@@ -442,6 +510,7 @@ def main(argv=None) -> dict:
         d = {k: v for k, v in r.items() if k not in ("errors",)}
         d["s_per_image"] = r["wall_s"] / len(images)
         d["images_per_s"] = len(images) / r["wall_s"]
+        d["evals_per_image"] = r["unet_evals"] / len(images)
         d["unet_evals_per_s"] = r["unet_evals"] / r["unet_s"] if r["unet_s"] else None
         d["end_to_end_evals_per_s"] = r["unet_evals"] / r["wall_s"]
         d["fraction_of_ceiling"] = d["unet_evals_per_s"] * flops / peak if d["unet_evals_per_s"] else None
@@ -451,6 +520,7 @@ def main(argv=None) -> dict:
         "mode": mode_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "precision": precision,
         "model": model.source,
         "text_encoder_layers": args.text_layers if mode_name == "sd21" else None,
@@ -463,25 +533,36 @@ def main(argv=None) -> dict:
         "ceiling_evals_per_s": peak / flops,
         "diffcls_batch_size": B,
         "reference_batch_size": RB,
-        "compile": compile,
+        "compile": fixed[0] == "compiled" if fixed else None,
         "backend": args.backend,
         "reference": summarize(ref),
-        "diffcls": summarize(ours),
+        "diffcls": summarize(ours),  # the first of compiled, eager that ran
+        "variants": {n: summarize(r) for n, r in runs.items()},
+        "vae": vae,
     }
     if ref is not None:
         report["speedup_end_to_end"] = ref["wall_s"] / ours["wall_s"]
         report["speedup_unet_evals_per_s"] = (ours["unet_evals"] / ours["unet_s"]) / (ref["unet_evals"] / ref["unet_s"])
         report["agreement"] = compare(ref, ours)
+        for n, r in runs.items():
+            report["variants"][n]["agreement"] = compare(ref, r) if n != "adaptive" else {
+                "predictions_agree": r["predictions"] == ref["predictions"],
+                "n_agree": sum(a == b for a, b in zip(r["predictions"], ref["predictions"])),
+                "n_images": len(images),
+            }
+            report["variants"][n]["speedup_end_to_end"] = ref["wall_s"] / r["wall_s"]
         a = report["agreement"]
         print(f"speed-up {report['speedup_end_to_end']:.2f}x end to end; predictions agree on "
               f"{a['n_agree']}/{a['n_images']} images; max |error diff| {a['max_abs_error_diff']}", flush=True)
     if demo is not None:
         labels, facts = demo
         classidx = facts["classidx"]
-        for name, r in (("reference", ref), ("diffcls", ours)):
+        for name, r, d in (("reference", ref, report["reference"]), *((n, r, report["variants"][n]) for n, r in runs.items())):
             if r is not None:
                 correct = [classidx[p] == y for p, y in zip(r["predictions"], labels) if y is not None]
-                report[name]["accuracy"] = sum(correct) / len(correct) if correct else None
+                d["accuracy"] = sum(correct) / len(correct) if correct else None
+                if r is ours:
+                    report["diffcls"]["accuracy"] = d["accuracy"]
     if args.cache_check and compile:
         report["second_process"] = second_process_compile(argv if argv is not None else sys.argv[1:])
         print(f"second process: UNet compile+capture {report['second_process'].get('compile_s')} s "

@@ -11,10 +11,19 @@
 #   bench  bench/bench_speed.py: reference loop vs diffcls, SD-2.1-base shapes, fp16, batch 32
 #   ort    bench/bench_ort_gpu.py: ORT CUDA EP plain / fused fp16 vs torch (needs onnxruntime-gpu
 #          assembled from .ortc/ first, see ../shared/gpu/README.md)
+#   all    everything above and the demo-model accuracy runs in ONE call, in priority order, each
+#          step under a timeout cut to what is left of GPU_BUDGET_S (default 540 s): sd21 bench
+#          (reference, eager, compiled, adaptive, VAE check), pytest -m gpu, the demo model on
+#          all 359 held-out digits clean and at corruption 4 (paper schedule, demo default,
+#          --adaptive, a 100-timestep table for bench/policy_replay.py), then ORT if time is left.
+#          Unpacks /tmp/ortx.tar.xz (onnxruntime-gpu's wheel contents as .tar.xz, carried in
+#          <= 48.5 MiB pieces .ortx/p0..p3 by earlier calls: cat .ortx/pN >> /tmp/ortx.tar.xz)
+#          when present. Everything lands in $OUT: logs.tgz (text, JSON, CSV) and one .jsonl.gz
+#          per error table (each under the 16 MiB a returned file may have).
 #
 # Results (text and JSON) go to $OUT.
 set -euo pipefail
-step="${1:?usage: bash bench/gpu_session.sh tests|bench|ort}"
+step="${1:?usage: bash bench/gpu_session.sh tests|bench|ort|all}"
 OUT="${OUT:-/tmp/diffcls-gpu-out}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -34,8 +43,85 @@ bench)
 ort)
     python3 bench/bench_ort_gpu.py --json "$OUT/bench_ort_gpu.json" 2>&1 | tee "$OUT/bench_ort_gpu.txt"
     ;;
+all)
+    budget="${GPU_BUDGET_S:-540}"
+    t_start=$(date +%s)
+    W=/tmp/diffcls-all; rm -rf "$W"; mkdir -p "$W/logs"
+    cp "$OUT/gpu.txt" "$W/logs/"
+    if [ -f /tmp/ortx.tar.xz ]; then  # onnxruntime-gpu, unpacked wheel contents (see .ortx below)
+        python3 -c "import tarfile; tarfile.open('/tmp/ortx.tar.xz').extractall('/tmp/site')" || echo "onnxruntime-gpu unpack failed"
+    fi
+    python3 - > "$W/logs/versions.txt" 2>&1 <<'PY' || true
+import importlib
+for name in ("torch", "onnxruntime", "diffusers", "transformers", "numpy", "typer", "sklearn"):
+    try:
+        m = importlib.import_module(name)
+        extra = m.get_available_providers() if name == "onnxruntime" else ""
+        print(name, getattr(m, "__version__", "?"), extra)
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__, e)
+PY
+    cat "$W/logs/versions.txt"
+    pack() {
+        mkdir -p "$W/logs/csv"; cp "$W"/tables_demo/*.csv "$W/logs/csv/" 2>/dev/null || true
+        tar czf "$OUT/logs.tgz" -C "$W" logs
+        for t in "$W"/tables_demo/*.jsonl; do
+            [ -f "$t" ] && [ ! -f "$OUT/$(basename "$t").gz" ] && gzip -6 -c "$t" > "$OUT/$(basename "$t").gz"
+        done
+        return 0
+    }
+    step() {  # step NAME MAX_SECONDS CMD...: run under a timeout cut to the budget left
+        local name=$1 cap=$2; shift 2
+        local left=$(( budget - ($(date +%s) - t_start) - 10 ))
+        local lim=$(( cap < left ? cap : left ))
+        if [ "$lim" -lt 20 ]; then echo "SKIP $name (${left}s left)" | tee -a "$W/logs/steps.txt"; return 0; fi
+        local t0=$(date +%s)
+        echo "=== $name (limit ${lim}s) ===" | tee -a "$W/logs/steps.txt"
+        set +e
+        timeout -k 5 "$lim" "$@" > "$W/logs/$name.txt" 2>&1
+        local rc=$?
+        set -e
+        tail -n 25 "$W/logs/$name.txt"
+        echo "=== $name rc=$rc $(( $(date +%s) - t0 ))s ===" | tee -a "$W/logs/steps.txt"
+        pack
+    }
+    export PYTHONUNBUFFERED=1 W
+    # GPU_DRYRUN=1: the same steps on a CPU with tiny inputs (checks this script, not the GPU)
+    if [ -n "${GPU_DRYRUN:-}" ]; then
+        export DEV=cpu LIMIT="--limit 12" BS=64 SD21="--tiny --variants eager,adaptive"
+    else
+        export DEV=cuda LIMIT="" BS=500 SD21="--images 4 --batch-size 32"
+    fi
+    # shellcheck disable=SC2086
+    step sd21 270 python3 bench/bench_speed.py $SD21 --json "$W/logs/bench_speed.json"
+    step pytest_gpu 170 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_trt.py tests/test_exact_fp32.py
+    demo() {  # the demo model on CUDA in IEEE fp32 (--precision fp32), 359 held-out digits
+        set -e
+        local D="$W/tables_demo"; mkdir -p "$D"
+        # shellcheck disable=SC2086
+        python3 -m diffcls digits "$W/held_c0" --split heldout $LIMIT
+        # shellcheck disable=SC2086
+        python3 -m diffcls digits "$W/held_c4" --split heldout --corrupt 4 $LIMIT
+        local common=(--device "$DEV" --precision fp32 --no-cache --batch-size "$BS")
+        for s in c0 c4; do
+            python3 -m diffcls evaluate "$W/held_$s" "${common[@]}" --n-samples "50 500" --to-keep "5 1" \
+                --out "$D/paper_$s.csv" --json "$W/logs/paper_$s.json" --save-errors "$D/paper_$s.jsonl"
+            python3 -m diffcls evaluate "$W/held_$s" "${common[@]}" --out "$D/demo_$s.csv" --json "$W/logs/demo_$s.json"
+            python3 -m diffcls evaluate "$W/held_$s" "${common[@]}" --adaptive --out "$D/adapt_$s.csv" --json "$W/logs/adapt_$s.json"
+        done
+        for s in c0 c4; do
+            python3 -m diffcls evaluate "$W/held_$s" "${common[@]}" --n-samples 100 --to-keep 1 \
+                --out "$D/grid_$s.csv" --json "$W/logs/grid_$s.json" --save-errors "$D/grid_$s.jsonl"
+        done
+    }
+    export -f demo
+    step demo 200 bash -c demo
+    step ort 400 python3 bench/bench_ort_gpu.py --json "$W/logs/bench_ort_gpu.json"
+    pack
+    ls -la "$OUT"
+    ;;
 *)
-    echo "unknown step $step (tests, bench or ort)" >&2
+    echo "unknown step $step (tests, bench, ort or all)" >&2
     exit 2
     ;;
 esac

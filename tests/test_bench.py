@@ -67,3 +67,35 @@ def test_tiny_bench_on_onnxruntime_agrees_with_reference(tmp_path):
     a = report["agreement"]
     assert a["predictions_agree"] and a["n_errors_compared"] == 3 * report["evals_per_image"]
     assert a["max_abs_error_diff"] < 1e-4
+
+
+def test_tiny_bench_runs_the_adaptive_variant_and_the_vae_check(tmp_path):
+    report = _bench().main(["--tiny", "--variants", "eager,adaptive", "--json", str(tmp_path / "v.json")])
+    assert set(report["variants"]) == {"eager", "adaptive"}
+    ada = report["variants"]["adaptive"]
+    assert ada["on"] == "eager" and ada["unet_evals"] == sum(ada["evals_per_image_each"])
+    assert ada["agreement"]["n_images"] == 3
+    # the fixed run is the one compared with the reference
+    assert report["diffcls"]["unet_evals"] == 3 * report["evals_per_image"]
+    vae = report["vae"]
+    assert vae["vae_engine_dtype"] == "float32" and vae["force_upcast"] is True
+    assert vae["max_abs_diff_vs_cpu_fp32"] < 1e-5
+
+
+def test_bench_refuses_an_unknown_variant(tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        _bench().main(["--tiny", "--variants", "eager,fast", "--json", str(tmp_path / "u.json")])
+
+
+def test_ort_gpu_bench_smoke_on_cpu(tmp_path):
+    """bench/bench_ort_gpu.py --tiny: export, fp16 conversion, fusion and timing run end to end
+    (it once broke unnoticed when the exporter started asking the model for its wrappers)."""
+    pytest.importorskip("onnxruntime")
+    spec = importlib.util.spec_from_file_location("bench_ort_gpu", ROOT / "bench" / "bench_ort_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main(["--tiny", "--json", str(tmp_path / "o.json")])
+    assert report["fused_ops"] and report["variants"]
+    for name, r in report["variants"].items():
+        assert "error" not in r, (name, r)
+        assert r["evals_per_s"] > 0

@@ -108,3 +108,29 @@ def test_ort_cuda_io_binding_matches_torch(tmp_path):
     for _ in range(3):
         y = unet(feed)["out_sample"].float().sum()  # reduction queued on torch's stream
         assert torch.allclose(y.cpu(), ref.sum(), rtol=1e-3)
+
+
+def test_vae_stays_fp32_on_cuda_and_matches_cpu_fp32_latents():
+    """Issue 13 item 3: with `force_upcast` the VAE runs in IEEE fp32 on CUDA (no fp16, no TF32
+    convolutions) even when the rest runs in fp16, and its latents equal the CPU fp32 ones."""
+    from diffcls.engines import open_engines
+    from diffcls.models.tiny import tiny_model
+    from diffcls.runtime.classifier import run_batched
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((4, 3, 16, 16), generator=g) * 2 - 1
+    cpu = open_engines("torch", model=tiny_model(seed=0), device="cpu", precision="fp32")
+    gpu = open_engines("torch", model=tiny_model(seed=0), device=CUDA, precision="fp16")
+    assert gpu.vae_encoder.dtype == torch.float32 and gpu.unet.dtype == torch.float16
+    want = run_batched(cpu.vae_encoder, "image", images, 8)
+    got = run_batched(gpu.vae_encoder, "image", images, 8).float().cpu()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_fp32_on_cuda_is_ieee_fp32_not_tf32():
+    """`--precision fp32` on CUDA gives the CPU fp32 errors to ~1e-5 (TF32 convolutions would
+    move them by ~1e-3)."""
+    want, _ = _classify("cpu", "fp32")
+    got, _ = _classify(CUDA, "fp32")
+    _assert_close(got, want, rel=1e-4)

@@ -7,6 +7,7 @@ see `diffcls.runtime` for how batches are kept full so that every call hits a co
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,6 +42,36 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return precision
 
 
+@contextmanager
+def exact_fp32(device: torch.device):
+    """fp32 convolutions and matmuls in IEEE fp32 on CUDA for the duration of one call.
+
+    PyTorch lets cuDNN run fp32 convolutions in TF32 by default (10-bit mantissa), which moves
+    an fp32 VAE's latents by ~1e-3 relative; a component asked to run in fp32 (`--precision
+    fp32`, or the VAE's `force_upcast`) should give fp32 results. The process-wide flags are set
+    for the call only and restored after it (newer torch: `fp32_precision`, else `allow_tf32`).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        saved = (cudnn_conv.fp32_precision, matmul.fp32_precision)
+        cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision, matmul.fp32_precision = saved
+    else:  # torch without the fp32_precision API
+        saved = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = False, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 class TorchEngine:
     """One component as a torch module; any batch size unless `batch_sizes` is given."""
 
@@ -73,7 +104,11 @@ class TorchEngine:
             x = x.to(torch.int64) if t.dtype == "int64" else x.to(self.dtype)
             args.append(x)
         self.calls += 1
-        out = self._run(*args)
+        if self.dtype == torch.float32:
+            with exact_fp32(self.device):
+                out = self._run(*args)
+        else:
+            out = self._run(*args)
         return {self.spec.output_names[0]: out}
 
 
