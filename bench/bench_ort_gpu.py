@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
         report["convert_fp16_s"] = time.perf_counter() - t
         paths["ort_fp16"] = work / "unet_fp16.onnx"
         t = time.perf_counter()
-        fused = ox.optimize_unet(fp32, gpu=cuda)
+        fused = ox.optimize_unet(fp32, gpu=cuda, for_fp16=cuda)
         report["fused_ops"] = ox.fused_ops(fused)
         if cuda:
             ox.convert_fp16(fused, work / "unet_fused_fp16.onnx")

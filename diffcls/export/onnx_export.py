@@ -136,21 +136,29 @@ def _initializer_bytes(proto) -> int:
     return total
 
 
-def fusion_options(gpu: bool):
-    """ORT's UNet fusion options: all of them for CUDA, only ops with CPU kernels otherwise."""
+def fusion_options(gpu: bool, for_fp16: bool = False):
+    """ORT's UNet fusion options: all of them for CUDA, only ops with CPU kernels otherwise.
+
+    For a graph that is converted to fp16 afterwards, NhwcConv is left out: ORT's symbolic shape
+    inference cannot type it on our graphs (TypeError in `_compute_conv_pool_shape`), the fp16
+    converter then runs without types and writes an invalid model (fp16 Resize scales; seen on
+    an H200 with onnxruntime-gpu 1.31, reproduced on CPU in tests/test_fp16_fused.py).
+    """
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     opts = FusionOptions("unet")
     # separate Q/K/V inputs: the CUDA kernels pre-pack them and it keeps the CPU path valid
     opts.enable_packed_qkv = False
     opts.enable_packed_kv = False
+    if for_fp16:
+        opts.enable_nhwc_conv = False
     if not gpu:
         for name in ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add"):
             setattr(opts, name, False)
     return opts
 
 
-def optimize_unet(src: Path, gpu: bool):
+def optimize_unet(src: Path, gpu: bool, for_fp16: bool = False):
     """ONNX Runtime's offline UNet fusion on an fp32 graph -> an `OnnxModel` (not saved)."""
     from onnxruntime.transformers import optimizer
 
@@ -162,7 +170,7 @@ def optimize_unet(src: Path, gpu: bool):
         num_heads=0,  # detected per attention block
         hidden_size=0,
         opt_level=0,  # fusions only; ORT applies its own graph optimizations at load
-        optimization_options=fusion_options(gpu),
+        optimization_options=fusion_options(gpu, for_fp16),
         use_gpu=gpu,
     )
 
@@ -187,6 +195,7 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
     if hasattr(src_or_model, "convert_float_to_float16"):
         m = src_or_model
         m.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=False, op_block_list=block)
+        resize_inputs_fp32(m.model)
         return save_onnx(m.model, out_path)
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -203,7 +212,44 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
     m = OnnxModel(fp16)
     m.remove_cascaded_cast_nodes()
     m.remove_useless_cast_nodes()
+    resize_inputs_fp32(m.model)
     return save_onnx(m.model, out_path)
+
+
+def resize_inputs_fp32(proto) -> int:
+    """Give every Resize fp32 `roi`/`scales` again where the fp16 conversion made them fp16.
+
+    ONNX requires float32 there. The converter leaves them alone only when it knows every value's
+    type; on a graph fused for CUDA (GroupNorm, NhwcConv, ...) ORT's symbolic shape inference
+    fails ("failed in shape inference"), the converter goes on without types, turns the
+    constant scales into fp16, and ONNX Runtime then refuses the model as invalid (seen on an
+    H200 with onnxruntime-gpu 1.31). Each such constant gets an fp32 copy wired to the Resize
+    only (other users keep theirs). Returns how many inputs were fixed.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    fixed = 0
+    for node in graph.node:
+        if node.op_type != "Resize":
+            continue
+        for i in (1, 2):  # roi, scales (sizes is int64)
+            if i >= len(node.input) or not node.input[i]:
+                continue
+            name = node.input[i]
+            tensor = inits.get(name) if name in inits else (consts[name].attribute[0].t if name in consts else None)
+            if tensor is None or tensor.data_type != TensorProto.FLOAT16:
+                continue
+            copy_name = f"{name}_fp32"
+            if copy_name not in inits:
+                arr = numpy_helper.to_array(tensor).astype(np.float32)
+                graph.initializer.append(numpy_helper.from_array(arr, copy_name))
+                inits[copy_name] = graph.initializer[-1]
+            node.input[i] = copy_name
+            fixed += 1
+    return fixed
 
 
 def graph_value_types(path: Path) -> list:

@@ -400,7 +400,7 @@ def _export_converted(model, comp, spec, out, final, precision, optimize, device
         _trim_heap()
         if not optimize:
             return ox.convert_fp16(fp32, final)
-        fused = ox.optimize_unet(fp32, gpu=device == "cuda")
+        fused = ox.optimize_unet(fp32, gpu=device == "cuda", for_fp16=precision == "fp16")
         extra["fused_ops"] = ox.fused_ops(fused)
         if precision == "fp16":
             return ox.convert_fp16(fused, final)
