@@ -92,3 +92,18 @@ def test_resize_inputs_fp32_on_a_small_graph():
     y = sess.run(None, {"x": np.arange(4, dtype=np.float16).reshape(1, 1, 2, 2)})[0]
     assert y.shape == (1, 1, 4, 4)
     assert ox.resize_inputs_fp32(proto) == 0  # idempotent
+
+
+def test_group_norm_fusion_only_where_ort_cuda_can_run_it(demo_unet_fp32):
+    """ORT's CUDA GroupNorm needs an even number of channels per group; the demo UNet has one."""
+    import torch
+
+    from diffcls.models.loading import load_model
+
+    assert not ox.cuda_group_norm_ok(load_model(None).unet)
+    sd_like = torch.nn.Sequential(torch.nn.GroupNorm(32, 320), torch.nn.GroupNorm(32, 640))
+    assert ox.cuda_group_norm_ok(sd_like)
+    assert not ox.cuda_group_norm_ok(torch.nn.Sequential(torch.nn.GroupNorm(32, 320), torch.nn.GroupNorm(3, 9)))
+    fused = ox.optimize_unet(demo_unet_fp32, gpu=True, for_fp16=True, group_norm=False)
+    ops = ox.fused_ops(fused)
+    assert "GroupNorm" not in ops and "SkipGroupNorm" not in ops and ops.get("MultiHeadAttention")

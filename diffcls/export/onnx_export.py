@@ -136,7 +136,16 @@ def _initializer_bytes(proto) -> int:
     return total
 
 
-def fusion_options(gpu: bool, for_fp16: bool = False):
+def cuda_group_norm_ok(module: torch.nn.Module) -> bool:
+    """Whether ORT's CUDA GroupNorm kernel takes every GroupNorm of `module`: it needs an even
+    number of channels per group (two per thread). SD's UNets have 10-40; the demo's 32 channels
+    in 32 groups (one per group) made ORT fail at run time on an H200: "GroupNorm in CUDA does
+    not support the input: n=2 h=8 w=8 c=32 groups=32"."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    return all((m.num_channels // m.num_groups) % 2 == 0 for m in norms)
+
+
+def fusion_options(gpu: bool, for_fp16: bool = False, group_norm: bool = True):
     """ORT's UNet fusion options: all of them for CUDA, only ops with CPU kernels otherwise.
 
     For a graph that is converted to fp16 afterwards, NhwcConv is left out: ORT's symbolic shape
@@ -152,13 +161,16 @@ def fusion_options(gpu: bool, for_fp16: bool = False):
     opts.enable_packed_kv = False
     if for_fp16:
         opts.enable_nhwc_conv = False
+    if not group_norm:  # see cuda_group_norm_ok
+        opts.enable_group_norm = False
+        opts.enable_skip_group_norm = False
     if not gpu:
         for name in ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add"):
             setattr(opts, name, False)
     return opts
 
 
-def optimize_unet(src: Path, gpu: bool, for_fp16: bool = False):
+def optimize_unet(src: Path, gpu: bool, for_fp16: bool = False, group_norm: bool = True):
     """ONNX Runtime's offline UNet fusion on an fp32 graph -> an `OnnxModel` (not saved)."""
     from onnxruntime.transformers import optimizer
 
@@ -170,7 +182,7 @@ def optimize_unet(src: Path, gpu: bool, for_fp16: bool = False):
         num_heads=0,  # detected per attention block
         hidden_size=0,
         opt_level=0,  # fusions only; ORT applies its own graph optimizations at load
-        optimization_options=fusion_options(gpu, for_fp16),
+        optimization_options=fusion_options(gpu, for_fp16, group_norm),
         use_gpu=gpu,
     )
 

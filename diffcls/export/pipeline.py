@@ -395,12 +395,13 @@ def _export_converted(model, comp, spec, out, final, precision, optimize, device
     """fp32 ONNX in a temp dir -> [ORT fusion] -> [fp16] -> final."""
     with tempfile.TemporaryDirectory(dir=partial_dir(out)) as tmp:
         fp32 = ox.export_onnx(model, comp, spec, Path(tmp) / f"{comp}.onnx", opset, work_dir=Path(tmp))
+        group_norm = ox.cuda_group_norm_ok(model.unet) if optimize and hasattr(model, "unet") else True
         if release is not None:
             release()  # the torch weights are not needed again: free them before converting
         _trim_heap()
         if not optimize:
             return ox.convert_fp16(fp32, final)
-        fused = ox.optimize_unet(fp32, gpu=device == "cuda", for_fp16=precision == "fp16")
+        fused = ox.optimize_unet(fp32, gpu=device == "cuda", for_fp16=precision == "fp16", group_norm=group_norm)
         extra["fused_ops"] = ox.fused_ops(fused)
         if precision == "fp16":
             return ox.convert_fp16(fused, final)
