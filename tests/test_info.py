@@ -49,3 +49,27 @@ def test_info_lists_and_counts_external_data(tiny_dir, tmp_path, monkeypatch):
     total = (out / "unet.onnx").stat().st_size + (out / "unet.onnx.data").stat().st_size
     unet_row = next(line for line in r.output.splitlines() if re.match(r"\W*unet\b", line))
     assert human_size(total) in unet_row
+
+
+@pytest.mark.parametrize("arg", ["demo-dit", "DIR"])
+def test_info_describes_a_dit_directory_and_bundled_names(arg):
+    """A DiT directory (transformer/, vae/, no text encoder) was reported as 'neither an engine
+    directory nor a diffusers model directory'; bundled names were taken for engine folders."""
+    from diffcls.models.describe import describe_model
+    from diffcls.models.loading import bundled_model_path, load_model
+
+    path = str(bundled_model_path("demo-dit")) if arg == "DIR" else arg
+    d = describe_model(path)
+    model = load_model("demo-dit")
+    assert d["model_kind"] == "dit" and set(d["components"]) == {"vae", "transformer"}
+    assert d["components"]["transformer"]["parameters"] == sum(p.numel() for p in model.transformer.state_dict().values())
+    assert d["default_image_size"] == 32 and d["labels"][:2] == ["zero", "one"] and d["num_classes"] == 10
+    r = CliRunner().invoke(app, ["info", path])
+    assert r.exit_code == 0, r.output
+    assert "(dit)" in r.output and "DiTTransformer2DModel" in r.output and "neither" not in r.output
+
+
+def test_info_takes_the_bundled_sd_demo_by_name():
+    r = CliRunner().invoke(app, ["info", "demo"])
+    assert r.exit_code == 0, r.output
+    assert "(stable-diffusion)" in r.output and "UNet2DConditionModel" in r.output

@@ -84,10 +84,14 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
 def is_model(path: Path) -> bool:
     """Whether `info PATH` describes a model (directory, checkpoint, cached id), not engines."""
     from diffcls.engines.manifest import MANIFEST
-    from diffcls.models.loading import CHECKPOINT_SUFFIXES, REQUIRED_DIRS, REPO_ID
+    from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory
 
+    if str(path) in BUNDLED and not path.exists():  # `info demo`, `info demo-dit`
+        return True
     if path.is_dir():
-        return not (path / MANIFEST).exists() and all((path / d).is_dir() for d in REQUIRED_DIRS)
+        if (path / MANIFEST).exists():
+            return False
+        return is_dit_directory(path) or all((path / d).is_dir() for d in REQUIRED_DIRS)
     if path.is_file():
         return path.suffix in CHECKPOINT_SUFFIXES
     return bool(REPO_ID.fullmatch(str(path)))
@@ -104,7 +108,7 @@ def print_model(path: Path) -> None:
         out.print(f"\ncheckpoint {d['path']} ({human_size(d['bytes'])}): {d['model_type']}")
     else:
         out.print(
-            f"\nmodel directory {d['path']}: prediction type {d['prediction_type']}, default image size "
+            f"\nmodel directory {d['path']} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
             f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']})"
         )
     table = Table()

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes
+from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes, is_dit_directory
 
 COMPONENT_DIRS = ("text_encoder", "vae", "unet")
+DIT_COMPONENT_DIRS = ("vae", "transformer")  # class-conditional: no text encoder
 
 
 def _read_json(path: Path) -> dict:
@@ -64,8 +65,9 @@ def describe_model(model: str | Path | None) -> dict:
     root = check_model_path(model)
     if root.is_file():
         return _describe_checkpoint(root)
+    dit = is_dit_directory(root)
     components = {}
-    for name in COMPONENT_DIRS:
+    for name in DIT_COMPONENT_DIRS if dit else COMPONENT_DIRS:
         cfg = _read_json(root / name / "config.json")
         files = weight_files(root / name)
         params = sum(_numel(s) for f in files for s in tensor_shapes(f).values())
@@ -75,13 +77,14 @@ def describe_model(model: str | Path | None) -> dict:
             "files": [f.relative_to(root).as_posix() for f in files],
             "bytes": sum(f.stat().st_size for f in files),
         }
-    unet = _read_json(root / "unet" / "config.json")
+    unet = _read_json(root / ("transformer" if dit else "unet") / "config.json")
     vae = _read_json(root / "vae" / "config.json")
-    text = _read_json(root / "text_encoder" / "config.json")
+    text = {} if dit else _read_json(root / "text_encoder" / "config.json")
     sched = _read_json(root / "scheduler" / "scheduler_config.json")
     factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
-    return {
+    out = {
         "kind": "directory",
+        "model_kind": "dit" if dit else "stable-diffusion",
         "path": str(root),
         "components": components,
         "scheduler": sched.get("_class_name"),
@@ -92,6 +95,11 @@ def describe_model(model: str | Path | None) -> dict:
         "text_hidden_size": text.get("hidden_size"),
         "max_length": text.get("max_position_embeddings"),
     }
+    if dit:
+        labels = _read_json(root / "model_index.json").get("id2label") or {}
+        out["num_classes"] = unet.get("num_embeds_ada_norm")
+        out["labels"] = [labels[k] for k in sorted(labels, key=int)] if labels else None
+    return out
 
 
 def _describe_checkpoint(path: Path) -> dict:
