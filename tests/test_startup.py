@@ -111,3 +111,24 @@ def test_unreadable_store_is_ignored(monkeypatch, tmp_path):
     filehash.store_path().write_text("{not json")
     assert filehash.file_sha256(f) == filehash.sha256_file(f)
     assert filehash.file_sha256(f) == filehash.sha256_file(f)  # and the store was rewritten
+
+
+def test_dit_directory_fingerprints_once(monkeypatch, tmp_path):
+    """A DiT directory's fingerprint is remembered like an SD directory's (it was hashed on every load)."""
+    from diffcls.models import dit
+    from diffcls.models.loading import bundled_model_path, cached_fingerprint, load_model
+
+    monkeypatch.setenv("DIFFCLS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = dit.hash_dit_weights
+    monkeypatch.setattr(dit, "hash_dit_weights", lambda m: calls.append(1) or real(m))
+    model_dir = shutil.copytree(bundled_model_path("demo-dit"), tmp_path / "dit")
+    assert cached_fingerprint(model_dir) is None
+    first = load_model(model_dir).fingerprint()
+    assert len(calls) == 1
+    assert load_model(model_dir).fingerprint() == first and len(calls) == 1
+    assert cached_fingerprint(model_dir) == first  # --engines with --model need not load it
+    cfg = model_dir / "transformer" / "config.json"
+    st = cfg.stat()
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert load_model(model_dir).fingerprint() == first and len(calls) == 2

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from diffcls.errors import DiffclsError
+from diffcls.models import filehash
 from diffcls.models import spec as specs
 from diffcls.models.latent import LatentDiffusionModel
 from diffcls.models import wrappers
@@ -107,6 +108,8 @@ class DiTModel(LatentDiffusionModel):
     prediction_type: str = "epsilon"  # the scheduler config's (DiT predicts the noise)
     kind: str = KIND
     _fingerprint: str | None = field(default=None, repr=False)
+    # (directory, its files' sizes and mtimes, library versions): where fingerprint() remembers itself
+    _fingerprint_record: tuple | None = field(default=None, repr=False)
 
     # --- derived facts ------------------------------------------------------------------------
     @property
@@ -159,23 +162,13 @@ class DiTModel(LatentDiffusionModel):
         raise ValueError(f"unknown component {component!r}")
 
     def fingerprint(self) -> str:
-        """sha256 over the transformer's and VAE's configs and weights, ᾱ and the labels (16 hex)."""
+        """sha256 over the transformer's and VAE's configs and weights, ᾱ and the labels (16 hex).
+        Loaded from a directory, it is remembered by the files' sizes and mtimes (as for SD)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(KIND.encode())
-            for name in ("transformer", "vae"):
-                module = getattr(self, name)
-                h.update(name.encode())
-                h.update(_config_json(module).encode())
-                for key, tensor in sorted(module.state_dict().items()):
-                    h.update(key.encode())
-                    t = tensor.detach().to("cpu").contiguous()
-                    h.update(str(t.dtype).encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            h.update(self.alphas_cumprod.detach().cpu().float().numpy().tobytes())
-            h.update(json.dumps(sorted(self.id2label.items())).encode())
-            if self.prediction_type != "epsilon":
-                h.update(f"prediction_type={self.prediction_type}".encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = hash_dit_weights(self)
+            if self._fingerprint_record is not None:
+                root, state, versions = self._fingerprint_record
+                filehash.remember_fingerprint(root, versions, state, self._fingerprint)
         return self._fingerprint
 
     def to(self, device, dtype: torch.dtype | None = None) -> "DiTModel":
@@ -187,6 +180,25 @@ class DiTModel(LatentDiffusionModel):
         for m in (self.transformer, self.vae):
             m.eval().requires_grad_(False)
         return self
+
+
+def hash_dit_weights(model: DiTModel) -> str:
+    """The fingerprint computed from the loaded configs and tensors (reads every weight)."""
+    h = hashlib.sha256(KIND.encode())
+    for name in ("transformer", "vae"):
+        module = getattr(model, name)
+        h.update(name.encode())
+        h.update(_config_json(module).encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(key.encode())
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
+    h.update(json.dumps(sorted(model.id2label.items())).encode())
+    if model.prediction_type != "epsilon":
+        h.update(f"prediction_type={model.prediction_type}".encode())
+    return h.hexdigest()[:16]
 
 
 def _config_json(module) -> str:

@@ -282,7 +282,12 @@ def load_model(path: str | Path | None = None, *, config: str | Path | None = No
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
     if is_dit_directory(path):
-        return load_dit_directory(path)
+        # as in _load_directory: the files' state before reading them, and a remembered fingerprint
+        state, versions = filehash.directory_state(path), _library_versions()
+        model = load_dit_directory(path)
+        model._fingerprint = filehash.lookup_fingerprint(path, versions, state)
+        model._fingerprint_record = (path, state, versions)
+        return model
     return _load_directory(path)
 
 
