@@ -25,7 +25,7 @@ import torch
 from diffcls.errors import DiffclsError
 from diffcls.models import filehash
 from diffcls.models import spec as specs
-from diffcls.models.latent import LatentDiffusionModel
+from diffcls.models.latent import LatentDiffusionModel, hash_module
 from diffcls.models import wrappers
 
 KIND = "dit"
@@ -187,13 +187,7 @@ def hash_dit_weights(model: DiTModel) -> str:
     h = hashlib.sha256(KIND.encode())
     for name in ("transformer", "vae"):
         module = getattr(model, name)
-        h.update(name.encode())
-        h.update(_config_json(module).encode())
-        for key, tensor in sorted(module.state_dict().items()):
-            h.update(key.encode())
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_module(h, name, module, _config_json(module))
     h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
     h.update(json.dumps(sorted(model.id2label.items())).encode())
     if model.prediction_type != "epsilon":

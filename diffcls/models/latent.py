@@ -7,6 +7,21 @@ those live here once.
 
 from __future__ import annotations
 
+import torch
+
+
+def hash_module(h, name: str, module, config_json: str) -> None:
+    """Feed one component to the sha256 `h`: its name, its config (as the caller serializes it),
+    then every tensor of its state dict by sorted key, with dtype and raw bytes. Fingerprints are
+    built from this, so every byte of every weight counts."""
+    h.update(name.encode())
+    h.update(config_json.encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
 
 class LatentDiffusionModel:
     """Mixin for model dataclasses with `vae` (diffusers AutoencoderKL) and `alphas_cumprod` (T,)."""

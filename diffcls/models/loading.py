@@ -21,7 +21,7 @@ from diffcls.models import filehash
 
 log = logging.getLogger(__name__)
 from diffcls.models import spec as specs
-from diffcls.models.latent import LatentDiffusionModel
+from diffcls.models.latent import LatentDiffusionModel, hash_module
 from diffcls.models import wrappers
 from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
 from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory
@@ -126,13 +126,7 @@ def hash_weights(model: SDModel) -> str:
     h = hashlib.sha256()
     for name in ("text_encoder", "vae", "unet"):
         module = getattr(model, name)
-        h.update(name.encode())
-        h.update(_config_json(module).encode())
-        for key, tensor in sorted(module.state_dict().items()):
-            h.update(key.encode())
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_module(h, name, module, _config_json(module))
     h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
     if model.prediction_type != "epsilon":  # same weights, other target: another model
         h.update(f"prediction_type={model.prediction_type}".encode())
