@@ -11,11 +11,12 @@
 #   bench  bench/bench_speed.py: reference loop vs diffcls, SD-2.1-base shapes, fp16, batch 32
 #   ort    bench/bench_ort_gpu.py: ORT CUDA EP plain / fused fp16 vs torch (needs onnxruntime-gpu
 #          assembled from .ortc/ first, see ../shared/gpu/README.md)
-#   all    everything above and the demo-model accuracy runs in ONE call, in priority order, each
-#          step under a timeout cut to what is left of GPU_BUDGET_S (default 540 s): sd21 bench
-#          (reference, eager, compiled, adaptive, VAE check), pytest -m gpu, the demo model on
-#          all 359 held-out digits clean and at corruption 4 (paper schedule, demo default,
-#          --adaptive, a 100-timestep table for bench/policy_replay.py), then ORT if time is left.
+#   all    the steps in ONE call, in the order of GPU_STEPS (default "pytest_gpu ort sd21"), each
+#          under a timeout cut to what is left of GPU_BUDGET_S (default 540 s): pytest_gpu
+#          (pytest -m gpu), ort (bench_ort_gpu.py), sd21 (bench_speed.py: reference, eager,
+#          compiled, adaptive, VAE check), demo (the demo model on all 359 held-out digits clean
+#          and at corruption 4: paper schedule, demo default, --adaptive, 100-timestep tables for
+#          bench/policy_replay.py; ran on 2026-11-26, so not in the default list).
 #          Unpacks /tmp/ortx.tar.xz (onnxruntime-gpu's wheel contents as .tar.xz, carried in
 #          <= 48.5 MiB pieces .ortx/p0..p3 by earlier calls: cat .ortx/pN >> /tmp/ortx.tar.xz)
 #          when present. Everything lands in $OUT: logs.tgz (text, JSON, CSV) and one .jsonl.gz
@@ -88,13 +89,10 @@ PY
     export PYTHONUNBUFFERED=1 W
     # GPU_DRYRUN=1: the same steps on a CPU with tiny inputs (checks this script, not the GPU)
     if [ -n "${GPU_DRYRUN:-}" ]; then
-        export DEV=cpu LIMIT="--limit 12" BS=64 SD21="--tiny --variants eager,adaptive"
+        export DEV=cpu LIMIT="--limit 12" BS=64 SD21="--tiny --variants eager,adaptive" ORT_ARGS="--tiny"
     else
-        export DEV=cuda LIMIT="" BS=500 SD21="--images 4 --batch-size 32"
+        export DEV=cuda LIMIT="" BS=500 SD21="--images 4 --batch-size 32" ORT_ARGS=""
     fi
-    # shellcheck disable=SC2086
-    step sd21 270 python3 bench/bench_speed.py $SD21 --json "$W/logs/bench_speed.json"
-    step pytest_gpu 170 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_trt.py tests/test_exact_fp32.py
     demo() {  # the demo model on CUDA in IEEE fp32 (--precision fp32), 359 held-out digits
         set -e
         local D="$W/tables_demo"; mkdir -p "$D"
@@ -114,9 +112,19 @@ PY
                 --out "$D/grid_$s.csv" --json "$W/logs/grid_$s.json" --save-errors "$D/grid_$s.jsonl"
         done
     }
-    export -f demo
-    step demo 200 bash -c demo
-    step ort 400 python3 bench/bench_ort_gpu.py --json "$W/logs/bench_ort_gpu.json"
+    # order: what the last session (2026-11-26, H200) left unverified first: the ORT CUDA fixes
+    # (pytest), ORT's SD-2.1 speeds, then the torch paths again; GPU_STEPS picks and orders them
+    for s in ${GPU_STEPS:-pytest_gpu ort sd21}; do
+        case "$s" in
+        # shellcheck disable=SC2086
+        sd21) step sd21 270 python3 bench/bench_speed.py $SD21 --json "$W/logs/bench_speed.json" ;;
+        pytest_gpu) step pytest_gpu 170 python3 -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_trt.py tests/test_exact_fp32.py ;;
+        # shellcheck disable=SC2086
+        ort) step ort 330 python3 bench/bench_ort_gpu.py $ORT_ARGS --json "$W/logs/bench_ort_gpu.json" ;;
+        demo) export -f demo; step demo 200 bash -c demo ;;
+        *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo)" | tee -a "$W/logs/steps.txt" ;;
+        esac
+    done
     pack
     ls -la "$OUT"
     ;;
