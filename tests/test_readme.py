@@ -50,6 +50,7 @@ SKIPS = [
     (r"^CUDA_VISIBLE_DEVICES=\d diffcls classify val/ --shard", "one shard per GPU of an unnamed folder; tests/test_distributed.py runs shards + merge on the demo model"),
     (r"^diffcls merge val\.csv part0\.csv", "merges the GPU shards above; tests/test_distributed.py checks merge against one process"),
 ]
+SKIPS.append((r"^diffcls classify photos/ .*--device cuda", "an SD model on a CUDA GPU (no weights or GPU here); tests/test_gpu.py runs the CUDA paths, BENCHMARKS.md has the run"))
 if importlib.util.find_spec("tensorrt") is None:
     SKIPS.append((r"--backend tensorrt", "needs a GPU with TensorRT; tests/test_trt.py covers it where TensorRT is installed"))
 
