@@ -29,7 +29,7 @@ def plain_order(M: int, T: int) -> list[int]:
 
 def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000):
     """error(c, k, t, j) -> float. Returns (prediction, ranking, {(c, t, j): error})."""
-    ts = plain_order(p.max_samples, T)
+    ts = plain_order(p.max_samples + p.final_samples, T)
     alive = list(range(K))
     X = {c: [] for c in range(K)}
     table = {}
@@ -74,6 +74,17 @@ def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000):
                 alive = [c for c in alive if c not in drop]
         if len(alive) == 1:
             break
+    if len(alive) > 1 and p.final_samples:  # the final stage: the best final_keep, F more timesteps
+        by_mean = sorted(alive, key=lambda c: (sum(X[c]), c))
+        if by_mean[p.final_keep:]:
+            out_groups.append(by_mean[p.final_keep:])
+        alive = by_mean[: p.final_keep]
+        for k in range(p.max_samples, p.max_samples + p.final_samples):
+            for c in alive:
+                errs = [error(c, k, ts[k], j) for j in range(p.n_trials)]
+                for j, e in enumerate(errs):
+                    table[(c, ts[k], j)] = e
+                X[c].append(sum(errs) / p.n_trials if p.n_trials > 1 else errs[0])
     final = sorted(alive, key=lambda c: (sum(X[c]), c))
     ranking = final + [c for g in reversed(out_groups) for c in g]
     return final[0], ranking, table
@@ -114,6 +125,7 @@ ADAPTIVE = [
     AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16),
     AdaptiveSchedule(error_rate=0.3, min_samples=5, max_samples=12, n_trials=2, loss="l1"),
     AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=16, rule="kim-nelson", rel_delta=0.02),
+    AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=4, final_samples=5, final_keep=2),
 ]
 
 
@@ -133,8 +145,12 @@ def test_sequential_policy_matches_plain_rule_on_a_tiny_model(tiny, tiny_engines
         assert max(abs(mine[key] - table[key]) for key in table) < 1e-5
         assert got[i].n_evals == len(table) <= schedule.evals_upper_bound(len(PROMPTS))
         eliminated_any |= len(table) < schedule.evals_upper_bound(len(PROMPTS))
-    assert eliminated_any  # the rule acted: some image stopped before the budget
     assert stats.unet_evals == sum(r.n_evals for r in got.values())
+    if schedule.final_samples:  # some image went on to the final stage
+        late = set(schedule.timestep_order()[schedule.max_samples:])
+        assert any(t in late for r in got.values() for _, t, _, _ in r.errors)
+    else:
+        assert eliminated_any  # the rule acted: some image stopped before the budget
 
 
 def test_results_do_not_depend_on_batch_size_or_on_images_sharing_a_batch(tiny_engines, inputs):
@@ -295,9 +311,39 @@ def test_one_prompt_takes_the_first_stage_only():
         (AdaptiveSchedule(rule="bogus"), "unknown adaptive rule"),
         (AdaptiveSchedule(rel_delta=0.0, rule="kim-nelson"), "--rel-delta 0 must be > 0"),
         (AdaptiveSchedule(loss="l3"), "unknown --loss"),
+        (AdaptiveSchedule(final_samples=-1), "--final-samples -1 must be >= 0"),
+        (AdaptiveSchedule(max_samples=600, final_samples=500), "--max-samples 600 + --final-samples 500 exceed"),
+        (AdaptiveSchedule(final_samples=10, final_keep=1), "--final-keep 1 must be >= 2"),
     ],
 )
 def test_adaptive_schedule_is_validated_up_front(params, message):
     with pytest.raises(DiffclsError) as e:
         params.validate(10)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_final_stage_keeps_the_best_and_leaves_defaults_untouched():
+    """Without --final-samples nothing changes (grid, noise bank, description); with it an
+    undecided image keeps its best final_keep prompts for final_samples more timesteps."""
+    plain = AdaptiveSchedule()
+    assert plain.grid_size == plain.max_samples and plain.noise_bank_size() == plain.max_samples
+    assert "final" not in plain.describe()
+    s = AdaptiveSchedule(error_rate=0.01, min_samples=4, max_samples=10, final_samples=8, final_keep=2)
+    assert s.grid_size == 18 and s.noise_bank_size() == 18 and "final_samples=8 final_keep=2" in s.describe()
+    assert s.evals_upper_bound(5) == 5 * 10 + 2 * 8
+    order = s.timestep_order()
+    assert sorted(order) == s.grid() and len(set(order)) == 18
+    means = [1.0, 1.0005, 1.001, 2.0, 3.0]  # three near-ties no test separates in 10 samples
+    rng = np.random.default_rng(0)
+    pol = SequentialPolicy(5, s, 1000)
+    fed = []
+    while not pol.done:
+        block = pol.next_block()
+        fed.append((pol.phase, sorted({c for c, _, _ in block}), sorted({k for _, k, _ in block})))
+        for c, k, j in block:
+            pol.feed(c, k, j, float(means[c] + rng.normal(0, 0.2)))
+    final = [b for b in fed if b[0] == 2]
+    assert len(final) == 8 and all(len(b[1]) == 2 and set(b[1]) <= {0, 1, 2} for b in final)
+    assert [b[2][0] for b in final] == list(range(10, 18))
+    assert pol.n_evals == sum(len(b[1]) * len(b[2]) for b in fed) <= s.evals_upper_bound(5)
+    assert pol.result().prediction in final[0][1] and set(pol.result().ranking) == set(range(5))

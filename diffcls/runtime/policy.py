@@ -36,7 +36,10 @@ D_ij(r) > B_ij(r) for some surviving j, where (K = number of prompts, alpha = er
       delta = rel_delta * (mean of all first-stage samples of all prompts)
 
 It stops when one prompt survives or after max_samples timesteps; the lowest mean wins (ties:
-lower index). docs/adaptive.md gives the guarantees and their assumptions.
+lower index). With a final stage (`final_samples` F > 0), an image still undecided at
+max_samples keeps its `final_keep` best prompts (lowest means; the rest are eliminated there),
+evaluates them at the next F timesteps of the order, and the lowest mean over all their samples
+wins: close calls get the long look the paper's second round gives its top 5. docs/adaptive.md gives the guarantees and their assumptions.
 """
 
 from __future__ import annotations
@@ -172,7 +175,9 @@ class SequentialPolicy:
         self.params = params
         self.K = int(n_prompts)
         self.timesteps = params.timestep_order(num_train_timesteps)  # k -> t
-        self.n0, self.M, self.n_trials = params.min_samples, len(self.timesteps), params.n_trials
+        self.n0, self.M, self.n_trials = params.min_samples, params.max_samples, params.n_trials
+        self.F = params.final_samples  # final-stage timesteps (0: none)
+        self.final = False  # in the final stage
         self.alive = np.ones(self.K, dtype=bool)
         self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date)
         self.r = 0  # timesteps every alive prompt has
@@ -187,7 +192,7 @@ class SequentialPolicy:
     # --- blocks ---------------------------------------------------------------------------------
     @property
     def phase(self) -> int:
-        return 0 if self.r < self.n0 else 1
+        return 2 if self.final else (0 if self.r < self.n0 else 1)
 
     def _open(self, ks) -> None:
         self._ks = list(ks)
@@ -223,12 +228,26 @@ class SequentialPolicy:
             self.r += 1
             if self.r == self.n0:
                 self._fix_constants()
-            if self.r >= self.n0:
+            if self.r >= self.n0 and not self.final:
                 self._eliminate()
-        if int(self.alive.sum()) == 1 or self.r >= self.M:
+        n_alive = int(self.alive.sum())
+        if n_alive > 1 and self.r == self.M and self.F and not self.final:
+            self._enter_final()
+        if n_alive == 1 or self.r >= self.M + (self.F if self.final else 0):
             self.done, self._block = True, []
         else:
             self._open([self.r])
+
+    def _enter_final(self) -> None:
+        """Keep the best final_keep prompts (all have r samples, so by sums) for F more timesteps."""
+        self.final = True
+        alive = sorted(np.flatnonzero(self.alive).tolist(), key=lambda c: (self.sums[c], c))
+        gone = alive[self.params.final_keep:]
+        if gone:
+            self.alive[gone] = False
+            self.eliminated.append(gone)
+            for c in gone:
+                self.eliminated_at[c] = self.r
 
     # --- the rule -------------------------------------------------------------------------------
     def _fix_constants(self) -> None:

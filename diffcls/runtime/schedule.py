@@ -156,8 +156,14 @@ class AdaptiveSchedule:
     rel_delta: float = 0.05  # kim-nelson only: delta = rel_delta * mean error of the first stage
     n_trials: int = 1  # noise draws per timestep (one sample = their mean error)
     loss: str = "l2"
+    # a final stage (off by default): an image still undecided at max_samples gives its best
+    # `final_keep` prompts `final_samples` more timesteps each, then the lowest mean wins
+    final_samples: int = 0
+    final_keep: int = 3
 
     def __post_init__(self):
+        object.__setattr__(self, "final_samples", int(self.final_samples))
+        object.__setattr__(self, "final_keep", int(self.final_keep))
         object.__setattr__(self, "error_rate", float(self.error_rate))
         object.__setattr__(self, "rel_delta", float(self.rel_delta))
         object.__setattr__(self, "min_samples", int(self.min_samples))
@@ -166,8 +172,13 @@ class AdaptiveSchedule:
         if isinstance(self.loss, Loss):
             object.__setattr__(self, "loss", self.loss.value)
 
+    @property
+    def grid_size(self) -> int:
+        """Timesteps in the grid: the budget of the first stage plus the final stage's."""
+        return self.max_samples + self.final_samples
+
     def noise_bank_size(self) -> int:
-        return self.max_samples * self.n_trials
+        return self.grid_size * self.n_trials
 
     def validate(self, n_prompts: int, num_train_timesteps: int = 1000) -> "AdaptiveSchedule":
         T = num_train_timesteps
@@ -185,6 +196,15 @@ class AdaptiveSchedule:
             raise DiffclsError(f"unknown adaptive rule {self.rule!r}; choose one of {', '.join(RULES)}")
         if not self.rel_delta > 0.0:
             raise DiffclsError(f"--rel-delta {self.rel_delta:g} must be > 0, e.g. --rel-delta 0.05")
+        if self.final_samples < 0:
+            raise DiffclsError(f"--final-samples {self.final_samples} must be >= 0 (0: no final stage)")
+        if self.grid_size > T:
+            raise DiffclsError(
+                f"--max-samples {self.max_samples} + --final-samples {self.final_samples} exceed the model's {T} "
+                f"training timesteps; use at most {T} together"
+            )
+        if self.final_samples and self.final_keep < 2:
+            raise DiffclsError(f"--final-keep {self.final_keep} must be >= 2 (the final stage compares the best few prompts)")
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         if self.loss not in LOSSES:
@@ -194,8 +214,9 @@ class AdaptiveSchedule:
         return self
 
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:
-        """The fine grid of max_samples evenly spaced timesteps (as `Schedule.grid`)."""
-        T, M = num_train_timesteps, self.max_samples
+        """The fine grid of grid_size evenly spaced timesteps (as `Schedule.grid`); the first
+        stage takes the first max_samples of its van der Corput order, the final stage the rest."""
+        T, M = num_train_timesteps, self.grid_size
         return list(range(T // M // 2, T, T // M))[:M]
 
     def timestep_order(self, num_train_timesteps: int = 1000) -> list[int]:
@@ -204,12 +225,15 @@ class AdaptiveSchedule:
         return [grid[i] for i in van_der_corput_order(len(grid))]
 
     def evals_upper_bound(self, n_prompts: int, num_train_timesteps: int = 1000) -> int:
-        """The most UNet evaluations one image can take: every prompt to the budget."""
-        return n_prompts * self.max_samples * self.n_trials
+        """The most UNet evaluations one image can take: every prompt to the budget, then the
+        final stage for the best final_keep."""
+        final = min(self.final_keep, n_prompts) * self.final_samples if n_prompts > 1 else 0
+        return (n_prompts * self.max_samples + final) * self.n_trials
 
     def describe(self) -> str:
         delta = f" rel_delta={self.rel_delta:g}" if self.rule == "kim-nelson" else ""
+        final = f" final_samples={self.final_samples} final_keep={self.final_keep}" if self.final_samples else ""
         return (
             f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
-            f"max_samples={self.max_samples}{delta} n_trials={self.n_trials} loss={self.loss}"
+            f"max_samples={self.max_samples}{delta}{final} n_trials={self.n_trials} loss={self.loss}"
         )
