@@ -49,6 +49,16 @@ def tiny_engines(tiny):
     return open_engines("torch", model=tiny, device="cpu")
 
 
+def assert_one_line_error(result, *fragments):
+    """A CLI run that failed the way user errors must: exit code 2, exactly one `error:` line
+    holding every fragment, and no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
 def random_image(seed: int, size=(20, 24), mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.cli.settings import RunSettings
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 ADAPTIVE = ["--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--max-samples", "8", "--batch-size", "8"]
@@ -16,14 +17,6 @@ ADAPTIVE = ["--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--max-sa
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_classify_adaptive_records_the_schedule_and_evals(tmp_path, tiny_dir, image_folder):
@@ -63,11 +56,11 @@ def test_profile_shows_the_distribution_of_evals(tmp_path, tiny_dir, image_folde
 
 
 def test_adaptive_flags_are_checked_before_any_work(tmp_path, image_folder):
-    one_line_error(invoke("classify", image_folder, "--adaptive", "--n-samples", "4,8", "--to-keep", "2,1"), "--adaptive replaces")
-    one_line_error(invoke("classify", image_folder, "--error-rate", "0.1"), "--error-rate applies to adaptive evaluation only", "add --adaptive")
-    one_line_error(invoke("classify", image_folder, "--adaptive", "--error-rate", "2"), "--error-rate 2 must be between 0 and 1")
-    one_line_error(invoke("classify", image_folder, "--adaptive", "--min-samples", "1"), "--min-samples 1")
-    one_line_error(invoke("classify", image_folder, "--adaptive", "--max-samples", "5000"), "--max-samples 5000")
+    assert_one_line_error(invoke("classify", image_folder, "--adaptive", "--n-samples", "4,8", "--to-keep", "2,1"), "--adaptive replaces")
+    assert_one_line_error(invoke("classify", image_folder, "--error-rate", "0.1"), "--error-rate applies to adaptive evaluation only", "add --adaptive")
+    assert_one_line_error(invoke("classify", image_folder, "--adaptive", "--error-rate", "2"), "--error-rate 2 must be between 0 and 1")
+    assert_one_line_error(invoke("classify", image_folder, "--adaptive", "--min-samples", "1"), "--min-samples 1")
+    assert_one_line_error(invoke("classify", image_folder, "--adaptive", "--max-samples", "5000"), "--max-samples 5000")
 
 
 def test_settings_build_the_adaptive_schedule():
@@ -90,5 +83,5 @@ def test_final_stage_flags_reach_the_schedule_and_bind_the_results(tmp_path, tin
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *strict,
                "--final-samples", "9", "--out", out, "--no-cache")
     assert r.exit_code == 2 and "schedule" in r.output
-    one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--final-samples", "5"), "--final-samples applies to adaptive")
-    one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-samples", "5", "--final-keep", "1"), "--final-keep 1 must be >= 2")
+    assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--final-samples", "5"), "--final-samples applies to adaptive")
+    assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-samples", "5", "--final-keep", "1"), "--final-keep 1 must be >= 2")

@@ -15,7 +15,7 @@ from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
 from diffcls.runtime.inputs import collect_inputs
 
-from conftest import random_image
+from conftest import assert_one_line_error, random_image
 
 runner = CliRunner()
 FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--batch-size", "8", "--no-cache"]
@@ -28,14 +28,6 @@ def invoke(*args):
 def rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -117,8 +109,8 @@ def test_evaluate_folders_named_by_class_index(tmp_path, tiny_dir):
     i, n = (json.loads((tmp_path / f).read_text()) for f in ("i.json", "n.json"))
     assert i["confusion"] == n["confusion"] and i["n"] == 4  # same images, same labels
     # numeric folders without --labels index: the error says what to pass
-    one_line_error(invoke("evaluate", by_index, *common), "subfolders 0, 1", "--labels index")
-    one_line_error(invoke("evaluate", _labeled(tmp_path / "x", ["0", "7"]), *common, "--labels", "index"),
+    assert_one_line_error(invoke("evaluate", by_index, *common), "subfolders 0, 1", "--labels index")
+    assert_one_line_error(invoke("evaluate", _labeled(tmp_path / "x", ["0", "7"]), *common, "--labels", "index"),
                    "subfolders 7", "not class indices", "(0..1)")
 
 

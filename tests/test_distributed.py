@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.runtime.shards import parse_shard, shard_of
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 FAST = ["--n-samples", "4,8", "--to-keep", "2,1", "--batch-size", "8", "--no-cache"]
@@ -32,14 +33,6 @@ def invoke(*args):
 def rows(path: Path) -> dict[str, dict]:
     with open(path, newline="") as f:
         return {r["path"]: r for r in csv.DictReader(f)}
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def assert_same_results(got: dict, want: dict):

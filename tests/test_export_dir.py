@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime", reason="export checks graphs with onnxruntime
 
 from conftest import EXPORT_BATCH_SIZES as BATCH_SIZES  # noqa: E402
 from conftest import EXPORT_IMAGE_SIZE as IMAGE_SIZE  # noqa: E402
-from conftest import copy_of  # noqa: E402
+from conftest import assert_one_line_error, copy_of  # noqa: E402
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -43,14 +43,6 @@ def images(tmp_path) -> Path:
 def classify(engines, tmp_path, *extra):
     return runner.invoke(app, ["classify", str(images(tmp_path)), "--engines", str(engines), "--n-samples", "2,4", "--to-keep", "2,1",
                                "--batch-size", "4", "--no-cache", "--device", "cpu", *map(str, extra)])
-
-
-def assert_one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def edit_manifest(d: Path, fn) -> None:

@@ -21,17 +21,10 @@ from diffcls.models import tiny_model
 from diffcls.runtime.cache import DiskCache
 from diffcls.runtime.classifier import Classifier
 from diffcls.runtime.schedule import Schedule
+from conftest import assert_one_line_error
 
 SCHEDULE = Schedule(n_samples=(4, 8), to_keep=(2, 1))
 FAST = ["--n-samples", "4,8", "--to-keep", "2,1", "--batch-size", "8"]
-
-
-def _one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [line for line in r.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 # --- item 3: non-finite noise -------------------------------------------------------------------
@@ -51,7 +44,7 @@ def test_non_finite_noise_file_is_refused(tmp_path, tiny_dir, image_folder, bad,
     out = tmp_path / "r.csv"
     r = CliRunner().invoke(app, ["classify", str(image_folder), "--model", str(tiny_dir), "--classes", "cat,dog",
                                  *FAST, "--no-cache", "--noise", str(path), "--out", str(out)])
-    _one_line_error(r, f"noise file {path}", fragment)
+    assert_one_line_error(r, f"noise file {path}", fragment)
     assert not out.exists()
 
 

@@ -25,6 +25,7 @@ from diffcls.runtime import results as R
 from diffcls.runtime.classifier import ImageResult
 from diffcls.runtime.prompts import PromptSet
 from diffcls.runtime.results import COLUMNS, ResultsWriter
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 FAST = ["--n-samples", "4,8", "--to-keep", "2,1", "--batch-size", "8"]
@@ -53,14 +54,6 @@ def write_rows(out: Path, keys, errors: Path | None = None, settings=SETTINGS) -
 def rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
-
-
-def assert_one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 # --- 7: one writer at a time; duplicates dropped ------------------------------------------------
