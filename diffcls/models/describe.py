@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes, is_dit_directory
+from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes, is_dit_directory, weight_shapes
 
 COMPONENT_DIRS = ("text_encoder", "vae", "unet")
 DIT_COMPONENT_DIRS = ("vae", "transformer")  # class-conditional: no text encoder
@@ -26,20 +26,11 @@ def _read_json(path: Path) -> dict:
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of a weight file, from its header (safetensors) or a memory map."""
+    """{tensor name: shape} of a model component's weight file (`loading.weight_shapes`)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        import torch
-
-        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        return weight_shapes(path)
     except Exception as e:  # noqa: BLE001 - unreadable weights
         raise DiffclsError(f"cannot read weights {path} ({type(e).__name__}); re-save the model with diffusers") from e
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
-    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
 
 def _numel(shape) -> int:

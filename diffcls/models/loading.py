@@ -340,19 +340,27 @@ class _Shape:
         self.shape = tuple(shape)
 
 
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a weight file: from the header (safetensors) or a memory map
+    (.bin/.ckpt, a `state_dict` inside unwrapped), never reading the tensors' values. Raises
+    whatever the readers raise; callers say what the file was meant to be."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
 def checkpoint_shapes(path: Path) -> dict:
     """{key: object with .shape} of a checkpoint, without reading its tensors where possible."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                return {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
-        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        shapes = weight_shapes(path)
     except Exception as e:  # noqa: BLE001 - unreadable file
         raise DiffclsError(f"cannot load checkpoint {path}: {_first_line(e)}; pass a readable .safetensors or .ckpt Stable Diffusion checkpoint") from e
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
-    return {k: _Shape(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+    return {k: _Shape(v) for k, v in shapes.items()}
 
 
 def single_file_config(path: Path, config: str | Path | None = None) -> Path:
