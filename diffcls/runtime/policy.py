@@ -99,7 +99,21 @@ def mixture_constants(n_prompts: int, error_rate: float, min_samples: int, max_s
     return hi_c, rho2
 
 
-class FixedPolicy:
+class _BlockHandout:
+    """Hands out a policy's current block (`_block`) once; the policy opens the next block
+    when the last item of this one is fed (`_handed` back to False)."""
+
+    def next_block(self) -> list[tuple[int, int, int]]:
+        if self.done:
+            return []
+        if self._handed:
+            raise RuntimeError("feed every item of the last block before asking for the next")
+        self._handed = True
+        self.n_evals += len(self._block)
+        return list(self._block)
+
+
+class FixedPolicy(_BlockHandout):
     """The paper's fixed schedule: rounds of timesteps, prune to to_keep[i] after round i."""
 
     def __init__(self, schedule: Schedule, n_prompts: int, num_train_timesteps: int = 1000):
@@ -146,13 +160,6 @@ class FixedPolicy:
     def score(self, c: int) -> float:
         return self.sums[c] / self.counts[c] if self.counts[c] else float("inf")
 
-    def next_block(self) -> list[tuple[int, int, int]]:
-        if self._handed:
-            raise RuntimeError("feed every item of the last block before asking for the next")
-        self._handed = True
-        self.n_evals += len(self._block)
-        return list(self._block)
-
     def feed(self, prompt: int, k: int, trial: int, error: float) -> None:
         self.sums[prompt] += error
         self.counts[prompt] += 1
@@ -167,7 +174,7 @@ class FixedPolicy:
         return PolicyResult(self.remaining[0], ranking)
 
 
-class SequentialPolicy:
+class SequentialPolicy(_BlockHandout):
     """Paired sequential elimination over van der Corput-ordered timesteps (module docstring)."""
 
     def __init__(self, n_prompts: int, params: AdaptiveSchedule, num_train_timesteps: int = 1000):
@@ -202,15 +209,6 @@ class SequentialPolicy:
         self._acc = np.zeros((len(self._ks), self.K))
         self._pending = len(self._block)
         self._handed = False
-
-    def next_block(self) -> list[tuple[int, int, int]]:
-        if self.done:
-            return []
-        if self._handed:
-            raise RuntimeError("feed every item of the last block before asking for the next")
-        self._handed = True
-        self.n_evals += len(self._block)
-        return list(self._block)
 
     def feed(self, prompt: int, k: int, trial: int, error: float) -> None:
         self._acc[k - self._k0, prompt] += error
