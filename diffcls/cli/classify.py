@@ -456,6 +456,9 @@ class LabelKind(str, Enum):
     index = "index"  # folder / label text is the class index (0, 1, ...: the prompts' classidx)
 
 
+LabelsOpt = Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")]
+
+
 @app.command()
 @run_options
 def evaluate(
@@ -465,7 +468,7 @@ def evaluate(
     ] = None,
     out_csv: OutOpt = None,
     save_errors: ErrorsOpt = None,
-    labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")] = LabelKind.name,
+    labels: LabelsOpt = LabelKind.name,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the confusion matrix as a PNG (and the reliability diagram beside it, *-reliability.png; needs the plot extra).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics and the run's settings as JSON.")] = None,
     ray: RayOpt = False,
@@ -599,7 +602,7 @@ def calibrate(
     ] = None,
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the temperature (JSON), for classify/evaluate --calibration.")] = Path("calibration.json"),
     results_csv: Annotated[Optional[Path], typer.Option("--results", help="Results CSV of this run (resumable; an evaluate --out CSV with the same settings is reused).")] = None,
-    labels: Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices.")] = LabelKind.name,
+    labels: LabelsOpt = LabelKind.name,
     *,
     settings: RunSettings,
 ) -> None:
