@@ -16,7 +16,9 @@
 #          (pytest -m gpu), ort (bench_ort_gpu.py), sd21 (bench_speed.py: reference, eager,
 #          compiled, adaptive, VAE check), demo (the demo model on all 359 held-out digits clean
 #          and at corruption 4: paper schedule, demo default, --adaptive, 100-timestep tables for
-#          bench/policy_replay.py; ran on 2026-11-26, so not in the default list).
+#          bench/policy_replay.py; ran on 2026-11-26, so not in the default list),
+#          table_SET_sSEED (e.g. table_c4_s1: every prompt at all TABLE_N=500 grid timesteps on the
+#          held-out digits at corruption SET (c0 = clean) with noise seed SEED -> $OUT/table_c4_s1.npz).
 #          Unpacks /tmp/ortx.tar.xz (onnxruntime-gpu's wheel contents as .tar.xz, carried in
 #          <= 48.5 MiB pieces .ortx/p0..p3 by earlier calls: cat .ortx/pN >> /tmp/ortx.tar.xz)
 #          when present. Everything lands in $OUT: logs.tgz (text, JSON, CSV) and one .jsonl.gz
@@ -112,6 +114,30 @@ PY
                 --out "$D/grid_$s.csv" --json "$W/logs/grid_$s.json" --save-errors "$D/grid_$s.jsonl"
         done
     }
+    # every prompt at every timestep of a TABLE_N-point grid (default 500, the paper's fine grid)
+    # for one held-out set and noise seed, packed to $OUT/table_SET_sSEED.npz (7 MB) for
+    # bench/policy_replay.py: the 500-timestep tables issue 10's final-stage design needs
+    table() {  # table SET SEED, SET in c0 c3 c4 ...
+        set -e
+        local set=$1 seed=$2 D="$W/tables_500"; mkdir -p "$D"
+        if [ ! -d "$W/held_$set" ]; then
+            local corrupt=(); [ "$set" != c0 ] && corrupt=(--corrupt "${set#c}")
+            # shellcheck disable=SC2086
+            python3 -m diffcls digits "$W/held_$set" --split heldout "${corrupt[@]}" $LIMIT
+        fi
+        python3 -m diffcls evaluate "$W/held_$set" --device "$DEV" --precision fp32 --no-cache --batch-size "$BS" \
+            --seed "$seed" --n-samples "${TABLE_N:-500}" --to-keep 1 --out "$D/t_${set}_s$seed.csv" \
+            --json "$W/logs/table_${set}_s$seed.json" --save-errors "$D/t_${set}_s$seed.jsonl"
+        python3 bench/policy_replay.py pack "$D/t_${set}_s$seed.jsonl" "$OUT/table_${set}_s$seed.npz"
+        rm -f "$D/t_${set}_s$seed.jsonl"
+    }
+    paper() {  # paper SET SEED: the paper's CIFAR-10 schedule live on the same images and noise seed
+        set -e
+        local set=$1 seed=$2 D="$W/tables_500"; mkdir -p "$D"
+        python3 -m diffcls evaluate "$W/held_$set" --device "$DEV" --precision fp32 --no-cache --batch-size "$BS" \
+            --seed "$seed" --n-samples "50 500" --to-keep "5 1" --out "$D/paper_${set}_s$seed.csv" --json "$W/logs/paper_${set}_s$seed.json"
+        cp "$D/paper_${set}_s$seed.csv" "$W/logs/"
+    }
     # order: what the last session (2026-11-26, H200) left unverified first: the ORT CUDA fixes
     # (pytest), ORT's SD-2.1 speeds, then the torch paths again; GPU_STEPS picks and orders them
     for s in ${GPU_STEPS:-pytest_gpu ort sd21}; do
@@ -122,7 +148,9 @@ PY
         # shellcheck disable=SC2086
         ort) step ort 330 python3 bench/bench_ort_gpu.py $ORT_ARGS --json "$W/logs/bench_ort_gpu.json" ;;
         demo) export -f demo; step demo 200 bash -c demo ;;
-        *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo)" | tee -a "$W/logs/steps.txt" ;;
+        paper_*) export -f paper; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "paper $tset ${tseed#s}" ;;
+        table_*) export -f table; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 150 bash -c "table $tset ${tseed#s}" ;;
+        *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo, table_SET_sSEED)" | tee -a "$W/logs/steps.txt" ;;
         esac
     done
     pack
