@@ -18,7 +18,9 @@
 #          and at corruption 4: paper schedule, demo default, --adaptive, 100-timestep tables for
 #          bench/policy_replay.py; ran on 2026-11-26, so not in the default list),
 #          table_SET_sSEED (e.g. table_c4_s1: every prompt at all TABLE_N=500 grid timesteps on the
-#          held-out digits at corruption SET (c0 = clean) with noise seed SEED -> $OUT/table_c4_s1.npz).
+#          held-out digits at corruption SET (c0 = clean) with noise seed SEED -> $OUT/table_c4_s1.npz),
+#          paper_SET_sSEED / adaptive_SET_sSEED / demodef_SET_sSEED (one live evaluate run: the paper
+#          schedule, --adaptive with its defaults, the demo model's default schedule; CSV + JSON in logs).
 #          Unpacks /tmp/ortx.tar.xz (onnxruntime-gpu's wheel contents as .tar.xz, carried in
 #          <= 48.5 MiB pieces .ortx/p0..p3 by earlier calls: cat .ortx/pN >> /tmp/ortx.tar.xz)
 #          when present. Everything lands in $OUT: logs.tgz (text, JSON, CSV) and one .jsonl.gz
@@ -117,14 +119,24 @@ PY
     # every prompt at every timestep of a TABLE_N-point grid (default 500, the paper's fine grid)
     # for one held-out set and noise seed, packed to $OUT/table_SET_sSEED.npz (7 MB) for
     # bench/policy_replay.py: the 500-timestep tables issue 10's final-stage design needs
+    held() {  # held SET: the held-out digits at corruption SET (c0 = clean) under $W/held_SET
+        if [ ! -d "$W/held_$1" ]; then
+            local corrupt=(); [ "$1" != c0 ] && corrupt=(--corrupt "${1#c}")
+            # shellcheck disable=SC2086
+            python3 -m diffcls digits "$W/held_$1" --split heldout "${corrupt[@]}" $LIMIT
+        fi
+    }
+    live() {  # live NAME SET SEED ARGS...: one evaluate run, CSV and JSON into the logs
+        set -e
+        local name=$1 set=$2 seed=$3; shift 3
+        held "$set"
+        python3 -m diffcls evaluate "$W/held_$set" --device "$DEV" --precision fp32 --no-cache --batch-size "$BS" \
+            --seed "$seed" "$@" --out "$W/logs/${name}_${set}_s$seed.csv" --json "$W/logs/${name}_${set}_s$seed.json"
+    }
     table() {  # table SET SEED, SET in c0 c3 c4 ...
         set -e
         local set=$1 seed=$2 D="$W/tables_500"; mkdir -p "$D"
-        if [ ! -d "$W/held_$set" ]; then
-            local corrupt=(); [ "$set" != c0 ] && corrupt=(--corrupt "${set#c}")
-            # shellcheck disable=SC2086
-            python3 -m diffcls digits "$W/held_$set" --split heldout "${corrupt[@]}" $LIMIT
-        fi
+        held "$set"
         python3 -m diffcls evaluate "$W/held_$set" --device "$DEV" --precision fp32 --no-cache --batch-size "$BS" \
             --seed "$seed" --n-samples "${TABLE_N:-500}" --to-keep 1 --out "$D/t_${set}_s$seed.csv" \
             --json "$W/logs/table_${set}_s$seed.json" --save-errors "$D/t_${set}_s$seed.jsonl"
@@ -134,9 +146,7 @@ PY
     paper() {  # paper SET SEED: the paper's CIFAR-10 schedule live on the same images and noise seed
         set -e
         local set=$1 seed=$2 D="$W/tables_500"; mkdir -p "$D"
-        python3 -m diffcls evaluate "$W/held_$set" --device "$DEV" --precision fp32 --no-cache --batch-size "$BS" \
-            --seed "$seed" --n-samples "50 500" --to-keep "5 1" --out "$D/paper_${set}_s$seed.csv" --json "$W/logs/paper_${set}_s$seed.json"
-        cp "$D/paper_${set}_s$seed.csv" "$W/logs/"
+        live paper "$set" "$seed" --n-samples "50 500" --to-keep "5 1"
     }
     # order: what the last session (2026-11-26, H200) left unverified first: the ORT CUDA fixes
     # (pytest), ORT's SD-2.1 speeds, then the torch paths again; GPU_STEPS picks and orders them
@@ -148,8 +158,10 @@ PY
         # shellcheck disable=SC2086
         ort) step ort 330 python3 bench/bench_ort_gpu.py $ORT_ARGS --json "$W/logs/bench_ort_gpu.json" ;;
         demo) export -f demo; step demo 200 bash -c demo ;;
-        paper_*) export -f paper; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "paper $tset ${tseed#s}" ;;
-        table_*) export -f table; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 150 bash -c "table $tset ${tseed#s}" ;;
+        adaptive_*) export -f live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "live adaptive $tset ${tseed#s} --adaptive" ;;
+        demodef_*) export -f live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "live demodef $tset ${tseed#s}" ;;
+        paper_*) export -f paper live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "paper $tset ${tseed#s}" ;;
+        table_*) export -f table held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 150 bash -c "table $tset ${tseed#s}" ;;
         *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo, table_SET_sSEED)" | tee -a "$W/logs/steps.txt" ;;
         esac
     done

@@ -12,7 +12,8 @@ from diffcls.cli.settings import RunSettings
 from conftest import assert_one_line_error
 
 runner = CliRunner()
-ADAPTIVE = ["--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--max-samples", "8", "--batch-size", "8"]
+# no final stage here (--final-samples 0), so an image's budget is 3 prompts x 8 timesteps
+ADAPTIVE = ["--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--max-samples", "8", "--final-samples", "0", "--batch-size", "8"]
 
 
 def invoke(*args):
@@ -66,22 +67,28 @@ def test_adaptive_flags_are_checked_before_any_work(tmp_path, image_folder):
 def test_settings_build_the_adaptive_schedule():
     s = RunSettings.from_options(adaptive=True, error_rate=0.2, max_samples=100)
     sched = s.adaptive_schedule()
-    assert (sched.error_rate, sched.max_samples, sched.min_samples, sched.rule) == (0.2, 100, 12, "mixture")
+    assert (sched.error_rate, sched.max_samples, sched.min_samples, sched.rule) == (0.2, 100, 6, "mixture")
+    # the final stage is on by default, its test at the --error-rate unless told otherwise
+    assert (sched.final_samples, sched.final_keep, sched.final_error_rate) == (270, 3, 0.2)
+    sched = RunSettings.from_options(adaptive=True, final_error_rate=0.4, final_samples=0).adaptive_schedule()
+    assert (sched.error_rate, sched.final_error_rate, sched.final_samples) == (0.9, 0.4, 0)
 
 
 def test_final_stage_flags_reach_the_schedule_and_bind_the_results(tmp_path, tiny_dir, image_folder):
     out = tmp_path / "f.csv"
     strict = ["--adaptive", "--error-rate", "0.01", "--min-samples", "3", "--max-samples", "4", "--batch-size", "8"]
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *strict,
-               "--final-samples", "5", "--final-keep", "2", "--out", out, "--no-cache")
+               "--final-samples", "5", "--final-keep", "2", "--final-error-rate", "0.2", "--out", out, "--no-cache")
     assert r.exit_code == 0, r.output
     n_evals = [int(row["n_evals"]) for row in csv.DictReader(open(out, newline=""))]
     assert all(n <= 3 * 4 + 2 * 5 for n in n_evals) and max(n_evals) > 3 * 4  # some image went on
     settings = json.loads((tmp_path / "f.csv.settings.json").read_text())
-    assert "final_samples=5 final_keep=2" in settings["schedule"]
+    assert "final_samples=5 final_keep=2 final_error_rate=0.2" in settings["schedule"]
     # another final stage is another schedule: the same --out refuses it
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *strict,
                "--final-samples", "9", "--out", out, "--no-cache")
     assert r.exit_code == 2 and "schedule" in r.output
     assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--final-samples", "5"), "--final-samples applies to adaptive")
     assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-samples", "5", "--final-keep", "1"), "--final-keep 1 must be >= 2")
+    assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-error-rate", "1.5"), "--final-error-rate 1.5 must be between 0 and 1")
+    assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--final-error-rate", "0.5"), "--final-error-rate applies to adaptive")

@@ -21,7 +21,7 @@ PROMPTS = [f"a photo of class {i}" for i in range(6)]
 
 # --- the plain version, written from docs/adaptive.md ------------------------------------------
 def plain_order(M: int, T: int) -> list[int]:
-    grid = list(range(T // M // 2, T, T // M))[:M]
+    grid = [math.floor((i + 0.5) * T / M) for i in range(M)]
     bits = max(1, (M - 1).bit_length())
     rev = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(2**bits)]
     return [grid[i] for i in rev if i < M]
@@ -79,12 +79,25 @@ def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000):
         if by_mean[p.final_keep:]:
             out_groups.append(by_mean[p.final_keep:])
         alive = by_mean[: p.final_keep]
-        for k in range(p.max_samples, p.max_samples + p.final_samples):
+        M, MF = p.max_samples, p.max_samples + p.final_samples
+        # mixture rule: a fresh test among the kept, variances from their M samples, Bonferroni over them
+        s2f = {(i, j): statistics.variance([X[i][s] - X[j][s] for s in range(M)]) for i in alive for j in alive if i != j}
+        cf, rhof = mixture_constants(len(alive), p.final_error_rate, M, MF)
+        for k in range(M, MF):
             for c in alive:
                 errs = [error(c, k, ts[k], j) for j in range(p.n_trials)]
                 for j, e in enumerate(errs):
                     table[(c, ts[k], j)] = e
                 X[c].append(sum(errs) / p.n_trials if p.n_trials > 1 else errs[0])
+            if p.rule != "mixture" or len(alive) < 2:
+                continue
+            r = k + 1
+            drop = [i for i in alive if any(sum(X[i]) - sum(X[j]) > math.sqrt(s2f[i, j]) * math.sqrt((r + 1 / rhof) * (cf + math.log(1 + rhof * r))) for j in alive if j != i)]
+            if drop:
+                out_groups.append(sorted(drop, key=lambda c: (sum(X[c]), c)))
+                alive = [c for c in alive if c not in drop]
+            if len(alive) == 1:
+                break
     final = sorted(alive, key=lambda c: (sum(X[c]), c))
     ranking = final + [c for g in reversed(out_groups) for c in g]
     return final[0], ranking, table
@@ -122,10 +135,12 @@ def run_scorer(engines, emb, latents, schedule, bank, batch_size, keys=None):
 
 
 ADAPTIVE = [
-    AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16),
-    AdaptiveSchedule(error_rate=0.3, min_samples=5, max_samples=12, n_trials=2, loss="l1"),
-    AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=16, rule="kim-nelson", rel_delta=0.02),
+    AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16, final_samples=0),
+    AdaptiveSchedule(error_rate=0.3, min_samples=5, max_samples=12, n_trials=2, loss="l1", final_samples=0),
+    AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=16, rule="kim-nelson", rel_delta=0.02, final_samples=0),
     AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=4, final_samples=5, final_keep=2),
+    # a final stage whose own test acts: images stop inside it
+    AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=4, final_samples=24, final_keep=3, final_error_rate=0.9),
 ]
 
 
@@ -149,13 +164,16 @@ def test_sequential_policy_matches_plain_rule_on_a_tiny_model(tiny, tiny_engines
     if schedule.final_samples:  # some image went on to the final stage
         late = set(schedule.timestep_order()[schedule.max_samples:])
         assert any(t in late for r in got.values() for _, t, _, _ in r.errors)
+        if schedule.final_samples > 20:  # and its test stopped some image before the final stage ran out
+            n_late = [len({t for _, t, _, _ in r.errors if t in late}) for r in got.values()]
+            assert any(0 < n < schedule.final_samples for n in n_late)
     else:
         assert eliminated_any  # the rule acted: some image stopped before the budget
 
 
 def test_results_do_not_depend_on_batch_size_or_on_images_sharing_a_batch(tiny_engines, inputs):
     latents, emb = inputs
-    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16)
+    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16, final_samples=0)
     bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
     base, _ = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=5)
     runs = [run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=b)[0] for b in (3, 32)]
@@ -171,7 +189,7 @@ def test_results_do_not_depend_on_batch_size_or_on_images_sharing_a_batch(tiny_e
 
 def test_batches_stay_full_while_images_need_different_work(tiny_engines, inputs):
     latents, emb = inputs
-    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16)
+    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16, final_samples=0)
     bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
     seen = []
 
@@ -205,7 +223,7 @@ def simulate(params: AdaptiveSchedule, means, runs, seed, sd_common=0.5, sd_own=
     """Paired Gaussian errors X_c(r) = means[c] + Z(r) + e_c(r) (Z shared by all prompts at a
     timestep, like a (t, noise) sample). Returns (wrong-elimination rate, mean evaluations)."""
     rng = np.random.default_rng(seed)
-    K, M = len(means), params.max_samples
+    K, M = len(means), params.grid_size
     means = np.asarray(means)
     best = int(np.argmin(means))
     wrong, evals = 0, 0
@@ -224,22 +242,26 @@ def simulate(params: AdaptiveSchedule, means, runs, seed, sd_common=0.5, sd_own=
     "params, means, runs",
     [
         # the mixture boundary needs no indifference zone: near-ties are its worst case
-        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32), [1.0, 1.0001, 1.0001, 1.0001], 800),
-        (AdaptiveSchedule(error_rate=0.2, min_samples=4, max_samples=32), [1.0, 1.01, 1.3, 1.3, 1.3], 600),
+        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32, final_samples=0), [1.0, 1.0001, 1.0001, 1.0001], 800),
+        (AdaptiveSchedule(error_rate=0.2, min_samples=4, max_samples=32, final_samples=0), [1.0, 1.01, 1.3, 1.3, 1.3], 600),
         # Kim-Nelson at its least favourable configuration: every other prompt delta worse
-        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32, rule="kim-nelson", rel_delta=0.05), [1.0, 1.06, 1.06, 1.06], 600),
+        (AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32, rule="kim-nelson", rel_delta=0.05, final_samples=0), [1.0, 1.06, 1.06, 1.06], 600),
+        # the final stage's own test: first stage kept from eliminating (alpha 0.001) and from
+        # cutting (final_keep = K), so the best can only go by the final test, at final_error_rate
+        (AdaptiveSchedule(error_rate=0.001, min_samples=6, max_samples=8, final_samples=40, final_keep=4, final_error_rate=0.2), [1.0, 1.0001, 1.0001, 1.0001], 800),
     ],
-    ids=["mixture-near-ties", "mixture-n0=4", "kim-nelson-slippage"],
+    ids=["mixture-near-ties", "mixture-n0=4", "kim-nelson-slippage", "final-stage-near-ties"],
 )
 def test_wrong_elimination_rate_is_at_most_alpha(params, means, runs):
     rate, evals = simulate(params, means, runs=runs, seed=7)
-    assert rate <= params.error_rate
-    assert evals < len(means) * params.max_samples  # and it does stop early
+    alpha = params.error_rate + (params.final_error_rate if params.final_samples else 0.0)
+    assert rate <= alpha
+    assert evals < params.evals_upper_bound(len(means))  # and it does stop early
 
 
 def test_simulation_detects_a_rule_without_the_guarantee(monkeypatch):
     """The same simulation catches a boundary that is too tight (so the test above can fail)."""
-    params = AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32)
+    params = AdaptiveSchedule(error_rate=0.1, min_samples=6, max_samples=32, final_samples=0)
     monkeypatch.setattr(SequentialPolicy, "boundary", lambda self, r, idx: self._scale[np.ix_(idx, idx)] * math.sqrt(r) * 1.5)
     rate, _ = simulate(params, [1.0, 1.0001, 1.0001, 1.0001], runs=200, seed=7)
     assert rate > params.error_rate
@@ -267,7 +289,7 @@ def test_van_der_corput_prefixes_are_spread_evenly():
     assert sorted(order[:4]) == [0, 4, 8, 12] and sorted(order[:8]) == list(range(0, 16, 2))
     odd = van_der_corput_order(500)
     assert sorted(odd) == list(range(500)) and len(set(odd)) == 500
-    ts = AdaptiveSchedule(max_samples=500).timestep_order(1000)
+    ts = AdaptiveSchedule(max_samples=500, final_samples=0).timestep_order(1000)
     assert ts[:4] == [1, 513, 257, 769] and sorted(ts) == list(range(1, 1000, 2))
 
 
@@ -286,14 +308,14 @@ def test_fixed_policy_prunes_on_an_empty_round_without_a_unet():
 
 
 def test_a_block_must_be_fed_before_the_next():
-    policy = make_policy(AdaptiveSchedule(min_samples=2, max_samples=8), 3)
+    policy = make_policy(AdaptiveSchedule(min_samples=2, max_samples=8, final_samples=0), 3)
     policy.next_block()
     with pytest.raises(RuntimeError):
         policy.next_block()
 
 
 def test_one_prompt_takes_the_first_stage_only():
-    policy = SequentialPolicy(1, AdaptiveSchedule(min_samples=3, max_samples=8))
+    policy = SequentialPolicy(1, AdaptiveSchedule(min_samples=3, max_samples=8, final_samples=0))
     block = policy.next_block()
     for c, k, j in block:
         policy.feed(c, k, j, 1.0)
@@ -323,16 +345,22 @@ def test_adaptive_schedule_is_validated_up_front(params, message):
 
 
 def test_final_stage_keeps_the_best_and_leaves_defaults_untouched():
-    """Without --final-samples nothing changes (grid, noise bank, description); with it an
-    undecided image keeps its best final_keep prompts for final_samples more timesteps."""
-    plain = AdaptiveSchedule()
+    """With --final-samples 0 nothing changes (grid, noise bank, description); with a final stage
+    an undecided image keeps its best final_keep prompts for final_samples more timesteps."""
+    plain = AdaptiveSchedule(final_samples=0)
     assert plain.grid_size == plain.max_samples and plain.noise_bank_size() == plain.max_samples
     assert "final" not in plain.describe()
-    s = AdaptiveSchedule(error_rate=0.01, min_samples=4, max_samples=10, final_samples=8, final_keep=2)
+    default = AdaptiveSchedule()  # the final stage is on by default: a 300-point grid
+    assert default.grid_size == 300 and "final_samples=270 final_keep=3 final_error_rate=0.9" in default.describe()
+    s = AdaptiveSchedule(error_rate=0.01, min_samples=4, max_samples=10, final_samples=8, final_keep=2, final_error_rate=0.01)
     assert s.grid_size == 18 and s.noise_bank_size() == 18 and "final_samples=8 final_keep=2" in s.describe()
     assert s.evals_upper_bound(5) == 5 * 10 + 2 * 8
     order = s.timestep_order()
     assert sorted(order) == s.grid() and len(set(order)) == 18
+    # the grid spans [0, T) whether or not its size divides T, and is the fixed grid where it does
+    assert s.grid()[0] == 27 and s.grid()[-1] == 972
+    assert AdaptiveSchedule(max_samples=50, final_samples=0).grid() == Schedule((50,), (1,)).grid()
+    assert AdaptiveSchedule(max_samples=30, final_samples=120).grid()[-1] == 996
     means = [1.0, 1.0005, 1.001, 2.0, 3.0]  # three near-ties no test separates in 10 samples
     rng = np.random.default_rng(0)
     pol = SequentialPolicy(5, s, 1000)

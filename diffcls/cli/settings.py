@@ -30,7 +30,7 @@ from diffcls.runtime.schedule import AdaptiveSchedule
 _MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
 _ADAPTIVE = "Adaptive evaluation"
 ADAPTIVE_DEFAULTS = AdaptiveSchedule()
-_ADAPTIVE_FLAGS = {"error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule", "rel_delta": "--rel-delta", "final_samples": "--final-samples", "final_keep": "--final-keep"}
+_ADAPTIVE_FLAGS = {"error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule", "rel_delta": "--rel-delta", "final_samples": "--final-samples", "final_keep": "--final-keep", "final_error_rate": "--final-error-rate"}
 
 
 class Rule(str, Enum):
@@ -70,8 +70,9 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "max_samples": (Annotated[Optional[int], _opt("--max-samples", f"--adaptive: timesteps per prompt at most; then the lowest mean error wins (default {ADAPTIVE_DEFAULTS.max_samples}).", _ADAPTIVE)], None),
     "rule": (Annotated[Optional[Rule], _opt("--rule", f"--adaptive: the elimination boundary (default {ADAPTIVE_DEFAULTS.rule}; kim-nelson needs an indifference zone, --rel-delta).", _ADAPTIVE)], None),
     "rel_delta": (Annotated[Optional[float], _opt("--rel-delta", f"--adaptive --rule kim-nelson: the indifference zone as a fraction of the mean error (default {ADAPTIVE_DEFAULTS.rel_delta:g}).", _ADAPTIVE)], None),
-    "final_samples": (Annotated[Optional[int], _opt("--final-samples", f"--adaptive: an image still undecided at --max-samples gives its best --final-keep prompts this many more timesteps (default {ADAPTIVE_DEFAULTS.final_samples}: no final stage; e.g. 100 on hard images, see docs/adaptive.md).", _ADAPTIVE)], None),
+    "final_samples": (Annotated[Optional[int], _opt("--final-samples", f"--adaptive: an image still undecided at --max-samples gives its best --final-keep prompts up to this many more timesteps, eliminating as it goes (default {ADAPTIVE_DEFAULTS.final_samples}; 0: no final stage, the lowest mean at --max-samples wins; docs/adaptive.md).", _ADAPTIVE)], None),
     "final_keep": (Annotated[Optional[int], _opt("--final-keep", f"--adaptive --final-samples: how many prompts the final stage keeps (default {ADAPTIVE_DEFAULTS.final_keep}).", _ADAPTIVE)], None),
+    "final_error_rate": (Annotated[Optional[float], _opt("--final-error-rate", f"--adaptive --final-samples: alpha of the final stage's own elimination test among its prompts (default: the --error-rate).", _ADAPTIVE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
     "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: the cores torch sees).", _RUNTIME, min=1)], None),
@@ -124,6 +125,7 @@ class RunSettings:
     rel_delta: float | None = None
     final_samples: int | None = None
     final_keep: int | None = None
+    final_error_rate: float | None = None
     batch_size: int = 32
     workers: int = 2
     threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees

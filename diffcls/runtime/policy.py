@@ -37,9 +37,14 @@ D_ij(r) > B_ij(r) for some surviving j, where (K = number of prompts, alpha = er
 
 It stops when one prompt survives or after max_samples timesteps; the lowest mean wins (ties:
 lower index). With a final stage (`final_samples` F > 0), an image still undecided at
-max_samples keeps its `final_keep` best prompts (lowest means; the rest are eliminated there),
-evaluates them at the next F timesteps of the order, and the lowest mean over all their samples
-wins: close calls get the long look the paper's second round gives its top 5. docs/adaptive.md gives the guarantees and their assumptions.
+max_samples M keeps its `final_keep` best prompts (lowest means; the rest are eliminated there)
+and evaluates them at up to F more timesteps of the order: close calls get the long look the
+paper's second round gives its top 5. Under the mixture rule the final stage goes on
+eliminating with a fresh test among the k kept prompts: S_ij from all their M samples,
+(c, rho2) = mixture_constants(k, final_error_rate, M, M + F), the sums still from r = 1; the
+image stops when one prompt survives or after M + F timesteps, and the lowest mean over all
+their samples wins. (Under kim-nelson the final stage has no test.) docs/adaptive.md gives the
+guarantees and their assumptions.
 """
 
 from __future__ import annotations
@@ -189,6 +194,10 @@ class SequentialPolicy(_BlockHandout):
         self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date)
         self.r = 0  # timesteps every alive prompt has
         self._first = np.zeros((self.n0, self.K))  # first-stage samples
+        # the final stage goes on eliminating (mixture rule) with its own constants, whose
+        # variances come from the first-stage samples X_c(1..M) (alive prompts' rows are filled)
+        self._sequential_final = bool(self.F) and params.rule == "mixture"
+        self._x = np.zeros((self.M, self.K)) if self._sequential_final else None
         self.eliminated: list[list[int]] = []  # groups in elimination order, each best first
         self.eliminated_at: dict[int, int] = {}  # prompt -> r at which it was eliminated
         self.n_evals = 0
@@ -220,13 +229,15 @@ class SequentialPolicy(_BlockHandout):
         alive = self.alive
         for row in self._acc:
             x = row / self.n_trials if self.n_trials > 1 else row
+            if self._x is not None and self.r < self.M:
+                self._x[self.r] = x
             if self.r < self.n0:
                 self._first[self.r] = x
             self.sums[alive] += x[alive]
             self.r += 1
             if self.r == self.n0:
                 self._fix_constants()
-            if self.r >= self.n0 and not self.final:
+            if self.r >= self.n0 and (self._sequential_final or not self.final):
                 self._eliminate()
         n_alive = int(self.alive.sum())
         if n_alive > 1 and self.r == self.M and self.F and not self.final:
@@ -237,7 +248,8 @@ class SequentialPolicy(_BlockHandout):
             self._open([self.r])
 
     def _enter_final(self) -> None:
-        """Keep the best final_keep prompts (all have r samples, so by sums) for F more timesteps."""
+        """Keep the best final_keep prompts (all have r samples, so by sums) for F more timesteps,
+        and (mixture rule) fix the constants of the final stage's own test among them."""
         self.final = True
         alive = sorted(np.flatnonzero(self.alive).tolist(), key=lambda c: (self.sums[c], c))
         gone = alive[self.params.final_keep:]
@@ -246,6 +258,17 @@ class SequentialPolicy(_BlockHandout):
             self.eliminated.append(gone)
             for c in gone:
                 self.eliminated_at[c] = self.r
+        kept = alive[: self.params.final_keep]
+        if self._sequential_final and len(kept) > 1:
+            # a fresh paired test among the kept prompts: variances from all their r samples so
+            # far (r - 1 degrees of freedom), Bonferroni over their number, tightest near the
+            # geometric middle of [r, M + F]
+            x = self._x[: self.r][:, kept]
+            d = x[:, :, None] - x[:, None, :]
+            scale = np.zeros((self.K, self.K))
+            scale[np.ix_(kept, kept)] = np.sqrt(d.var(axis=0, ddof=1))
+            self._scale = scale
+            self._c, self._rho2 = mixture_constants(len(kept), self.params.final_error_rate, self.r, self.M + self.F)
 
     # --- the rule -------------------------------------------------------------------------------
     def _fix_constants(self) -> None:

@@ -149,22 +149,26 @@ class AdaptiveSchedule:
 
     # defaults chosen with bench/policy_replay.py (BENCHMARKS.md, "Adaptive evaluation"): the
     # cheapest setting that kept the paper schedule's accuracy on clean and corrupted digits
-    error_rate: float = 0.3  # alpha: P(the best prompt is eliminated) <= alpha (a bound; measured far lower)
-    min_samples: int = 12  # n0: first-stage timesteps for every prompt (variance estimates)
-    max_samples: int = 50  # budget: timesteps per prompt (the grid size); then lowest mean wins
+    error_rate: float = 0.9  # alpha: P(the best prompt is eliminated) <= alpha (a loose bound; measured far lower)
+    min_samples: int = 6  # n0: first-stage timesteps for every prompt (variance estimates)
+    max_samples: int = 30  # first-stage budget: timesteps per prompt; then the final stage or the lowest mean
     rule: str = "mixture"  # "mixture" (indifference-zone-free) or "kim-nelson"
     rel_delta: float = 0.05  # kim-nelson only: delta = rel_delta * mean error of the first stage
     n_trials: int = 1  # noise draws per timestep (one sample = their mean error)
     loss: str = "l2"
-    # a final stage (off by default): an image still undecided at max_samples gives its best
-    # `final_keep` prompts `final_samples` more timesteps each, then the lowest mean wins
-    final_samples: int = 0
+    # the final stage: an image still undecided at max_samples gives its best `final_keep`
+    # prompts up to `final_samples` more timesteps each, eliminating by its own test (mixture
+    # rule, alpha final_error_rate) until one is left or the timesteps run out
+    final_samples: int = 270  # 0: no final stage (the lowest mean at max_samples wins)
     final_keep: int = 3
+    final_error_rate: float | None = None  # alpha of the final stage's own test (None: error_rate)
 
     def __post_init__(self):
         object.__setattr__(self, "final_samples", int(self.final_samples))
         object.__setattr__(self, "final_keep", int(self.final_keep))
         object.__setattr__(self, "error_rate", float(self.error_rate))
+        fer = self.error_rate if self.final_error_rate is None else self.final_error_rate
+        object.__setattr__(self, "final_error_rate", float(fer))
         object.__setattr__(self, "rel_delta", float(self.rel_delta))
         object.__setattr__(self, "min_samples", int(self.min_samples))
         object.__setattr__(self, "max_samples", int(self.max_samples))
@@ -203,6 +207,10 @@ class AdaptiveSchedule:
                 f"--max-samples {self.max_samples} + --final-samples {self.final_samples} exceed the model's {T} "
                 f"training timesteps; use at most {T} together"
             )
+        if not 0.0 < self.final_error_rate < 1.0:
+            raise DiffclsError(
+                f"--final-error-rate {self.final_error_rate:g} must be between 0 and 1 (exclusive), e.g. --final-error-rate 0.5"
+            )
         if self.final_samples and self.final_keep < 2:
             raise DiffclsError(f"--final-keep {self.final_keep} must be >= 2 (the final stage compares the best few prompts)")
         if self.n_trials < 1:
@@ -216,8 +224,11 @@ class AdaptiveSchedule:
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:
         """The fine grid of grid_size evenly spaced timesteps (as `Schedule.grid`); the first
         stage takes the first max_samples of its van der Corput order, the final stage the rest."""
+        # t_i = floor((i + 1/2) T / M): the fixed schedule's grid where M divides T, and still
+        # spread over all of [0, T) where it does not (T // M steps would stop short of T: a
+        # 150-point grid would end at t = 897)
         T, M = num_train_timesteps, self.grid_size
-        return list(range(T // M // 2, T, T // M))[:M]
+        return [(2 * i + 1) * T // (2 * M) for i in range(M)]
 
     def timestep_order(self, num_train_timesteps: int = 1000) -> list[int]:
         """The grid's timesteps in evaluation order: position k uses noise bank[k * n_trials + j]."""
@@ -232,7 +243,11 @@ class AdaptiveSchedule:
 
     def describe(self) -> str:
         delta = f" rel_delta={self.rel_delta:g}" if self.rule == "kim-nelson" else ""
-        final = f" final_samples={self.final_samples} final_keep={self.final_keep}" if self.final_samples else ""
+        final = (
+            f" final_samples={self.final_samples} final_keep={self.final_keep} final_error_rate={self.final_error_rate:g}"
+            if self.final_samples
+            else ""
+        )
         return (
             f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
             f"max_samples={self.max_samples}{delta}{final} n_trials={self.n_trials} loss={self.loss}"
