@@ -173,7 +173,7 @@ def fixed_policy(n_samples, to_keep, n_prompts, n_trials=1):
 
 def sequential_policy(n_prompts, **params):
     sched = AdaptiveSchedule(**params)
-    return lambda: SequentialPolicy(n_prompts, sched, T_TRAIN)
+    return lambda offset=0: SequentialPolicy(n_prompts, sched, T_TRAIN, offset)
 
 
 def evaluate_policy(images: list[TableImage], make, classidx: list[int], reference: list[int] | None) -> dict:
@@ -204,12 +204,15 @@ def evaluate_policy(images: list[TableImage], make, classidx: list[int], referen
     return out
 
 
-def rotated_replay(npz: str | Path, make, shifts: int, classidx: list[int], classnames: list[str]) -> dict:
-    """Replay one policy on a full packed table (every prompt at every grid timestep), once per
-    rotation of the grid: in replicate o the policy's timestep t is served from the table's
-    timestep `shift` columns to the right of the one nearest t (cyclically). On the demo model
-    which timesteps an estimate uses moves corrupted-digit accuracy by up to +-10 images, so
-    one grid is one draw; the mean over rotations is the policy's expected accuracy."""
+def rotated_replay(npz: str | Path, make, shifts: int, classidx: list[int], classnames: list[str], per_image: bool = False) -> dict:
+    """Replay one policy on a full packed table (every prompt at every grid timestep), `shifts`
+    times. A policy's timestep t is served from the table's nearest timestep, and:
+    - per_image False (one grid for all images, as fixed schedules have): in replicate o every
+      image's timesteps move o * (G // shifts) table columns to the right (cyclically);
+    - per_image True (what --adaptive does: each image its own rotation of its grid): replicate o
+      draws every image's grid offset at random (seed o) and passes it to `make(offset)`.
+    On the demo model which timesteps an estimate uses moves corrupted-digit accuracy by up to
+    +-10 images, so one shared grid is one draw; the mean over replicates is the expectation."""
     z = np.load(npz)
     E = z["errors"][..., 0].astype(np.float64)  # image, prompt, timestep (trial 0)
     grid = z["timesteps"]
@@ -219,12 +222,17 @@ def rotated_replay(npz: str | Path, make, shifts: int, classidx: list[int], clas
     n_img, _, G = E.shape
     step = max(1, G // max(shifts, 1))
     rows = []
+    nearest = lambda ts, shift: [(int(np.abs(grid - t).argmin()) + shift) % G for t in ts]  # noqa: E731
     for o in range(shifts):
-        policy0 = make()
-        cols = [(int(np.abs(grid - t).argmin()) + o * step) % G for t in policy0.timesteps]
+        rng = np.random.default_rng(o)
+        cols = None if per_image else nearest(make().timesteps, o * step)
         preds, evals = [], []
         for i in range(n_img):
-            policy = policy0 if i == 0 else make()
+            if per_image:
+                policy = make(int(rng.integers(0, 2**62)))
+                cols = nearest(policy.timesteps, 0)
+            else:
+                policy = make()
             x = E[i]
             while not policy.done:
                 for c, k, j in policy.next_block():
@@ -359,7 +367,7 @@ def rotations_main(args, classidx, classnames) -> dict:
         per = {}
         for tspec in args.table:
             tname, _, path = tspec.partition("=")
-            per[tname] = rotated_replay(path, make, args.shifts, classidx, classnames)
+            per[tname] = rotated_replay(path, make, args.shifts, classidx, classnames, per_image=args.per_image and spec.startswith("adaptive"))
             r = per[tname]
             print(f"{pname:>24} {tname:>8}: top-1 {r['correct_mean']:.1f} (min {r['correct_min']}, max {r['correct_max']}) of {r['n']}"
                   f" @ {r['evals_per_image']:.0f} evals/image, agrees with the full table on {r['agree_full_mean']:.1f}"
@@ -397,6 +405,7 @@ def main(argv=None) -> dict | None:
     q.add_argument("--shifts", type=int, default=16, help="grid rotations per table")
     q.add_argument("--policy", action="append", required=True,
                    help="NAME=fixed:50,500:5,1 or NAME=adaptive:key=value,... (AdaptiveSchedule fields; 'adaptive:' alone = the defaults)")
+    q.add_argument("--per-image", action="store_true", help="adaptive policies: each image its own random grid rotation (as --adaptive runs), not one shared grid")
     q.add_argument("--prompts", default=None)
     q.add_argument("--json", default=None)
     r = sub.add_parser("replay", help="replay the fixed schedules and the sequential policy on stored tables")

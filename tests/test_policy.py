@@ -3,6 +3,7 @@ rule, its error guarantee in simulation, and its independence from batching."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 
@@ -20,16 +21,25 @@ PROMPTS = [f"a photo of class {i}" for i in range(6)]
 
 
 # --- the plain version, written from docs/adaptive.md ------------------------------------------
-def plain_order(M: int, T: int) -> list[int]:
-    grid = [math.floor((i + 0.5) * T / M) for i in range(M)]
+def plain_order(M: int, T: int, offset: int | None = None) -> list[int]:
+    if offset is None:  # the centred grid
+        grid, rot = [math.floor((i + 0.5) * T / M) for i in range(M)], 0
+    else:  # one random start u in every stratum (exact in integers), then the index rotation
+        u = (offset // M) % 2**32
+        grid, rot = [(i * 2**32 + u) * T // (M * 2**32) for i in range(M)], offset % M
     bits = max(1, (M - 1).bit_length())
     rev = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(2**bits)]
-    return [grid[i] for i in rev if i < M]
+    return [grid[(i + rot) % M] for i in rev if i < M]
 
 
-def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000):
+def plain_offset(x0) -> int:
+    """An image's grid rotation: the first 8 bytes of the sha256 of its latent's float32 bytes."""
+    return int.from_bytes(hashlib.sha256(x0.float().numpy().tobytes()).digest()[:8], "big")
+
+
+def plain_sequential(error, K: int, p: AdaptiveSchedule, T: int = 1000, offset: int | None = None):
     """error(c, k, t, j) -> float. Returns (prediction, ranking, {(c, t, j): error})."""
-    ts = plain_order(p.max_samples + p.final_samples, T)
+    ts = plain_order(p.max_samples + p.final_samples, T, offset)
     alive = list(range(K))
     X = {c: [] for c in range(K)}
     table = {}
@@ -136,11 +146,11 @@ def run_scorer(engines, emb, latents, schedule, bank, batch_size, keys=None):
 
 ADAPTIVE = [
     AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16, final_samples=0),
-    AdaptiveSchedule(error_rate=0.3, min_samples=5, max_samples=12, n_trials=2, loss="l1", final_samples=0),
+    AdaptiveSchedule(error_rate=0.5, min_samples=5, max_samples=12, n_trials=2, loss="l1", final_samples=0),
     AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=16, rule="kim-nelson", rel_delta=0.02, final_samples=0),
     AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=4, final_samples=5, final_keep=2),
     # a final stage whose own test acts: images stop inside it
-    AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=4, final_samples=24, final_keep=3, final_error_rate=0.9),
+    AdaptiveSchedule(error_rate=0.01, min_samples=3, max_samples=6, final_samples=30, final_keep=2, final_error_rate=0.9),
 ]
 
 
@@ -152,7 +162,7 @@ def test_sequential_policy_matches_plain_rule_on_a_tiny_model(tiny, tiny_engines
     eliminated_any = False
     for i in range(len(latents)):
         error = unet_error(tiny, latents[i], emb, bank, schedule.n_trials, schedule.loss)
-        pred, ranking, table = plain_sequential(error, len(PROMPTS), schedule)
+        pred, ranking, table = plain_sequential(error, len(PROMPTS), schedule, offset=plain_offset(latents[i]))
         assert got[i].prediction == pred
         assert got[i].ranking == ranking
         mine = {(c, t, j): e for c, t, j, e in got[i].errors}
@@ -162,10 +172,10 @@ def test_sequential_policy_matches_plain_rule_on_a_tiny_model(tiny, tiny_engines
         eliminated_any |= len(table) < schedule.evals_upper_bound(len(PROMPTS))
     assert stats.unet_evals == sum(r.n_evals for r in got.values())
     if schedule.final_samples:  # some image went on to the final stage
-        late = set(schedule.timestep_order()[schedule.max_samples:])
-        assert any(t in late for r in got.values() for _, t, _, _ in r.errors)
+        late = {i: set(schedule.timestep_order(1000, plain_offset(latents[i]))[schedule.max_samples:]) for i in got}
+        assert any(t in late[i] for i, r in got.items() for _, t, _, _ in r.errors)
         if schedule.final_samples > 20:  # and its test stopped some image before the final stage ran out
-            n_late = [len({t for _, t, _, _ in r.errors if t in late}) for r in got.values()]
+            n_late = [len({t for _, t, _, _ in r.errors if t in late[i]}) for i, r in got.items()]
             assert any(0 < n < schedule.final_samples for n in n_late)
     else:
         assert eliminated_any  # the rule acted: some image stopped before the budget
@@ -375,3 +385,34 @@ def test_final_stage_keeps_the_best_and_leaves_defaults_untouched():
     assert [b[2][0] for b in final] == list(range(10, 18))
     assert pol.n_evals == sum(len(b[1]) * len(b[2]) for b in fed) <= s.evals_upper_bound(5)
     assert pol.result().prediction in final[0][1] and set(pol.result().ranking) == set(range(5))
+
+
+def test_each_image_gets_its_own_rotation_of_the_grid(tiny_engines, inputs):
+    """An adaptive run gives every image its own rotation of the timestep grid (a function of
+    the image: the Scorer's grid_offset, by default of the latent's bytes), every rotation a
+    stratified sample of [0, T) in every prefix, so no one set of timesteps is shared by all."""
+    s = AdaptiveSchedule(max_samples=16, final_samples=16)
+    grids = set()
+    for offset in (0, 5, 31, 2**40 + 3, 2**63 - 1):
+        order = s.timestep_order(1000, offset)
+        grid = s.grid(1000, offset)
+        assert order == plain_order(32, 1000, offset) and sorted(order) == grid
+        assert all(math.floor(i * 1000 / 32) <= t < math.ceil((i + 1) * 1000 / 32) for i, t in enumerate(grid))  # one per stratum
+        for m in (2, 4, 8, 16, 32):  # every power-of-two prefix takes one grid point from each of m equal blocks
+            assert sorted(grid.index(t) * m // 32 for t in order[:m]) == list(range(m))
+        grids.add(tuple(sorted(order)))
+    assert len(grids) > 1  # not only another order: other timesteps
+    assert s.timestep_order(1000, 3)[:4] != s.timestep_order(1000, 4)[:4]
+    latents, emb = inputs
+    schedule = AdaptiveSchedule(error_rate=0.5, min_samples=4, max_samples=16, final_samples=0)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+    got, _ = run_scorer(tiny_engines, emb, latents, schedule, bank, batch_size=5)
+    first = {i: [t for _, t, _, _ in r.errors][:1] for i, r in got.items()}
+    assert len({tuple(v) for v in first.values()}) > 1  # the images started on different timesteps
+    for i, r in got.items():
+        assert r.errors[0][1] == schedule.timestep_order(1000, plain_offset(latents[i]))[0]
+    # a given grid_offset wins over the latent's bytes
+    scorer = Scorer(tiny_engines.unet, emb, tiny_engines.alphas_cumprod, schedule, bank, 5, grid_offset=lambda key, x0: 7)
+    res = dict(scorer.run((i, latents[i]) for i in range(len(latents))))
+    order7 = schedule.timestep_order(1000, 7)
+    assert all({t for _, t, _, _ in r.errors} <= set(order7[: r.n_evals]) for r in res.values())

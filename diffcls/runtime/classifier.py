@@ -370,10 +370,13 @@ class Classifier:
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
-        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type)
-        self.last_stats = scorer.stats
         sources: dict[int, str] = {}
         digests: dict[int, str | None] = {}
+        # --adaptive: each image's rotation of the timestep grid comes from its file's sha256 (the
+        # same on every device and in every run; in-memory images: their preprocessed pixels')
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type,
+                        grid_offset=lambda key, x0: int(digests[key][:16], 16) if digests.get(key) else None)
+        self.last_stats = scorer.stats
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
         latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)

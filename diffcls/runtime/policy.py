@@ -4,7 +4,7 @@ A policy is a pure object (no UNet, no torch): it hands out blocks of work and r
 errors. The `Scorer` runs one policy per image and mixes their blocks into full UNet batches;
 `bench/policy_replay.py` replays the same objects over stored error tables. API (stable):
 
-    policy = make_policy(schedule, n_prompts, num_train_timesteps)   # FixedPolicy | SequentialPolicy
+    policy = make_policy(schedule, n_prompts, num_train_timesteps, offset)   # FixedPolicy | SequentialPolicy
     while not policy.done:
         for prompt, k, trial in policy.next_block():   # never empty while not done
             t = policy.timesteps[k]                    # its noise is bank[k * n_trials + trial]
@@ -182,11 +182,11 @@ class FixedPolicy(_BlockHandout):
 class SequentialPolicy(_BlockHandout):
     """Paired sequential elimination over van der Corput-ordered timesteps (module docstring)."""
 
-    def __init__(self, n_prompts: int, params: AdaptiveSchedule, num_train_timesteps: int = 1000):
+    def __init__(self, n_prompts: int, params: AdaptiveSchedule, num_train_timesteps: int = 1000, offset: int | None = None):
         params.validate(n_prompts, num_train_timesteps)
         self.params = params
         self.K = int(n_prompts)
-        self.timesteps = params.timestep_order(num_train_timesteps)  # k -> t
+        self.timesteps = params.timestep_order(num_train_timesteps, offset)  # k -> t (this image's rotation of the grid)
         self.n0, self.M, self.n_trials = params.min_samples, params.max_samples, params.n_trials
         self.F = params.final_samples  # final-stage timesteps (0: none)
         self.final = False  # in the final stage
@@ -329,8 +329,9 @@ class SequentialPolicy(_BlockHandout):
         return PolicyResult(alive[0], ranking)
 
 
-def make_policy(schedule: Schedule | AdaptiveSchedule, n_prompts: int, num_train_timesteps: int = 1000):
-    """The policy object for one image under `schedule`."""
+def make_policy(schedule: Schedule | AdaptiveSchedule, n_prompts: int, num_train_timesteps: int = 1000, offset: int | None = None):
+    """The policy object for one image under `schedule` (`offset`: the image's rotation of the
+    adaptive grid, `AdaptiveSchedule.timestep_order`; the fixed schedule has none)."""
     if isinstance(schedule, AdaptiveSchedule):
-        return SequentialPolicy(n_prompts, schedule, num_train_timesteps)
+        return SequentialPolicy(n_prompts, schedule, num_train_timesteps, offset)
     return FixedPolicy(schedule, n_prompts, num_train_timesteps)

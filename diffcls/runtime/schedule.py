@@ -221,19 +221,28 @@ class AdaptiveSchedule:
             raise DiffclsError("no prompts to score; give at least one")
         return self
 
-    def grid(self, num_train_timesteps: int = 1000) -> list[int]:
-        """The fine grid of grid_size evenly spaced timesteps (as `Schedule.grid`); the first
-        stage takes the first max_samples of its van der Corput order, the final stage the rest."""
-        # t_i = floor((i + 1/2) T / M): the fixed schedule's grid where M divides T, and still
-        # spread over all of [0, T) where it does not (T // M steps would stop short of T: a
-        # 150-point grid would end at t = 897)
-        T, M = num_train_timesteps, self.grid_size
-        return [(2 * i + 1) * T // (2 * M) for i in range(M)]
+    def grid(self, num_train_timesteps: int = 1000, offset: int | None = None) -> list[int]:
+        """The G = grid_size timesteps t_i = floor((i + u) T / G), i < G, sorted: one in each of G
+        equal strata of [0, T). offset None: u = 1/2 (the fixed schedule's grid where G divides
+        T); an image's `offset`: u = its bits above the index rotation / 2^32 (a random start
+        in every stratum, the same for all strata: a randomly shifted stratified sample)."""
+        T, G = num_train_timesteps, self.grid_size
+        if offset is None:
+            return [(2 * i + 1) * T // (2 * G) for i in range(G)]
+        u = (int(offset) // G) % (1 << 32)  # u / 2^32 in [0, 1)
+        return [((i << 32) + u) * T // (G << 32) for i in range(G)]
 
-    def timestep_order(self, num_train_timesteps: int = 1000) -> list[int]:
-        """The grid's timesteps in evaluation order: position k uses noise bank[k * n_trials + j]."""
-        grid = self.grid(num_train_timesteps)
-        return [grid[i] for i in van_der_corput_order(len(grid))]
+    def timestep_order(self, num_train_timesteps: int = 1000, offset: int | None = None) -> list[int]:
+        """The grid's timesteps in evaluation order: position k uses noise bank[k * n_trials + j].
+
+        The van der Corput order over the grid indices; with an image's `offset`, on that image's
+        grid (`grid(T, offset)`) and rotated (index i -> (i + offset) mod G). Every prefix stays
+        spread evenly over [0, T). The Scorer gives each image its own offset (from the image's
+        content), so that no one set of timesteps is shared by every image."""
+        grid = self.grid(num_train_timesteps, offset)
+        G = len(grid)
+        rot = 0 if offset is None else int(offset) % G
+        return [grid[(i + rot) % G] for i in van_der_corput_order(G)]
 
     def evals_upper_bound(self, n_prompts: int, num_train_timesteps: int = 1000) -> int:
         """The most UNet evaluations one image can take: every prompt to the budget, then the

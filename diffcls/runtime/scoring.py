@@ -20,6 +20,7 @@ errors come back to the host.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import deque
@@ -140,6 +141,12 @@ class ScoreStats:
         return self.padded / total if total else 0.0
 
 
+def latent_offset(x0: torch.Tensor) -> int:
+    """A grid rotation from a latent's bytes (the first 8 bytes of their sha256)."""
+    data = x0.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
 class Scorer:
     """Scores a stream of latents against fixed prompt embeddings.
 
@@ -160,6 +167,7 @@ class Scorer:
         *,
         sync_timing: bool = False,
         prediction_type: str = "epsilon",
+        grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise DiffclsError(
@@ -190,8 +198,21 @@ class Scorer:
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.stats = ScoreStats()
         self.sync_timing = sync_timing
+        # adaptive schedules: each image's rotation of the timestep grid, from its content
+        # (grid_offset(key, x0), e.g. a digest of the image file; default: of the latent's bytes)
+        self.grid_offset = grid_offset
         self._table: torch.Tensor | None = None  # (capacity, C, h, w) latents of images in flight
         self._free: list[int] = []
+
+    def _offset(self, key, x0: torch.Tensor) -> int:
+        """The image's rotation of the adaptive grid: a function of the image alone, so that its
+        result does not depend on the batch, the other images or their order."""
+        if not isinstance(self.schedule, AdaptiveSchedule):
+            return 0
+        given = self.grid_offset(key, x0) if self.grid_offset is not None else None
+        if given is not None:
+            return int(given)
+        return latent_offset(x0)
 
     # --- latents live in slots of one device tensor so a batch gathers with one index ------
     def _store(self, x0: torch.Tensor) -> int:
@@ -269,7 +290,7 @@ class Scorer:
                 except StopIteration:
                     exhausted = True
                     break
-                policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps)
+                policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps, self._offset(key, x0))
                 image = _Image(key, self._store(x0), policy)
                 queue.extend(image.next_items())
             if not queue:
