@@ -69,7 +69,7 @@ def test_settings_build_the_adaptive_schedule():
     sched = s.adaptive_schedule()
     assert (sched.error_rate, sched.max_samples, sched.min_samples, sched.rule) == (0.2, 100, 6, "mixture")
     # the final stage is on by default, its test at the --error-rate unless told otherwise
-    assert (sched.final_samples, sched.final_keep, sched.final_error_rate) == (270, 3, 0.2)
+    assert (sched.final_samples, sched.final_keep, sched.final_error_rate) == (220, 3, 0.2)
     sched = RunSettings.from_options(adaptive=True, final_error_rate=0.4, final_samples=0).adaptive_schedule()
     assert (sched.error_rate, sched.final_error_rate, sched.final_samples) == (0.9, 0.4, 0)
 

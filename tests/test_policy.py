@@ -360,8 +360,8 @@ def test_final_stage_keeps_the_best_and_leaves_defaults_untouched():
     plain = AdaptiveSchedule(final_samples=0)
     assert plain.grid_size == plain.max_samples and plain.noise_bank_size() == plain.max_samples
     assert "final" not in plain.describe()
-    default = AdaptiveSchedule()  # the final stage is on by default: a 300-point grid
-    assert default.grid_size == 300 and "final_samples=270 final_keep=3 final_error_rate=0.9" in default.describe()
+    default = AdaptiveSchedule()  # the final stage is on by default: a 250-point grid
+    assert default.grid_size == 250 and "final_samples=220 final_keep=3 final_error_rate=0.9" in default.describe()
     s = AdaptiveSchedule(error_rate=0.01, min_samples=4, max_samples=10, final_samples=8, final_keep=2, final_error_rate=0.01)
     assert s.grid_size == 18 and s.noise_bank_size() == 18 and "final_samples=8 final_keep=2" in s.describe()
     assert s.evals_upper_bound(5) == 5 * 10 + 2 * 8

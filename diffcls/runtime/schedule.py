@@ -159,7 +159,7 @@ class AdaptiveSchedule:
     # the final stage: an image still undecided at max_samples gives its best `final_keep`
     # prompts up to `final_samples` more timesteps each, eliminating by its own test (mixture
     # rule, alpha final_error_rate) until one is left or the timesteps run out
-    final_samples: int = 270  # 0: no final stage (the lowest mean at max_samples wins)
+    final_samples: int = 220  # 0: no final stage (the lowest mean at max_samples wins)
     final_keep: int = 3
     final_error_rate: float | None = None  # alpha of the final stage's own test (None: error_rate)
 
