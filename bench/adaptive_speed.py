@@ -30,9 +30,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fixed", type=int, nargs="+", default=[10, 50], help="--n-samples of the fixed schedule")
     ap.add_argument("--to-keep", type=int, nargs="+", default=[3, 1])
-    ap.add_argument("--error-rate", type=float, default=0.05)
-    ap.add_argument("--min-samples", type=int, default=6)
-    ap.add_argument("--max-samples", type=int, default=50)
+    # the sequential policy: AdaptiveSchedule's defaults for whatever is not given
+    ap.add_argument("--error-rate", type=float, default=None)
+    ap.add_argument("--min-samples", type=int, default=None)
+    ap.add_argument("--max-samples", type=int, default=None)
+    ap.add_argument("--final-samples", type=int, default=None)
+    ap.add_argument("--final-keep", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -41,11 +44,11 @@ def main(argv=None) -> dict:
     run = prepare(s, args.folder, folder_classes=subdirs or None)
     clf = run.classifier
     paths = sorted(str(p) for p in args.folder.rglob("*.png"))
+    given = {k: getattr(args, k) for k in ("error_rate", "min_samples", "max_samples", "final_samples", "final_keep") if getattr(args, k) is not None}
+    adaptive = AdaptiveSchedule(**given)
     policies = {
         f"fixed {args.fixed} -> {args.to_keep}": Schedule(tuple(args.fixed), tuple(args.to_keep)),
-        f"sequential alpha={args.error_rate} n0={args.min_samples} max={args.max_samples}": AdaptiveSchedule(
-            error_rate=args.error_rate, min_samples=args.min_samples, max_samples=args.max_samples
-        ),
+        "sequential " + adaptive.describe(): adaptive,
     }
     out: dict[str, list] = {k: [] for k in policies}
     for rep in range(args.reps):
