@@ -16,6 +16,14 @@ and replay any policy on them in milliseconds. Two steps:
   python bench/policy_replay.py replay --table clean=/tmp/grid.jsonl --table corrupt=/tmp/c4.jsonl \\
       --markdown /tmp/replay.md --plot /tmp/replay.png --json /tmp/replay.json
 
+Full tables (every prompt at every timestep of the 500-point grid, e.g. from a GPU:
+`GPU_STEPS=table_c4_s0 bash bench/gpu_session.sh all`) are packed to .npz and replayed over many
+grids, because on the demo model which timesteps a policy sees moves its accuracy by +-10 images:
+
+  python bench/policy_replay.py pack /tmp/t.jsonl /tmp/t.npz
+  python bench/policy_replay.py rotations --table c4=/tmp/t.npz --shifts 16 --policy "paper=fixed:50,500:5,1" \
+      --policy "adaptive=adaptive:" [--per-image]      # adaptive:key=value,... sets AdaptiveSchedule fields
+
 How a policy is fed (`replay_one`):
 - The table's *common* timesteps are those where every prompt has an error for every trial;
   samples at a common timestep are paired (same t, same noise for every prompt).

@@ -95,3 +95,41 @@ def test_replay_report_accuracy_agreement_and_files(tmp_path):
     pytest.importorskip("matplotlib")
     mod.plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_pack_round_trips_and_rotations_replay_the_shipped_policy(tmp_path):
+    """`pack` turns a full JSONL table into an .npz that replays the same; `rotations` replays a
+    policy on it over several grids (shared or per image) and counts right answers."""
+    import numpy as np
+
+    mod = _bench()
+    images = [_image(mod, "zero/a.png", 0, [0.1, 0.5, 0.6]), _image(mod, "one/b.png", 1, [0.5, 0.1, 0.6], seed=1),
+              _image(mod, "two/c.png", 2, [0.6, 0.5, 0.1], seed=2)]
+    lines = [json.dumps({"path": im.key, "errors": [[p, t, j, e] for (p, t, j), e in im.errors.items()]}) for im in images]
+    table = tmp_path / "t.jsonl"
+    table.write_text("\n".join(lines) + "\n")
+    info = mod.pack_table(table, tmp_path / "t.npz")
+    assert info == {"images": 3, "shape": [3, 3, 100, 1]}
+    names = ["zero", "one", "two"]
+    a, b = mod.load_table(table, [0, 1, 2], names), mod.load_table(tmp_path / "t.npz", [0, 1, 2], names)
+    for x, y in zip(a, b):
+        assert (x.key, x.label, x.common) == (y.key, y.label, y.common)
+        assert max(abs(x.errors[k] - y.errors[k]) for k in x.errors) < 1e-6 * max(abs(v) for v in x.errors.values())
+    # an incomplete table is refused with the image named
+    bad = tmp_path / "bad.jsonl"
+    rec = json.loads(lines[0])
+    rec["errors"] = rec["errors"][:-1]
+    bad.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(SystemExit, match="zero/a.png lacks"):
+        mod.pack_table(bad, tmp_path / "bad.npz")
+    # the gaps are large: every grid and every per-image draw gets all three right, and stops early
+    for per_image in (False, True):
+        make = mod.parse_policy("adaptive:error_rate=0.3,min_samples=4,max_samples=16,final_samples=8", 3)
+        r = mod.rotated_replay(tmp_path / "t.npz", make, 4, [0, 1, 2], names, per_image=per_image)
+        assert (r["correct_mean"], r["correct_min"], r["full_table_correct"], r["shifts"]) == (3.0, 3, 3, 4)
+        assert 3 * 4 <= r["evals_per_image"] < 3 * 16
+    fixed = mod.rotated_replay(tmp_path / "t.npz", mod.parse_policy("fixed:10:1", 3), 2, [0, 1, 2], names)
+    assert fixed["evals_per_image"] == 30 and fixed["correct_mean"] == 3.0
+    with pytest.raises(SystemExit, match="expected fixed"):
+        mod.parse_policy("bogus:1", 3)
+    assert np.load(tmp_path / "t.npz")["timesteps"].tolist() == GRID
