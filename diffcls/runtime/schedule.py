@@ -147,8 +147,9 @@ class AdaptiveSchedule:
     error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.policy`).
     """
 
-    # defaults chosen with bench/policy_replay.py (BENCHMARKS.md, "Adaptive evaluation"): the
-    # cheapest setting that kept the paper schedule's accuracy on clean and corrupted digits
+    # defaults chosen with bench/policy_replay.py on 500-timestep tables and run live
+    # (BENCHMARKS.md, "Round 3"): the paper schedule's accuracy on clean and corrupted digits at
+    # 1/16 and 1/8 of its evaluations
     error_rate: float = 0.9  # alpha: P(the best prompt is eliminated) <= alpha (a loose bound; measured far lower)
     min_samples: int = 6  # n0: first-stage timesteps for every prompt (variance estimates)
     max_samples: int = 30  # first-stage budget: timesteps per prompt; then the final stage or the lowest mean
