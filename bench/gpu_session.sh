@@ -145,12 +145,13 @@ PY
     }
     paper() {  # paper SET SEED: the paper's CIFAR-10 schedule live on the same images and noise seed
         set -e
-        local set=$1 seed=$2 D="$W/tables_500"; mkdir -p "$D"
-        live paper "$set" "$seed" --n-samples "50 500" --to-keep "5 1"
+        live paper "$1" "$2" --n-samples "50 500" --to-keep "5 1"
     }
     # order: what the last session (2026-11-26, H200) left unverified first: the ORT CUDA fixes
     # (pytest), ORT's SD-2.1 speeds, then the torch paths again; GPU_STEPS picks and orders them
+    export -f held live table paper
     for s in ${GPU_STEPS:-pytest_gpu ort sd21}; do
+        IFS=_ read -r _ tset tseed <<< "$s"  # NAME_SET_sSEED steps: the set and the seed
         case "$s" in
         # shellcheck disable=SC2086
         sd21) step sd21 270 python3 bench/bench_speed.py $SD21 --json "$W/logs/bench_speed.json" ;;
@@ -158,11 +159,11 @@ PY
         # shellcheck disable=SC2086
         ort) step ort 330 python3 bench/bench_ort_gpu.py $ORT_ARGS --json "$W/logs/bench_ort_gpu.json" ;;
         demo) export -f demo; step demo 200 bash -c demo ;;
-        adaptive_*) export -f live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "live adaptive $tset ${tseed#s} --adaptive" ;;
-        demodef_*) export -f live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "live demodef $tset ${tseed#s}" ;;
-        paper_*) export -f paper live held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 100 bash -c "paper $tset ${tseed#s}" ;;
-        table_*) export -f table held; IFS=_ read -r _ tset tseed <<< "$s"; step "$s" 150 bash -c "table $tset ${tseed#s}" ;;
-        *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo, table_SET_sSEED)" | tee -a "$W/logs/steps.txt" ;;
+        adaptive_*) step "$s" 100 bash -c "live adaptive $tset ${tseed#s} --adaptive" ;;
+        demodef_*) step "$s" 100 bash -c "live demodef $tset ${tseed#s}" ;;
+        paper_*) step "$s" 100 bash -c "paper $tset ${tseed#s}" ;;
+        table_*) step "$s" 150 bash -c "table $tset ${tseed#s}" ;;
+        *) echo "unknown step $s in GPU_STEPS (pytest_gpu, ort, sd21, demo, table_SET_sSEED, paper_SET_sSEED, adaptive_SET_sSEED, demodef_SET_sSEED)" | tee -a "$W/logs/steps.txt" ;;
         esac
     done
     pack

@@ -89,6 +89,11 @@ class TableImage:
         return int(np.argmin(means))
 
 
+def _label(key: str, by_name: dict) -> int | None:
+    """The true class index of a table image: its first path component (the class folder)."""
+    return by_name.get(key.split("/", 1)[0].strip().lower()) if "/" in key else None
+
+
 def pack_table(src: str | Path, dst: str | Path) -> dict:
     """A --save-errors JSONL table in which every prompt has every timestep -> a compact .npz
     (errors float32 [image, prompt, timestep, trial]; a 500-timestep table of 359 images and 10
@@ -130,8 +135,7 @@ def load_table(path: str | Path, classidx: list[int], classnames: list[str]) -> 
         for key, arr in zip(z["paths"].tolist(), z["errors"]):
             n_p, n_t, n_j = arr.shape
             errors = {(c, grid[i], j): float(arr[c, i, j]) for c in range(n_p) for i in range(n_t) for j in range(n_j)}
-            folder = key.split("/", 1)[0].strip().lower() if "/" in key else None
-            images.append(TableImage(key, by_name.get(folder), errors, len(classidx), n_j))
+            images.append(TableImage(key, _label(key, by_name), errors, len(classidx), n_j))
         return images
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -139,8 +143,7 @@ def load_table(path: str | Path, classidx: list[int], classnames: list[str]) -> 
         rec = json.loads(line)
         errors = {(int(p), int(t), int(j)): float(e) for p, t, j, e in rec["errors"]}
         n_trials = 1 + max(j for _, _, j in errors)
-        folder = rec["path"].split("/", 1)[0].strip().lower() if "/" in rec["path"] else None
-        images.append(TableImage(rec["path"], by_name.get(folder), errors, len(classidx), n_trials))
+        images.append(TableImage(rec["path"], _label(rec["path"], by_name), errors, len(classidx), n_trials))
     if not images:
         raise SystemExit(f"{path} holds no images")
     return images
@@ -225,7 +228,7 @@ def rotated_replay(npz: str | Path, make, shifts: int, classidx: list[int], clas
     E = z["errors"][..., 0].astype(np.float64)  # image, prompt, timestep (trial 0)
     grid = z["timesteps"]
     by_name = {n.strip().lower(): i for n, i in zip(classnames, classidx)}
-    labels = [by_name.get(k.split("/", 1)[0].strip().lower()) if "/" in k else None for k in z["paths"].tolist()]
+    labels = [_label(k, by_name) for k in z["paths"].tolist()]
     full = E.mean(axis=2).argmin(axis=1)
     n_img, _, G = E.shape
     step = max(1, G // max(shifts, 1))

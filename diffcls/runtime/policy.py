@@ -104,6 +104,17 @@ def mixture_constants(n_prompts: int, error_rate: float, min_samples: int, max_s
     return hi_c, rho2
 
 
+def pair_variances(x: np.ndarray) -> np.ndarray:
+    """(K, K) sample variances (ddof 1) of the paired differences X_i - X_j over the rows of x (r, K)."""
+    K = x.shape[1]
+    if K <= 256:
+        d = x[:, :, None] - x[:, None, :]
+        return d.var(axis=0, ddof=1)
+    cov = np.cov(x, rowvar=False, ddof=1)  # the same quantity without the (r, K, K) array
+    v = np.diag(cov)
+    return np.maximum(v[:, None] + v[None, :] - 2 * cov, 0.0)
+
+
 class _BlockHandout:
     """Hands out a policy's current block (`_block`) once; the policy opens the next block
     when the last item of this one is fed (`_handed` back to False)."""
@@ -193,11 +204,10 @@ class SequentialPolicy(_BlockHandout):
         self.alive = np.ones(self.K, dtype=bool)
         self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date)
         self.r = 0  # timesteps every alive prompt has
-        self._first = np.zeros((self.n0, self.K))  # first-stage samples
         # the final stage goes on eliminating (mixture rule) with its own constants, whose
-        # variances come from the first-stage samples X_c(1..M) (alive prompts' rows are filled)
+        # variances come from the first-stage samples X_c(1..M); the rule's own from X_c(1..n0)
         self._sequential_final = bool(self.F) and params.rule == "mixture"
-        self._x = np.zeros((self.M, self.K)) if self._sequential_final else None
+        self._x = np.zeros((self.M if self._sequential_final else self.n0, self.K))  # samples (alive prompts' rows are filled)
         self.eliminated: list[list[int]] = []  # groups in elimination order, each best first
         self.eliminated_at: dict[int, int] = {}  # prompt -> r at which it was eliminated
         self.n_evals = 0
@@ -229,10 +239,8 @@ class SequentialPolicy(_BlockHandout):
         alive = self.alive
         for row in self._acc:
             x = row / self.n_trials if self.n_trials > 1 else row
-            if self._x is not None and self.r < self.M:
+            if self.r < len(self._x):
                 self._x[self.r] = x
-            if self.r < self.n0:
-                self._first[self.r] = x
             self.sums[alive] += x[alive]
             self.r += 1
             if self.r == self.n0:
@@ -263,24 +271,16 @@ class SequentialPolicy(_BlockHandout):
             # a fresh paired test among the kept prompts: variances from all their r samples so
             # far (r - 1 degrees of freedom), Bonferroni over their number, tightest near the
             # geometric middle of [r, M + F]
-            x = self._x[: self.r][:, kept]
-            d = x[:, :, None] - x[:, None, :]
             scale = np.zeros((self.K, self.K))
-            scale[np.ix_(kept, kept)] = np.sqrt(d.var(axis=0, ddof=1))
+            scale[np.ix_(kept, kept)] = np.sqrt(pair_variances(self._x[: self.r][:, kept]))
             self._scale = scale
             self._c, self._rho2 = mixture_constants(len(kept), self.params.final_error_rate, self.r, self.M + self.F)
 
     # --- the rule -------------------------------------------------------------------------------
     def _fix_constants(self) -> None:
         p, K, n0 = self.params, self.K, self.n0
-        x = self._first  # (n0, K)
-        d = x[:, :, None] - x[:, None, :] if K <= 256 else None
-        if d is not None:
-            s2 = d.var(axis=0, ddof=1)  # (K, K) sample variance of the paired differences
-        else:  # same quantity without the (n0, K, K) array
-            cov = np.cov(x, rowvar=False, ddof=1)
-            v = np.diag(cov)
-            s2 = np.maximum(v[:, None] + v[None, :] - 2 * cov, 0.0)
+        x = self._x[:n0]  # (n0, K) first-stage samples
+        s2 = pair_variances(x)
         m = max(K - 1, 1)
         if p.rule == "mixture":
             self._c, self._rho2 = mixture_constants(K, p.error_rate, n0, self.M)
