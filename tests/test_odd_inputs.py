@@ -67,6 +67,7 @@ def test_edited_schedule_or_manifest_fields_are_refused(tmp_path, engine_dir):
     (d / "alphas_cumprod.json").write_text(json.dumps(data))
     with pytest.raises(DiffclsError, match="alphas_cumprod.json differs from the export"):
         open_engines("onnxruntime", engine_dir=d, device="cpu")
+    assert "status: CHANGED" in invoke("info", d).output
     d = copy_of(engine_dir, tmp_path / "edited")
     m = json.loads((d / "manifest.json").read_text())
     m["prediction_type"] = "v_prediction"
