@@ -154,6 +154,8 @@ def _valid_row(row: dict) -> bool:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
+    base_columns = COLUMNS  # a writer of other rows (match's items) sets its own; the first is the key
+
     def __init__(
         self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=(), temperature: float | None = None
     ):
@@ -161,7 +163,7 @@ class ResultsWriter:
         `write` gives their values. `temperature` (from --calibration) fills the probability columns."""
         self.out = Path(out)
         self.temperature = temperature
-        self.columns = COLUMNS + list(extra_columns)
+        self.columns = list(self.base_columns) + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
@@ -301,33 +303,40 @@ class ResultsWriter:
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
         records, tail = _records(text)
-        if not records or records[0][1] is None or records[0][1][: len(COLUMNS)] != COLUMNS:
+        base = list(self.base_columns)
+        if not records or records[0][1] is None or records[0][1][: len(base)] != base:
             raise DiffclsError(
                 f"{self.out} is not a results file of this diffcls version (unexpected header); pass another --out"
             )
-        if records[0][1][len(COLUMNS):] != self.columns[len(COLUMNS):]:
-            have = ",".join(records[0][1][len(COLUMNS):]) or "none"
+        if records[0][1][len(base):] != self.columns[len(base):]:
+            have = ",".join(records[0][1][len(base):]) or "none"
             raise DiffclsError(
                 f"{self.out} has other extra columns ({have}) than this run writes "
-                f"({','.join(self.columns[len(COLUMNS):]) or 'none'}; evaluate adds label,correct); pass another --out"
+                f"({','.join(self.columns[len(base):]) or 'none'}; evaluate adds label,correct); pass another --out"
             )
         rewrite = bool(tail)
         if tail:
             self._count("torn")
         for raw, fields in records[1:]:
             row = dict(zip(self.columns, fields)) if fields is not None and len(fields) == len(self.columns) else None
-            if row is None or not _valid_row(row):
+            if row is None or not self.valid_row(row):
                 self._count("malformed")
                 rewrite = True
                 continue
-            if row["path"] in self.done:  # two writers, or an old duplicate: keep the latest
+            key = row[self.columns[0]]
+            if key in self.done:  # two writers, or an old duplicate: keep the latest
                 self._count("duplicate")
                 rewrite = True
-                del self.done[row["path"]], self._records[row["path"]]
-            self.done[row["path"]] = row
-            self._records[row["path"]] = raw
+                del self.done[key], self._records[key]
+            self.done[key] = row
+            self._records[key] = raw
         if rewrite:
             self._rewrite_csv()
+
+    @staticmethod
+    def valid_row(row: dict) -> bool:
+        """Whether a row read back is one a finished image would have written."""
+        return _valid_row(row)
 
     def _rewrite_csv(self) -> None:
         atomic_write_text(self.out, ",".join(self.columns) + "\n" + "".join(self._records.values()))
@@ -409,14 +418,20 @@ class ResultsWriter:
         """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
         `extra`: the values of the extra columns (evaluate's label, correct)."""
         row = self.row(key, result, extra)
-        line = _csv_line([row[c] for c in self.columns])
-        parts = []
+        rec = None
         if self._err_fd is not None:
             rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             rec["sha256"] = row["sha256"]
+        self.commit(key, row, rec)
+
+    def commit(self, key: str, row: dict, record: dict | None = None) -> None:
+        """Append one finished row ({column: text}) and its --save-errors `record`, all or nothing."""
+        line = _csv_line([row[c] for c in self.columns])
+        parts = []
+        if self._err_fd is not None and record is not None:
             # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
-            parts.append((self._err_fd, self.errors_path, (json.dumps(rec, separators=(",", ":")) + "\n").encode("ascii")))
+            parts.append((self._err_fd, self.errors_path, (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")))
         parts.append((self._csv_fd, self.out, line.encode(**ENCODING)))
         sizes = [(fd, os.fstat(fd).st_size) for fd, _, _ in parts]
         for fd, path, data in parts:
