@@ -375,6 +375,25 @@ class Classifier:
         for secs in scorer.stats.unet_seconds:
             self.timer.add("unet_call", secs)
 
+    def iter_latents(
+        self,
+        images: Iterable,
+        *,
+        interpolation: Interpolation | str = Interpolation.bicubic,
+        vae_batch_size: int = 8,
+        workers: int = 2,
+        on_skip: Callable[[str, str], None] | None = None,
+    ) -> Iterator[tuple[int, str, str | None, torch.Tensor]]:
+        """(index, source, sha256, x0) per good image, in input order: the latents `iter_classify`
+        scores (decoded on worker threads, cached, VAE-encoded in batches). Bad images go to
+        `on_skip(path, message)` (raised if None)."""
+        self._interp = Interpolation(interpolation)
+        sources: dict[int, str] = {}
+        digests: dict[int, str | None] = {}
+        prepared = self._prepared_stream(images, self.engines.image_size, self._interp, workers, max(4, 2 * vae_batch_size))
+        for index, x0 in self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests):
+            yield index, sources[index], digests.get(index), x0
+
     def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule | AdaptiveSchedule, **kw) -> list[ImageResult]:
         """All results, in input order."""
         return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)

@@ -157,6 +157,8 @@ def _valid_row(row: dict) -> bool:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
+    base_columns: list[str] | None = None  # None: columns(calibrated); a writer of other rows (match's items) sets its own; the first is the key
+
     def __init__(
         self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=(), temperature: float | None = None
     ):
@@ -164,7 +166,7 @@ class ResultsWriter:
         `write` gives their values. `temperature` (from --calibration) fills the probability columns."""
         self.out = Path(out)
         self.temperature = temperature
-        self.base = columns(temperature is not None)
+        self.base = columns(temperature is not None) if self.base_columns is None else list(self.base_columns)
         self.columns = self.base + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
@@ -327,18 +329,24 @@ class ResultsWriter:
             self._count("torn")
         for raw, fields in records[1:]:
             row = dict(zip(self.columns, fields)) if fields is not None and len(fields) == len(self.columns) else None
-            if row is None or not _valid_row(row):
+            if row is None or not self.valid_row(row):
                 self._count("malformed")
                 rewrite = True
                 continue
-            if row["path"] in self.done:  # two writers, or an old duplicate: keep the latest
+            key = row[self.columns[0]]
+            if key in self.done:  # two writers, or an old duplicate: keep the latest
                 self._count("duplicate")
                 rewrite = True
-                del self.done[row["path"]], self._records[row["path"]]
-            self.done[row["path"]] = row
-            self._records[row["path"]] = raw
+                del self.done[key], self._records[key]
+            self.done[key] = row
+            self._records[key] = raw
         if rewrite:
             self._rewrite_csv()
+
+    @staticmethod
+    def valid_row(row: dict) -> bool:
+        """Whether a row read back is one a finished image would have written."""
+        return _valid_row(row)
 
     def _rewrite_csv(self) -> None:
         atomic_write_text(self.out, ",".join(self.columns) + "\n" + "".join(self._records.values()))
@@ -411,14 +419,20 @@ class ResultsWriter:
         """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
         `extra`: the values of the extra columns (evaluate's label, correct)."""
         row = self.row(key, result, extra)
-        line = _csv_line([row[c] for c in self.columns])
-        parts = []
+        rec = None
         if self._err_fd is not None:
             rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             rec["sha256"] = row["sha256"]
+        self.commit(key, row, rec)
+
+    def commit(self, key: str, row: dict, record: dict | None = None) -> None:
+        """Append one finished row ({column: text}) and its --save-errors `record`, all or nothing."""
+        line = _csv_line([row[c] for c in self.columns])
+        parts = []
+        if self._err_fd is not None and record is not None:
             # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
-            parts.append((self._err_fd, self.errors_path, (json.dumps(rec, separators=(",", ":")) + "\n").encode("ascii")))
+            parts.append((self._err_fd, self.errors_path, (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")))
         parts.append((self._csv_fd, self.out, line.encode(**ENCODING)))
         sizes = [(fd, os.fstat(fd).st_size) for fd, _, _ in parts]
         for fd, path, data in parts:
