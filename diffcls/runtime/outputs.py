@@ -25,6 +25,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from diffcls.errors import DiffclsError
 
@@ -107,10 +108,15 @@ def _json_object(path: Path, *keys: str) -> bool:
     return isinstance(data, dict) and all(k in data for k in keys)
 
 
-def _results_csv(path: Path) -> bool:
-    from diffcls.runtime.results import COLUMNS
+def csv_starting_with(columns) -> "Callable[[Path], bool]":
+    """Whether a file's header starts with `columns` (a results file of some diffcls version)."""
+    return lambda path: _head(path).startswith(",".join(columns).encode())
 
-    return _head(path).startswith(",".join(COLUMNS[:4]).encode())
+
+def _results_csv(path: Path) -> bool:
+    from diffcls.runtime.results import BASE_COLUMNS
+
+    return csv_starting_with(BASE_COLUMNS[:3])(path)
 
 
 def _errors_jsonl(path: Path) -> bool:
@@ -132,13 +138,14 @@ KINDS = {  # kind -> (what it is called, does an existing non-empty file look li
 }
 
 
-def check_output(path, flag: str, kind: str, *, stream: bool = True) -> None:
-    """Refuse, before any work, an output path diffcls must not write (module docstring);
-    `stream`: whether the output may be written through to a device or pipe."""
+def check_output(path, flag: str, kind, *, stream: bool = True) -> None:
+    """Refuse, before any work, an output path diffcls must not write (module docstring).
+    `kind`: a name in KINDS, or (what it is called, predicate); `stream`: whether the output may
+    be written through to a device or pipe."""
     if path is None:
         return
     path = Path(path)
-    what, ours = KINDS[kind]
+    what, ours = KINDS[kind] if isinstance(kind, str) else kind
     found = target_kind(path)
     if found == "dir":
         raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
