@@ -132,7 +132,8 @@ KINDS = {  # kind -> (what it is called, does an existing non-empty file look li
     "results": ("results CSV", _results_csv),
     "errors": ("--save-errors JSONL", _errors_jsonl),
     "metrics": ("metrics JSON", lambda p: _json_object(p, "top1")),
-    "profile": ("profile JSON", lambda p: _json_object(p, "stages")),
+    "profile": ("profile JSON", lambda p: _json_object(p, "settings")),
+    "match": ("match JSON", lambda p: _json_object(p, "settings")),
     "calibration": ("calibration JSON", lambda p: _json_object(p, "temperature")),
     "png": ("PNG", lambda p: _head(p, 8) == b"\x89PNG\r\n\x1a\n"),
 }
