@@ -179,8 +179,17 @@ def test_identical_captions_are_a_tie(tmp_path, tiny_dir, items_dir):
 def test_json_and_plot_hold_every_number(tmp_path, tiny_dir, items_dir):
     folder, rows = items_dir
     out, js, png = tmp_path / "r.csv", tmp_path / "m.json", tmp_path / "s.png"
-    r = invoke("match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "200", "--out", out, "--json", js, "--plot", png, "--no-cache")
+    errs = tmp_path / "e.jsonl"
+    r = invoke("match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "200", "--out", out, "--json", js, "--plot", png,
+               "--save-errors", errs, "--no-cache")
     assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in errs.read_text().splitlines()]
+    assert sorted(x["item"] for x in records) == [str(n) for n in range(len(rows))]
+    for rec in records:  # every arm at every grid timestep, its mean the row's error
+        assert sorted((a, t) for a, t, _, _ in rec["errors"]) == [(a, t) for a in range(6) for t in range(100, 1000, 200)]
+        row = next(x for x in csv.DictReader(open(out)) if x["item"] == rec["item"])
+        arm0 = [e for a, _, _, e in rec["errors"] if a == 0]
+        assert float(row["error_c0_i0"]) == pytest.approx(sum(arm0) / len(arm0), rel=1e-8)
     m = json.loads(js.read_text())
     rows_out = list(csv.DictReader(open(out)))
     assert len(rows_out) == len(rows)

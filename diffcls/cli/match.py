@@ -27,6 +27,7 @@ def match(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number (overall, by_tag, agreement, settings) as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG chart of the scores per tag with 95% intervals (needs the plot extra).")] = None,
     t_interval: Annotated[int, typer.Option("--t-interval", help="Timestep spacing: t = interval/2, interval/2 + interval, ... < T (the reference's grid; 5: 200 timesteps).", rich_help_panel=_MATCH, min=1)] = 5,
+    save_errors: Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (arm, t, trial, error) per item (needs --out).")] = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A results CSV of another match run of the same items (e.g. the full grid): report how often each comparison's decision agrees.", rich_help_panel=_MATCH)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N items.", rich_help_panel=_MATCH, min=1)] = None,
     *,
@@ -46,7 +47,9 @@ def match(
         reference = _read_results(compare) if compare is not None else None
         clf, schedule = _open(s, t_interval)
         noise = load_noise(s.noise)
-        results, skipped = _run(clf, items, schedule, s, noise, items_file, out_csv)
+        if save_errors is not None and out_csv is None:
+            raise DiffclsError("--save-errors needs --out too (the CSV records which items are done)")
+        results, skipped = _run(clf, items, schedule, s, noise, items_file, out_csv, save_errors)
         done = [results[it.key] for it in items if it.key in results]
         if not done:
             raise DiffclsError(f"no item of {items_file} could be scored; {len(skipped)} skipped")
@@ -114,7 +117,7 @@ def _read_results(path: Path) -> dict:
     return {r["item"]: ItemResult.from_row(r) for r in rows if MatchResultsWriter.valid_row(r)}
 
 
-def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv: Path | None):
+def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv: Path | None, save_errors: Path | None = None):
     """Score the items not yet in `out_csv` (resuming it); returns ({key: ItemResult}, skipped)."""
     from rich.markup import escape
 
@@ -136,7 +139,7 @@ def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv:
     }
     writer, results = None, {}
     if out_csv is not None:
-        writer = MatchResultsWriter(out_csv, record)
+        writer = MatchResultsWriter(out_csv, record, errors_path=save_errors)
         done = writer.open(current=lambda key, sha: key not in by_key or by_key[key].sha256 == sha)
         results = {k: ItemResult.from_row(r) for k, r in done.items() if k in by_key}
         for why, n in writer.dropped.items():
