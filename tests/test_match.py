@@ -316,3 +316,22 @@ def test_wilson_interval_and_summary():
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # the textbook value
     assert wilson(0, 0) == (0.0, 1.0)
     assert summarize([])["overall"]["n"] == 0
+
+
+def test_adaptive_cli_reports_agreement_with_the_full_grid(tmp_path, tiny_dir, items_dir):
+    folder, rows = items_dir
+    base = ["match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "100", "--no-cache"]
+    full = tmp_path / "full.csv"
+    assert invoke(*base, "--out", full).exit_code == 0
+    js = tmp_path / "a.json"
+    r = invoke(*base, "--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--compare", full, "--json", js)
+    assert r.exit_code == 0, r.output
+    assert "agreement with" in r.output
+    m = json.loads(js.read_text())
+    a = m["agreement"]
+    assert a["n_items"] == len(rows) and a["comparisons"] == 6 * len(rows)
+    assert a["reference_evals_per_item"] == 6 * 10 and 6 * 3 <= a["evals_per_item"] <= 6 * 10
+    assert m["overall"]["evals_per_item"] == a["evals_per_item"]
+    assert "adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=10" in m["schedule"]
+    assert_one_line_error(invoke(*base, "--error-rate", "0.1"), "--error-rate applies to --adaptive only")
+    assert_one_line_error(invoke(*base, "--adaptive", "--max-samples", "11"), "--max-samples 11 exceeds the 10 timesteps")
