@@ -44,6 +44,7 @@ class ImageScore:
     errors: list[tuple[int, int, int, float]]  # (prompt, t, trial, error) in evaluation order
     ranking: list[int]  # every prompt, best first (later survivors first, then by score)
     n_evals: int
+    final: list[int] = field(default_factory=list)  # the prompts of the final decision, best first
 
 
 def make_noise_bank(schedule: Schedule | AdaptiveSchedule, latent_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -136,6 +137,7 @@ class _Image:
             errors=self.errors,
             ranking=res.ranking,
             n_evals=len(self.errors),
+            final=res.final,
         )
 
 
