@@ -205,7 +205,8 @@ def check_shards(shards: list[Shard], images: "dict[str, Path] | list[str] | Non
         paths = images if isinstance(images, dict) else {}
         for key in images:
             if key not in seen:
-                why = unreadable(paths[key]) if key in paths else None
+                # decoded only for shards that ran (an absent shard's images are simply missing)
+                why = unreadable(paths[key]) if key in paths and shard_of(key, n) in by_index else None
                 if why is not None:
                     report.skipped.append(why)
                 else:
