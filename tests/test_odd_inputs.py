@@ -187,16 +187,19 @@ def test_numbers_that_cannot_work_are_refused_up_front(tmp_path, tiny_dir, image
 
 
 # --- 16, 18: broken manifests and interrupted exports: one line naming the cause -----------------
-@pytest.mark.parametrize("content", [b"[1, 2]", b'{"backend": "onnxruntime", "x": "\xff\xfe"}', None])
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"backend": "onnxruntime", "x": "\xff\xfe"}', "sealed", "unsealed"])
 def test_classify_engines_with_a_broken_manifest_is_one_line(tmp_path, engine_dir, image_folder, content):
     d = copy_of(engine_dir, tmp_path / "e")
-    if content is None:  # valid JSON, a batch size that is not a number
+    if isinstance(content, str):  # valid JSON, a batch size that is not a number
         m = json.loads((d / "manifest.json").read_text())
         m["components"]["unet"]["batch_sizes"] = ["x"]
+        if content == "unsealed":  # as a manifest from before the digest
+            m.pop("digest", None)
         content = json.dumps(m).encode()
     (d / "manifest.json").write_bytes(content)
     r = invoke("classify", image_folder, "--engines", d, "--classes", "cat,dog", *ENGINE_FAST)
     assert_one_line_error(r, "manifest.json")
+    assert "--batch-sizes x" not in r.output
 
 
 def test_classify_engines_on_an_interrupted_export_says_so(tmp_path, engine_dir, image_folder):

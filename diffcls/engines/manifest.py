@@ -117,7 +117,9 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
 
     def sizes_of(comp):  # what the component was built for, else what the (interrupted) export asked
         entry = comps.get(comp) if isinstance(comps.get(comp), dict) else {}
-        return list(entry.get("batch_sizes") or asked.get(comp) or [])
+        sizes = entry.get("batch_sizes") or asked.get(comp) or []
+        ok = isinstance(sizes, list) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+        return list(sizes) if ok else []  # an edited value is not repeated: the defaults instead
 
     # never another component's: an export killed before the UNet has only the text encoder's
     batch_sizes = overrides.get("batch_sizes") or sizes_of("unet")
@@ -274,6 +276,12 @@ def verify_engine_dir(
     missing = [c for c in built if c not in comps]
     if missing:
         raise fail(f"the manifest lacks {', '.join(missing)}")
+    for c in built:
+        sizes = comps[c].get("batch_sizes") if isinstance(comps[c], dict) else None
+        if not isinstance(comps[c], dict) or (sizes is not None and not (
+            isinstance(sizes, list) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+        )):
+            raise fail(f"the manifest's {c} entry is malformed (batch_sizes {sizes!r} are not positive integers; was manifest.json edited?)")
     if precision not in (None, "auto"):
         have = {comps[c].get("precision") for c in built}
         if have != {precision}:
