@@ -143,6 +143,21 @@ def test_a_whole_output_is_written_through_a_pipe_and_a_symlink(tmp_path):
     assert link2.is_symlink() and target.read_text() == '{"top1": 2}'
 
 
+def test_evaluate_plot_to_a_pipe_is_written_through(tmp_path, tiny_dir, image_folder):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    fifo = tmp_path / "plot"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    r = invoke(*evaluate_args(tiny_dir, image_folder, "--plot", fifo))
+    reader.join(10)
+    assert r.exit_code == 0, r.output
+    assert got and got[0].startswith(b"\x89PNG") and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "plot"]  # no diagram beside a pipe
+
+
 # --- 4: merge writes rows as classify does ------------------------------------------------------
 def test_merge_quotes_a_name_with_cr_so_the_merged_file_resumes_whole(tmp_path):
     from test_results import result

@@ -512,7 +512,7 @@ def evaluate(
             with output_errors("--plot", plot):
                 plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
             console.print(f"confusion matrix plot in {plot}")
-            if cal is not None:
+            if cal is not None and _reliability_path(plot) is not None:
                 from diffcls.runtime.calibration import plot_reliability
 
                 rel = _reliability_path(plot)
@@ -523,7 +523,12 @@ def evaluate(
 
 
 def _reliability_path(plot: Path | None) -> Path | None:
-    return None if plot is None else plot.with_name(plot.stem + "-reliability.png")
+    """The reliability diagram beside --plot (none beside a device or pipe such as /dev/stdout)."""
+    from diffcls.runtime.outputs import target_kind
+
+    if plot is None or target_kind(plot) == "stream":
+        return None
+    return plot.with_name(plot.stem + "-reliability.png")
 
 
 def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, calibration=None, scale=None, exclude=()):
