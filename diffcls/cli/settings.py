@@ -44,7 +44,7 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> (annotation, default); the order is the order in --help
 OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD) or demo-dit.", _MODEL)], None),
+    "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD), demo-dit or demo-shapes.", _MODEL)], None),
     "config": (Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)], None),
     "engines": (Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)], None),
     "backend": (Annotated[Backend, _opt("--backend", "Engine backend; auto = torch, or the one an --engines directory was exported for.", _MODEL)], Backend.auto),
