@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
-from diffcls.cli.settings import Run, RunSettings, prepare, run_options
+from diffcls.cli.settings import Run, RunSettings, collect, prepare, run_options
 from diffcls.errors import DiffclsError
 
 
@@ -162,6 +162,7 @@ def run_folder(
         console.print(f"resuming {out_csv}: {len(results)} of {len(images)} images already done")
     start = time.perf_counter()
     n_done = 0
+    estimated = False
     try:
         with _progress() as progress:
             task = progress.add_task("classify", total=len(todo), rate="-")
@@ -195,6 +196,10 @@ def run_folder(
                 n_done += 1
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=1, rate=rate(n_done, elapsed, "img"))
+                if not estimated and n_done < len(todo) and (elapsed >= 10 or n_done >= max(3, len(todo) // 20)):
+                    estimated = True  # once, early: what the whole run will take at this pace
+                    left = len(todo) - n_done
+                    console.print(f"estimate: about {_duration(left * elapsed / n_done)} more for {left} images at {rate(n_done, elapsed, 'img')}")
     finally:
         if writer is not None:
             writer.close()
@@ -218,6 +223,15 @@ def run_folder(
     elif skipped:
         console.print(f"no image could be classified; {len(skipped)} skipped")
     return results, skipped, keys
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def evals_per_image(results: dict, keys=None) -> float | None:
@@ -296,7 +310,7 @@ class ScaleOut:
 
 
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Classify only shard I of N (e.g. 0/4): a fixed share of the images, by a hash of each path; join the shards' --out files with `diffcls merge`.", rich_help_panel=_SCALE)]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (pip install 'diffcls[ray]'): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (needs the ray extra: pip install -e \".\\[ray]\" in the diffcls folder): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local cluster).", rich_help_panel=_SCALE)]
 RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray workers, each opening the engines once (default: one per GPU, else 1).", rich_help_panel=_SCALE, min=1)]
 GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
@@ -367,24 +381,76 @@ def classify(
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
     calibration: CalibrationOpt = None,
+    json_stdout: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (one image: an object; several: a list), each with its --top-k classes; nothing else goes to stdout.", show_default=False)] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=5, help="Classes shown per image: one image's table and --json.")] = 5,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, speed lines or per-image table: only the summary (and --json).", show_default=False)] = False,
     *,
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
-    from diffcls.runtime.inputs import collect_inputs
 
     with user_errors():
         scale = ScaleOut.from_options(shard, ray, ray_address, ray_workers, gpus_per_worker)
         cal = _calibration(calibration)
-        inputs = collect_inputs(paths or [], settings.list_file)
+        temperature = cal.temperature if cal else None
+        inputs = collect(settings, paths)
         run = prepare(settings, inputs, open_engines=not scale.ray)
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale, calibration=cal)
-        if out_csv is None or len(results) <= 20:
-            _print_predictions(results, cal.temperature if cal else None)
-        if out_csv is not None:
-            console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
+        with _quiet(quiet):
+            results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale, calibration=cal)
         if not results:
             raise DiffclsError(f"no image of {_describe(paths, settings)} could be classified; see the skipped files above")
+        if json_stdout:
+            from diffcls.runtime.results import outcome_json
+
+            recs = [outcome_json(k, results[k], temperature, top_k) for k in sorted(results)]
+            print(json.dumps(recs[0] if len(inputs) == 1 else recs, indent=2))
+        elif len(inputs) == 1:
+            _print_top(next(iter(results.items())), temperature, top_k)
+        elif not quiet and (out_csv is None or len(results) <= 20):
+            _print_predictions(results, temperature)
+        console.print(_summary(results, skipped) + (f"; results in {out_csv}" if out_csv is not None else "")
+                      + (f", errors in {save_errors}" if save_errors else ""))
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """--quiet: the stderr console (progress, speed lines, notices) says nothing meanwhile."""
+    old = console.quiet
+    console.quiet = on or old
+    try:
+        yield
+    finally:
+        console.quiet = old
+
+
+def _summary(results: dict, skipped) -> str:
+    """'10 images: 3 eight, 2 one, ...' (most frequent prediction first) and what was skipped."""
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r["prediction"]] = counts.get(r["prediction"], 0) + 1
+    parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    n = len(results)
+    return f"{n} image{'s' if n != 1 else ''}: {parts}" + (f"; {len(skipped)} skipped" if skipped else "")
+
+
+def _print_top(item, temperature: float | None, k: int) -> None:
+    """One image: its best k classes in ranking order, with mean errors (and probabilities)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from diffcls.runtime.ranking import probabilities
+    from diffcls.runtime.results import printable
+
+    key, r = item
+    ranked = r.get("ranked") or []
+    probs = probabilities(ranked, temperature) if temperature is not None else None
+    cols = ["#", "class", "mean error"] + (["probability"] if probs is not None else []) + ["decided"]
+    table = Table(*cols, title=escape(printable(key)), caption="mean error: lower is better" + ("" if probs is not None else "; --calibration FILE adds probabilities"))
+    for i, c in enumerate(ranked[:k]):
+        cells = [str(i + 1), escape(c.classname), f"{c.mean_error:.5g}"] + ([f"{probs[i]:.3f}"] if probs is not None else [])
+        cells.append("final decision" if c.in_final else f"pruned after {c.pruned_after} timesteps")
+        table.add_row(*cells)
+    out.print(table)
 
 
 def _describe(paths, s: RunSettings) -> str:
@@ -516,9 +582,8 @@ def evaluate(
 
 def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, calibration=None, scale=None):
     """Run (or resume) labelled images; returns (Run, results, {key: true classidx}, skipped, n unlabeled)."""
-    from diffcls.runtime.inputs import collect_inputs
 
-    inputs = collect_inputs(paths or [], settings.list_file)
+    inputs = collect(settings, paths)
     raw = inputs.labels
     if not raw:
         raise DiffclsError(

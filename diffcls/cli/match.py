@@ -15,7 +15,7 @@ from diffcls.cli.settings import RunSettings, load_noise, open_classifier, run_o
 from diffcls.errors import DiffclsError
 
 # the shared options that do not apply: class prompts, image lists, the fixed rounds, the final stage
-EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "final_samples", "final_keep", "final_error_rate")
+EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
 
 

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.classify import PathsArg
-from diffcls.cli.settings import RunSettings, prepare, run_options
+from diffcls.cli.settings import RunSettings, collect, prepare, run_options
 from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
@@ -138,7 +138,6 @@ def _print_report(report: dict) -> None:
 @run_options
 def profile(
     paths: PathsArg = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Profile only the first N images.")] = None,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Classify one image first, not counted (reports compile/first-call cost separately).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full profile as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-stage bar chart (PNG; needs matplotlib).")] = None,
@@ -149,16 +148,15 @@ def profile(
     with user_errors():
         if plot is not None:
             _require_matplotlib()  # fail before any work
-        from diffcls.runtime.inputs import collect_inputs
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
 
-        inputs = collect_inputs(paths or [], settings.list_file)
+        inputs = collect(settings, paths)
         run = prepare(settings, inputs)
         s = settings
-        images = [str(p) for p in inputs.images[:limit]]
+        images = [str(p) for p in inputs.images]
         kw = dict(seed=s.seed, noise=run.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
         report = profile_run(run.classifier, images, run.prompts, run.schedule, warmup=warmup, **kw)
         report["settings"].update(

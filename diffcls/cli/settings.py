@@ -55,17 +55,19 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "classes": (Annotated[Optional[str], _opt("--classes", 'Comma-separated class names, e.g. "cat,dog" (used with --template).', _INPUT)], None),
     "template": (Annotated[str, _opt("--template", "Prompt template for --classes; {} is the class name.", _INPUT)], "a photo of a {}."),
     "list_file": (Annotated[Optional[Path], _opt("--list", "Text file of image paths, one a line, or a CSV with a path column (and label, for evaluate); relative paths are read from its folder.", _INPUT)], None),
+    "limit": (Annotated[Optional[int], _opt("--limit", "Only the first N images (with --sample: of the sample). A rerun with a larger N and the same --out resumes.", _INPUT, min=1)], None),
+    "sample": (Annotated[Optional[int], _opt("--sample", "Only N images drawn at random (seeded by --seed; a larger N with the same seed holds the smaller sample), in run order.", _INPUT, min=1)], None),
     "image_size": (Annotated[Optional[int], _opt("--image-size", "Input resolution S (default: the model's, 512 for SD 2.x base).", _INPUT, min=8)], None),
     "interpolation": (Annotated[Interpolation, _opt("--interpolation", "Resize filter.", _INPUT)], Interpolation.bicubic),
-    "n_samples": (Annotated[Optional[str], _opt("--n-samples", "Timesteps per round, e.g. '50 500' or 50,500 (default: the model's, else 50 500).", _SCHEDULE)], None),
-    "to_keep": (Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. '5 1' (the last must be 1).", _SCHEDULE)], None),
+    "n_samples": (Annotated[Optional[str], _opt("--n-samples", "Timesteps per round, e.g. 50 500 or 50,500 (default: the model's, else 50 500).", _SCHEDULE, metavar="N N..")], None),
+    "to_keep": (Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. 5 1; the last must be 1 (default: the model's, else 5 1 with 5 capped at the number of prompts).", _SCHEDULE, metavar="K K..")], None),
     "n_trials": (Annotated[int, _opt("--n-trials", "Noise draws per timestep.", _SCHEDULE, min=1)], 1),
     "loss": (Annotated[Loss, _opt("--loss", "Error between true and predicted noise.", _SCHEDULE)], Loss.l2),
     "seed": (Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)], 0),
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": (Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)], None),
     "adaptive": (Annotated[bool, _opt("--adaptive", "Stop each image once its answer is settled (sequential elimination; docs/adaptive.md) instead of the fixed --n-samples/--to-keep rounds.", _ADAPTIVE)], False),
-    "error_rate": (Annotated[Optional[float], _opt("--error-rate", f"--adaptive: the chance the best prompt is eliminated, alpha (default {ADAPTIVE_DEFAULTS.error_rate:g}).", _ADAPTIVE)], None),
+    "error_rate": (Annotated[Optional[float], _opt("--error-rate", f"--adaptive: alpha, the error budget of the elimination test: a bound on P(a test drops the best prompt) under docs/adaptive.md's assumptions, loose in practice (default {ADAPTIVE_DEFAULTS.error_rate:g}; about 11% dropped measured at 0.9 in the worst case, near-ties).", _ADAPTIVE)], None),
     "min_samples": (Annotated[Optional[int], _opt("--min-samples", f"--adaptive: timesteps every prompt gets before any is eliminated, n0 (default {ADAPTIVE_DEFAULTS.min_samples}).", _ADAPTIVE)], None),
     "max_samples": (Annotated[Optional[int], _opt("--max-samples", f"--adaptive: timesteps per prompt at most; then the lowest mean error wins (default {ADAPTIVE_DEFAULTS.max_samples}).", _ADAPTIVE)], None),
     "rule": (Annotated[Optional[Rule], _opt("--rule", f"--adaptive: the elimination boundary (default {ADAPTIVE_DEFAULTS.rule}; kim-nelson needs an indifference zone, --rel-delta).", _ADAPTIVE)], None),
@@ -109,6 +111,8 @@ class RunSettings:
     classes: str | None = None
     template: str = "a photo of a {}."
     list_file: Path | None = None  # --list: more images, from a text file or a CSV
+    limit: int | None = None  # --limit: the first N images
+    sample: int | None = None  # --sample: N images at random (seeded by `seed`)
     image_size: int | None = None
     interpolation: Interpolation = Interpolation.bicubic
     n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
@@ -213,6 +217,14 @@ def run_options(command=None, *, exclude: tuple[str, ...] = ()):
 
 
 # --- from settings to a run ---------------------------------------------------------------------
+def collect(s: RunSettings, paths) -> Any:
+    """The run's images (runtime.inputs.Inputs): the paths and --list, then --sample / --limit."""
+    from diffcls.runtime.inputs import collect_inputs
+
+    inputs = collect_inputs(paths or [], s.list_file)
+    return inputs.select(s.limit, s.sample, s.seed) if s.limit is not None or s.sample is not None else inputs
+
+
 @dataclass
 class Run:
     prompts: Any  # runtime.prompts.PromptSet

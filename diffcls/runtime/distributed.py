@@ -13,7 +13,7 @@ image's errors only on its latent, the prompts and the bank.
 
 Everything a worker needs travels as a `WorkerSpec` of plain values (paths, strings, the
 prompt set, the schedule, the noise tensor): the worker builds its own `Classifier` from it.
-Ray is an optional dependency (`pip install "diffcls[ray]"`), imported inside the functions
+Ray is an optional dependency (the `ray` extra), imported inside the functions
 that use it.
 """
 

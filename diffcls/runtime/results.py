@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells
+from diffcls.runtime.ranking import TOP_K, class_columns, probabilities, row_cells, rows_from_cells
 
 try:  # POSIX; elsewhere the results file is not locked
     import fcntl
@@ -505,3 +505,17 @@ def outcome_from_row(row: dict, class_ids: dict[str, int]) -> dict:
     except (TypeError, ValueError):
         n_evals = None
     return {"classidx": int(row["classidx"]), "prediction": row["prediction"], "n_evals": n_evals, "ranked": rows_from_cells(row, class_ids)}
+
+
+def outcome_json(key: str, o: dict, temperature: float | None = None, k: int = TOP_K) -> dict:
+    """An `outcome` as plain JSON data: the prediction and its best k classes in ranking order
+    (mean error, pruned_after, and with a temperature the probability)."""
+    ranked = (o.get("ranked") or [])[:k]
+    probs = probabilities(o.get("ranked") or [], temperature)[:k] if temperature is not None and ranked else None
+    top = []
+    for i, c in enumerate(ranked):
+        rec = {"classidx": c.classidx, "classname": c.classname, "mean_error": c.mean_error, "pruned_after": c.pruned_after}
+        if probs is not None:
+            rec["probability"] = probs[i]
+        top.append(rec)
+    return {"path": key, "prediction": o["prediction"], "classidx": o["classidx"], "n_evals": o.get("n_evals"), "top": top}
