@@ -162,7 +162,7 @@ def info_cmd(
         if is_model(path):
             print_model(path)
             return
-        manifest, rows = path_rows(path)
+        manifest, rows = engine_dir_rows(path)
         out.print(
             f"\nengine directory {path}: backend {manifest.get('backend')}, model {manifest.get('source')} "
             f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}"
