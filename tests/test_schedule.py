@@ -1,4 +1,4 @@
-"""Schedule validation and the timestep grid (DESIGN.md, "The scoring loop")."""
+"""Schedule validation and the timestep grid (runtime/scoring.py's docstring, the paper's reference loop)."""
 
 import pytest
 

@@ -453,6 +453,11 @@ def _print_top(item, temperature: float | None, k: int) -> None:
     out.print(table)
 
 
+def _model_name(s: RunSettings) -> str:
+    """The model as the user named it (for plot titles)."""
+    return str(s.engines) if s.engines is not None else str(s.model) if s.model is not None else "demo"
+
+
 def _describe(paths, s: RunSettings) -> str:
     return ", ".join([*(paths or []), *([f"--list {s.list_file}"] if s.list_file else [])])
 
@@ -569,14 +574,18 @@ def evaluate(
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
-            plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
+            title = f"{_model_name(settings)} on {_describe(paths, settings)}: top-1 {100 * m['top1']:.1f}% ({m['correct']}/{m['n']})"
+            plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=title)
             console.print(f"confusion matrix plot in {plot}")
             if cal is not None:
                 from diffcls.runtime.calibration import plot_reliability
 
                 rel = plot.with_name(plot.stem + "-reliability.png")
                 label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
-                plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+                from diffcls.runtime.metrics import confusion_figsize
+
+                plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{_model_name(settings)} on {_describe(paths, settings)}, {label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}",
+                                 height=confusion_figsize(len(class_ids))[1])
                 console.print(f"reliability diagram in {rel}")
 
 

@@ -28,7 +28,7 @@ from diffcls.errors import DiffclsError, missing_extra
 STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
 STAGE_LABELS = {
     "load": "load model/engines",
-    "preprocess": "preprocess*",
+    "preprocess": "preprocess (threads)",
     "text_encode": "text encode",
     "vae_encode": "VAE encode",
     "unet_call": "UNet, all calls",
@@ -81,6 +81,7 @@ def plot_stages(report: dict, path: Path) -> None:
     ax.set_xlabel("seconds")
     for bar, s in zip(bars, secs):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s:.3g} s", va="center", fontsize=8)
+    ax.set_xlim(0, 1.2 * max(secs + [1e-9]))  # room for the longest bar's label
     s = report["settings"]
     ax.set_title(
         f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "
@@ -101,6 +102,13 @@ def _peak_memory(device) -> int | None:
     return None
 
 
+def _cached_note(name: str, stage: dict, cache: dict | None) -> str:
+    """' (all from the cache)' for a text/VAE stage that never ran because the cache held it all."""
+    if name in ("text_encode", "vae_encode") and stage["calls"] == 0 and cache and cache.get("hits"):
+        return " (cached)"
+    return ""
+
+
 def _print_report(report: dict) -> None:
     from rich.table import Table
 
@@ -113,12 +121,12 @@ def _print_report(report: dict) -> None:
     for name in _ordered(stages):
         st = stages[name]
         share = "-" if name == "load" or not wall else f"{100 * st['total_s'] / wall:.1f}"
-        table.add_row(_label(name), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
+        table.add_row(_label(name) + _cached_note(name, st, report["cache"]), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
     if report.get("warmup"):
         w = report["warmup"]["total_s"]
         table.add_row("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
     out.print(table)
-    out.print("* on worker threads, overlapped with the UNet; p50/p90 are per call")
+    out.print("preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call")
     cache = report["cache"]
     cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
     mem = report["peak_gpu_memory_bytes"]

@@ -1,6 +1,6 @@
 """The scoring loop of Diffusion Classifier, with several images sharing full UNet batches.
 
-For one image with latent x0 and prompts c (DESIGN.md, "The scoring loop"):
+For one image with latent x0 and prompts c (the paper's reference code, `eval_prob_adaptive.py`):
 
     round i: new timesteps ts_i (see `Schedule.rounds`), for each remaining prompt c, each new
              (t, trial j), with eps = bank[k * n_trials + j] (k = the t's evaluation index):
