@@ -15,5 +15,10 @@ def install_hint(extra: str, package: str) -> str:
     return f"pip install -e \".[{extra}]\" in the diffcls folder (or pip install {package})"
 
 
+class DiffclsWarning(UserWarning):
+    """Something the run worked around and the user should hear of (the CLI prints it as one
+    `warning:` line), e.g. a cache that could not be written."""
+
+
 def missing_extra(package: str, extra: str) -> DiffclsError:
     return DiffclsError(f"{package} is not installed; install it with: {install_hint(extra, package)}")

@@ -47,11 +47,12 @@ def match(
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
         from diffcls.runtime.match import MatchResultsWriter, ItemResult, read_items, summarize
-        from diffcls.runtime.results import check_writable
+        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
         s = settings
-        for path, flag in ((json_out, "--json"), (plot, "--plot")):
-            check_writable(path, flag)  # before the run, not after it finished
+        check_output(json_out, "--json", "match")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_distinct(("ITEMS", items_file), ("--out", out_csv), ("--json", json_out), ("--plot", plot), ("--compare", compare))
         items = read_items(items_file)[:limit]
         reference = _read_results(compare) if compare is not None else None
         given = {k: v for k, v in (("error_rate", error_rate), ("min_samples", min_samples), ("max_samples", max_samples)) if v is not None}
@@ -80,11 +81,13 @@ def match(
                   "settings": {**_record(s, clf, items_file, t_interval), "adaptive": adaptive, **given}}
             if agree is not None:
                 report["agreement"] = agree
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.match import plot_scores
 
-            plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
+            with output_errors("--plot", plot):
+                plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
             console.print(f"score chart in {plot}")
 
 
