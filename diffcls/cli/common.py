@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from diffcls.errors import DiffclsError
+from diffcls.runtime.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
 
 # the one Typer app: command modules add their commands to it; `diffcls.cli.app` imports them all
 # and adds the global flags (keeping the app here lets a command module import another's options)
@@ -65,26 +66,6 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted; finished results were kept, rerun the same command to resume", file=sys.stderr)
         raise typer.Exit(130) from None
-
-
-def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """'3.91 img/s', or '4.20 s/img' when it is below one per second (a large model on a CPU).
-
-    `unit` is the plural written before "/s" ("img", "UNet evals"); `per_unit` the singular
-    written after "s/" (default: `unit`).
-    """
-    if count <= 0 or seconds <= 0:
-        return f"0 {unit}/s"
-    return per_second(count / seconds, unit, per_unit, digits)
-
-
-def per_second(value: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """A rate `value` (per second) as `rate` writes it: seconds per item when below 1/s."""
-    if value >= 1:
-        return f"{value:.{digits}f} {unit}/s"
-    if value <= 0:
-        return f"0 {unit}/s"
-    return f"{1 / value:.2f} s/{per_unit or unit}"
 
 
 def progress_interval() -> float:

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.classify import PathsArg
-from diffcls.cli.settings import RunSettings, prepare, run_options
+from diffcls.cli.settings import RunSettings, run_options
 from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
 from diffcls.errors import DiffclsError, missing_extra
 
@@ -149,18 +149,18 @@ def profile(
     with user_errors():
         if plot is not None:
             _require_matplotlib()  # fail before any work
-        from diffcls.runtime.inputs import collect_inputs
         from diffcls.runtime.results import check_writable
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
 
-        inputs = collect_inputs(paths or [], settings.list_file)
-        run = prepare(settings, inputs)
+        from diffcls.runtime.job import ClassifyJob
+
+        job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         s = settings
-        images = [str(p) for p in inputs.images[:limit]]
-        kw = dict(seed=s.seed, noise=run.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
-        report = profile_run(run.classifier, images, run.prompts, run.schedule, warmup=warmup, **kw)
+        images = [str(p) for p in job.inputs.images[:limit]]
+        kw = dict(seed=s.seed, noise=job.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
+        report = profile_run(job.classifier, images, job.prompts, job.schedule, warmup=warmup, **kw)
         report["settings"].update(
             {
                 "folder": ", ".join(paths or []),

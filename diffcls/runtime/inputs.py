@@ -46,6 +46,7 @@ class Inputs:
     root: Path
     labels: dict[str, str] = field(default_factory=dict)  # key -> raw label text (folder name or CSV label)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, message): unreadable subfolders, skipped
+    named: list[str] = field(default_factory=list)  # the inputs as given, for messages ("a/, --list b.txt")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -158,4 +159,5 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
             parts = Path(os.path.relpath(real, os.path.abspath(under))).parts
             if len(parts) > 1:
                 labels[key] = parts[0]
-    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems)
+    named = [str(a) for a in args] + ([f"--list {list_file}"] if list_file is not None else [])
+    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems, named=named)
