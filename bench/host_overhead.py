@@ -13,6 +13,10 @@ that time per call (minus the no-op's own time inside the calls). The latent cac
 first pass, so the VAE is not what is measured.
 
     python bench/host_overhead.py [--images 120] [--reps 3] [--json out.json]
+
+`--real` keeps the demo's real UNet (timed, not replaced) and reports, per run, the wall time
+per UNet *evaluation* from the first UNet call to the last: whether --adaptive (small blocks,
+more host work per evaluation) costs more wall time per evaluation than the fixed schedule.
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+
+class TimedUNet:
+    """The real UNet engine, with every call's entry and exit time recorded."""
+
+    def __init__(self, real):
+        self.real = real
+        self.batch_sizes, self.device, self.dtype, self.spec = real.batch_sizes, real.device, real.dtype, real.spec
+        self.calls: list[tuple[float, float]] = []
+
+    def __call__(self, feed):
+        start = time.perf_counter()
+        out = self.real(feed)
+        self.calls.append((start, time.perf_counter()))
+        return out
 
 
 class NoOpUNet:
@@ -56,15 +75,15 @@ class NoOpUNet:
 _engines: list[NoOpUNet] = []
 
 
-def _patch() -> None:
-    """Every Classifier opened from here on gets a no-op UNet (remembered in `_engines`)."""
+def _patch(wrapper) -> None:
+    """Every Classifier opened from here on gets its UNet wrapped (remembered in `_engines`)."""
     from diffcls.runtime.classifier import Classifier
 
     real = Classifier.from_pretrained.__func__
 
     def from_pretrained(cls, *a, **kw):
         clf = real(cls, *a, **kw)
-        clf.engines.unet = NoOpUNet(clf.engines.unet)
+        clf.engines.unet = wrapper(clf.engines.unet)
         _engines.append(clf.engines.unet)
         return clf
 
@@ -92,7 +111,15 @@ def run_once(folder: Path, schedule: list[str], out: Path | None, cache: Path) -
     n = len(calls)
     span = calls[-1][0] - calls[0][0]  # first entry to last entry: n - 1 gaps
     inside = sum(b - a for a, b in calls[:-1])
-    return {"unet_calls": n, "span_s": span, "host_ms_per_batch": 1000 * (span - inside) / max(1, n - 1)}
+    rec = {"unet_calls": n, "span_s": span, "host_ms_per_batch": 1000 * (span - inside) / max(1, n - 1)}
+    if out is not None:
+        import csv
+
+        with open(out, newline="") as f:
+            evals = sum(int(r["n_evals"]) for r in csv.DictReader(f))
+        whole = calls[-1][1] - calls[0][0]  # first entry to last exit: every evaluation
+        rec.update(unet_evals=evals, wall_ms_per_eval=1000 * whole / evals, unet_ms_per_eval=1000 * sum(b - a for a, b in calls) / evals)
+    return rec
 
 
 def main(argv=None) -> dict:
@@ -100,13 +127,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=120, help="held-out digits to classify")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--real", action="store_true", help="time the real UNet instead of a no-op (with --out only)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    _patch()
+    _patch(TimedUNet if args.real else NoOpUNet)
     from diffcls.models.digits import write_digits
 
     schedules = {"fixed": [], "adaptive": ["--adaptive"]}  # the demo's own fixed schedule (10 50 / 3 1)
-    report = {"images": args.images, "batch_size": 32, "runs": []}
+    report = {"images": args.images, "batch_size": 32, "unet": "real" if args.real else "no-op", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = tmp / "digits"
@@ -115,16 +143,18 @@ def main(argv=None) -> dict:
         _invoke(["classify", str(folder), "--cache-dir", str(cache), "--n-samples", "2", "--to-keep", "1"])  # warm the latents
         for rep in range(args.reps):
             for name, sched in schedules.items():
-                for with_out in (False, True):
+                for with_out in (True,) if args.real else (False, True):
                     out = tmp / f"r{rep}-{name}.csv" if with_out else None
                     r = {"schedule": name, "out": with_out, "rep": rep, **run_once(folder, sched, out, cache)}
                     report["runs"].append(r)
+                    per_eval = f", {r['wall_ms_per_eval']:.3f} ms wall per UNet evaluation ({r['unet_ms_per_eval']:.3f} in the UNet)" if args.real else ""
                     print(f"{name:8s} out={'yes' if with_out else 'no ':3s} rep {rep}: {r['unet_calls']} UNet calls, "
-                          f"{r['host_ms_per_batch']:.3f} ms host time per batch", flush=True)
-    print("median host ms per UNet batch:")
+                          f"{r['host_ms_per_batch']:.3f} ms host time per batch{per_eval}", flush=True)
+    what = "wall_ms_per_eval" if args.real else "host_ms_per_batch"
+    print("median " + ("wall ms per UNet evaluation:" if args.real else "host ms per UNet batch:"))
     for name in schedules:
-        for with_out in (False, True):
-            vals = sorted(r["host_ms_per_batch"] for r in report["runs"] if r["schedule"] == name and r["out"] == with_out)
+        for with_out in (True,) if args.real else (False, True):
+            vals = sorted(r[what] for r in report["runs"] if r["schedule"] == name and r["out"] == with_out)
             med = vals[len(vals) // 2]
             report.setdefault("median_ms", {})[f"{name}{'+out' if with_out else ''}"] = med
             print(f"  {name:8s} {'with' if with_out else 'without'} --out: {med:.3f} ms")

@@ -21,7 +21,9 @@ from diffcls.runtime.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "digits"
-LEGACY = Path(__file__).resolve().parent / "data" / "results-8715f90"  # written by diffcls at commit 8715f90
+# results files (and a calibration) written by diffcls at commit 56e7f0d, which bound them to the
+# schedule's description; the commands that wrote them are the ones the test resumes them with
+LEGACY = Path(__file__).resolve().parent / "data" / "results-56e7f0d"
 FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache"]
 
 
@@ -129,6 +131,7 @@ def _legacy_copy(tmp_path: Path, name: str, root: Path) -> Path:
         ("fixed", "classify", FAST),
         ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache"]),
         ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache"]),
+        ("calibrated", "classify", [*FAST, "--calibration", LEGACY / "calibration.json"]),
     ],
 )
 def test_results_files_of_earlier_versions_resume(tmp_path, digits, name, command, args):
@@ -146,4 +149,4 @@ def test_results_files_of_earlier_versions_resume(tmp_path, digits, name, comman
     # another schedule is still refused, naming what differs
     other = [{"4": "6", "2,4": "2,6"}.get(a, a) for a in args]  # 4 timesteps -> 6
     r = invoke(command, digits, *other, "--out", out, *extra)
-    assert r.exit_code == 2 and "schedule" in r.output, r.output
+    assert r.exit_code == 2 and "schedule" in r.output, r.output  # (a calibration refuses it first)

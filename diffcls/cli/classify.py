@@ -92,10 +92,11 @@ def _ray(ray: bool, address, workers, gpus_per_worker):
     return RayOptions(address, workers, gpus_per_worker)
 
 
-def _temperature(calibration: Path | None) -> float | None:
+def _calibration(path: Path | None):
+    """The Calibration of --calibration (the job checks it against the run), or None."""
     from diffcls.runtime.calibration import Calibration
 
-    return None if calibration is None else Calibration.load(calibration).temperature
+    return None if path is None else Calibration.load(path)
 
 
 def _run(job) -> dict:
@@ -147,12 +148,12 @@ def classify(
 
     with user_errors():
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
-        temperature = _temperature(calibration)
+        cal = _calibration(calibration)
         with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, shard=None if shard is None else parse_shard(shard),
-                         temperature=temperature, ray=rayopts) as job:
+                         calibration=cal, ray=rayopts) as job:
             results = _run(job)
         if out_csv is None or len(results) <= 20:
-            _print_predictions(results, temperature)
+            _print_predictions(results, job.temperature)
         if out_csv is not None:
             console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
@@ -160,32 +161,36 @@ def classify(
 
 
 def _print_predictions(results: dict, temperature: float | None = None) -> None:
-    """One row per image. The scores are mean errors over the samples the top-5 share (lower is
-    better), so the prediction's and the runner-up's compare."""
+    """One row per image: the prediction and the runner-up of its ranking (runtime.ranking),
+    with the mean errors that decided them and, calibrated, their probabilities."""
     from rich.markup import escape
     from rich.table import Table
 
-    from diffcls.runtime.calibration import softmax_neg
+    from diffcls.runtime.ranking import probabilities
     from diffcls.runtime.results import printable
 
-    cols = ["image", "prediction", "mean error", "runner-up (mean error)"]
-    table = Table(
-        *cols + (["probability"] if temperature is not None else []),
-        caption="mean error: over the samples the top-5 classes share; lower is better",
-    )
+    cols = ["image", "prediction", "mean error"] + (["probability"] if temperature is not None else []) + ["runner-up"]
+    table = Table(*cols, caption="mean error: lower is better; " + _PRUNED_NOTE)
     for key in sorted(results):
         r = results[key]
-        shared = r.shared
-        if shared:  # ranking order: the prediction first
-            score = f"{shared[0][2]:.4g}"
-            runner = f"{shared[1][1]} ({shared[1][2]:.4g})" if len(shared) > 1 else ""
-        else:  # a row resumed from a file without the shared columns: its own mean
-            score, runner = str(r.score), ((r.row or {}).get("top2", ""))
-        cells = [escape(printable(key)), escape(r.prediction), score, escape(runner)]
+        ranked = r.ranked or []
+        probs = probabilities(ranked, temperature) if temperature is not None and ranked else None
+        cells = [escape(printable(key)), escape(r.prediction), f"{ranked[0].mean_error:.4g}" if ranked else ""]
         if temperature is not None:
-            cells.append(f"{softmax_neg([m for _, _, m in shared], temperature)[0]:.3f}" if shared else "")
+            cells.append(f"{probs[0]:.3f}" if probs else "")
+        cells.append(escape(_describe_class(ranked[1], probs[1] if probs else None)) if len(ranked) > 1 else "")
         table.add_row(*cells)
     out.print(table)
+
+
+_PRUNED_NOTE = "a class pruned before the final decision shows its mean over its own fewer samples"
+
+
+def _describe_class(c, probability: float | None) -> str:
+    """'four (0.0712, p 0.103)', or 'four (0.0712 over 10 timesteps, pruned)'."""
+    if c.pruned_after is not None:
+        return f"{c.classname} ({c.mean_error:.4g} over {c.pruned_after} timesteps, pruned)"
+    return f"{c.classname} ({c.mean_error:.4g}" + (f", p {probability:.3f})" if probability is not None else ")")
 
 
 @app.command()
@@ -215,9 +220,10 @@ def evaluate(
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
-        temperature = _temperature(calibration)
-        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, labels=labels, temperature=temperature, ray=rayopts) as job:
+        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, labels=labels, calibration=_calibration(calibration),
+                         ray=rayopts) as job:
             _run(job)
+        temperature = job.temperature
         m = accuracy_metrics(job)
         classes = job.prompts.classes
         _print_metrics(m, classes)

@@ -61,12 +61,9 @@ def scored_truth(job) -> dict[str, int]:
     return truth
 
 
-def top_ids(outcome, by_name: dict[str, int]) -> list[int]:
-    """The class ids of an outcome's top-5, best first (a resumed row has the names)."""
-    if outcome.top is not None:
-        return [t[0] for t in outcome.top]
-    row = outcome.row or {}
-    return [by_name[row[f"top{i}"]] for i in range(1, 6) if row.get(f"top{i}") in by_name]
+def top_ids(outcome) -> list[int]:
+    """The class ids of an outcome's ranking (runtime.ranking), best first."""
+    return [c.classidx for c in outcome.ranked or []]
 
 
 def evals_per_image(results: dict, keys=None) -> float | None:
@@ -80,35 +77,36 @@ def accuracy_metrics(job) -> dict:
     from diffcls.runtime.metrics import confusion_metrics
 
     truth = scored_truth(job)
-    pset = job.prompts
-    by_name = {name: idx for idx, name in pset.classes.items()}
     m = confusion_metrics(
         [truth[k] for k in truth],
         [job.results[k].classidx for k in truth],
-        list(pset.classes),
-        top=[top_ids(job.results[k], by_name) for k in truth],
+        list(job.prompts.classes),
+        top=[top_ids(job.results[k]) for k in truth],
     )
     m["evals_per_image"] = evals_per_image(job.results, truth)
     return m
 
 
-def _shared_lists(results: dict, truth: dict):
-    """Per image with shared scores: (key, mean errors in ranking order, position of the true class or None)."""
+def decisions(results: dict, truth: dict):
+    """Per labeled image whose ranking is known: (key, the listed final-decision classes' mean
+    errors, the prediction's first; the true class's position among them, None when it was
+    pruned or not listed: probability 0)."""
     for key, label in truth.items():
-        shared = results[key].shared
-        if shared:
-            ids = [idx for idx, _, _ in shared]
-            yield key, [m for _, _, m in shared], (ids.index(label) if label in ids else None)
+        ranked = results[key].ranked
+        if ranked:
+            final = [c for c in ranked if c.in_final]
+            ids = [c.classidx for c in final]
+            yield key, [c.mean_error for c in final], (ids.index(label) if label in ids else None)
 
 
 def calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
-    """NLL of the true class and ECE of the predicted class's probability, over the images
-    whose shared scores are known (rows resumed from an older file have none)."""
+    """NLL of the true class and ECE of the predicted class's probability (runtime.ranking: the
+    prediction's is the highest), over the images whose ranking is known."""
     from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
 
     t = UNCALIBRATED if temperature is None else temperature
     keys, lists, pos = [], [], []
-    for key, means, p in _shared_lists(results, truth):
+    for key, means, p in decisions(results, truth):
         keys.append(key), lists.append(means), pos.append(p)
     if not lists:
         return None
@@ -125,8 +123,8 @@ def fit_calibration(job):
     truth = scored_truth(job)
     before = calibration_metrics(job.results, truth, None)
     if before is None:
-        raise DiffclsError(f"{job.out} has no shared mean-error columns (written by an older diffcls); pass another --results to recompute")
-    lists = [(means, p) for _, means, p in _shared_lists(job.results, truth)]
+        raise DiffclsError(f"no image of {job.describe_inputs()} has a ranking to fit on; pass another --results to recompute")
+    lists = [(means, p) for _, means, p in decisions(job.results, truth)]
     scores, pos = [m for m, _ in lists], [p for _, p in lists]
     t = fit_temperature(scores, pos)
     after = calibration_metrics(job.results, truth, t)
@@ -137,5 +135,7 @@ def fit_calibration(job):
         nll_after=nll(scores, pos, t),
         ece_before=before["ece"],
         ece_after=after["ece"],
-        schedule=job.schedule.describe(),
+        schedule=job.schedule.to_dict(),
+        model=job.executor.info["fingerprint"],
+        prompts=job.prompts.digest(),
     )

@@ -30,6 +30,7 @@ from diffcls.runtime import resolve
 from diffcls.runtime.evaluation import LABEL_COLUMNS, LabelKind, label_ids
 from diffcls.runtime.inputs import Inputs, collect_inputs
 from diffcls.runtime.preprocess import file_digest
+from diffcls.runtime.ranking import TOP_K, rows_from_cells
 from diffcls.runtime.results import ResultsWriter
 from diffcls.runtime.shards import shard_of
 from diffcls.runtime.spec import JobSpec
@@ -51,12 +52,23 @@ class Outcome:
 
     classidx: int
     prediction: str
-    score: str  # the winner's mean error, as written to the file
     n_evals: int | None
-    shared: list[tuple[int, str, float]] | None  # top classes with their shared mean errors
-    top: list[tuple[int, str, float]] | None = None  # top-5 (classidx, name, own mean error)
+    ranked: list | None  # its best classes (runtime.ranking.RankedClass), the prediction first
     row: dict | None = None  # the results-file row this outcome was resumed from
     result: object | None = None  # runtime.classifier.ImageResult, when scored in this run
+
+    @classmethod
+    def of(cls, result) -> "Outcome":
+        return cls(result.prediction, result.classname, result.n_evals, result.ranked(TOP_K), result=result)
+
+    @classmethod
+    def from_row(cls, row: dict, class_ids: dict[str, int]) -> "Outcome":
+        """Read back from its results CSV row (full-precision mean errors: equal to the fresh one)."""
+        try:
+            n_evals = int(row.get("n_evals"))
+        except (TypeError, ValueError):
+            n_evals = None
+        return cls(int(row["classidx"]), row["prediction"], n_evals, rows_from_cells(row, class_ids), row=row)
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -89,14 +101,16 @@ class ClassifyJob:
 
     `out`: the results CSV (resumed when it exists); `save_errors`: the JSONL of every error;
     `shard=(I, N)`: only shard I of N; `labels`: evaluate's truth ("name": subfolders / list
-    labels are class names, "index": class indices); `temperature`: adds probabilities;
+    labels are class names, "index": class indices); `calibration` (a
+    runtime.calibration.Calibration, checked against this run's model, prompts and schedule)
+    adds probabilities;
     `ray`: run on Ray workers. `notes` collects what a user should be told (dropped rows,
     resumption, folders that could not be read); `skipped` the images that could not be read.
     """
 
     def __init__(self, spec: JobSpec, inputs: Inputs | Sequence[str | Path] | str | Path = (), *, out=None, save_errors=None,
                  shard: tuple[int, int] | None = None, labels: LabelKind | str | None = None,
-                 temperature: float | None = None, ray: RayOptions | bool | None = None):
+                 calibration=None, ray: RayOptions | bool | None = None):
         self.spec = spec.check()
         if save_errors is not None and out is None:
             raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
@@ -104,7 +118,8 @@ class ClassifyJob:
             inputs = [inputs]
         self.inputs = inputs if isinstance(inputs, Inputs) else collect_inputs(list(inputs), spec.list_file)
         self.out, self.save_errors = (None if out is None else Path(out)), (None if save_errors is None else Path(save_errors))
-        self.shard, self.temperature = shard, temperature
+        self.shard, self.calibration = shard, calibration
+        self.temperature = None if calibration is None else calibration.temperature
         self.labels = None if labels is None else LabelKind(labels)
         self.ray = RayOptions() if ray is True else (ray or None)
         self.notes: list[str] = []
@@ -198,7 +213,8 @@ class ClassifyJob:
         }
         if self.shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
             settings["shard"] = f"{self.shard[0]}/{self.shard[1]}"
-        if self.temperature is not None:  # the probability columns depend on it: no mixing on resume
+        if self.calibration is not None:  # the probability columns depend on it: no mixing on resume
+            self.calibration.check(model=settings["model"], prompts=settings["prompts"], schedule=settings["schedule"])
             settings["temperature"] = self.temperature
         return settings
 
@@ -209,9 +225,10 @@ class ClassifyJob:
         self.images, self.keys = images, {p: keys[p] for p in images}
         by_key = {k: p for p, k in self.keys.items()}
         done: dict[str, dict] = {}
+        settings = self.settings()  # checks a calibration against the run, also without a file
         if self.out is not None:
             extra = LABEL_COLUMNS if self.labels is not None else ()
-            self.writer = ResultsWriter(self.out, self.settings(), self.save_errors, extra_columns=extra, temperature=self.temperature)
+            self.writer = ResultsWriter(self.out, settings, self.save_errors, extra_columns=extra, temperature=self.temperature)
 
             def unchanged(key: str, sha: str) -> bool:  # a row stands only for the bytes it was computed from
                 p = by_key.get(key)
@@ -226,7 +243,8 @@ class ClassifyJob:
             for why, n in self.writer.dropped.items():
                 self.notes.append(f"{self.out}: {_DROPPED.get(why, why).format(n=n, errors=self.save_errors)}")
         self.todo = [p for p in images if self.keys[p] not in done]
-        self.results = {k: _resumed(r, self.prompts) for k, r in done.items() if k in by_key}
+        class_ids = {name: idx for idx, name in self.prompts.classes.items()}
+        self.results = {k: Outcome.from_row(r, class_ids) for k, r in done.items() if k in by_key}
         if self.results:
             self.notes.append(f"resuming {self.out}: {len(self.results)} of {len(images)} images already done")
 
@@ -248,8 +266,7 @@ class ClassifyJob:
                 key = self.keys[by_abs[os.path.abspath(r.source)]]
                 if self.writer is not None:
                     self.writer.write(key, r, self._label_cells(key, r))
-                outcome = Outcome(r.prediction, r.classname, f"{r.scores[r.prompt]:.6g}", r.n_evals, r.shared_scores(5)[0],
-                                  top=r.top_classes(5), result=r)
+                outcome = Outcome.of(r)
                 self.results[key] = outcome
                 self.n_done += 1
                 self.elapsed = time.perf_counter() - start
@@ -333,26 +350,3 @@ class ClassifyJob:
                 "executor": "local" if self.classifier is not None else "ray",
             },
         }
-
-
-def _resumed(row: dict, prompts) -> Outcome:
-    try:
-        n_evals = int(row.get("n_evals"))
-    except (TypeError, ValueError):
-        n_evals = None
-    return Outcome(int(row["classidx"]), row["prediction"], row["score"], n_evals, _shared_from_row(row, prompts), row=row)
-
-
-def _shared_from_row(row: dict, prompts) -> list[tuple[int, str, float]] | None:
-    """The listed classes with their shared mean errors, from a results CSV row (None for a
-    file written before those columns existed)."""
-    ids = {name: idx for idx, name in prompts.classes.items()}
-    out = []
-    for i in range(1, 6):
-        name, m = row.get(f"top{i}") or "", row.get(f"top{i}_mean_error") or ""
-        if not name:
-            break
-        if not m or name not in ids:
-            return None
-        out.append((ids[name], name, float(m)))
-    return out or None
