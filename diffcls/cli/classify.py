@@ -214,14 +214,18 @@ def evaluate(
     and the calibration of the class probabilities (NLL, expected calibration error)."""
     from diffcls.runtime.evaluation import accuracy_metrics, calibration_metrics, scored_truth
     from diffcls.runtime.job import ClassifyJob
-    from diffcls.runtime.results import atomic_write_text, check_writable
+    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
+    from diffcls.runtime.results import atomic_write_text
 
     with user_errors():
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
-        check_writable(json_out, "--json")  # before the run, not after it finished
-        check_writable(plot, "--plot")
+        outputs = (("--out", out_csv), ("--save-errors", save_errors), ("--json", json_out), ("--plot", plot), ("--plot's reliability diagram", _reliability_path(plot)))
+        check_output(json_out, "--json", "metrics")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_output(_reliability_path(plot), "--plot (its -reliability.png)", "png")
+        check_distinct(*outputs)
         with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, labels=labels, calibration=_calibration(calibration),
-                         ray=rayopts) as job:
+                         ray=rayopts, exclude=[p for _, p in outputs]) as job:
             _run(job)
         temperature = job.temperature
         m = accuracy_metrics(job)
@@ -238,23 +242,36 @@ def evaluate(
                       "n_unlabeled": job.n_unlabeled, "settings": job.record()}
             if cal is not None:
                 report["calibration"] = {k: v for k, v in cal.items() if k not in ("confidence", "correct")}
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             _plots(plot, m, cal, classes, temperature)
 
 
 def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None) -> None:
     from diffcls.runtime.metrics import plot_confusion
+    from diffcls.runtime.outputs import output_errors
 
-    plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"top-1 {100 * m['top1']:.1f}%")
+    with output_errors("--plot", plot):
+        plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"top-1 {100 * m['top1']:.1f}%")
     console.print(f"confusion matrix plot in {plot}")
-    if cal is not None:
+    rel = _reliability_path(plot)
+    if cal is not None and rel is not None:
         from diffcls.runtime.calibration import plot_reliability
 
-        rel = plot.with_name(plot.stem + "-reliability.png")
         label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
-        plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+        with output_errors("--plot", rel):
+            plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
         console.print(f"reliability diagram in {rel}")
+
+
+def _reliability_path(plot: Path | None) -> Path | None:
+    """The reliability diagram beside --plot (none beside a device or pipe such as /dev/stdout)."""
+    from diffcls.runtime.outputs import target_kind
+
+    if plot is None or target_kind(plot) == "stream":
+        return None
+    return plot.with_name(plot.stem + "-reliability.png")
 
 
 @app.command()
@@ -270,14 +287,16 @@ def calibrate(
     """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
     from diffcls.runtime.evaluation import fit_calibration
     from diffcls.runtime.job import ClassifyJob
-    from diffcls.runtime.results import check_writable
+    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
     with user_errors():
-        check_writable(out_path, "--out")  # before the run, not after it finished
+        check_output(out_path, "--out", "calibration")  # before the run, not after it finished
+        check_distinct(("--results", results_csv), ("--out", out_path))
         with ClassifyJob(settings, paths or [], out=results_csv, labels=labels) as job:
             _run(job)
         cal = fit_calibration(job)
-        cal.save(out_path)
+        with output_errors("--out", out_path):
+            cal.save(out_path)
         out.print(
             f"temperature {cal.temperature:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
             f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"

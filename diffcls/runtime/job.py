@@ -103,20 +103,22 @@ class ClassifyJob:
     `shard=(I, N)`: only shard I of N; `labels`: evaluate's truth ("name": subfolders / list
     labels are class names, "index": class indices); `calibration` (a
     runtime.calibration.Calibration, checked against this run's model, prompts and schedule)
-    adds probabilities;
+    adds probabilities; `exclude`: other files the run writes, never taken as inputs;
     `ray`: run on Ray workers. `notes` collects what a user should be told (dropped rows,
     resumption, folders that could not be read); `skipped` the images that could not be read.
     """
 
     def __init__(self, spec: JobSpec, inputs: Inputs | Sequence[str | Path] | str | Path = (), *, out=None, save_errors=None,
                  shard: tuple[int, int] | None = None, labels: LabelKind | str | None = None,
-                 calibration=None, ray: RayOptions | bool | None = None):
+                 calibration=None, ray: RayOptions | bool | None = None, exclude: Sequence = ()):
         self.spec = spec.check()
         if save_errors is not None and out is None:
             raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
-        self.inputs = inputs if isinstance(inputs, Inputs) else collect_inputs(list(inputs), spec.list_file)
+        # the files the run writes are never its inputs (e.g. evaluate's --plot inside the folder)
+        own = [out, save_errors, *exclude]
+        self.inputs = inputs if isinstance(inputs, Inputs) else collect_inputs(list(inputs), spec.list_file, exclude=own)
         self.out, self.save_errors = (None if out is None else Path(out)), (None if save_errors is None else Path(save_errors))
         self.shard, self.calibration = shard, calibration
         self.temperature = None if calibration is None else calibration.temperature
@@ -200,6 +202,7 @@ class ClassifyJob:
         e, s = self.executor.info, self.spec
         settings = {
             "model": e["fingerprint"],
+            "engines": e.get("engines_digest"),  # every file of an engine directory that shapes the scores
             "backend": e["backend"],
             "precision": e["precision"],
             "prompts": self.prompts.digest(),
@@ -213,6 +216,7 @@ class ClassifyJob:
         }
         if self.shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
             settings["shard"] = f"{self.shard[0]}/{self.shard[1]}"
+            settings["inputs"] = self.inputs.spec()  # `merge` checks coverage against the run's own inputs
         if self.calibration is not None:  # the probability columns depend on it: no mixing on resume
             self.calibration.check(model=settings["model"], prompts=settings["prompts"], schedule=settings["schedule"])
             settings["temperature"] = self.temperature

@@ -17,13 +17,13 @@ from diffcls.runtime.spec import JobSpec, build_schedule, resolve_prompts  # noq
 
 def model_defaults_of(s: JobSpec) -> dict:
     """The model's (or the exported model's) diffcls.json defaults; checks the engine directory."""
-    from diffcls.engines.manifest import require_engine_dir
+    from diffcls.engines.manifest import require_finished_export
     from diffcls.models.loading import check_model_path, model_defaults
 
     if s.engines is None:
         root = check_model_path(s.model)  # a bundled name resolves to its directory
         return model_defaults(root) if root.is_dir() else {}
-    require_engine_dir(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
+    require_finished_export(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
     return model_defaults(s.engines)  # the exported model's diffcls.json and class labels
 
 
@@ -34,7 +34,7 @@ def load_noise(path: Path | None):
     import numpy as np
     import torch
 
-    from diffcls.runtime.classifier import non_finite_problem
+    from diffcls.runtime.classifier import noise_problem
 
     try:
         if path.suffix == ".npy":
@@ -47,7 +47,7 @@ def load_noise(path: Path | None):
         raise DiffclsError(f"cannot read noise file {path} ({type(e).__name__}); save a tensor with torch.save or numpy.save") from None
     if not isinstance(obj, torch.Tensor):
         raise DiffclsError(f"noise file {path} holds a {type(obj).__name__}, not a tensor; torch.save(tensor, path)")
-    problem = non_finite_problem(obj)
+    problem = noise_problem(obj)
     if problem:
         raise DiffclsError(f"noise file {path} {problem}; save finite standard-normal noise, or drop --noise to use --seed")
     return obj.float()
@@ -83,10 +83,9 @@ def backend_name(s: JobSpec) -> str:
         return s.backend.value
     if s.engines is None:
         return "torch"
-    try:
-        return json.loads((s.engines / "manifest.json").read_text()).get("backend", "onnxruntime")
-    except (OSError, json.JSONDecodeError):
-        return "onnxruntime"  # the backend reports the broken manifest
+    from diffcls.engines.manifest import exported_backend
+
+    return exported_backend(s.engines)
 
 
 def classifier_kwargs(s: JobSpec, image_size: int | None, absolute: bool = False) -> dict:

@@ -142,6 +142,9 @@ class JobSpec:
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
             raise DiffclsError("give either --prompts or --classes, not both")
+        from diffcls.runtime.inputs import check_run_numbers
+
+        check_run_numbers(self.seed, self.image_size)
         return self
 
     def adaptive_schedule(self) -> AdaptiveSchedule:
