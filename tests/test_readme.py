@@ -164,13 +164,17 @@ def test_readme_python_example_runs(scratch):
     exec(compile(code, "README.md", "exec"), env)
     # the answers the comments promise: the demo model reads both digits right
     assert [r.classname for r in env["results"]] == ["three", "seven"]
-    assert env["r"].ranked(3)[0].classname == "three" and env["r"].probabilities(k=3)[0][2] == max(p for *_, p in env["r"].probabilities(k=3))
+    probs = env["r"].probabilities(k=3)
+    assert env["r"].ranked(3)[0].classname == "three" and probs[0][2] == max(p for *_, p in probs)
+    assert len(env["outcomes"]) == 10 and env["outcomes"]["three/heldout_0003.png"].prediction == "three"
+    assert (scratch / "api-results.csv").exists()
 
 
 def test_default_keep_is_capped_only_when_not_given():
     """The README's own-model example once failed: --to-keep 5 1 with 3 classes. Only the default
     schedule is capped at the prompt count; a --to-keep the user gives is checked, not changed."""
-    from diffcls.cli.settings import RunSettings, build_schedule
+    from diffcls.runtime.resolve import build_schedule
+    from diffcls.runtime.spec import JobSpec as RunSettings
     from diffcls.errors import DiffclsError
 
     s = build_schedule(RunSettings(), 3, {})

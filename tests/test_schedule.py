@@ -1,4 +1,4 @@
-"""Schedule validation and the timestep grid (runtime/scoring.py's docstring, the paper's reference loop)."""
+"""Schedule validation and the timestep grid (docs/design.md, "The scoring loop")."""
 
 import pytest
 

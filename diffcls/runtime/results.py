@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.ranking import TOP_K, class_columns, probabilities, row_cells, rows_from_cells
+from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells  # noqa: F401 - rows_from_cells: the reader of row_cells
 
 try:  # POSIX; elsewhere the results file is not locked
     import fcntl
@@ -275,7 +275,8 @@ class ResultsWriter:
 
     def _check_settings(self) -> None:
         try:
-            old = json.loads(self.settings_path.read_text(**ENCODING))
+            stored = json.loads(self.settings_path.read_text(**ENCODING))
+            old = normalised_settings(stored)
         except FileNotFoundError:
             raise DiffclsError(
                 f"{self.out} exists but has no {self.settings_path.name}, so it cannot be resumed safely; "
@@ -295,11 +296,13 @@ class ResultsWriter:
             )
         changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         if changed:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:3])
+            detail = "; ".join(_difference(k, old.get(k), self.settings.get(k)) for k in changed[:3])
             raise DiffclsError(
                 f"{self.out} was written with other settings ({detail}); rerun with the same settings to "
                 "resume, or pass another --out"
             )
+        if stored != old:  # an older file's settings, now in today's form
+            atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
 
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
@@ -469,6 +472,46 @@ class ResultsWriter:
         self.close()
 
 
+def _difference(key: str, old, new) -> str:
+    """'seed: 0 -> 7'; for a dict (the schedule), only the entries that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+        return f"{key}: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return f"{key}: {old!r} -> {new!r}"
+
+
+# --- settings files written by earlier versions ---------------------------------------------------
+_LEGACY_FIELD = re.compile(r"(\w+)=(\[[^\]]*\]|\S+)")
+
+
+def legacy_schedule(text: str) -> dict | None:
+    """The `to_dict` of a schedule that an earlier version stored as its description, e.g.
+    "n_samples=[50, 500] to_keep=[5, 1] n_trials=1 loss=l2" or "adaptive rule=mixture
+    error_rate=0.9 ... loss=l2" (these strings are frozen here: they are no longer written).
+    None for text that is neither."""
+    from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+
+    values = {k: json.loads(v) if v.startswith("[") else v for k, v in _LEGACY_FIELD.findall(text)}
+    try:
+        if text.startswith("adaptive "):
+            numbers = {"error_rate": float, "min_samples": int, "max_samples": int, "rel_delta": float, "n_trials": int,
+                       "final_samples": int, "final_keep": int, "final_error_rate": float}
+            kw = {k: numbers[k](v) for k, v in values.items() if k in numbers}
+            kw.setdefault("final_samples", 0)  # described only when there was a final stage
+            return AdaptiveSchedule(rule=values["rule"], loss=values["loss"], **kw).to_dict()
+        return Schedule(values["n_samples"], values["to_keep"], int(values["n_trials"]), values["loss"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def normalised_settings(settings: dict) -> dict:
+    """A stored settings dict in today's form (an older file's schedule description -> its dict)."""
+    sched = settings.get("schedule")
+    if isinstance(sched, str):
+        return {**settings, "schedule": legacy_schedule(sched) or sched}
+    return settings
+
+
 def _same_key(p: Path):
     try:
         return os.path.realpath(p)
@@ -487,33 +530,3 @@ def printable(s: str) -> str:
     """`s` safe to print on any terminal: invalid bytes as U+FFFD, control characters escaped."""
     s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
-
-
-def outcome(result) -> dict:
-    """What a run keeps of one finished image (`result`: runtime.classifier.ImageResult):
-    {classidx, prediction, n_evals, ranked} (ranked: its best classes, runtime.ranking)."""
-    return {"classidx": result.prediction, "prediction": result.classname, "n_evals": result.n_evals, "ranked": result.ranked(TOP_K)}
-
-
-def outcome_from_row(row: dict, class_ids: dict[str, int]) -> dict:
-    """`outcome` of an image read back from its results CSV row (`class_ids`: classname ->
-    classidx of the run's prompts); the full-precision mean errors make it equal to the fresh one."""
-    try:
-        n_evals = int(row.get("n_evals"))
-    except (TypeError, ValueError):
-        n_evals = None
-    return {"classidx": int(row["classidx"]), "prediction": row["prediction"], "n_evals": n_evals, "ranked": rows_from_cells(row, class_ids)}
-
-
-def outcome_json(key: str, o: dict, temperature: float | None = None, k: int = TOP_K) -> dict:
-    """An `outcome` as plain JSON data: the prediction and its best k classes in ranking order
-    (mean error, pruned_after, and with a temperature the probability)."""
-    ranked = (o.get("ranked") or [])[:k]
-    probs = probabilities(o.get("ranked") or [], temperature)[:k] if temperature is not None and ranked else None
-    top = []
-    for i, c in enumerate(ranked):
-        rec = {"classidx": c.classidx, "classname": c.classname, "mean_error": c.mean_error, "pruned_after": c.pruned_after}
-        if probs is not None:
-            rec["probability"] = probs[i]
-        top.append(rec)
-    return {"path": key, "prediction": o["prediction"], "classidx": o["classidx"], "n_evals": o.get("n_evals"), "top": top}
