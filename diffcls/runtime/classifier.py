@@ -401,7 +401,7 @@ class Classifier:
         if calibration is not None and not isinstance(calibration, Calibration):
             calibration = Calibration.load(calibration)
         if calibration is not None:
-            calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.describe())
+            calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.to_dict())
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
