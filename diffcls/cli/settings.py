@@ -47,7 +47,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "model": (Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD) or demo-dit.", _MODEL)], None),
     "config": (Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)], None),
     "engines": (Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)], None),
-    "backend": (Annotated[Backend, _opt("--backend", "Engine backend; auto = torch, or the one an --engines directory was exported for.", _MODEL)], Backend.auto),
+    "backend": (Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)], Backend.auto),
     "device": (Annotated[str, _opt("--device", "auto, cpu, cuda or cuda:N.", _MODEL)], "auto"),
     "precision": (Annotated[Precision, _opt("--precision", "auto = fp16 on a GPU, fp32 on a CPU; bf16 only with the torch backend on a GPU.", _MODEL)], Precision.auto),
     "compile": (Annotated[bool, _opt("--compile/--no-compile", "torch.compile the UNet (torch backend; CUDA graphs on GPU; once per batch size).", _MODEL)], False),
@@ -75,7 +75,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "final_error_rate": (Annotated[Optional[float], _opt("--final-error-rate", f"--adaptive --final-samples: alpha of the final stage's own elimination test among its prompts (default: the --error-rate).", _ADAPTIVE)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
-    "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: the cores torch sees).", _RUNTIME, min=1)], None),
+    "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: $OMP_NUM_THREADS if set, else the free cores: the cores this process may use minus the load average, at least 1).", _RUNTIME, min=1)], None),
     "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
     "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache.", _RUNTIME)], False),
 }
@@ -128,7 +128,7 @@ class RunSettings:
     final_error_rate: float | None = None
     batch_size: int = 32
     workers: int = 2
-    threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees
+    threads: int | None = None  # None: engines.fastpath.choose_threads (the free cores)
     cache_dir: Path | None = None
     no_cache: bool = False
 
@@ -331,21 +331,42 @@ def load_noise(path: Path | None):
     return obj.float()
 
 
+def engine_plan(s: RunSettings):
+    """What will run (engines.fastpath): the backend and engine directory the user named, else
+    the CPU fast path for a bundled model, else torch. Cheap: nothing is loaded or exported."""
+    from diffcls.engines.fastpath import plan_engines
+
+    return plan_engines(model=s.model, engines=s.engines, backend=s.backend, device=s.device,
+                        precision=s.precision, compile=s.compile, config=s.config, cache_dir=s.cache_dir)
+
+
 def backend_name(s: RunSettings) -> str:
-    """The backend that will run: auto means torch, or what an engine directory was exported for."""
-    if s.backend != Backend.auto:
-        return s.backend.value
-    if s.engines is None:
-        return "torch"
-    try:
-        return json.loads((s.engines / "manifest.json").read_text()).get("backend", "onnxruntime")
-    except (OSError, json.JSONDecodeError):
-        return "onnxruntime"  # the backend reports the broken manifest
+    """The backend that will run (see `engine_plan`)."""
+    return engine_plan(s).backend
 
 
-def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = False) -> dict:
+def resolve_engines(s: RunSettings) -> tuple[str, Path | None]:
+    """(backend, engine directory) of the run: `engine_plan`'s, with a bundled model's cached
+    engines exported first if they are missing or stale (a one-line message when that happens);
+    a plan's note (why the fast path does not run) is printed as one line."""
+    from diffcls.cli.common import console
+
+    plan = engine_plan(s)
+    if plan.note:
+        console.print(f"note: {plan.note}", markup=False)
+    if plan.bundled is None:
+        return plan.backend, plan.engine_dir
+    from diffcls.export.cached import ensure_cached_engines
+
+    return plan.backend, ensure_cached_engines(
+        plan.bundled, plan.engine_dir, image_size=s.image_size, on_export=lambda m: console.print(m, markup=False)
+    )
+
+
+def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = False, threads=None) -> dict:
     """`Classifier.from_pretrained`'s keyword arguments, as plain values (Ray sends them to
-    workers: `absolute` makes the paths independent of the working directory)."""
+    workers: `absolute` makes the paths independent of the working directory). `threads`: an
+    `engines.fastpath.ThreadChoice` for a local run (None: `--threads` as given)."""
 
     def path(p):
         if p is None:
@@ -353,8 +374,8 @@ def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = F
         # a Hugging Face model id is not a path: only what exists here is made absolute
         return str(Path(p).resolve()) if absolute and Path(p).exists() else p
 
-    name = backend_name(s)
-    model = path(s.model) if s.engines is None else (str(path(s.model)) if s.model is not None else None)
+    name, engine_dir = resolve_engines(s)
+    model = path(s.model) if engine_dir is None else (str(path(s.model)) if s.model is not None else None)
     if s.config is not None:  # a checkpoint file with its configs: loaded here, handed over
         from diffcls.models.loading import load_model
 
@@ -362,7 +383,7 @@ def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = F
     return dict(
         model=model,
         backend=name,
-        engine_dir=path(s.engines),
+        engine_dir=path(engine_dir),
         device=s.device,
         precision=None if s.precision == Precision.auto else s.precision.value,
         image_size=image_size,
@@ -371,14 +392,20 @@ def classifier_kwargs(s: RunSettings, image_size: int | None, absolute: bool = F
         compile=s.compile,
         cache_dir=path(s.cache_dir),
         use_cache=not s.no_cache,
-        threads=s.threads,
+        # Ray workers (no `threads`) keep s.threads: Ray sets each worker's OMP_NUM_THREADS to its CPUs
+        threads=threads.n if threads is not None else s.threads,
     )
 
 
 def open_classifier(s: RunSettings, image_size: int | None):
     from diffcls.runtime.classifier import Classifier
 
-    clf = Classifier.from_pretrained(**classifier_kwargs(s, image_size))
+    from diffcls.cli.common import console
+    from diffcls.engines.fastpath import choose_threads
+
+    threads = choose_threads(s.threads)
+    clf = Classifier.from_pretrained(**classifier_kwargs(s, image_size, threads=threads))
+    console.print(f"running {describe_engines(clf.engines)}, {threads.describe()}", markup=False)
     sizes = clf.engines.unet.batch_sizes
     if s.engines is not None and sizes and s.batch_size not in sizes:
         from diffcls.engines.manifest import check_batch_sizes, read_manifest
@@ -388,3 +415,11 @@ def open_classifier(s: RunSettings, image_size: int | None):
         except DiffclsError as e:
             raise DiffclsError(f"--batch-size {s.batch_size}: {e}") from None
     return clf
+
+
+def describe_engines(engines) -> str:
+    """'onnxruntime engines in DIR on cpu' or 'torch (eager fp32) on cpu': what ran, for the screen."""
+    where = engines.info.get("engine_dir") if isinstance(engines.info, dict) else None
+    if where:
+        return f"{engines.backend} {engines.precision} engines in {where} on {engines.device}"
+    return f"{engines.backend} {engines.precision} on {engines.device}"
