@@ -1,4 +1,4 @@
-"""Scores that compare (shared samples) and calibrated probabilities (issue 9 item 13, issue 10 item 4)."""
+"""Calibrated probabilities: fitting, NLL, ECE, the calibration file (issue 9 item 13, issue 10 item 4)."""
 
 from __future__ import annotations
 
@@ -20,26 +20,11 @@ from diffcls.runtime.calibration import (
     fit_temperature,
     nll,
     reliability_bins,
-    shared_means,
     softmax_neg,
 )
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
 runner = CliRunner()
-
-
-def test_shared_means_use_only_common_samples():
-    errors = [  # (prompt, t, trial, error): prompt 0 has 3 samples, prompt 1 two, prompt 2 one more t
-        (0, 10, 0, 1.0), (1, 10, 0, 2.0), (2, 10, 0, 4.0),
-        (0, 20, 0, 3.0), (1, 20, 0, 6.0), (2, 20, 0, 8.0),
-        (0, 30, 0, 100.0), (2, 30, 0, 0.0),
-    ]
-    means, n = shared_means(errors, [0, 1])
-    assert n == 2 and means == [2.0, 4.0]  # (1+3)/2 and (2+6)/2: t=30 is not shared with prompt 1
-    means, n = shared_means(errors, [2, 0])
-    assert n == 3 and means == pytest.approx([4.0, 104.0 / 3])
-    means, n = shared_means(errors + [(3, 40, 0, 5.0)], [0, 3])  # nothing shared: own means
-    assert n == 0 and means == pytest.approx([104.0 / 3, 5.0])
 
 
 def test_fit_recovers_a_known_temperature():
@@ -114,23 +99,22 @@ def test_calibrate_and_evaluate_round_trip_on_the_examples(tmp_path):
     recs = {json.loads(l)["path"]: json.loads(l) for l in errs.read_text().splitlines()}
     for row in _rows(out):
         rec = recs[row["path"]]
-        # to-keep 3 1: the top-5 are 3 survivors and 2 classes pruned after round 1; what they
-        # share is round 1's 4 timesteps
-        assert row["n_shared"] == "4" == str(rec["n_shared"])
+        # to-keep 3 1: the top 3 made the final decision and share all 8 timesteps; the other
+        # two were pruned after round 1's 4
+        assert rec["n_shared"] == 8
         names = [row[f"top{i}"] for i in range(1, 6)]
         top = rec["top"]
         assert [t["classname"] for t in top] == names and names[0] == row["prediction"]
-        round1 = sorted({(e[1], e[2]) for e in rec["errors"] if sum(1 for f in rec["errors"] if f[0] == e[0]) == 4})
+        assert [t["pruned_after"] for t in top] == [None, None, None, 4, 4]
+        assert [row[f"top{i}_pruned_after"] for i in range(1, 6)] == ["", "", "", "4", "4"]
         for i, t in enumerate(top, 1):
             prompt = next(s["prompt"] for s in rec["scores"] if s["classname"] == t["classname"])
-            own = [e[3] for e in rec["errors"] if e[0] == prompt and (e[1], e[2]) in round1]
-            assert len(own) == 4
-            assert float(row[f"top{i}_mean_error"]) == pytest.approx(sum(own) / 4, rel=1e-5)
-            assert t["mean_error"] == pytest.approx(sum(own) / 4)
+            own = [e[3] for e in rec["errors"] if e[0] == prompt]
+            assert len(own) == (8 if i <= 3 else 4)
+            assert float(row[f"top{i}_mean_error"]) == sum(own) / len(own) == t["mean_error"]
         probs = [float(row[f"top{i}_probability"]) for i in range(1, 6)]
-        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
-        assert float(row["probability"]) == pytest.approx(probs[0], rel=1e-5)
-        want = softmax_neg([t["mean_error"] for t in top], c["temperature"])
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4) and probs[3:] == [0.0, 0.0]
+        want = softmax_neg([t["mean_error"] for t in top[:3]], c["temperature"]) + [0.0, 0.0]
         assert probs == pytest.approx(want, rel=1e-4, abs=1e-6)
         assert [t["probability"] for t in top] == pytest.approx(want)
 

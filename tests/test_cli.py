@@ -53,7 +53,8 @@ def test_classify_writes_results_and_errors(tmp_path, tiny_dir, image_folder):
     assert sorted(g["path"] for g in got) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
     for g in got:
         assert g["prediction"] in ("cat", "dog", "bird") and g["top1"] == g["prediction"]
-        assert float(g["top1_score"]) <= float(g["top2_score"]) <= float(g["top3_score"])
+        # to-keep 2 1: the top 2 made the final decision (their means compare), the third was pruned
+        assert float(g["top1_mean_error"]) <= float(g["top2_mean_error"]) and g["top3_pruned_after"] == "4"
         assert g["n_evals"] == str(3 * 4 + 2 * 4)
     recs = [json.loads(l) for l in errs.read_text().splitlines()]
     assert sorted(r["path"] for r in recs) == sorted(g["path"] for g in got)
@@ -82,7 +83,8 @@ def test_classify_matches_python_api(tmp_path, tiny, tiny_dir, image_folder):
     for p, res in zip(paths, api):
         g = by_path[p.relative_to(image_folder).as_posix()]
         assert g["prediction"] == res.classname
-        assert float(g["score"]) == pytest.approx(res.scores[res.prompt], rel=1e-5)
+        assert float(g["top1_mean_error"]) == pytest.approx(res.ranked()[0].mean_error, rel=1e-5)
+        assert [g[f"top{i}"] for i in (1, 2)] == [c.classname for c in res.ranked()]
 
 
 def test_single_image_path_and_prompts_csv(tmp_path, tiny_dir, image_folder):
@@ -282,7 +284,7 @@ def test_noise_file_is_used(tmp_path, tiny_dir, image_folder):
     assert invoke("classify", image_folder, *common, "--noise", tmp_path / "n.pt", "--out", a).exit_code == 0
     assert invoke("classify", image_folder, *common, "--seed", "0", "--out", b).exit_code == 0
     # the default bank is torch.randn from a generator seeded with --seed: same numbers, same scores
-    assert [r["score"] for r in rows(a)] == [r["score"] for r in rows(b)]
+    assert [r["top1_mean_error"] for r in rows(a)] == [r["top1_mean_error"] for r in rows(b)]
 
 
 def test_list_flags_accept_spaces():

@@ -210,7 +210,7 @@ def test_a_changed_image_is_classified_again(tmp_path, tiny_dir, image_folder):
     assert len(rows(out)) == 6
     assert after["cat/1.png"]["sha256"] == first["dog/2.png"]["sha256"]
     assert after["cat/1.png"]["prediction"] == first["dog/2.png"]["prediction"]
-    assert float(after["cat/1.png"]["score"]) == pytest.approx(float(first["dog/2.png"]["score"]), rel=1e-4)
+    assert float(after["cat/1.png"]["top1_mean_error"]) == pytest.approx(float(first["dog/2.png"]["top1_mean_error"]), rel=1e-4)
 
 
 def test_another_input_root_is_refused(tmp_path, tiny_dir, image_folder):

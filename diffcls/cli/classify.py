@@ -83,19 +83,21 @@ def run_folder(
     labels: dict[str, int] | None = None,
     shard: tuple[int, int] | None = None,
     runner=None,
-    temperature: float | None = None,
+    calibration=None,
 ):
     """Classify every image `folder` names (a path, or collected `Inputs`; or shard I of N of
     them: `shard=(I, N)`), resuming `out_csv`; `runner` (a runtime.distributed.RayRunner) scores
-    them instead of `clf`. Returns ({key: result}, skipped, {image: key}). `labels` ({key: true
-    classidx}) adds the CSV columns label and correct."""
+    them instead of `clf`. Returns ({key: outcome}, skipped, {image: key}) (outcome: see
+    runtime.results.outcome). `labels` ({key: true classidx}) adds the CSV columns label and
+    correct; `calibration` (a runtime.calibration.Calibration) the probability columns, after
+    checking that it was fitted on this run's model, prompts and schedule."""
     from rich.markup import escape
 
     from diffcls.runtime.distributed import engine_info
     from diffcls.runtime.inputs import Inputs, collect_inputs
     from diffcls.runtime.preprocess import file_digest
     from diffcls.runtime.shards import shard_of
-    from diffcls.runtime.results import ResultsWriter, printable
+    from diffcls.runtime.results import ResultsWriter, outcome, outcome_from_row, printable
 
     skipped: list[tuple[str, str]] = []
 
@@ -127,8 +129,10 @@ def run_folder(
     }
     if shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
         settings["shard"] = f"{shard[0]}/{shard[1]}"
-    if temperature is not None:  # the probability columns depend on it: no mixing on resume
-        settings["temperature"] = temperature
+    temperature = None
+    if calibration is not None:
+        calibration.check(model=settings["model"], prompts=settings["prompts"], schedule=settings["schedule"])
+        temperature = settings["temperature"] = calibration.temperature  # the probability columns depend on it
     writer = None
     done: dict[str, dict] = {}
     if out_csv is not None:
@@ -149,11 +153,8 @@ def run_folder(
     elif errors_path is not None:
         raise DiffclsError("--save-errors needs --out too (the CSV records which images are done)")
     todo = [p for p in images if keys[p] not in done]
-    results: dict[str, dict] = {
-        k: {"classidx": int(r["classidx"]), "prediction": r["prediction"], "score": r["score"], "n_evals": _int_or_none(r.get("n_evals")), "row": r, "shared": _shared_from_row(r, prompts_set)}
-        for k, r in done.items()
-        if k in by_key
-    }
+    class_ids = {name: idx for idx, name in prompts_set.classes.items()}
+    results: dict[str, dict] = {k: outcome_from_row(r, class_ids) for k, r in done.items() if k in by_key}
     if writer is not None:
         for why, n in writer.dropped.items():
             console.print(escape(f"{out_csv}: {_DROPPED.get(why, why).format(n=n, errors=errors_path)}"))
@@ -190,14 +191,7 @@ def run_folder(
                 key = keys[by_abs[r.source] if by_abs is not None else Path(r.source)]
                 if writer is not None:
                     writer.write(key, r, _label_cells(labels, key, r, prompts_set))
-                results[key] = {
-                    "classidx": r.prediction,
-                    "prediction": r.classname,
-                    "score": f"{r.scores[r.prompt]:.6g}",
-                    "top": r.top_classes(5),
-                    "n_evals": r.n_evals,
-                    "shared": r.shared_scores(5)[0],
-                }
+                results[key] = outcome(r)
                 n_done += 1
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=1, rate=rate(n_done, elapsed, "img"))
@@ -226,32 +220,10 @@ def run_folder(
     return results, skipped, keys
 
 
-def _int_or_none(text) -> int | None:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
-
-
 def evals_per_image(results: dict, keys=None) -> float | None:
     """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
     counts = [results[k]["n_evals"] for k in (results if keys is None else keys) if results[k].get("n_evals") is not None]
     return sum(counts) / len(counts) if counts else None
-
-
-def _shared_from_row(row: dict, prompts_set) -> list[tuple[int, str, float]] | None:
-    """The listed classes with their shared mean errors, from a results CSV row (None for a
-    file written before those columns existed)."""
-    ids = {name: idx for idx, name in prompts_set.classes.items()}
-    out = []
-    for i in range(1, 6):
-        name, m = row.get(f"top{i}") or "", row.get(f"top{i}_mean_error") or ""
-        if not name:
-            break
-        if not m or name not in ids:
-            return None
-        out.append((ids[name], name, float(m)))
-    return out or None
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -292,10 +264,11 @@ ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL 
 CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Temperature file from `diffcls calibrate`: adds class probabilities (CSV 'probability' columns).")]
 
 
-def _temperature(calibration: Path | None) -> float | None:
+def _calibration(path: Path | None):
+    """The Calibration of --calibration (checked against the run in run_folder), or None."""
     from diffcls.runtime.calibration import Calibration
 
-    return None if calibration is None else Calibration.load(calibration).temperature
+    return None if path is None else Calibration.load(path)
 
 
 _SCALE = "Many GPUs"
@@ -329,7 +302,7 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray
 GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
 
 
-def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None, scale: ScaleOut | None = None, temperature=None):
+def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=None, scale: ScaleOut | None = None, calibration=None):
     """run_folder, locally or on Ray workers (then `run` was prepared without opening engines)."""
     scale = scale or ScaleOut()
     with contextlib.ExitStack() as stack:
@@ -366,7 +339,7 @@ def _run_folder(folder, run: Run, s: RunSettings, out_csv, save_errors, labels=N
             labels=labels,
             shard=scale.shard,
             runner=runner,
-            temperature=temperature,
+            calibration=calibration,
         )
     return results, skipped, keys
 
@@ -402,12 +375,12 @@ def classify(
 
     with user_errors():
         scale = ScaleOut.from_options(shard, ray, ray_address, ray_workers, gpus_per_worker)
-        temperature = _temperature(calibration)
+        cal = _calibration(calibration)
         inputs = collect_inputs(paths or [], settings.list_file)
         run = prepare(settings, inputs, open_engines=not scale.ray)
-        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale, temperature=temperature)
+        results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, scale=scale, calibration=cal)
         if out_csv is None or len(results) <= 20:
-            _print_predictions(results, temperature)
+            _print_predictions(results, cal.temperature if cal else None)
         if out_csv is not None:
             console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
@@ -419,32 +392,36 @@ def _describe(paths, s: RunSettings) -> str:
 
 
 def _print_predictions(results: dict, temperature: float | None = None) -> None:
-    """One row per image. The scores are mean errors over the samples the top-5 share (lower is
-    better), so the prediction's and the runner-up's compare."""
+    """One row per image: the prediction and the runner-up of its ranking (runtime.ranking),
+    with the mean errors that decided them and, calibrated, their probabilities."""
     from rich.markup import escape
     from rich.table import Table
 
-    from diffcls.runtime.calibration import softmax_neg
+    from diffcls.runtime.ranking import probabilities
     from diffcls.runtime.results import printable
 
-    cols = ["image", "prediction", "mean error", "runner-up (mean error)"]
-    table = Table(
-        *cols + (["probability"] if temperature is not None else []),
-        caption="mean error: over the samples the top-5 classes share; lower is better",
-    )
+    cols = ["image", "prediction", "mean error"] + (["probability"] if temperature is not None else []) + ["runner-up"]
+    table = Table(*cols, caption="mean error: lower is better; " + _PRUNED_NOTE)
     for key in sorted(results):
         r = results[key]
-        shared = r.get("shared")
-        if shared:  # ranking order: the prediction first
-            score = f"{shared[0][2]:.4g}"
-            runner = f"{shared[1][1]} ({shared[1][2]:.4g})" if len(shared) > 1 else ""
-        else:  # a row resumed from a file without the shared columns: its own mean
-            score, runner = str(r["score"]), (r["row"].get("top2", "") if "row" in r else "")
-        cells = [escape(printable(key)), escape(r["prediction"]), score, escape(runner)]
+        ranked = r.get("ranked") or []
+        probs = probabilities(ranked, temperature) if temperature is not None and ranked else None
+        cells = [escape(printable(key)), escape(r["prediction"]), f"{ranked[0].mean_error:.4g}" if ranked else ""]
         if temperature is not None:
-            cells.append(f"{softmax_neg([m for _, _, m in shared], temperature)[0]:.3f}" if shared else "")
+            cells.append(f"{probs[0]:.3f}" if probs else "")
+        cells.append(escape(_describe_class(ranked[1], probs[1] if probs else None)) if len(ranked) > 1 else "")
         table.add_row(*cells)
     out.print(table)
+
+
+_PRUNED_NOTE = "a class pruned before the final decision shows its mean over its own fewer samples"
+
+
+def _describe_class(c, probability: float | None) -> str:
+    """'four (0.0712, p 0.103)', or 'four (0.0712 over 10 timesteps, pruned)'."""
+    if c.pruned_after is not None:
+        return f"{c.classname} ({c.mean_error:.4g} over {c.pruned_after} timesteps, pruned)"
+    return f"{c.classname} ({c.mean_error:.4g}" + (f", p {probability:.3f})" if probability is not None else ")")
 
 
 def _norm(name: str) -> str:
@@ -487,8 +464,9 @@ def evaluate(
 
         check_writable(json_out, "--json")  # before the run, not after it finished
         check_writable(plot, "--plot")
-        temperature = _temperature(calibration)
-        run, results, truth, skipped, unlabeled = _labelled_run(paths, settings, labels, out_csv, save_errors, temperature, scale)
+        cal_file = _calibration(calibration)
+        temperature = cal_file.temperature if cal_file else None
+        run, results, truth, skipped, unlabeled = _labelled_run(paths, settings, labels, out_csv, save_errors, cal_file, scale)
         pset = run.prompts
         from diffcls.runtime.metrics import confusion_metrics
 
@@ -536,7 +514,7 @@ def evaluate(
                 console.print(f"reliability diagram in {rel}")
 
 
-def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, temperature=None, scale=None):
+def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, calibration=None, scale=None):
     """Run (or resume) labelled images; returns (Run, results, {key: true classidx}, skipped, n unlabeled)."""
     from diffcls.runtime.inputs import collect_inputs
 
@@ -557,32 +535,41 @@ def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, sa
     unlabeled = len(inputs) - len(raw)
     if unlabeled:
         console.print(f"{unlabeled} image(s) have no label (not in a class subfolder); they are classified but not scored")
-    results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key, scale=scale, temperature=temperature)
+    results, skipped, keys = _run_folder(inputs, run, settings, out_csv, save_errors, labels=truth_by_key, scale=scale, calibration=calibration)
     truth = {k: t for k, t in truth_by_key.items() if k in results}
     if not truth:
         raise DiffclsError(f"no labeled image of {_describe(paths, settings)} was classified")
     return run, results, truth, skipped, unlabeled
 
 
+def _decisions(results: dict, truth: dict) -> tuple[list[list[float]], list[int | None], list[str]]:
+    """Per labelled image whose ranking is known: the listed final-decision classes' mean errors
+    (the prediction's first), the true class's position among them (None: pruned or not
+    listed, probability 0) and the key."""
+    lists, pos, keys = [], [], []
+    for key, label in truth.items():
+        ranked = results[key].get("ranked")
+        if not ranked:
+            continue
+        final = [c for c in ranked if c.in_final]
+        ids = [c.classidx for c in final]
+        lists.append([c.mean_error for c in final])
+        pos.append(ids.index(label) if label in ids else None)
+        keys.append(key)
+    return lists, pos, keys
+
+
 def _calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
-    """NLL of the true class and ECE of the predicted class's probability, over the images
-    whose shared scores are known (rows resumed from an older file have none)."""
+    """NLL of the true class and ECE of the predicted class's probability (runtime.ranking:
+    the prediction's is the highest)."""
     from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
 
     t = UNCALIBRATED if temperature is None else temperature
-    lists, pos, conf, correct = [], [], [], []
-    for key, label in truth.items():
-        shared = results[key].get("shared")
-        if not shared:
-            continue
-        ids = [idx for idx, _, _ in shared]
-        means = [m for _, _, m in shared]
-        lists.append(means)
-        pos.append(ids.index(label) if label in ids else None)
-        conf.append(softmax_neg(means, t)[0])
-        correct.append(results[key]["classidx"] == label)
+    lists, pos, keys = _decisions(results, truth)
     if not lists:
         return None
+    conf = [softmax_neg(m, t)[0] for m in lists]
+    correct = [results[k]["classidx"] == truth[k] for k in keys]
     return {
         "temperature": t,
         "n": len(lists),
@@ -615,15 +602,8 @@ def calibrate(
         run, results, truth, _, _ = _labelled_run(paths, settings, labels, results_csv, None)
         before = _calibration_metrics(results, truth, None)
         if before is None:
-            raise DiffclsError(f"{results_csv} has no shared mean-error columns (written by an older diffcls); pass another --results to recompute")
-        lists, pos, keys = [], [], []
-        for key, label in truth.items():
-            shared = results[key].get("shared")
-            if shared:
-                ids = [idx for idx, _, _ in shared]
-                lists.append([m for _, _, m in shared])
-                pos.append(ids.index(label) if label in ids else None)
-                keys.append(key)
+            raise DiffclsError(f"no image of {_describe(paths, settings)} has a ranking to fit on; pass another --results to recompute")
+        lists, pos, keys = _decisions(results, truth)
         t = fit_temperature(lists, pos)
         conf = [softmax_neg(m, t)[0] for m in lists]
         correct = [results[k]["classidx"] == truth[k] for k in keys]
@@ -635,6 +615,8 @@ def calibrate(
             ece_before=before["ece"],
             ece_after=expected_calibration_error(conf, correct),
             schedule=run.schedule.describe(),
+            model=run.classifier.engines.fingerprint,
+            prompts=run.prompts.digest(),
         )
         cal.save(out_path)
         out.print(
@@ -674,11 +656,9 @@ def _label_ids(names: list[str], kind: LabelKind, pset, where: str, what: str = 
 
 
 def _top_ids(r: dict, by_name: dict[str, int]) -> list[int]:
-    """The class ids of a result's top-5, best first (a resumed CSV row has the names)."""
-    if r.get("top") is not None:
-        return [t[0] for t in r["top"]]
-    row = r.get("row") or {}
-    return [by_name[row[f"top{i}"]] for i in range(1, 6) if row.get(f"top{i}") in by_name]
+    """The class ids of a result's top-5, best first."""
+    return [c.classidx for c in r.get("ranked") or []]
+
 
 
 def _run_record(s: RunSettings, run: Run, paths, labels: str) -> dict:

@@ -185,18 +185,21 @@ class RunSettings:
         return AdaptiveSchedule(**given, n_trials=self.n_trials, loss=self.loss.value)
 
 
-def run_options(command):
-    """Add the shared options to `command`'s signature; it receives them as `settings`."""
+def run_options(command=None, *, exclude: tuple[str, ...] = ()):
+    """Add the shared options to `command`'s signature; it receives them as `settings`.
+    `@run_options(exclude=(...))`: all but those (they keep RunSettings' defaults)."""
+    if command is None:
+        return functools.partial(run_options, exclude=tuple(exclude))
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
     args = [p for p in own if p.default is inspect.Parameter.empty]
     kw = inspect.Parameter.KEYWORD_ONLY
-    shared = [inspect.Parameter(name, kw, default=d, annotation=a) for name, (a, d) in OPTIONS.items()]
+    shared = [inspect.Parameter(name, kw, default=d, annotation=a) for name, (a, d) in OPTIONS.items() if name not in exclude]
     rest = [p.replace(kind=kw) for p in own if p.default is not inspect.Parameter.empty]
     params = args + shared + rest
 
     @functools.wraps(command)
     def wrapper(**values):
-        raw = {name: values.pop(name) for name in OPTIONS}
+        raw = {name: values.pop(name) for name in OPTIONS if name not in exclude}
         from diffcls.cli.common import user_errors
 
         with user_errors():

@@ -1,77 +1,34 @@
-"""Scores that compare across classes, and calibrated class probabilities.
+"""Calibrated class probabilities: fitting the temperature, NLL, ECE, the reliability diagram.
 
-A fixed schedule (or a sequential policy) evaluates different prompts on different numbers of
-(timestep, trial) samples: a prompt pruned after round 1 has a mean over round 1's samples only,
-a survivor over all rounds. Those means are not comparable (the error depends strongly on t).
-What compares is each listed prompt's mean error over the samples *every listed prompt shares*:
+Each image's listed classes carry the mean errors that decided their place (runtime.ranking):
+the classes of the final decision share their samples, so their means compare; a class pruned
+before it has probability 0. The probabilities are a temperature-scaled softmax of the negative
+means over the listed classes of the final decision:
 
-    shared(P) = {(t, trial) evaluated for every prompt in P}
-    m_c       = mean of c's errors over shared(P)          (a mean error: lower is better)
+    p_c = exp(-m_c / T) / sum_{c' final, listed} exp(-m_c' / T)
 
-For the paper's fixed schedule with `--to-keep 5 1` the top-5 share all rounds; with
-`--to-keep 3 1` (the demo's) the top-5 share round 1's samples.
-
-Probabilities are a temperature-scaled softmax of the negative shared means over the listed
-classes (the top-5; classes outside the list get no mass):
-
-    p_c = exp(-m_c / T) / sum_{c' in P} exp(-m_c' / T)
-
-T is in units of mean error. T = 1 (uncalibrated) gives nearly uniform probabilities because
-mean errors differ by hundredths; `fit_temperature` picks T by minimum negative log-likelihood
-on labelled images (a 1-D search over log T: a coarse grid, then golden-section refinement).
+so the prediction (the lowest mean) always has the highest probability. T is in units of mean
+error. T = 1 (uncalibrated) gives nearly uniform probabilities because mean errors differ by
+hundredths; `fit_temperature` picks T by minimum negative log-likelihood on labelled images (a
+1-D search over log T: a coarse grid, then golden-section refinement). A temperature is bound to
+what it was fitted on (model fingerprint, prompts, schedule): `Calibration.check` refuses another.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError, missing_extra
+from diffcls.runtime.ranking import softmax_neg  # noqa: F401 - the softmax behind every probability
 from diffcls.runtime.results import atomic_write_text
 
 ECE_BINS = 15
 UNCALIBRATED = 1.0
 PROB_FLOOR = 1e-12  # p(true) for a label outside the listed classes (a constant in the NLL)
-
-
-def shared_means(errors: Sequence[Sequence], prompts: Sequence[int]) -> tuple[list[float], int]:
-    """Per prompt in `prompts`, its mean error over the (t, trial) samples all of them share.
-
-    `errors`: (prompt, t, trial, error) records. Returns (means aligned with `prompts`, number
-    of shared samples). With no shared sample (cannot happen with the scoring loop, whose first
-    round covers every prompt) each prompt's own mean is returned and the count is 0.
-    """
-    wanted = {int(p): i for i, p in enumerate(prompts)}
-    per: list[dict[tuple[int, int], float]] = [{} for _ in prompts]
-    for p, t, j, e in errors:
-        i = wanted.get(int(p))
-        if i is not None:
-            per[i][(int(t), int(j))] = float(e)
-    if not per:
-        return [], 0
-    common = set(per[0])
-    for d in per[1:]:
-        common &= set(d)
-    if not common:
-        return [sum(d.values()) / len(d) if d else math.inf for d in per], 0
-    keys = sorted(common)
-    return [sum(d[k] for k in keys) / len(keys) for d in per], len(keys)
-
-
-def softmax_neg(values: Sequence[float], temperature: float) -> list[float]:
-    """softmax(-values / temperature), computed stably."""
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    if not values:
-        return []
-    z = [-v / temperature for v in values]
-    top = max(z)
-    w = [math.exp(x - top) for x in z]
-    s = sum(w)
-    return [x / s for x in w]
 
 
 def nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None], temperature: float) -> float:
@@ -187,9 +144,13 @@ class Calibration:
     ece_after: float | None = None
     schedule: str | None = None  # the schedule the scores were computed with
     top_k: int = 5
+    model: str | None = None  # the fingerprint of the model it was fitted with
+    prompts: str | None = None  # the digest of the prompts (runtime.prompts.PromptSet.digest)
+    path: str | None = field(default=None, compare=False)  # where it was loaded from (not saved)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(asdict(self), indent=2) + "\n")
+        data = {k: v for k, v in asdict(self).items() if k != "path"}
+        atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
@@ -205,4 +166,17 @@ class Calibration:
             raise DiffclsError(f"--calibration {path} has temperature {t}; it must be a positive number (recreate it with diffcls calibrate)")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         known["temperature"] = t
+        known["path"] = str(path)
         return cls(**known)
+
+    def check(self, *, model: str, prompts: str, schedule: str) -> None:
+        """Refuse (one line) a temperature fitted on another model, prompts or schedule: mean
+        errors, and so the temperature, differ between them."""
+        path = self.path or "calibration.json"
+        fix = f"fit one for this run: diffcls calibrate FOLDER --out {path} with this run's --model, prompts and schedule"
+        if self.model is None or self.prompts is None or self.schedule is None:
+            raise DiffclsError(f"--calibration {path} does not say which model, prompts and schedule it was fitted on (an earlier diffcls wrote it); {fix}")
+        for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts), ("schedule", self.schedule, schedule)):
+            if mine != theirs:
+                shown = (mine, theirs) if what == "schedule" else (mine[:12], theirs[:12])
+                raise DiffclsError(f"--calibration {path} was fitted with another {what} ({shown[0]}; this run: {shown[1]}); {fix}")

@@ -15,7 +15,7 @@ import io
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.calibration import UNCALIBRATED, shared_means, softmax_neg
+from diffcls.runtime.calibration import UNCALIBRATED
 from diffcls.runtime.preprocess import (
     BadImage,
     Interpolation,
@@ -34,6 +34,7 @@ from diffcls.runtime.preprocess import (
     to_rgb,
 )
 from diffcls.runtime.prompts import PromptSet
+from diffcls.runtime.ranking import TOP_K, RankedClass, probabilities, rank_classes
 from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
 from diffcls.runtime.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
 from diffcls.runtime.timing import StageTimer
@@ -46,62 +47,44 @@ class ImageResult:
     prediction: int  # predicted classidx
     classname: str
     prompt: int  # index of the winning prompt
-    scores: dict[int, float]  # prompt index -> mean error
+    scores: dict[int, float]  # prompt index -> mean error over its own samples
     errors: list[tuple[int, int, int, float]]  # (prompt, t, trial, error)
     ranking: list[int]  # prompt indices, best first
     n_evals: int
     _prompts: PromptSet | None = None
     sha256: str | None = None  # of the file's bytes (in-memory images: of the preprocessed pixels)
+    final: list[int] = field(default_factory=list)  # prompts of the final decision (runtime.ranking)
+    temperature: float | None = None  # from a calibration file: `probabilities()` uses it
 
-    def top_classes(self, k: int = 5) -> list[tuple[int, str, float]]:
-        """(classidx, classname, score) of the best k classes; a class ranks by its best prompt."""
-        out, seen = [], set()
-        for p in self.ranking:
-            idx = self._prompts.classidx[p]
-            if idx in seen:
-                continue
-            seen.add(idx)
-            out.append((idx, self._prompts.classnames[p], self.scores.get(p, float("inf"))))
-            if len(out) == k:
-                break
-        return out
+    def ranked(self, k: int = TOP_K) -> list[RankedClass]:
+        """The best k classes, the prediction first, each with the mean error that decided its
+        place and, if it was pruned before the final decision, when (runtime.ranking)."""
+        return self._ranked(k)[0]
 
-    def listed(self, k: int = 5) -> list[tuple[int, str, int]]:
-        """(classidx, classname, prompt) of the best k classes, in ranking order (a class is
-        represented by its best-ranked prompt)."""
-        out, seen = [], set()
-        for p in self.ranking:
-            idx = self._prompts.classidx[p]
-            if idx not in seen:
-                seen.add(idx)
-                out.append((idx, self._prompts.classnames[p], p))
-                if len(out) == k:
-                    break
-        return out
+    def _ranked(self, k: int) -> tuple[list[RankedClass], int]:
+        p = self._prompts
+        return rank_classes(self.errors, self.ranking, self.final, p.classidx, p.classnames, k)
 
-    def shared_scores(self, k: int = 5) -> tuple[list[tuple[int, str, float]], int]:
-        """The best k classes (ranking order, as `top_classes`) with scores that compare: each
-        listed prompt's mean error over the (t, trial) samples all listed prompts share (lower
-        is better; see runtime.calibration). Returns (rows, number of shared samples)."""
-        rows = self.listed(k)
-        means, n_shared = shared_means(self.errors, [p for _, _, p in rows])
-        return [(idx, name, m) for (idx, name, _), m in zip(rows, means)], n_shared
+    def top_classes(self, k: int = TOP_K) -> list[tuple[int, str, float]]:
+        """(classidx, classname, mean error) of the best k classes, as `ranked`."""
+        return [(r.classidx, r.classname, r.mean_error) for r in self.ranked(k)]
 
-    def probabilities(self, temperature: float = UNCALIBRATED, k: int = 5) -> list[tuple[int, str, float]]:
-        """(classidx, classname, probability) of the best k classes, ranking order: a softmax of
-        the negative shared mean errors at `temperature` (from `diffcls calibrate`)."""
-        rows, _ = self.shared_scores(k)
-        probs = softmax_neg([m for _, _, m in rows], temperature)
-        return [(idx, name, p) for (idx, name, _), p in zip(rows, probs)]
+    def probabilities(self, temperature: float | None = None, k: int = TOP_K) -> list[tuple[int, str, float]]:
+        """(classidx, classname, probability) of the best k classes: a softmax of the final
+        decision's mean errors at `temperature` (default: the result's own, from a calibration
+        file; else 1, nearly uniform), 0 for classes pruned before it. k is at most 5."""
+        t = temperature if temperature is not None else (self.temperature if self.temperature is not None else UNCALIBRATED)
+        rows = self.ranked(min(k, TOP_K))
+        return [(r.classidx, r.classname, p) for r, p in zip(rows, probabilities(rows, t))]
 
-    def to_json(self, temperature: float | None = None, k: int = 5) -> dict:
+    def to_json(self, temperature: float | None = None, k: int = TOP_K) -> dict:
         """The --save-errors record. `scores` lists every scored prompt with its class (mean
-        error over its own samples); `top` the best k classes with their shared mean errors
-        and (with a temperature) probabilities."""
-        rows, n_shared = self.shared_scores(k)
-        top = [{"classidx": i, "classname": n, "mean_error": m} for i, n, m in rows]
+        error over its own samples); `top` the best k classes as `ranked` (with a temperature,
+        their probabilities)."""
+        rows, n_shared = self._ranked(k)
+        top = [{"classidx": r.classidx, "classname": r.classname, "mean_error": r.mean_error, "pruned_after": r.pruned_after} for r in rows]
         if temperature is not None:
-            for rec, p in zip(top, softmax_neg([m for _, _, m in rows], temperature)):
+            for rec, p in zip(top, probabilities(rows, temperature)):
                 rec["probability"] = p
         return {
             "path": self.source,
@@ -392,6 +375,25 @@ class Classifier:
         for secs in scorer.stats.unet_seconds:
             self.timer.add("unet_call", secs)
 
+    def iter_latents(
+        self,
+        images: Iterable,
+        *,
+        interpolation: Interpolation | str = Interpolation.bicubic,
+        vae_batch_size: int = 8,
+        workers: int = 2,
+        on_skip: Callable[[str, str], None] | None = None,
+    ) -> Iterator[tuple[int, str, str | None, torch.Tensor]]:
+        """(index, source, sha256, x0) per good image, in input order: the latents `iter_classify`
+        scores (decoded on worker threads, cached, VAE-encoded in batches). Bad images go to
+        `on_skip(path, message)` (raised if None)."""
+        self._interp = Interpolation(interpolation)
+        sources: dict[int, str] = {}
+        digests: dict[int, str | None] = {}
+        prepared = self._prepared_stream(images, self.engines.image_size, self._interp, workers, max(4, 2 * vae_batch_size))
+        for index, x0 in self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests):
+            yield index, sources[index], digests.get(index), x0
+
     def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule | AdaptiveSchedule, **kw) -> list[ImageResult]:
         """All results, in input order."""
         return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)
@@ -423,6 +425,7 @@ class Classifier:
             ranking=s.ranking,
             n_evals=s.n_evals,
             _prompts=prompts,
+            final=s.final,
         )
 
 

@@ -9,7 +9,7 @@ errors. The `Scorer` runs one policy per image and mixes their blocks into full 
         for prompt, k, trial in policy.next_block():   # never empty while not done
             t = policy.timesteps[k]                    # its noise is bank[k * n_trials + trial]
             policy.feed(prompt, k, trial, error)       # any order within the block
-    policy.result()   # PolicyResult(prediction, ranking): prompt indices, ranking best first
+    policy.result()   # PolicyResult(prediction, ranking, final): prompt indices, best first
     policy.phase      # 0-based stage of the current block (fixed: round; sequential: 0 first stage, 1 after)
     policy.n_evals    # items handed out so far
 
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +62,10 @@ from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
 class PolicyResult:
     prediction: int  # the winning prompt
     ranking: list[int]  # every prompt, best first (later survivors first, then by mean error)
+    # the prompts of the final decision, best first (a prefix of `ranking`): those still in
+    # play when the prediction was chosen, all scored on the same samples; the rest were
+    # dropped earlier (see runtime.ranking)
+    final: list[int] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,10 +188,13 @@ class FixedPolicy(_BlockHandout):
             self._advance()
 
     def result(self) -> PolicyResult:
+        """The final decision is the last prune that dropped a prompt: its survivor and the
+        prompts it dropped were all scored on every timestep up to it."""
         ranking = list(self.remaining)
         for pruned in reversed(self.eliminated):
             ranking.extend(pruned)
-        return PolicyResult(self.remaining[0], ranking)
+        last = next((g for g in reversed(self.eliminated) if g), [])
+        return PolicyResult(self.remaining[0], ranking, list(self.remaining) + list(last))
 
 
 class SequentialPolicy(_BlockHandout):
@@ -322,11 +329,15 @@ class SequentialPolicy(_BlockHandout):
         return {c: float(self.sums[c]) / self.eliminated_at.get(c, self.r) for c in range(self.K) if self.r}
 
     def result(self) -> PolicyResult:
+        """The final decision: the prompts still alive when the image stopped, if several
+        (the lowest mean wins); else the survivor and the last prompts the test eliminated
+        (at that point the survivor had the lowest sum of them all)."""
         alive = sorted(np.flatnonzero(self.alive).tolist(), key=lambda c: (self.sums[c], c))
         ranking = list(alive)
         for group in reversed(self.eliminated):
             ranking.extend(group)
-        return PolicyResult(alive[0], ranking)
+        final = alive if len(alive) > 1 or not self.eliminated else alive + list(self.eliminated[-1])
+        return PolicyResult(alive[0], ranking, final)
 
 
 def make_policy(schedule: Schedule | AdaptiveSchedule, n_prompts: int, num_train_timesteps: int = 1000, offset: int | None = None):

@@ -34,23 +34,26 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
+from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells
 
 try:  # POSIX; elsewhere the results file is not locked
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-TOP_K = 5
-COLUMNS = ["path", "prediction", "classidx", "score", "n_evals"] + [
-    f"top{i}{suffix}" for i in range(1, TOP_K + 1) for suffix in ("", "_score")
-]
-COLUMNS += ["sha256"]  # of the image bytes the row was computed from
-# Scores that compare (mean error over the samples all listed classes share; lower is better)
-# and probabilities (empty without --calibration); see runtime.calibration.
-SHARED_COLUMNS = ["n_shared", "probability"] + [
-    f"top{i}{suffix}" for suffix in ("_mean_error", "_probability") for i in range(1, TOP_K + 1)
-]
-COLUMNS += SHARED_COLUMNS
+# One row per image: what it is, what it was predicted, then its best classes in the one ranking
+# of runtime.ranking, each as topN, topN_mean_error, topN_pruned_after (and topN_probability
+# with --calibration). Mean errors are written with full precision, so a resumed run computes
+# exactly what a fresh one does.
+BASE_COLUMNS = ["path", "prediction", "classidx", "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
+
+
+def columns(calibrated: bool) -> list[str]:
+    """The results CSV's columns (before evaluate's label, correct)."""
+    return BASE_COLUMNS + class_columns(calibrated)
+
+
+COLUMNS = columns(False)
 
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -144,7 +147,7 @@ def _valid_row(row: dict) -> bool:
     try:
         int(row["classidx"])
         int(row["n_evals"])
-        ok = math.isfinite(float(row["score"]))
+        ok = math.isfinite(float(row["top1_mean_error"])) and row["top1"] == row["prediction"]
     except (KeyError, TypeError, ValueError):
         return False
     sha = row.get("sha256") or ""  # empty: a row not bound to file bytes (an in-memory image)
@@ -154,6 +157,8 @@ def _valid_row(row: dict) -> bool:
 class ResultsWriter:
     """Writes one CSV row (and optionally one JSONL record) per finished image."""
 
+    base_columns: list[str] | None = None  # None: columns(calibrated); a writer of other rows (match's items) sets its own; the first is the key
+
     def __init__(
         self, out: str | Path, settings: dict, errors_path: str | Path | None = None, extra_columns=(), temperature: float | None = None
     ):
@@ -161,7 +166,8 @@ class ResultsWriter:
         `write` gives their values. `temperature` (from --calibration) fills the probability columns."""
         self.out = Path(out)
         self.temperature = temperature
-        self.columns = COLUMNS + list(extra_columns)
+        self.base = columns(temperature is not None) if self.base_columns is None else list(self.base_columns)
+        self.columns = self.base + list(extra_columns)
         self.errors_path = Path(errors_path) if errors_path else None
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
@@ -301,33 +307,46 @@ class ResultsWriter:
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
         records, tail = _records(text)
-        if not records or records[0][1] is None or records[0][1][: len(COLUMNS)] != COLUMNS:
+        header = records[0][1] if records and records[0][1] is not None else None
+        if header is not None and "top1_score" in header:
+            raise DiffclsError(
+                f"{self.out} was written by an earlier diffcls version, whose top-5 scores and probabilities did not "
+                "follow the prediction's ranking; it cannot be resumed: pass another --out (or delete it) to classify afresh"
+            )
+        n = len(self.base)
+        if header is None or header[:n] != self.base:
             raise DiffclsError(
                 f"{self.out} is not a results file of this diffcls version (unexpected header); pass another --out"
             )
-        if records[0][1][len(COLUMNS):] != self.columns[len(COLUMNS):]:
-            have = ",".join(records[0][1][len(COLUMNS):]) or "none"
+        if header[n:] != self.columns[n:]:
+            have = ",".join(header[n:]) or "none"
             raise DiffclsError(
                 f"{self.out} has other extra columns ({have}) than this run writes "
-                f"({','.join(self.columns[len(COLUMNS):]) or 'none'}; evaluate adds label,correct); pass another --out"
+                f"({','.join(self.columns[n:]) or 'none'}; evaluate adds label,correct); pass another --out"
             )
         rewrite = bool(tail)
         if tail:
             self._count("torn")
         for raw, fields in records[1:]:
             row = dict(zip(self.columns, fields)) if fields is not None and len(fields) == len(self.columns) else None
-            if row is None or not _valid_row(row):
+            if row is None or not self.valid_row(row):
                 self._count("malformed")
                 rewrite = True
                 continue
-            if row["path"] in self.done:  # two writers, or an old duplicate: keep the latest
+            key = row[self.columns[0]]
+            if key in self.done:  # two writers, or an old duplicate: keep the latest
                 self._count("duplicate")
                 rewrite = True
-                del self.done[row["path"]], self._records[row["path"]]
-            self.done[row["path"]] = row
-            self._records[row["path"]] = raw
+                del self.done[key], self._records[key]
+            self.done[key] = row
+            self._records[key] = raw
         if rewrite:
             self._rewrite_csv()
+
+    @staticmethod
+    def valid_row(row: dict) -> bool:
+        """Whether a row read back is one a finished image would have written."""
+        return _valid_row(row)
 
     def _rewrite_csv(self) -> None:
         atomic_write_text(self.out, ",".join(self.columns) + "\n" + "".join(self._records.values()))
@@ -385,38 +404,35 @@ class ResultsWriter:
     def row(self, key: str, result, extra: Sequence = ()) -> dict:
         """The CSV row of one finished image, as {column: value}; `extra`: the values of the
         extra columns, in order (missing ones are left empty)."""
-        top = result.top_classes(TOP_K)
         row = {
             "path": key,
             "prediction": result.classname,
             "classidx": result.prediction,
-            "score": f"{result.scores[result.prompt]:.6g}",
             "n_evals": result.n_evals,
             "sha256": getattr(result, "sha256", None) or "",
+            **row_cells(result.ranked(TOP_K), self.temperature),
         }
-        for i in range(TOP_K):
-            row[f"top{i + 1}"], row[f"top{i + 1}_score"] = (top[i][1], f"{top[i][2]:.6g}") if i < len(top) else ("", "")
-        shared, row["n_shared"] = result.shared_scores(TOP_K)
-        probs = result.probabilities(self.temperature, TOP_K) if self.temperature is not None else []
-        row["probability"] = f"{probs[0][2]:.6g}" if probs else ""
-        for i in range(TOP_K):
-            row[f"top{i + 1}_mean_error"] = f"{shared[i][2]:.6g}" if i < len(shared) else ""
-            row[f"top{i + 1}_probability"] = f"{probs[i][2]:.6g}" if i < len(probs) else ""
-        row.update(zip(self.columns[len(COLUMNS):], extra))
+        row.update(zip(self.columns[len(self.base):], extra))
         return {c: str(row.get(c, "")) for c in self.columns}
 
     def write(self, key: str, result, extra: Sequence = ()) -> None:
         """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
         `extra`: the values of the extra columns (evaluate's label, correct)."""
         row = self.row(key, result, extra)
-        line = _csv_line([row[c] for c in self.columns])
-        parts = []
+        rec = None
         if self._err_fd is not None:
             rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             rec["sha256"] = row["sha256"]
+        self.commit(key, row, rec)
+
+    def commit(self, key: str, row: dict, record: dict | None = None) -> None:
+        """Append one finished row ({column: text}) and its --save-errors `record`, all or nothing."""
+        line = _csv_line([row[c] for c in self.columns])
+        parts = []
+        if self._err_fd is not None and record is not None:
             # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
-            parts.append((self._err_fd, self.errors_path, (json.dumps(rec, separators=(",", ":")) + "\n").encode("ascii")))
+            parts.append((self._err_fd, self.errors_path, (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")))
         parts.append((self._csv_fd, self.out, line.encode(**ENCODING)))
         sizes = [(fd, os.fstat(fd).st_size) for fd, _, _ in parts]
         for fd, path, data in parts:
@@ -473,3 +489,19 @@ def printable(s: str) -> str:
     """`s` safe to print on any terminal: invalid bytes as U+FFFD, control characters escaped."""
     s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
+
+
+def outcome(result) -> dict:
+    """What a run keeps of one finished image (`result`: runtime.classifier.ImageResult):
+    {classidx, prediction, n_evals, ranked} (ranked: its best classes, runtime.ranking)."""
+    return {"classidx": result.prediction, "prediction": result.classname, "n_evals": result.n_evals, "ranked": result.ranked(TOP_K)}
+
+
+def outcome_from_row(row: dict, class_ids: dict[str, int]) -> dict:
+    """`outcome` of an image read back from its results CSV row (`class_ids`: classname ->
+    classidx of the run's prompts); the full-precision mean errors make it equal to the fresh one."""
+    try:
+        n_evals = int(row.get("n_evals"))
+    except (TypeError, ValueError):
+        n_evals = None
+    return {"classidx": int(row["classidx"]), "prediction": row["prediction"], "n_evals": n_evals, "ranked": rows_from_cells(row, class_ids)}

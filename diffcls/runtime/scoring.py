@@ -44,6 +44,7 @@ class ImageScore:
     errors: list[tuple[int, int, int, float]]  # (prompt, t, trial, error) in evaluation order
     ranking: list[int]  # every prompt, best first (later survivors first, then by score)
     n_evals: int
+    final: list[int] = field(default_factory=list)  # the prompts of the final decision, best first
 
 
 def make_noise_bank(schedule: Schedule | AdaptiveSchedule, latent_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -87,17 +88,29 @@ class NonFiniteError(DiffclsError):
 
 
 class _Image:
-    """Per-image state: its policy, the block in flight, every error so far."""
+    """Per-image state: its policy, the block in flight, every error so far.
 
-    def __init__(self, key, slot: int, policy):
+    A unit of work may hold several latents (`slots`): a policy with an `arms` list maps each of
+    its arms to (latent index, prompt row), e.g. `match`'s (image, caption) pairs of one item;
+    without one, arm c is prompt c on the only latent."""
+
+    def __init__(self, key, slots: list[int], policy):
         self.key = key
-        self.slot = slot
+        self.slots = slots
+        self.arms = getattr(policy, "arms", None)
         self.policy = policy
         self.sums: dict[int, float] = {}
         self.counts: dict[int, int] = {}
         self.errors: list[tuple[int, int, int, float]] = []
         self.pending = 0
         self.phase = 0  # the policy's phase of the block in flight (fixed schedule: the round)
+
+    def where(self, c: int) -> tuple[int, int]:
+        """(latent slot, prompt row) of arm c."""
+        if self.arms is None:
+            return self.slots[0], c
+        i, p = self.arms[c]
+        return self.slots[i], p
 
     def next_items(self) -> list[tuple["_Image", int, int, int, int]]:
         """(image, prompt, k, t, trial) of the policy's next block; empty if it is done."""
@@ -124,6 +137,7 @@ class _Image:
             errors=self.errors,
             ranking=res.ranking,
             n_evals=len(self.errors),
+            final=res.final,
         )
 
 
@@ -168,6 +182,7 @@ class Scorer:
         sync_timing: bool = False,
         prediction_type: str = "epsilon",
         grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
+        policy_factory: Callable[[Hashable, torch.Tensor], object] | None = None,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise DiffclsError(
@@ -201,6 +216,9 @@ class Scorer:
         # adaptive schedules: each image's rotation of the timestep grid, from its content
         # (grid_offset(key, x0), e.g. a digest of the image file; default: of the latent's bytes)
         self.grid_offset = grid_offset
+        # policy_factory(key, x0): the unit's policy instead of the schedule's (`make_policy`); x0 of a
+        # unit whose policy has `arms` is (L, C, h, w), its L latents
+        self.policy_factory = policy_factory
         self._table: torch.Tensor | None = None  # (capacity, C, h, w) latents of images in flight
         self._free: list[int] = []
 
@@ -233,7 +251,7 @@ class Scorer:
         size = self._padded_size(n)
         padded = items + [items[0]] * (size - n)
         idx = torch.tensor(
-            [[it[0].slot, it[1], it[2] * self.schedule.n_trials + it[4], it[3]] for it in padded],
+            [[*it[0].where(it[1]), it[2] * self.schedule.n_trials + it[4], it[3]] for it in padded],
             dtype=torch.int64,
         ).to(self.device, non_blocking=True)
         slots, prompts, noise_idx, ts = idx.unbind(1)
@@ -290,8 +308,12 @@ class Scorer:
                 except StopIteration:
                     exhausted = True
                     break
-                policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps, self._offset(key, x0))
-                image = _Image(key, self._store(x0), policy)
+                if self.policy_factory is not None:
+                    policy = self.policy_factory(key, x0)
+                else:
+                    policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps, self._offset(key, x0))
+                latents = x0 if getattr(policy, "arms", None) is not None else x0.unsqueeze(0)
+                image = _Image(key, [self._store(x) for x in latents], policy)
                 queue.extend(image.next_items())
             if not queue:
                 return
@@ -310,5 +332,5 @@ class Scorer:
                 if items:
                     queue.extend(items)
                 else:
-                    self._free.append(image.slot)
+                    self._free.extend(image.slots)
                     yield image.key, image.result()
