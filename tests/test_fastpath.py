@@ -77,15 +77,16 @@ def test_cached_engines_export_once_verify_and_rebuild(tmp_path, tiny_dir):
     got: list[Path] = []
 
     def ensure():
-        got.append(ensure_cached_engines("tiny", root, source=tiny_dir, image_size=16, on_export=said.append))
+        # the tiny model stands in for a bundled one, cached under the demo's name
+        got.append(ensure_cached_engines("demo", root, source=tiny_dir, image_size=16, on_export=said.append))
 
     workers = [threading.Thread(target=ensure) for _ in range(2)]  # two runs at once: one export
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    assert len(said) == 1 and said[0].startswith("exporting the tiny model to ONNX Runtime engines in ") and "(once, ~" in said[0]
-    assert got[0] == got[1] and got[0].parent == root and got[0].name.startswith("tiny-")
+    assert len(said) == 1 and said[0].startswith("exporting the demo model to ONNX Runtime engines in ") and "(once, ~" in said[0]
+    assert got[0] == got[1] and got[0].parent == root and re.fullmatch(r"demo-[0-9a-f]{16}-16px", got[0].name)
     m = verify_engine_dir(got[0], backend="onnxruntime", image_size=16)
     assert all(c["batch_sizes"] == [] for c in m["components"].values())  # any --batch-size runs
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # nothing half-built left
@@ -96,6 +97,14 @@ def test_cached_engines_export_once_verify_and_rebuild(tmp_path, tiny_dir):
     ensure()
     assert len(said) == 2 and got[-1] == got[0]
     verify_engine_dir(got[0], backend="onnxruntime", image_size=16)
+    # `diffcls cache` counts them; --clear removes them and nothing else under the directory
+    (root / "mine").mkdir()
+    (root / "demo-notes.txt").write_text("a user's file")
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "1 engine directories" in r.output, r.output
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path), "--clear"])
+    assert r.exit_code == 0 and "and 1 engine directories" in r.output, r.output
+    assert sorted(p.name for p in root.iterdir()) == ["demo-notes.txt", "mine"]
 
 
 # --- the CLI: what the user sees ----------------------------------------------------------------

@@ -95,3 +95,39 @@ def ensure_cached_engines(name: str, root: str | Path, *, source: str | Path | N
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_engine_dirs(root: str | Path) -> list[Path]:
+    """The engine directories `ensure_cached_engines` wrote under `root` (by name and manifest),
+    and its leftover temporary folders; nothing else."""
+    import re
+
+    from diffcls.models.loading import BUNDLED
+
+    root = Path(root)
+    if not root.is_dir() or root.is_symlink():
+        return []
+    names = "|".join(re.escape(n) for n in sorted(BUNDLED, key=len, reverse=True))
+    own = re.compile(rf"(?:{names})-[0-9a-f]{{16}}(?:-\d+px)?")
+    tmp = re.compile(rf"\.tmp-(?:{names})\..+")
+    found = []
+    for p in sorted(root.iterdir()):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if tmp.fullmatch(p.name) or (own.fullmatch(p.name) and (p / mf.MANIFEST).is_file()):
+            found.append(p)
+    return found
+
+
+def clear_cached_engines(root: str | Path) -> int:
+    """Delete what `cached_engine_dirs` lists (and the lock files); returns how many directories."""
+    dirs = cached_engine_dirs(root)
+    for p in dirs:
+        shutil.rmtree(p, ignore_errors=True)
+    from diffcls.models.loading import BUNDLED
+
+    for name in BUNDLED:
+        (Path(root) / f".{name}.lock").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(root).rmdir()  # only when empty
+    return len(dirs)
