@@ -10,6 +10,11 @@ class DiffclsError(Exception):
     """A user-facing error: the message names the file or option and says how to fix it."""
 
 
+class DiffclsWarning(UserWarning):
+    """Something the run worked around and the user should hear of (the CLI prints it as one
+    `warning:` line), e.g. a cache that could not be written."""
+
+
 def missing_extra(package: str, extra: str) -> DiffclsError:
     return DiffclsError(
         f"{package} is not installed; install it with: pip install 'diffcls[{extra}]'"

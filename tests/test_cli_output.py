@@ -173,7 +173,7 @@ def test_bf16_on_a_cpu_is_one_line(tiny_dir, image_folder, device):
     ]
 
 
-@pytest.mark.parametrize("command", ["classify", "evaluate", "profile", "export", "info", "cache", "digits"])
+@pytest.mark.parametrize("command", ["classify", "evaluate", "profile", "export", "info", "cache", "digits", "shapes"])
 def test_help_fits_80_columns_without_cutting(command):
     r = invoke(command, "--help", env={"COLUMNS": "80", "TERM": "dumb"})
     assert r.exit_code == 0

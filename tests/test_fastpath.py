@@ -33,7 +33,7 @@ def test_plan_explicit_flags_win(tmp_path, tiny_dir):
     assert plan_engines(backend="torch", device="cpu").backend == "torch"
     eng = tmp_path / "eng"
     eng.mkdir()
-    (eng / "manifest.json").write_text(json.dumps({"backend": "tensorrt"}))
+    (eng / "manifest.json").write_text(json.dumps({"format": 1, "backend": "tensorrt", "components": {}}))
     plan = plan_engines(engines=eng, device="cpu")
     assert (plan.backend, plan.engine_dir, plan.bundled) == ("tensorrt", eng, None)
     assert plan_engines(device="cpu", compile=True).backend == "torch"

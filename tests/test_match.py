@@ -179,8 +179,17 @@ def test_identical_captions_are_a_tie(tmp_path, tiny_dir, items_dir):
 def test_json_and_plot_hold_every_number(tmp_path, tiny_dir, items_dir):
     folder, rows = items_dir
     out, js, png = tmp_path / "r.csv", tmp_path / "m.json", tmp_path / "s.png"
-    r = invoke("match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "200", "--out", out, "--json", js, "--plot", png, "--no-cache")
+    errs = tmp_path / "e.jsonl"
+    r = invoke("match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "200", "--out", out, "--json", js, "--plot", png,
+               "--save-errors", errs, "--no-cache")
     assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in errs.read_text().splitlines()]
+    assert sorted(x["item"] for x in records) == [str(n) for n in range(len(rows))]
+    for rec in records:  # every arm at every grid timestep, its mean the row's error
+        assert sorted((a, t) for a, t, _, _ in rec["errors"]) == [(a, t) for a in range(6) for t in range(100, 1000, 200)]
+        row = next(x for x in csv.DictReader(open(out)) if x["item"] == rec["item"])
+        arm0 = [e for a, _, _, e in rec["errors"] if a == 0]
+        assert float(row["error_c0_i0"]) == pytest.approx(sum(arm0) / len(arm0), rel=1e-8)
     m = json.loads(js.read_text())
     rows_out = list(csv.DictReader(open(out)))
     assert len(rows_out) == len(rows)
@@ -307,3 +316,22 @@ def test_wilson_interval_and_summary():
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # the textbook value
     assert wilson(0, 0) == (0.0, 1.0)
     assert summarize([])["overall"]["n"] == 0
+
+
+def test_adaptive_cli_reports_agreement_with_the_full_grid(tmp_path, tiny_dir, items_dir):
+    folder, rows = items_dir
+    base = ["match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "100", "--no-cache"]
+    full = tmp_path / "full.csv"
+    assert invoke(*base, "--out", full).exit_code == 0
+    js = tmp_path / "a.json"
+    r = invoke(*base, "--adaptive", "--error-rate", "0.5", "--min-samples", "3", "--compare", full, "--json", js)
+    assert r.exit_code == 0, r.output
+    assert "agreement with" in r.output
+    m = json.loads(js.read_text())
+    a = m["agreement"]
+    assert a["n_items"] == len(rows) and a["comparisons"] == 6 * len(rows)
+    assert a["reference_evals_per_item"] == 6 * 10 and 6 * 3 <= a["evals_per_item"] <= 6 * 10
+    assert m["overall"]["evals_per_item"] == a["evals_per_item"]
+    assert "adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=10" in m["schedule"]
+    assert_one_line_error(invoke(*base, "--error-rate", "0.1"), "--error-rate applies to --adaptive only")
+    assert_one_line_error(invoke(*base, "--adaptive", "--max-samples", "11"), "--max-samples 11 exceeds the 10 timesteps")

@@ -162,13 +162,15 @@ def test_engine_manifest_carries_the_prediction_type(tmp_path, engine_dir):
     assert manifest["prediction_type"] == "epsilon"  # export writes it
     d = copy_of(engine_dir, tmp_path / "e")
 
-    def with_value(value):
+    def with_value(value):  # as an export of such a model would have written it
+        from diffcls.engines.manifest import write_manifest
+
         m = dict(manifest)
         if value is None:
             m.pop("prediction_type")
         else:
             m["prediction_type"] = value
-        (d / "manifest.json").write_text(json.dumps(m))
+        write_manifest(d, m)
         return open_engines("onnxruntime", engine_dir=d, device="cpu")
 
     assert with_value("v_prediction").prediction_type == "v_prediction"

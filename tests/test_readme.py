@@ -35,6 +35,7 @@ SUBSTITUTIONS = [
     (r"--n-samples 50 500", "--n-samples 4 8", "the paper's 550 timesteps per image take minutes on a CPU; 12 run the same code"),
     (r"(diffcls digits digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
     (r"(diffcls profile .*)--limit 20", r"\1--limit 2", "2 images profile every stage"),
+    (r"(diffcls shapes shapes/ --split heldout)", r"\1 --limit 30", "30 single-object scenes and 30 items show the layout; the default 1,680 images take seconds more"),
     (r"--out diffcls/models/demo", "--out {tmp}/demo --unet-steps 2 --vae-steps 2 --no-eval",
      "the full training recipe takes 13 minutes; 2 steps of each model run the same code and leave the bundled model alone"),
 ]

@@ -116,6 +116,7 @@ def run_folder(
     e = runner.info if runner is not None else engine_info(clf)
     settings = {
         "model": e["fingerprint"],
+        "engines": e.get("engines_digest"),  # every file of an engine directory that shapes the scores
         "backend": e["backend"],
         "precision": e["precision"],
         "prompts": prompts_set.digest(),
@@ -129,6 +130,7 @@ def run_folder(
     }
     if shard is not None:  # a shard's file is resumed only by the same shard; `merge` drops it
         settings["shard"] = f"{shard[0]}/{shard[1]}"
+        settings["inputs"] = inputs.spec()  # `merge` checks coverage against the run's own inputs
     temperature = None
     if calibration is not None:
         calibration.check(model=settings["model"], prompts=settings["prompts"], schedule=settings["schedule"])
@@ -460,13 +462,16 @@ def evaluate(
     and the calibration of the class probabilities (NLL, expected calibration error)."""
     with user_errors():
         scale = ScaleOut.from_options(None, ray, ray_address, ray_workers, gpus_per_worker)
-        from diffcls.runtime.results import check_writable
+        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
-        check_writable(json_out, "--json")  # before the run, not after it finished
-        check_writable(plot, "--plot")
+        outputs = (("--out", out_csv), ("--save-errors", save_errors), ("--json", json_out), ("--plot", plot), ("--plot's reliability diagram", _reliability_path(plot)))
+        check_output(json_out, "--json", "metrics")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_output(_reliability_path(plot), "--plot (its -reliability.png)", "png")
+        check_distinct(*outputs)
         cal_file = _calibration(calibration)
         temperature = cal_file.temperature if cal_file else None
-        run, results, truth, skipped, unlabeled = _labelled_run(paths, settings, labels, out_csv, save_errors, cal_file, scale)
+        run, results, truth, skipped, unlabeled = _labelled_run(paths, settings, labels, out_csv, save_errors, cal_file, scale, exclude=[p for _, p in outputs])
         pset = run.prompts
         from diffcls.runtime.metrics import confusion_metrics
 
@@ -499,26 +504,39 @@ def evaluate(
             }
             if cal is not None:
                 report["calibration"] = {k: v for k, v in cal.items() if k not in ("confidence", "correct")}
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.metrics import plot_confusion
 
-            plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
+            with output_errors("--plot", plot):
+                plot_confusion(m["confusion"], [pset.classes[i] for i in class_ids], plot, title=f"top-1 {100 * m['top1']:.1f}%")
             console.print(f"confusion matrix plot in {plot}")
-            if cal is not None:
+            if cal is not None and _reliability_path(plot) is not None:
                 from diffcls.runtime.calibration import plot_reliability
 
-                rel = plot.with_name(plot.stem + "-reliability.png")
+                rel = _reliability_path(plot)
                 label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
-                plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+                with output_errors("--plot", rel):
+                    plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
                 console.print(f"reliability diagram in {rel}")
 
 
-def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, calibration=None, scale=None):
-    """Run (or resume) labelled images; returns (Run, results, {key: true classidx}, skipped, n unlabeled)."""
+def _reliability_path(plot: Path | None) -> Path | None:
+    """The reliability diagram beside --plot (none beside a device or pipe such as /dev/stdout)."""
+    from diffcls.runtime.outputs import target_kind
+
+    if plot is None or target_kind(plot) == "stream":
+        return None
+    return plot.with_name(plot.stem + "-reliability.png")
+
+
+def _labelled_run(paths, settings: RunSettings, labels: "LabelKind", out_csv, save_errors, calibration=None, scale=None, exclude=()):
+    """Run (or resume) labelled images; returns (Run, results, {key: true classidx}, skipped, n
+    unlabeled). `exclude`: files the run writes, never taken as inputs."""
     from diffcls.runtime.inputs import collect_inputs
 
-    inputs = collect_inputs(paths or [], settings.list_file)
+    inputs = collect_inputs(paths or [], settings.list_file, exclude=exclude)
     raw = inputs.labels
     if not raw:
         raise DiffclsError(
@@ -596,9 +614,10 @@ def calibrate(
     """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
     with user_errors():
         from diffcls.runtime.calibration import UNCALIBRATED, Calibration, expected_calibration_error, fit_temperature, nll, softmax_neg
-        from diffcls.runtime.results import check_writable
+        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
-        check_writable(out_path, "--out")  # before the run, not after it finished
+        check_output(out_path, "--out", "calibration")  # before the run, not after it finished
+        check_distinct(("--results", results_csv), ("--out", out_path))
         run, results, truth, _, _ = _labelled_run(paths, settings, labels, results_csv, None)
         before = _calibration_metrics(results, truth, None)
         if before is None:
@@ -618,7 +637,8 @@ def calibrate(
             model=run.classifier.engines.fingerprint,
             prompts=run.prompts.digest(),
         )
-        cal.save(out_path)
+        with output_errors("--out", out_path):
+            cal.save(out_path)
         out.print(
             f"temperature {t:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
             f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"

@@ -6,11 +6,14 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 
 import typer
 from rich.console import Console
 
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, DiffclsWarning
+
+_show_warning = warnings.showwarning
 
 # the one Typer app: command modules add their commands to it; `diffcls.cli.app` imports them all
 # and adds the global flags (keeping the app here lets a command module import another's options)
@@ -53,9 +56,12 @@ state = _State()
 
 @contextlib.contextmanager
 def user_errors():
-    """User errors -> one line on stderr and exit code 2 (the traceback only with --debug)."""
+    """User errors -> one line on stderr and exit code 2 (the traceback only with --debug);
+    diffcls's warnings -> one `warning:` line each."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            yield
     except DiffclsError as e:
         if state.debug:
             raise
@@ -65,6 +71,13 @@ def user_errors():
     except KeyboardInterrupt:
         print("interrupted; finished results were kept, rerun the same command to resume", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, DiffclsWarning):
+        print("warning: " + " ".join(str(message).split()), file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:

@@ -91,7 +91,9 @@ def export_cmd(
             force=force,
         )
         progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-        with progress:
+        from diffcls.runtime.outputs import output_errors
+
+        with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
             result = export_model(cfg, _Reporter(progress))
         m = result.manifest
         total = sum(

@@ -167,6 +167,11 @@ def info_cmd(
             from diffcls.engines.manifest import fix_command
 
             out.print(f"status: INCOMPLETE - its export did not finish (interrupted or failed); finish it with: {fix_command(engine_dir, manifest)}")
+        from diffcls.engines.manifest import fix_command, tamper_problem
+
+        changed = tamper_problem(engine_dir, manifest)
+        if changed:  # classify refuses it: say so here too
+            out.print(f"status: CHANGED - {changed}; rebuild it with: {fix_command(engine_dir, manifest)}")
         versions = manifest.get("versions") or {}
         out.print("built with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
         if manifest.get("gpu"):

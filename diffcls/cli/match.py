@@ -14,9 +14,14 @@ from diffcls.cli.common import LineProgress, app, console, interactive, out, rat
 from diffcls.cli.settings import RunSettings, load_noise, open_classifier, run_options
 from diffcls.errors import DiffclsError
 
-# the shared options that do not apply: class prompts, image lists, the fixed rounds, the final stage
-EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "final_samples", "final_keep", "final_error_rate")
+# the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
+# adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
+# up to the whole grid, no final stage)
+EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
+            "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
+_ADAPTIVE = "Adaptive evaluation"
+MATCH_ALPHA, MATCH_N0 = 0.05, 8  # runtime.match.adaptive_for_match's defaults
 
 
 @app.command()
@@ -27,8 +32,13 @@ def match(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number (overall, by_tag, agreement, settings) as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG chart of the scores per tag with 95% intervals (needs the plot extra).")] = None,
     t_interval: Annotated[int, typer.Option("--t-interval", help="Timestep spacing: t = interval/2, interval/2 + interval, ... < T (the reference's grid; 5: 200 timesteps).", rich_help_panel=_MATCH, min=1)] = 5,
+    save_errors: Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (arm, t, trial, error) per item (needs --out).")] = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A results CSV of another match run of the same items (e.g. the full grid): report how often each comparison's decision agrees.", rich_help_panel=_MATCH)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N items.", rich_help_panel=_MATCH, min=1)] = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="Stop each comparison once a paired sequential test (the rule of classify --adaptive) settles it, instead of the whole grid.", rich_help_panel=_ADAPTIVE)] = False,
+    error_rate: Annotated[Optional[float], typer.Option("--error-rate", help=f"--adaptive: the chance a comparison is settled the wrong way, alpha (default {MATCH_ALPHA:g}).", rich_help_panel=_ADAPTIVE)] = None,
+    min_samples: Annotated[Optional[int], typer.Option("--min-samples", help=f"--adaptive: timesteps every comparison gets before it may stop, n0 (default {MATCH_N0}).", rich_help_panel=_ADAPTIVE)] = None,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="--adaptive: timesteps per comparison at most (default: the whole grid, where an unsettled comparison is the full grid's decision).", rich_help_panel=_ADAPTIVE)] = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -37,16 +47,22 @@ def match(
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
         from diffcls.runtime.match import MatchResultsWriter, ItemResult, read_items, summarize
-        from diffcls.runtime.results import check_writable
+        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
         s = settings
-        for path, flag in ((json_out, "--json"), (plot, "--plot")):
-            check_writable(path, flag)  # before the run, not after it finished
+        check_output(json_out, "--json", "match")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_distinct(("ITEMS", items_file), ("--out", out_csv), ("--json", json_out), ("--plot", plot), ("--compare", compare))
         items = read_items(items_file)[:limit]
         reference = _read_results(compare) if compare is not None else None
-        clf, schedule = _open(s, t_interval)
+        given = {k: v for k, v in (("error_rate", error_rate), ("min_samples", min_samples), ("max_samples", max_samples)) if v is not None}
+        if given and not adaptive:
+            raise DiffclsError(f"--{next(iter(given)).replace('_', '-')} applies to --adaptive only; add --adaptive or drop it")
+        clf, schedule = _open(s, t_interval, given if adaptive else None)
         noise = load_noise(s.noise)
-        results, skipped = _run(clf, items, schedule, s, noise, items_file, out_csv)
+        if save_errors is not None and out_csv is None:
+            raise DiffclsError("--save-errors needs --out too (the CSV records which items are done)")
+        results, skipped = _run(clf, items, schedule, s, noise, items_file, out_csv, save_errors)
         done = [results[it.key] for it in items if it.key in results]
         if not done:
             raise DiffclsError(f"no item of {items_file} could be scored; {len(skipped)} skipped")
@@ -61,18 +77,21 @@ def match(
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            report = {**summary, "schedule": schedule.describe(), "n_items": len(items), "n_skipped": len(skipped), "settings": _record(s, clf, items_file, t_interval)}
+            report = {**summary, "schedule": schedule.describe(), "n_items": len(items), "n_skipped": len(skipped),
+                  "settings": {**_record(s, clf, items_file, t_interval), "adaptive": adaptive, **given}}
             if agree is not None:
                 report["agreement"] = agree
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.match import plot_scores
 
-            plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
+            with output_errors("--plot", plot):
+                plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
             console.print(f"score chart in {plot}")
 
 
-def _open(s: RunSettings, t_interval: int):
+def _open(s: RunSettings, t_interval: int, adaptive_flags: dict | None):
     """Check the model cheaply, open the engines, build the schedule for their timesteps."""
     from diffcls.engines.manifest import require_engine_dir
     from diffcls.models.loading import check_model_path, model_defaults
@@ -90,11 +109,8 @@ def _open(s: RunSettings, t_interval: int):
     T = clf.engines.num_train_timesteps
     grid = len(range(t_interval // 2, T, t_interval))
     adaptive = None
-    if s.adaptive:
-        given = {k: getattr(s, k) for k in ("error_rate", "min_samples", "max_samples", "rel_delta") if getattr(s, k) is not None}
-        if s.rule is not None:
-            given["rule"] = s.rule.value
-        adaptive = adaptive_for_match(grid, **given, n_trials=s.n_trials, loss=s.loss.value)
+    if adaptive_flags is not None:
+        adaptive = adaptive_for_match(grid, **adaptive_flags, n_trials=s.n_trials, loss=s.loss.value)
     schedule = MatchSchedule(t_interval=t_interval, n_trials=s.n_trials, loss=s.loss.value, num_train_timesteps=T, adaptive=adaptive)
     return clf, schedule.validate(1, T)
 
@@ -114,7 +130,7 @@ def _read_results(path: Path) -> dict:
     return {r["item"]: ItemResult.from_row(r) for r in rows if MatchResultsWriter.valid_row(r)}
 
 
-def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv: Path | None):
+def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv: Path | None, save_errors: Path | None = None):
     """Score the items not yet in `out_csv` (resuming it); returns ({key: ItemResult}, skipped)."""
     from rich.markup import escape
 
@@ -136,7 +152,7 @@ def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv:
     }
     writer, results = None, {}
     if out_csv is not None:
-        writer = MatchResultsWriter(out_csv, record)
+        writer = MatchResultsWriter(out_csv, record, errors_path=save_errors)
         done = writer.open(current=lambda key, sha: key not in by_key or by_key[key].sha256 == sha)
         results = {k: ItemResult.from_row(r) for k, r in done.items() if k in by_key}
         for why, n in writer.dropped.items():

@@ -21,23 +21,19 @@ def merge(
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Write the merged file even if images or shards are missing (they are still reported).")] = False,
 ) -> None:
     """Merge shard results: same settings, every image exactly once (missing and duplicated images are reported)."""
-    from diffcls.runtime.preprocess import find_images
-    from diffcls.runtime.shards import check_shards, read_shard, write_merged
+    from rich.markup import escape
+
+    from diffcls.runtime.results import printable
+    from diffcls.runtime.shards import check_shards, expected_images, read_shard, write_merged
 
     with user_errors():
         if (save_errors is None) != (not errors):
             raise DiffclsError("--save-errors MERGED.jsonl and --errors SHARD.jsonl (once per shard) go together; give both or neither")
         parts = [read_shard(p) for p in shards]
-        images = None
-        root = folder if folder is not None else parts[0].settings.get("root")
-        if root is not None:
-            root = Path(root)
-            if not root.exists():
-                raise DiffclsError(f"the shards classified {root}, which is not here; pass --folder with the same images to check coverage")
-            found = find_images(root)
-            base = root if root.is_dir() else root.parent
-            images = [p.relative_to(base).as_posix() for p in found]
+        images = expected_images(parts[0].settings, folder)
         report = check_shards(parts, images)
+        for line in report.skipped:
+            console.print(f"no row, as classify skipped it: {escape(printable(line))}")
         for line in report.problems:
             console.print(f"[yellow]{line}[/]")
         if report.duplicated:

@@ -175,6 +175,9 @@ class RunSettings:
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
             raise DiffclsError("give either --prompts or --classes, not both")
+        from diffcls.runtime.inputs import check_run_numbers
+
+        check_run_numbers(self.seed, self.image_size)
 
 
     def adaptive_schedule(self) -> AdaptiveSchedule:
@@ -227,7 +230,7 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None, ope
     the engines (unless `open_engines` is False: Ray workers open their own). Cheap checks come
     first, so a typo costs no model load. `folder`: a path, or the `runtime.inputs.Inputs` a
     command already collected."""
-    from diffcls.engines.manifest import require_engine_dir
+    from diffcls.engines.manifest import require_finished_export
     from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.inputs import Inputs, collect_inputs
 
@@ -237,7 +240,7 @@ def prepare(s: RunSettings, folder, folder_classes: list[str] | None = None, ope
         root = check_model_path(s.model)  # a bundled name resolves to its directory
         defaults = model_defaults(root) if root.is_dir() else {}
     else:
-        require_engine_dir(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
+        require_finished_export(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
         defaults = model_defaults(s.engines)  # the exported model's diffcls.json and class labels
     prompt_set = resolve_prompts(s, defaults, folder_classes)
     schedule = build_schedule(s, len(prompt_set), defaults)
@@ -315,7 +318,7 @@ def load_noise(path: Path | None):
     import numpy as np
     import torch
 
-    from diffcls.runtime.classifier import non_finite_problem
+    from diffcls.runtime.classifier import noise_problem
 
     try:
         if path.suffix == ".npy":
@@ -328,7 +331,7 @@ def load_noise(path: Path | None):
         raise DiffclsError(f"cannot read noise file {path} ({type(e).__name__}); save a tensor with torch.save or numpy.save") from None
     if not isinstance(obj, torch.Tensor):
         raise DiffclsError(f"noise file {path} holds a {type(obj).__name__}, not a tensor; torch.save(tensor, path)")
-    problem = non_finite_problem(obj)
+    problem = noise_problem(obj)
     if problem:
         raise DiffclsError(f"noise file {path} {problem}; save finite standard-normal noise, or drop --noise to use --seed")
     return obj.float()

@@ -30,7 +30,6 @@ backend, so both the CLI and the runtime can ask it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,15 +78,6 @@ def bundled_name(model) -> str | None:
     return next((n for n in BUNDLED if bundled_model_path(n) == resolved), None)
 
 
-def manifest_backend(engine_dir: Path) -> str:
-    """The backend an engine directory was exported for (a broken manifest: onnxruntime, whose
-    opening then reports it)."""
-    try:
-        return json.loads((Path(engine_dir) / "manifest.json").read_text()).get("backend", "onnxruntime")
-    except (OSError, ValueError, AttributeError):
-        return "onnxruntime"
-
-
 def _on_cpu(device: str | None) -> bool:
     if device is not None:
         return str(device) == "cpu"
@@ -102,7 +92,9 @@ def plan_engines(*, model=None, engines=None, backend: str = "auto", device: str
     backend = getattr(backend, "value", backend) or "auto"
     precision = getattr(precision, "value", precision)
     if engines is not None:
-        return EnginePlan(backend if backend != "auto" else manifest_backend(engines), Path(engines))
+        from diffcls.engines.manifest import exported_backend
+
+        return EnginePlan(backend if backend != "auto" else exported_backend(engines), Path(engines))
     if backend != "auto":
         return EnginePlan(backend)
     if not _on_cpu(device) or compile or config is not None or precision not in (None, "auto", "fp32"):

@@ -171,11 +171,13 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DiffclsError(f"--out {out} is a file; pass a directory")
+    check_out_dir(out, None if isinstance(cfg.model, MODEL_TYPES) else cfg.model)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
     model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model)
+    check_out_dir(out, model.source)  # a model id or bundled name resolved to its folder
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
@@ -219,11 +221,12 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         "gpu": gpu,
         "exporter": "torch.onnx.export(dynamo=False)",
         "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
+        "requested_batch_sizes": component_batches,  # what an interrupted export's fix command repeats
         "components": {},
     }
     # mark the directory as being rewritten before touching anything in it (keeping what the
     # old manifest vouches for, so that a killed export still reuses its finished parts)
-    mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps)})
+    mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps), "requested_batch_sizes": component_batches})
     result = ExportResult(out, manifest)
     # a model this export loaded is its own: each component's torch weights are freed once its
     # graph is written (before the fp16 conversion), which keeps an SD-2.1-size export's peak low
@@ -254,6 +257,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         mf.write_manifest(out, manifest)
 
     written = _write_runtime_files(model, out)
+    manifest["written"] = sorted(written)  # what the next export may remove: only what this one wrote
+    manifest["runtime_files"] = mf.runtime_file_hashes(out)  # the schedule and tokenizer, checked on open
     keep = {mf.MANIFEST, *written}
     for entry in manifest["components"].values():
         keep |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
@@ -542,9 +547,31 @@ def _removable(out: Path, rel) -> bool:
     return (root / p).parent.resolve().is_relative_to(root)
 
 
+def check_out_dir(out: Path, model) -> None:
+    """Refuse an --out the export must not take over: the model's own folder, or a non-empty
+    folder that holds no engine manifest (the user's files: never deleted or replaced)."""
+    if model is not None and not str(model).startswith("<"):
+        src = Path(str(model))
+        if src.exists() and out.exists() and (src.resolve() == out.resolve() or src.resolve().is_relative_to(out.resolve())):
+            raise DiffclsError(f"--out {out} is the model's own folder (or holds it); pass a new folder for the engines, e.g. --out engines")
+    if out.is_dir() and not (out / mf.MANIFEST).is_file() and any(out.iterdir()):
+        raise DiffclsError(
+            f"--out {out} is a folder with other files and no {mf.MANIFEST}, so it is not an engine directory; "
+            "export owns its folder: pass a new or empty folder"
+        )
+
+
 def _owned_paths(out: Path, old: dict | None) -> set[str]:
-    """Paths (relative to `out`) an export may have written: the old manifest's files and the
-    runtime files every export writes, including the prompts file a copied diffcls.json names."""
+    """Paths (relative to `out`) an earlier export wrote: the old manifest's files and the
+    runtime files it lists (a manifest from before that list: the names every export writes,
+    including the prompts file a copied diffcls.json names)."""
+    written = (old or {}).get("written")
+    if isinstance(written, list):
+        names = {n for n in written if isinstance(n, str)} | {trt_build.TIMING_CACHE}
+        for entry in ((old or {}).get("components") or {}).values():
+            if isinstance(entry, dict):
+                names |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
+        return {n for n in names if _removable(out, n)}
     names = {mf.ALPHAS_FILE, mf.TOKENIZER_DIR, "scheduler", DEFAULTS_FILE, trt_build.TIMING_CACHE, "onnx"}
     for comp in COMPONENTS:
         names |= {f"{comp}.onnx", f"{comp}.onnx.data", f"{comp}.plan"}

@@ -128,8 +128,12 @@ def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 @dataclass(frozen=True)

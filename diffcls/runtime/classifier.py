@@ -220,9 +220,13 @@ class Classifier:
                 return _Prepared(index, str(path), digest, latent=hit)
             try:
                 img = open_image(io.BytesIO(data), name=str(path))
+                pixels = image_to_tensor(resize_center_crop(img, size, interpolation))
             except BadImage as e:
-                return _Prepared(index, str(path), digest, error=e)
-            return _Prepared(index, str(path), digest, pixels=image_to_tensor(resize_center_crop(img, size, interpolation)))
+                msg = str(e)
+                return _Prepared(index, str(path), digest, error=BadImage(msg if msg.startswith(f"{path}:") else f"{path}: {msg}"))
+            except MemoryError:
+                return _Prepared(index, str(path), digest, error=BadImage(f"{path}: not enough memory to decode and resize it; downscale it first"))
+            return _Prepared(index, str(path), digest, pixels=pixels)
         if isinstance(image, Image.Image):
             pixels = image_to_tensor(resize_center_crop(to_rgb(image), size, interpolation))
         elif isinstance(image, torch.Tensor):
@@ -407,7 +411,7 @@ class Classifier:
                 f"the noise tensor has shape {list(noise.shape)}; this schedule and model need "
                 f"{list(shape)} (max(n_samples) * n_trials, C, h, w)"
             )
-        problem = non_finite_problem(noise)
+        problem = noise_problem(noise)
         if problem:
             raise DiffclsError(f"the noise tensor {problem}; pass finite standard-normal noise (or drop it to use --seed)")
         return noise.float()
@@ -427,6 +431,13 @@ class Classifier:
             _prompts=prompts,
             final=s.final,
         )
+
+
+def noise_problem(x: torch.Tensor) -> str | None:
+    """Why `x` cannot be a noise bank (integer, bool or complex values; NaN or inf), else None."""
+    if x.is_complex() or not x.is_floating_point():  # an int/bool/uint8 bank is a wrong file, never noise
+        return f"holds {str(x.dtype).removeprefix('torch.')} values, not real floating-point noise"
+    return non_finite_problem(x)
 
 
 def non_finite_problem(x: torch.Tensor) -> str | None:

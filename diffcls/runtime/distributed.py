@@ -62,6 +62,7 @@ def engine_info(clf: Classifier) -> dict:
         "image_size": e.image_size,
         "num_train_timesteps": e.num_train_timesteps,
         "device": str(e.device),
+        "engines_digest": (e.info or {}).get("manifest_digest"),  # an engine directory's: results bind to it
     }
 
 

@@ -46,9 +46,21 @@ class Inputs:
     root: Path
     labels: dict[str, str] = field(default_factory=dict)  # key -> raw label text (folder name or CSV label)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, message): unreadable subfolders, skipped
+    args: list[str] = field(default_factory=list)  # the arguments, absolute (see `spec`)
+    list_file: str | None = None  # --list, absolute
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def spec(self) -> dict:
+        """What names this input set, independent of the working directory (a shard run records
+        it, so that `merge` checks the shards against the same images)."""
+        return {"paths": list(self.args), "list": self.list_file}
+
+
+def inputs_of(spec: dict) -> "Inputs":
+    """The Inputs a recorded `Inputs.spec()` names now."""
+    return collect_inputs(spec.get("paths") or [], Path(spec["list"]) if spec.get("list") else None)
 
 
 def _is_image(p: Path) -> bool:
@@ -126,8 +138,12 @@ def read_list(list_file: Path) -> list[tuple[Path, str | None]]:
     return out
 
 
-def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = None) -> Inputs:
-    """The images named by command-line arguments and/or a list file, with keys and labels."""
+def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = None, exclude: Sequence = ()) -> Inputs:
+    """The images named by command-line arguments and/or a list file, with keys and labels.
+
+    `exclude`: files the run itself writes (e.g. evaluate's --plot PNG inside the input folder),
+    left out so that a rerun does not classify its own outputs."""
+    own = {os.path.realpath(p) for p in exclude if p is not None}
     if not args and list_file is None:
         raise DiffclsError("no images given; pass image files, folders or globs, or --list FILE")
     found: list[tuple[Path, Path | None, str | None]] = []  # (image, folder argument, list label)
@@ -146,7 +162,7 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
     images, keys, labels, seen = [], {}, {}, set()
     for p, under, label in found:
         real = os.path.abspath(p)
-        if real in seen:
+        if real in seen or os.path.realpath(p) in own:
             continue  # named twice (two globs, a folder and a file in it): classified once
         seen.add(real)
         key = Path(os.path.relpath(real, os.path.abspath(root))).as_posix()
@@ -158,4 +174,21 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
             parts = Path(os.path.relpath(real, os.path.abspath(under))).parts
             if len(parts) > 1:
                 labels[key] = parts[0]
-    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems)
+    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems,
+                  args=[os.path.abspath(str(a)) for a in args], list_file=None if list_file is None else os.path.abspath(list_file))
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_run_numbers(seed: int, image_size: int | None) -> None:
+    """Refuse, before any work, a seed the noise generator cannot take and an image size whose
+    S x S image could not be held (the bound on decoded images, MAX_PIXELS)."""
+    from diffcls.runtime.preprocess import MAX_PIXELS
+
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise DiffclsError(f"--seed {seed} is out of range; pass an integer from 0 to {SEED_RANGE[1]}")
+    if image_size is not None and image_size * image_size > MAX_PIXELS:
+        side = int(MAX_PIXELS**0.5)
+        raise DiffclsError(f"--image-size {image_size} is too large (at most {side}); the model's own size is the default: drop --image-size")
+

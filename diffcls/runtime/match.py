@@ -394,6 +394,7 @@ class ItemResult:
     image_tie: bool = False
     sha256: str = ""
     samples: list[tuple[int, int, int, float]] = field(default_factory=list)  # (arm, t, trial, error)
+    offset: int = 0  # the rotation of the adaptive test's timestep order (`_item_offset`)
 
     @property
     def scores(self) -> dict[str, bool]:
@@ -450,7 +451,14 @@ class MatchResultsWriter(ResultsWriter):
         return bool(row.get("item")) and len(row.get("sha256") or "") == 64 and all(row[k] in ("0", "1", "-1") for k in COMPARISONS)
 
     def write_item(self, result: ItemResult) -> None:
-        self.commit(result.key, result.row())
+        """One row; with --save-errors also the item's every (arm, t, trial, error) as a JSONL
+        record (arms in ARM_NAMES order), e.g. to replay the adaptive test offline."""
+        row = result.row()
+        record = None
+        if self.errors_path is not None:
+            record = {"path": result.key, "item": result.key, "tag": result.tag, "tie": row["tie"], "sha256": result.sha256, "offset": result.offset, "arms": list(ARM_NAMES),
+                      "errors": [[a, t, j, e] for a, t, j, e in result.samples]}
+        self.commit(result.key, row, record)
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -516,7 +524,7 @@ def iter_match(
                 it, pol = by_key[key], policies.pop(key)
                 yield ItemResult(
                     key=key, tag=it.tag, decisions=pol.decisions(), errors=pol.arm_means(), n_evals=score.n_evals,
-                    text_tie=it.text_tie, image_tie=it.image_tie, sha256=it.sha256, samples=score.errors,
+                    text_tie=it.text_tie, image_tie=it.image_tie, sha256=it.sha256, samples=score.errors, offset=_item_offset(it),
                 )
         except NonFiniteError as err:
             raise DiffclsError(err.message(f"item {err.key}")) from None
@@ -643,6 +651,9 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG
+    finally:
+        plt.close(fig)

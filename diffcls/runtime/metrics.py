@@ -76,5 +76,9 @@ def plot_confusion(confusion: list[list[int]], names: list[str], path: str | Pat
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -59,31 +59,12 @@ ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` (temp file + fsync + rename); new files get 0666 & ~umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o7777  # keep an existing file's mode
-    except OSError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", **ENCODING) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace `path` with `text` (temp file + fsync + rename; through a symlink to its target,
+    straight into a device or pipe: runtime.outputs.write_atomic); new files get 0666 & ~umask."""
+    from diffcls.runtime.outputs import write_atomic
+
+    write_atomic(path, text.encode(**ENCODING))
 
 
 def check_writable(path: str | Path | None, flag: str) -> None:
@@ -95,6 +76,12 @@ def check_writable(path: str | Path | None, flag: str) -> None:
     if path is None:
         return
     path = Path(path)
+    from diffcls.runtime.outputs import target_kind
+
+    if target_kind(path) == "stream":  # /dev/stdout, a pipe: written through, nothing created beside it
+        if not os.access(path, os.W_OK):
+            raise DiffclsError(f"{flag} {path} cannot be written (permission denied); pass another path")
+        return
     if path.is_dir():
         raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
     parent = path.parent
@@ -172,12 +159,14 @@ class ResultsWriter:
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
         self.lock_path = self.out.with_name(self.out.name + ".lock")
+        self.errors_lock_path = self.errors_path.with_name(self.errors_path.name + ".lock") if self.errors_path else None
         self.done: dict[str, dict] = {}  # path -> CSV row of images already finished
         self.dropped: dict[str, int] = {}  # why rows were dropped on open -> how many
         self._records: dict[str, str] = {}  # path -> the row's raw CSV text
         self._csv_fd = None
         self._err_fd = None
         self._lock_fd = None
+        self._err_lock_fd = None
         if self.errors_path is not None:
             own = {_same_key(p) for p in (self.out, self.settings_path, self.lock_path)}
             if _same_key(self.errors_path) in own:
@@ -193,14 +182,22 @@ class ResultsWriter:
         `current(path, sha256) -> bool`, if given, says whether a done row still describes the
         image (e.g. the file's bytes are unchanged); rows it rejects are dropped and redone.
         """
+        from diffcls.runtime.outputs import check_distinct, check_output, csv_starting_with
+
         try:
             if self.out.is_dir():
                 raise DiffclsError(f"--out {self.out} is a folder; pass a CSV file path")
+            # never a user's file, a device, a pipe
+            check_output(self.out, "--out", ("results CSV", csv_starting_with(self.base[:3])), stream=False)
+            check_output(self.errors_path, "--save-errors", "errors", stream=False)
+            check_distinct(("--out", self.out), ("--save-errors", self.errors_path))
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise self._os_error(e, self.out) from None
-            self._lock()
+            self._lock_fd = self._lock(self.lock_path, "--out", self.out)
+            if self.errors_path is not None:  # two runs appending to one errors file: refused like --out
+                self._err_lock_fd = self._lock(self.errors_lock_path, "--save-errors", self.errors_path)
             try:
                 if self.out.exists() and self.out.stat().st_size > 0:
                     self._check_settings()
@@ -239,20 +236,20 @@ class ResultsWriter:
             return DiffclsError(f"{flag} {path} cannot be written ({e.strerror}); free some space and rerun the same command")
         return DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder")
 
-    def _lock(self) -> None:
-        """flock `<out>.lock` (holding our PID) for as long as the writer is open.
+    def _lock(self, lock_path: Path, flag: str, target: Path) -> int:
+        """flock `lock_path` (holding our PID) for as long as the writer is open; returns its fd.
 
         The holder removes the file when it closes; a process that locked a file that was
         removed meanwhile (it opened it just before) notices that the path now names another
         file, or none, and tries again, so two processes never both hold "the" lock.
         """
         if fcntl is None:
-            return
+            return None
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise self._os_error(e, self.out) from None
+                raise self._os_error(e, target, flag) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -262,11 +259,11 @@ class ResultsWriter:
                     holder = "unknown"
                 os.close(fd)
                 raise DiffclsError(
-                    f"--out {self.out} is in use by another diffcls process (PID {holder}); wait for it to "
-                    "finish or pass another --out"
+                    f"{flag} {target} is in use by another diffcls process (PID {holder}); wait for it to "
+                    f"finish or pass another {flag}"
                 ) from None
             try:
-                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -274,7 +271,7 @@ class ResultsWriter:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        return fd
 
     def _check_settings(self) -> None:
         try:
@@ -455,13 +452,14 @@ class ResultsWriter:
         for fd in (self._csv_fd, self._err_fd):
             if fd is not None:
                 os.close(fd)
-        if self._lock_fd is not None:
-            try:
-                self.lock_path.unlink()  # still holding the lock: see _lock
-            except OSError:
-                pass
-            os.close(self._lock_fd)  # releases the lock
-        self._csv_fd = self._err_fd = self._lock_fd = None
+        for fd, path in ((self._err_lock_fd, self.errors_lock_path), (self._lock_fd, self.lock_path)):
+            if fd is not None:
+                try:
+                    path.unlink()  # still holding the lock: see _lock
+                except OSError:
+                    pass
+                os.close(fd)  # releases the lock
+        self._csv_fd = self._err_fd = self._lock_fd = self._err_lock_fd = None
 
     def __enter__(self):
         self.open()

@@ -172,10 +172,17 @@ def text_embeddings(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
 
 
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-               cfg: DemoConfig, gen: torch.Generator, t0: float):
-    """Train on scaled latents; returns EMA copies (unet, text_encoder)."""
-    texts = [p for p, _, _ in prompts()]
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None):
+    """Train on scaled latents; returns EMA copies (unet, text_encoder).
+
+    `condition(text_encoder, idx)` -> (B, 77, D): the text embeddings of the training rows `idx`
+    (default: the digit prompts, indexed by `labels`)."""
+    if condition is None:
+        texts = [p for p, _, _ in prompts()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+        def condition(te, idx):
+            return te(input_ids=ids, return_dict=False)[0][labels[idx]]  # all 10 classes once, then (B, 77, D)
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.unet_lr, "base": cfg.unet_lr},
@@ -204,8 +211,7 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
         eps = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        emb = text_encoder(input_ids=ids, return_dict=False)[0]  # (10, 77, D), all classes once
-        pred = unet(xt, t, encoder_hidden_states=emb[labels[idx]], return_dict=False)[0]
+        pred = unet(xt, t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
