@@ -76,8 +76,8 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch_size": (Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)], 32),
     "workers": (Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)], 2),
     "threads": (Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: $OMP_NUM_THREADS if set, else the free cores: the cores this process may use minus the load average, at least 1).", _RUNTIME, min=1)], None),
-    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
-    "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache.", _RUNTIME)], False),
+    "cache_dir": (Annotated[Optional[Path], _opt("--cache-dir", "Cache for text embeddings and latents, and the bundled models' exported engines (default: ~/.cache/diffcls or $DIFFCLS_CACHE).", _RUNTIME)], None),
+    "no_cache": (Annotated[bool, _opt("--no-cache", "Do not read or write the embedding/latent cache (the bundled models' engines are still used).", _RUNTIME)], False),
 }
 
 
