@@ -165,12 +165,14 @@ def test_readme_python_example_runs(scratch):
     env: dict = {}
     exec(compile(code, "README.md", "exec"), env)
     assert env["r"].classname in ("cat", "dog") and len(env["results"]) == 2
+    assert sorted(env["outcomes"]) == ["a.png", "b.jpg"] and (scratch / "api-results.csv").exists()
 
 
 def test_default_keep_is_capped_only_when_not_given():
     """The README's own-model example once failed: --to-keep 5 1 with 3 classes. Only the default
     schedule is capped at the prompt count; a --to-keep the user gives is checked, not changed."""
-    from diffcls.cli.settings import RunSettings, build_schedule
+    from diffcls.runtime.resolve import build_schedule
+    from diffcls.runtime.spec import JobSpec as RunSettings
     from diffcls.errors import DiffclsError
 
     s = build_schedule(RunSettings(), 3, {})

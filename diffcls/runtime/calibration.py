@@ -24,7 +24,7 @@ from typing import Sequence
 
 from diffcls.errors import DiffclsError, missing_extra
 from diffcls.runtime.ranking import softmax_neg  # noqa: F401 - the softmax behind every probability
-from diffcls.runtime.results import atomic_write_text
+from diffcls.runtime.results import atomic_write_text, normalised_settings
 
 ECE_BINS = 15
 UNCALIBRATED = 1.0
@@ -146,7 +146,7 @@ class Calibration:
     nll_after: float | None = None
     ece_before: float | None = None
     ece_after: float | None = None
-    schedule: str | None = None  # the schedule the scores were computed with
+    schedule: dict | str | None = None  # the schedule the scores were computed with (its to_dict; a description in older files)
     top_k: int = 5
     model: str | None = None  # the fingerprint of the model it was fitted with
     prompts: str | None = None  # the digest of the prompts (runtime.prompts.PromptSet.digest)
@@ -173,14 +173,15 @@ class Calibration:
         known["path"] = str(path)
         return cls(**known)
 
-    def check(self, *, model: str, prompts: str, schedule: str) -> None:
+    def check(self, *, model: str, prompts: str, schedule: dict) -> None:
         """Refuse (one line) a temperature fitted on another model, prompts or schedule: mean
         errors, and so the temperature, differ between them."""
         path = self.path or "calibration.json"
         fix = f"fit one for this run: diffcls calibrate FOLDER --out {path} with this run's --model, prompts and schedule"
         if self.model is None or self.prompts is None or self.schedule is None:
             raise DiffclsError(f"--calibration {path} does not say which model, prompts and schedule it was fitted on (an earlier diffcls wrote it); {fix}")
-        for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts), ("schedule", self.schedule, schedule)):
+        mine_schedule = normalised_settings({"schedule": self.schedule})["schedule"]  # an older file's description
+        for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts), ("schedule", mine_schedule, schedule)):
             if mine != theirs:
                 shown = (mine, theirs) if what == "schedule" else (mine[:12], theirs[:12])
                 raise DiffclsError(f"--calibration {path} was fitted with another {what} ({shown[0]}; this run: {shown[1]}); {fix}")

@@ -48,6 +48,7 @@ class Inputs:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (folder, message): unreadable subfolders, skipped
     args: list[str] = field(default_factory=list)  # the arguments, absolute (see `spec`)
     list_file: str | None = None  # --list, absolute
+    named: list[str] = field(default_factory=list)  # the inputs as given, for messages ("a/, --list b.txt")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -174,7 +175,8 @@ def collect_inputs(args: Sequence[str | Path] = (), list_file: Path | None = Non
             parts = Path(os.path.relpath(real, os.path.abspath(under))).parts
             if len(parts) > 1:
                 labels[key] = parts[0]
-    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems,
+    named = [str(a) for a in args] + ([f"--list {list_file}"] if list_file is not None else [])
+    return Inputs(images=images, keys=keys, root=root, labels=labels, problems=problems, named=named,
                   args=[os.path.abspath(str(a)) for a in args], list_file=None if list_file is None else os.path.abspath(list_file))
 
 

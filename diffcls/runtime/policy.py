@@ -16,7 +16,7 @@ errors. The `Scorer` runs one policy per image and mixes their blocks into full 
 Every item of a block must be fed before `next_block` is called again.
 
 `FixedPolicy` is the paper's schedule (`Schedule`): rounds of new timesteps, keep the k_i lowest
-mean errors after each round; a round without new timesteps still prunes (DESIGN.md).
+mean errors after each round; a round without new timesteps still prunes (docs/design.md).
 
 `SequentialPolicy` (`AdaptiveSchedule`) takes the grid's timesteps in van der Corput order, one
 at a time after a first stage of n0, evaluates every surviving prompt at each (paired samples:

@@ -275,7 +275,8 @@ class ResultsWriter:
 
     def _check_settings(self) -> None:
         try:
-            old = json.loads(self.settings_path.read_text(**ENCODING))
+            stored = json.loads(self.settings_path.read_text(**ENCODING))
+            old = normalised_settings(stored)
         except FileNotFoundError:
             raise DiffclsError(
                 f"{self.out} exists but has no {self.settings_path.name}, so it cannot be resumed safely; "
@@ -295,11 +296,13 @@ class ResultsWriter:
             )
         changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         if changed:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:3])
+            detail = "; ".join(_difference(k, old.get(k), self.settings.get(k)) for k in changed[:3])
             raise DiffclsError(
                 f"{self.out} was written with other settings ({detail}); rerun with the same settings to "
                 "resume, or pass another --out"
             )
+        if stored != old:  # an older file's settings, now in today's form
+            atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
 
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
@@ -467,6 +470,46 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _difference(key: str, old, new) -> str:
+    """'seed: 0 -> 7'; for a dict (the schedule), only the entries that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+        return f"{key}: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return f"{key}: {old!r} -> {new!r}"
+
+
+# --- settings files written by earlier versions ---------------------------------------------------
+_LEGACY_FIELD = re.compile(r"(\w+)=(\[[^\]]*\]|\S+)")
+
+
+def legacy_schedule(text: str) -> dict | None:
+    """The `to_dict` of a schedule that an earlier version stored as its description, e.g.
+    "n_samples=[50, 500] to_keep=[5, 1] n_trials=1 loss=l2" or "adaptive rule=mixture
+    error_rate=0.9 ... loss=l2" (these strings are frozen here: they are no longer written).
+    None for text that is neither."""
+    from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+
+    values = {k: json.loads(v) if v.startswith("[") else v for k, v in _LEGACY_FIELD.findall(text)}
+    try:
+        if text.startswith("adaptive "):
+            numbers = {"error_rate": float, "min_samples": int, "max_samples": int, "rel_delta": float, "n_trials": int,
+                       "final_samples": int, "final_keep": int, "final_error_rate": float}
+            kw = {k: numbers[k](v) for k, v in values.items() if k in numbers}
+            kw.setdefault("final_samples", 0)  # described only when there was a final stage
+            return AdaptiveSchedule(rule=values["rule"], loss=values["loss"], **kw).to_dict()
+        return Schedule(values["n_samples"], values["to_keep"], int(values["n_trials"]), values["loss"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def normalised_settings(settings: dict) -> dict:
+    """A stored settings dict in today's form (an older file's schedule description -> its dict)."""
+    sched = settings.get("schedule")
+    if isinstance(sched, str):
+        return {**settings, "schedule": legacy_schedule(sched) or sched}
+    return settings
 
 
 def _same_key(p: Path):

@@ -1,6 +1,6 @@
 """The scoring loop of Diffusion Classifier, with several images sharing full UNet batches.
 
-For one image with latent x0 and prompts c (DESIGN.md, "The scoring loop"):
+For one image with latent x0 and prompts c (docs/design.md, "The scoring loop"):
 
     round i: new timesteps ts_i (see `Schedule.rounds`), for each remaining prompt c, each new
              (t, trial j), with eps = bank[k * n_trials + j] (k = the t's evaluation index):
@@ -179,7 +179,6 @@ class Scorer:
         noise_bank: torch.Tensor,
         batch_size: int,
         *,
-        sync_timing: bool = False,
         prediction_type: str = "epsilon",
         grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
         policy_factory: Callable[[Hashable, torch.Tensor], object] | None = None,
@@ -212,7 +211,6 @@ class Scorer:
         self.bank = noise_bank.to(self.device, torch.float32)
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.stats = ScoreStats()
-        self.sync_timing = sync_timing
         # adaptive schedules: each image's rotation of the timestep grid, from its content
         # (grid_offset(key, x0), e.g. a digest of the image file; default: of the latent's bytes)
         self.grid_offset = grid_offset
@@ -291,7 +289,7 @@ class Scorer:
         fits = [b for b in sizes if b >= n and b <= self.batch_size]
         return min(fits) if fits else self.batch_size
 
-    def run(self, latents: Iterable[tuple[Hashable, torch.Tensor]], on_round: Callable | None = None) -> Iterator[tuple[Hashable, ImageScore]]:
+    def run(self, latents: Iterable[tuple[Hashable, torch.Tensor]]) -> Iterator[tuple[Hashable, ImageScore]]:
         """Yield (key, ImageScore) per image, in the order the images finish.
 
         `latents` yields (key, x0 of shape (C, h, w)); it is pulled lazily, one image at a time,
@@ -326,8 +324,6 @@ class Scorer:
                 image.record(c, k, t, j, err)
             done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
             for image in done_block.values():
-                if on_round is not None:
-                    on_round(image.key, image.phase)
                 items = image.next_items()
                 if items:
                     queue.extend(items)
