@@ -100,12 +100,13 @@ def test_python_api_resumes_a_killed_run_and_writes_what_the_cli_writes(tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(digits), str(out), str(errors)], env=env, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr  # killed, not finished
-    assert len(rows(out)) == 4  # every acknowledged row is on disk
+    n_before = len(rows(out))
+    assert 4 <= n_before < 10  # every acknowledged row is on disk (a writer thread may have done more)
 
     job = ClassifyJob(JobSpec(n_samples=(2, 4), to_keep=(2, 1), no_cache=True), [digits], out=out, save_errors=errors)
     results = job.run()
     assert any(n.startswith(f"resuming {out}: ") for n in job.notes)
-    assert len(job.todo) == job.n_done == 6 and len(results) == 10
+    assert len(job.todo) == job.n_done == 10 - n_before and len(results) == 10
     assert_same_rows(rows(out), rows(cli_out))
     assert json.loads(out.with_name("api.csv.settings.json").read_text()) == json.loads((tmp_path / "cli.csv.settings.json").read_text())
     assert sorted(json.loads(line)["path"] for line in errors.read_text().splitlines()) == sorted(rows(cli_out))
