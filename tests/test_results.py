@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -311,7 +312,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_dir, image_folder, monkeypatc
     assert_one_line_error(invoke(*base, "--out", "/proc/foo.csv"), "--out /proc/foo.csv cannot be written")
     ro = tmp_path / "ro"
     ro.mkdir()
-    real_open, real_mkstemp = os.open, R.tempfile.mkstemp
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
 
     def read_only(path, *a, **kw):  # what a read-only mount answers (chmod does not stop root)
         if str(path).startswith(str(ro)):
@@ -319,7 +320,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_dir, image_folder, monkeypatc
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr(R.os, "open", read_only)
-    monkeypatch.setattr(R.tempfile, "mkstemp", lambda *a, dir=None, **kw: read_only(str(dir)) if str(dir).startswith(str(ro)) else real_mkstemp(*a, dir=dir, **kw))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **kw: read_only(str(dir)) if str(dir).startswith(str(ro)) else real_mkstemp(*a, dir=dir, **kw))
     assert_one_line_error(invoke(*base, "--out", ro / "r.csv"), "--out", "Read-only file system")
     assert_one_line_error(invoke(*base, "--out", tmp_path / "r.csv", "--save-errors", ro / "e.jsonl"), "--save-errors", "Read-only file system")
 

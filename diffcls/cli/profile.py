@@ -70,14 +70,15 @@ def profile(
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
     from diffcls.runtime.profiling import plot_stages, require_matplotlib
-    from diffcls.runtime.results import check_writable
+    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
     with user_errors():
         if plot is not None:
             require_matplotlib()  # fail before any work
 
-        check_writable(json_out, "--json")  # before the run, not after it finished
-        check_writable(plot, "--plot")
+        check_output(json_out, "--json", "profile")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_distinct(("--json", json_out), ("--plot", plot))
 
         from diffcls.runtime.job import ClassifyJob
 
@@ -100,10 +101,12 @@ def profile(
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
             console.print(f"profile in {json_out}")
         if plot is not None:
-            plot_stages(report, plot)
+            with output_errors("--plot", plot):
+                plot_stages(report, plot)
             console.print(f"stage plot in {plot}")
         if not report["n_images"]:
             raise DiffclsError(f"no image of {', '.join(paths or [str(s.list_file)])} could be classified; see the skipped files above")

@@ -79,9 +79,12 @@ def plot_stages(report: dict, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG
+    finally:
+        plt.close(fig)
 
 
 def peak_memory(device) -> int | None:

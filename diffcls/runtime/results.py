@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import csv
 import errno
-import io
 import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells
+from diffcls.runtime.outputs import (  # noqa: F401 (check_writable: re-exported for callers)
+    RESULTS_KEY_COLUMNS,
+    check_distinct,
+    check_output,
+    check_writable,
+    csv_starting_with,
+    write_atomic,
+)
 
 try:  # POSIX; elsewhere the results file is not locked
     import fcntl
@@ -45,7 +51,7 @@ except ImportError:  # pragma: no cover - Windows
 # of runtime.ranking, each as topN, topN_mean_error, topN_pruned_after (and topN_probability
 # with --calibration). Mean errors are written with full precision, so a resumed run computes
 # exactly what a fresh one does.
-BASE_COLUMNS = ["path", "prediction", "classidx", "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
+BASE_COLUMNS = [*RESULTS_KEY_COLUMNS, "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
 
 
 def columns(calibrated: bool) -> list[str]:
@@ -62,38 +68,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` (temp file + fsync + rename; through a symlink to its target,
     straight into a device or pipe: runtime.outputs.write_atomic); new files get 0666 & ~umask."""
-    from diffcls.runtime.outputs import write_atomic
-
     write_atomic(path, text.encode(**ENCODING))
-
-
-def check_writable(path: str | Path | None, flag: str) -> None:
-    """Refuse, before any work, an output path that cannot be written (one-line DiffclsError).
-
-    Creates and removes a temp file beside `path`: the only honest test (permissions, read-only
-    mounts, /proc, a full disk's quota all show up here, also for root).
-    """
-    if path is None:
-        return
-    path = Path(path)
-    from diffcls.runtime.outputs import target_kind
-
-    if target_kind(path) == "stream":  # /dev/stdout, a pipe: written through, nothing created beside it
-        if not os.access(path, os.W_OK):
-            raise DiffclsError(f"{flag} {path} cannot be written (permission denied); pass another path")
-        return
-    if path.is_dir():
-        raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
-        os.close(fd)
-        os.unlink(tmp)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder") from None
 
 
 def _csv_line(fields: list, quote_first: bool = True) -> str:
@@ -182,7 +157,6 @@ class ResultsWriter:
         `current(path, sha256) -> bool`, if given, says whether a done row still describes the
         image (e.g. the file's bytes are unchanged); rows it rejects are dropped and redone.
         """
-        from diffcls.runtime.outputs import check_distinct, check_output, csv_starting_with
 
         try:
             if self.out.is_dir():
