@@ -24,7 +24,10 @@ EXAMPLES = ROOT / "examples" / "digits"
 # results files (and a calibration) written by diffcls at commit 56e7f0d, which bound them to the
 # schedule's description; the commands that wrote them are the ones the test resumes them with
 LEGACY = Path(__file__).resolve().parent / "data" / "results-56e7f0d"
-FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache"]
+# torch named: on a CPU the CLI's default for the bundled model is its cached ONNX Runtime
+# engines (cli/settings.with_engines), the library's is torch; the fixtures were written with torch
+FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache", "--backend", "torch"]
+TORCH = ["--backend", "torch"]
 
 
 def invoke(*args):
@@ -130,8 +133,8 @@ def _legacy_copy(tmp_path: Path, name: str, root: Path) -> Path:
     "name, command, args",
     [
         ("fixed", "classify", FAST),
-        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache"]),
-        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache"]),
+        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache", *TORCH]),
+        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache", *TORCH]),
         ("calibrated", "classify", [*FAST, "--calibration", LEGACY / "calibration.json"]),
     ],
 )
