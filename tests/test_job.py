@@ -24,7 +24,10 @@ EXAMPLES = ROOT / "examples" / "digits"
 # results files (and a calibration) written by diffcls at commit 56e7f0d, which bound them to the
 # schedule's description; the commands that wrote them are the ones the test resumes them with
 LEGACY = Path(__file__).resolve().parent / "data" / "results-56e7f0d"
-FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache"]
+# torch named: on a CPU the CLI's default for the bundled model is its cached ONNX Runtime
+# engines (cli/settings.with_engines), the library's is torch; the fixtures were written with torch
+FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache", "--backend", "torch"]
+TORCH = ["--backend", "torch"]
 
 
 def invoke(*args):
@@ -100,12 +103,13 @@ def test_python_api_resumes_a_killed_run_and_writes_what_the_cli_writes(tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(digits), str(out), str(errors)], env=env, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr  # killed, not finished
-    assert len(rows(out)) == 4  # every acknowledged row is on disk
+    n_before = len(rows(out))
+    assert 4 <= n_before < 10  # every acknowledged row is on disk (a writer thread may have done more)
 
     job = ClassifyJob(JobSpec(n_samples=(2, 4), to_keep=(2, 1), no_cache=True), [digits], out=out, save_errors=errors)
     results = job.run()
     assert any(n.startswith(f"resuming {out}: ") for n in job.notes)
-    assert len(job.todo) == job.n_done == 6 and len(results) == 10
+    assert len(job.todo) == job.n_done == 10 - n_before and len(results) == 10
     assert_same_rows(rows(out), rows(cli_out))
     assert json.loads(out.with_name("api.csv.settings.json").read_text()) == json.loads((tmp_path / "cli.csv.settings.json").read_text())
     assert sorted(json.loads(line)["path"] for line in errors.read_text().splitlines()) == sorted(rows(cli_out))
@@ -129,8 +133,8 @@ def _legacy_copy(tmp_path: Path, name: str, root: Path) -> Path:
     "name, command, args",
     [
         ("fixed", "classify", FAST),
-        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache"]),
-        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache"]),
+        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache", *TORCH]),
+        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache", *TORCH]),
         ("calibrated", "classify", [*FAST, "--calibration", LEGACY / "calibration.json"]),
     ],
 )

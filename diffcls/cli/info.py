@@ -190,7 +190,7 @@ def info_cmd(
             table.add_row(
                 r["component"],
                 str(r["precision"]),
-                ",".join(map(str, r["batch_sizes"] or [])),
+                ",".join(map(str, r["batch_sizes"] or [])) or "any",  # none recorded: dynamic ONNX graphs
                 human_size(r["bytes"]),
                 f"{r['max_abs_err']:.2g}" if r["max_abs_err"] is not None else "-",
                 f"{r['max_rel_err']:.2g}" if r["max_rel_err"] is not None else "-",

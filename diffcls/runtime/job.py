@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -31,7 +31,7 @@ from diffcls.runtime.evaluation import LABEL_COLUMNS, LabelKind, label_ids
 from diffcls.runtime.inputs import Inputs, collect_inputs
 from diffcls.runtime.preprocess import file_digest
 from diffcls.runtime.ranking import TOP_K, probabilities, rows_from_cells
-from diffcls.runtime.results import ResultsWriter
+from diffcls.runtime.results import BackgroundWriter, ResultsWriter
 from diffcls.runtime.shards import shard_of
 from diffcls.runtime.spec import JobSpec
 from diffcls.runtime.timing import rate
@@ -53,13 +53,21 @@ class Outcome:
     classidx: int
     prediction: str
     n_evals: int | None
-    ranked: list | None  # its best classes (runtime.ranking.RankedClass), the prediction first
     row: dict | None = None  # the results-file row this outcome was resumed from
     result: object | None = None  # runtime.classifier.ImageResult, when scored in this run
+    _ranked: list | None = field(default=None, repr=False)
+
+    @property
+    def ranked(self) -> list | None:
+        """Its best classes (runtime.ranking.RankedClass), the prediction first; computed when
+        first asked for, off the scoring loop."""
+        if self._ranked is None and self.result is not None:
+            self._ranked = self.result.ranked(TOP_K)
+        return self._ranked
 
     @classmethod
     def of(cls, result) -> "Outcome":
-        return cls(result.prediction, result.classname, result.n_evals, result.ranked(TOP_K), result=result)
+        return cls(result.prediction, result.classname, result.n_evals, result=result)
 
     @classmethod
     def from_row(cls, row: dict, class_ids: dict[str, int]) -> "Outcome":
@@ -68,7 +76,7 @@ class Outcome:
             n_evals = int(row.get("n_evals"))
         except (TypeError, ValueError):
             n_evals = None
-        return cls(int(row["classidx"]), row["prediction"], n_evals, rows_from_cells(row, class_ids), row=row)
+        return cls(int(row["classidx"]), row["prediction"], n_evals, row=row, _ranked=rows_from_cells(row, class_ids))
 
     def to_json(self, key: str, temperature: float | None = None, k: int = TOP_K) -> dict:
         """As plain JSON data (classify --json): the prediction and its best k classes in ranking
@@ -269,8 +277,9 @@ class ClassifyJob:
 
     # --- running ----------------------------------------------------------------------------
     def iter_run(self, on_skip: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, Outcome]]:
-        """Score the images not yet done; yield (key, Outcome) as each finishes, after its row
-        is written. `on_skip(path, message)` hears of files that are not images."""
+        """Score the images not yet done; yield (key, Outcome) as each finishes (with a results
+        file: once its row is on disk; rows are written by a thread, so the scoring loop never
+        waits for the disk). `on_skip(path, message)` hears of files that are not images."""
         self.open()
 
         def skip(path, msg):
@@ -280,18 +289,36 @@ class ClassifyJob:
 
         by_abs = {os.path.abspath(p): p for p in self.todo}
         start = time.perf_counter()
-        try:
-            for r in self.executor.iter_classify(list(by_abs), on_skip=skip):
-                key = self.keys[by_abs[os.path.abspath(r.source)]]
-                if self.writer is not None:
-                    self.writer.write(key, r, self._label_cells(key, r))
-                outcome = Outcome.of(r)
-                self.results[key] = outcome
+        background = BackgroundWriter(self.writer) if self.writer is not None else None
+        pending: dict[str, Outcome] = {}
+
+        def finished(keys):
+            for key in keys:
+                self.results[key] = outcome = pending.pop(key)
                 self.n_done += 1
                 self.elapsed = time.perf_counter() - start
                 yield key, outcome
+
+        ok = False
+        try:
+            for r in self.executor.iter_classify(list(by_abs), on_skip=skip):
+                key = self.keys[by_abs[os.path.abspath(r.source)]]
+                pending[key] = Outcome.of(r)
+                if background is None:
+                    yield from finished([key])
+                else:
+                    background.submit(key, r, self._label_cells(key, r))
+                    yield from finished(background.acknowledged())
+            if background is not None:
+                yield from finished(background.close())
+            ok = True
         finally:
             self.elapsed = time.perf_counter() - start
+            if background is not None and not ok:
+                try:  # whatever stopped the run, the rows already scored are kept
+                    background.close()
+                except Exception:  # noqa: BLE001 - the error in flight is the one to report
+                    pass
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None

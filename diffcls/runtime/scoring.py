@@ -99,8 +99,6 @@ class _Image:
         self.slots = slots
         self.arms = getattr(policy, "arms", None)
         self.policy = policy
-        self.sums: dict[int, float] = {}
-        self.counts: dict[int, int] = {}
         self.errors: list[tuple[int, int, int, float]] = []
         self.pending = 0
         self.phase = 0  # the policy's phase of the block in flight (fixed schedule: the round)
@@ -122,18 +120,27 @@ class _Image:
         self.pending = len(items)
         return items
 
-    def record(self, c: int, k: int, t: int, j: int, err: float) -> None:
-        self.errors.append((c, t, j, err))
-        self.sums[c] = self.sums.get(c, 0.0) + err
-        self.counts[c] = self.counts.get(c, 0) + 1
-        self.pending -= 1
-        self.policy.feed(c, k, j, err)
+    def record(self, items: list, errs: list[float]) -> None:
+        """The errors of some items of the block in flight, fed to the policy in one call."""
+        self.errors.extend((c, t, j, e) for (_, c, _k, t, j), e in zip(items, errs))
+        self.pending -= len(items)
+        feed_block = getattr(self.policy, "feed_block", None)
+        if feed_block is None:  # a policy with only `feed`
+            for (_, c, k, _t, j), e in zip(items, errs):
+                self.policy.feed(c, k, j, e)
+        else:
+            feed_block([it[1] for it in items], [it[2] for it in items], [it[4] for it in items], errs)
 
     def result(self) -> ImageScore:
         res = self.policy.result()
+        sums: dict[int, float] = {}
+        counts: dict[int, int] = {}
+        for c, _t, _j, e in self.errors:  # in evaluation order, as the policy summed them
+            sums[c] = sums.get(c, 0.0) + e
+            counts[c] = counts.get(c, 0) + 1
         return ImageScore(
             prediction=res.prediction,
-            scores={c: self.sums[c] / self.counts[c] for c in sorted(self.sums)},
+            scores={c: sums[c] / counts[c] for c in sorted(sums)},
             errors=self.errors,
             ranking=res.ranking,
             n_evals=len(self.errors),
@@ -320,8 +327,15 @@ class Scorer:
             per_round = self.stats.round_seconds
             for image, *_ in batch:
                 per_round[image.phase] = per_round.get(image.phase, 0.0) + elapsed / len(batch)
-            for (image, c, k, t, j), err in zip(batch, errors):
-                image.record(c, k, t, j, err)
+            by_image: dict[int, tuple] = {}  # the batch's items and errors per image, in batch order
+            for it, err in zip(batch, errors):
+                entry = by_image.get(id(it[0]))
+                if entry is None:
+                    entry = by_image[id(it[0])] = (it[0], [], [])
+                entry[1].append(it)
+                entry[2].append(err)
+            for image, its, errs in by_image.values():
+                image.record(its, errs)
             done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
             for image in done_block.values():
                 items = image.next_items()

@@ -65,7 +65,7 @@ class JobSpec:
     final_error_rate: float | None = None
     batch_size: int = 32  # UNet batch (images share batches)
     workers: int = 2  # threads that decode images while the UNet runs
-    threads: int | None = None  # None: torch.get_num_threads(), the cores torch sees
+    threads: int | None = None  # None: torch.get_num_threads(); the CLI fills in engines.fastpath.choose_threads (the free cores)
     cache_dir: Path | None = None  # None: config.default_cache_dir()
     no_cache: bool = False
 
