@@ -242,7 +242,7 @@ def test_info_fix_command_of_an_export_killed_before_the_unet_repeats_its_batch_
     torch.zeros(4, 4, 2, 2, dtype=torch.complex64),
 ])
 def test_noise_that_is_not_real_floats_is_refused(tmp_path, tensor):
-    from diffcls.cli.settings import load_noise
+    from diffcls.runtime.resolve import load_noise
 
     path = tmp_path / "noise.pt"
     torch.save(tensor, path)

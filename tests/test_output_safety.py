@@ -106,6 +106,8 @@ def test_a_json_output_refuses_a_file_that_is_not_its_own(tmp_path, tiny_dir, im
     assert_one_line_error(r, f"--json {config}", "not a diffcls metrics JSON")
     r = invoke("calibrate", image_folder, "--model", tiny_dir, *FAST, "--out", config)
     assert_one_line_error(r, f"--out {config}", "not a diffcls calibration JSON")
+    r = invoke("profile", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--json", config)
+    assert_one_line_error(r, f"--json {config}", "not a diffcls profile JSON")
     assert config.read_text() == '{"mine": true}'
 
 

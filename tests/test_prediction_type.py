@@ -1,7 +1,7 @@
 """v-prediction models are scored against their own target (issue 8 item 5).
 
 A UNet trained with `prediction_type: v_prediction` (SD 2.x 768-v) predicts
-v = sqrt(ᾱ_t) eps - sqrt(1 - ᾱ_t) x0, not the noise. `reference_v_classify` is DESIGN.md's loop
+v = sqrt(ᾱ_t) eps - sqrt(1 - ᾱ_t) x0, not the noise. `reference_v_classify` is the loop of docs/design.md
 written out with that target; the library must give the same errors and predictions. Any other
 prediction type is refused with one line, wherever it comes from (model directory, engine
 manifest, the Scorer's keyword).

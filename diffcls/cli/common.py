@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from diffcls.errors import DiffclsError, DiffclsWarning
+from diffcls.runtime.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
 
 _show_warning = warnings.showwarning
 
@@ -23,6 +24,23 @@ app = typer.Typer(
     help="Zero-shot image classification with Stable Diffusion (Diffusion Classifier), made fast.",
     pretty_exceptions_enable=False,
 )
+
+def _hide_flag_types() -> None:
+    """--help shows no type beside an on/off flag (Typer writes "<bool>" there, which reads as
+    if the flag took a value). A display-only hook on Typer's own option class."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another Typer layout: keep its default
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -78,26 +96,6 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
         print("warning: " + " ".join(str(message).split()), file=sys.stderr)
     else:
         _show_warning(message, category, filename, lineno, file, line)
-
-
-def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """'3.91 img/s', or '4.20 s/img' when it is below one per second (a large model on a CPU).
-
-    `unit` is the plural written before "/s" ("img", "UNet evals"); `per_unit` the singular
-    written after "s/" (default: `unit`).
-    """
-    if count <= 0 or seconds <= 0:
-        return f"0 {unit}/s"
-    return per_second(count / seconds, unit, per_unit, digits)
-
-
-def per_second(value: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """A rate `value` (per second) as `rate` writes it: seconds per item when below 1/s."""
-    if value >= 1:
-        return f"{value:.{digits}f} {unit}/s"
-    if value <= 0:
-        return f"0 {unit}/s"
-    return f"{1 / value:.2f} s/{per_unit or unit}"
 
 
 def progress_interval() -> float:

@@ -11,13 +11,14 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
-from diffcls.cli.settings import RunSettings, load_noise, open_classifier, run_options
+from diffcls.cli.settings import RunSettings, run_options
+from diffcls.runtime.resolve import load_noise, model_defaults_of, open_classifier
 from diffcls.errors import DiffclsError
 
 # the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
 # adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
 # up to the whole grid, no final stage)
-EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
+EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
             "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"
@@ -93,16 +94,9 @@ def match(
 
 def _open(s: RunSettings, t_interval: int, adaptive_flags: dict | None):
     """Check the model cheaply, open the engines, build the schedule for their timesteps."""
-    from diffcls.engines.manifest import require_engine_dir
-    from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.match import MatchSchedule, adaptive_for_match
 
-    if s.engines is None:
-        root = check_model_path(s.model)
-        defaults = model_defaults(root) if root.is_dir() else {}
-    else:
-        require_engine_dir(s.engines)
-        defaults = model_defaults(s.engines)
+    defaults = model_defaults_of(s)
     if defaults.get("labels"):
         raise DiffclsError("match needs a text-conditioned model (captions); a class-conditional model (DiT) has no text encoder")
     clf = open_classifier(s, s.image_size or defaults.get("image_size"))

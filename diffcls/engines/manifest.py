@@ -1,6 +1,6 @@
 """The engine directory's `manifest.json`: what was built, from which model, with what.
 
-One manifest per engine directory (DESIGN.md, "Engine directory and manifest"):
+One manifest per engine directory (docs/design.md, "Engine directory and manifest"):
 
     {"format": 1, "backend": "onnxruntime", "fingerprint": "<model>", "image_size": 512,
      "source": "models/sd21", "versions": {"torch": ..., "onnx": ..., "onnxruntime": ...},

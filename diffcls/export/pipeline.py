@@ -34,7 +34,7 @@ from typing import Callable
 
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
@@ -61,6 +61,7 @@ class ExportConfig:
     opset: int = ox.OPSET
     workspace_gb: float = trt_build.DEFAULT_WORKSPACE_GB  # TensorRT builder workspace limit
     force: bool = False  # rebuild everything
+    any_batch: bool = False  # onnxruntime: record no batch sizes, so the runtime sends any (the graphs are dynamic in the batch)
 
 
 @dataclass
@@ -123,13 +124,13 @@ def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
         raise DiffclsError(f"cannot export for backend {cfg.backend!r} (choose {', '.join(EXPORT_BACKENDS)}){hint}")
     if cfg.backend == "tensorrt":
         if trt_build.tensorrt_version() is None:
-            raise DiffclsError("--backend tensorrt needs TensorRT; install it with: pip install 'diffcls[tensorrt]'")
+            raise DiffclsError(f"--backend tensorrt needs TensorRT; install it with: {install_hint('tensorrt', 'tensorrt')}")
         device = resolve_export_device(cfg.device or "cuda", cfg.backend)
     else:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise DiffclsError("--backend onnxruntime needs onnxruntime; install it with: pip install 'diffcls[onnx]'") from e
+            raise DiffclsError(f"--backend onnxruntime needs onnxruntime; install it with: {install_hint('onnx', 'onnx onnxruntime')}") from e
         device = resolve_export_device(cfg.device, cfg.backend)
     precision = cfg.precision
     if precision in (None, "auto"):
@@ -139,6 +140,8 @@ def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
     optimize = cfg.optimize
     if optimize is None:
         optimize = cfg.backend == "onnxruntime" and precision == "fp16" and device == "cuda"
+    if cfg.any_batch and cfg.backend != "onnxruntime":
+        raise DiffclsError("TensorRT engines are built for fixed batch sizes; any_batch is for onnxruntime exports")
     if optimize and cfg.backend != "onnxruntime":
         raise DiffclsError("--optimize is ONNX Runtime's fusion pass; TensorRT fuses on its own, drop --optimize")
     return device, precision, bool(optimize)
@@ -246,7 +249,8 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
             entry = _export_ort(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result, release)
         else:
             entry = _export_trt(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
-        entry["batch_sizes"] = component_batches[comp]  # ONNX graphs take any batch; the runtime sends these
+        # ONNX graphs take any batch; the runtime sends these (none recorded: any)
+        entry["batch_sizes"] = [] if cfg.any_batch else component_batches[comp]
         entry["image_size"] = image_size
         manifest["components"][comp] = entry
         # write as we go: an interrupted export keeps what it finished

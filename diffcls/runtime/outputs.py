@@ -113,10 +113,12 @@ def csv_starting_with(columns) -> "Callable[[Path], bool]":
     return lambda path: _head(path).startswith(",".join(columns).encode())
 
 
-def _results_csv(path: Path) -> bool:
-    from diffcls.runtime.results import BASE_COLUMNS
+# the first columns of every results CSV diffcls has written (runtime.results builds on them)
+RESULTS_KEY_COLUMNS = ("path", "prediction", "classidx")
 
-    return csv_starting_with(BASE_COLUMNS[:3])(path)
+
+def _results_csv(path: Path) -> bool:
+    return csv_starting_with(RESULTS_KEY_COLUMNS)(path)
 
 
 def _errors_jsonl(path: Path) -> bool:
@@ -167,9 +169,34 @@ def check_output(path, flag: str, kind, *, stream: bool = True) -> None:
             raise DiffclsError(
                 f"{flag} {path} exists and is not a diffcls {what}; diffcls replaces only its own files: pass a new path"
             )
-    from diffcls.runtime.results import check_writable
-
     check_writable(os.path.realpath(path) if path.is_symlink() else path, flag)
+
+
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be written (one-line DiffclsError).
+
+    Creates and removes a temp file beside `path`: the only honest test (permissions, read-only
+    mounts, /proc, a full disk's quota all show up here, also for root).
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if target_kind(path) == "stream":  # /dev/stdout, a pipe: written through, nothing created beside it
+        if not os.access(path, os.W_OK):
+            raise DiffclsError(f"{flag} {path} cannot be written (permission denied); pass another path")
+        return
+    if path.is_dir():
+        raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
+        os.close(fd)
+        os.unlink(tmp)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder") from None
 
 
 def _identity(path: Path):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.results import _csv_line, _valid_row, atomic_write_text
+from diffcls.runtime.results import _csv_line, _valid_row, atomic_write_text, normalised_settings
 
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
 SHOW = 5  # names shown per problem
@@ -95,7 +95,7 @@ def read_shard(path: Path) -> Shard:
     path = Path(path)
     sp = settings_path(path)
     try:
-        settings = json.loads(sp.read_text(**ENCODING))
+        settings = normalised_settings(json.loads(sp.read_text(**ENCODING)))
     except FileNotFoundError:
         raise DiffclsError(f"{path} has no {sp.name} beside it; pass the --out file of a `diffcls classify --shard` run") from None
     except (OSError, json.JSONDecodeError) as e:

@@ -19,7 +19,7 @@ Training, in the order SD was built:
 
 The inputs are exactly what `diffcls classify` computes from the PNGs `diffcls digits` writes:
 `preprocess_image(render_digit(d), 32, "bicubic")` (see `diffcls.models.digits`). Only the
-train split is used; `--eval` measures the held-out split with the scoring loop of DESIGN.md
+train split is used; `--eval` measures the held-out split with the scoring loop of docs/design.md
 (timestep grid, one seeded noise bank, per-round pruning), written out here in plain torch so
 that the model can be measured independently of the runtime.
 
@@ -226,7 +226,7 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
 
 
-# --- evaluation: the scoring loop of DESIGN.md, in plain torch -------------------------------
+# --- evaluation: the scoring loop of docs/design.md, in plain torch -------------------------------
 # The runtime (`diffcls evaluate`, `Classifier`) implements the same loop with batching across
 # images; tests/test_demo_model.py checks that both predict the same.
 def timestep_grid(T: int, M: int) -> list[int]:
