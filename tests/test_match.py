@@ -299,7 +299,12 @@ def test_hugging_face_dataset_on_disk(tmp_path, tiny_engines, items_dir):
     }
     features = datasets.Features({"id": datasets.Value("int32"), "image_0": datasets.Image(), "image_1": datasets.Image(),
                                   "caption_0": datasets.Value("string"), "caption_1": datasets.Value("string"), "collapsed_tag": datasets.Value("string")})
-    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "wino"))
+    ds = datasets.Dataset.from_dict(data, features=features)
+    ds.save_to_disk(str(tmp_path / "wino"))
+    (tmp_path / "parquet").mkdir()
+    ds.to_parquet(str(tmp_path / "parquet" / "test-00000-of-00001.parquet"))  # the hub's layout
+    from_parquet = read_items(tmp_path / "parquet")
+    assert [(it.key, it.caption_1, it.tag, it.digests) for it in from_parquet] == [(it.key, it.caption_1, it.tag, it.digests) for it in read_items(tmp_path / "wino")]
     schedule = MatchSchedule(t_interval=250)
     clf = Classifier(tiny_engines)
     hf = {r.key: r for r in iter_match(clf, read_items(tmp_path / "wino"), schedule, batch_size=8)}
