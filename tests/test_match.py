@@ -141,8 +141,8 @@ def test_swapping_mirrors_every_decision(tiny_engines, items_dir, swap, adaptive
     else:
         swapped = [{**r, "image_0": r["image_1"], "image_1": r["image_0"]} for r in rows]
     write_items(folder, swapped, "swapped.csv")
-    params = AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=20, final_samples=0) if adaptive else None
-    schedule = MatchSchedule(t_interval=50, adaptive=params)
+    params = AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=10, final_samples=0) if adaptive else None
+    schedule = MatchSchedule(t_interval=100, adaptive=params)
     clf = Classifier(tiny_engines)
 
     def run(name):
@@ -156,7 +156,7 @@ def test_swapping_mirrors_every_decision(tiny_engines, items_dir, swap, adaptive
         assert b[key].errors == [a[key].errors[i] for i in ARM_SWAP[swap]]  # bit for bit
         assert b[key].n_evals == a[key].n_evals
     if adaptive:  # the test stopped some comparisons early: the mirror holds there too
-        assert min(r.n_evals for r in a.values()) < 6 * 20
+        assert min(r.n_evals for r in a.values()) < 6 * 10
 
 
 def test_identical_captions_are_a_tie(tmp_path, tiny_dir, items_dir):
