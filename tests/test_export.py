@@ -149,7 +149,7 @@ def test_tensorrt_export_without_tensorrt_says_how_to_install(tiny, tmp_path):
         pytest.skip("TensorRT is installed here")
     with pytest.raises(DiffclsError) as e:
         export_model(ExportConfig(out=tmp_path / "e", model=tiny, backend="tensorrt"))
-    assert "pip install 'diffcls[tensorrt]'" in str(e.value)
+    assert 'pip install -e ".[tensorrt]"' in str(e.value)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
