@@ -179,7 +179,7 @@ def test_ray_missing_extra(monkeypatch, tiny_dir, image_folder):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--ray")
-    assert_one_line_error(r, "pip install 'diffcls[ray]'")
+    assert_one_line_error(r, 'pip install -e ".[ray]"')
 
 
 def test_worker_that_cannot_open_engines_reports_one_line():

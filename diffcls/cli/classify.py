@@ -6,6 +6,7 @@ The run itself (inputs, shard, resume, labels, executors, the results file) is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -69,12 +70,12 @@ def _progress():
 _SCALE = "Many GPUs"
 PathsArg = Annotated[Optional[list[str]], typer.Argument(help="Images, folders (searched recursively) or globs such as 'photos/*.jpg'. Result keys are paths relative to the folder given, or to the deepest folder holding all inputs.", show_default=False, metavar="PATH")]
 LabeledArg = Annotated[Optional[list[str]], typer.Argument(help="Labeled folders: one subfolder of images per class (or --list a CSV with path,label).", show_default=False, metavar="FOLDER")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path, prediction, top-5 with scores); rerunning resumes it.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Results CSV (path, prediction, the top 5 classes with their mean errors); rerunning resumes it.")]
 ErrorsOpt = Annotated[Optional[Path], typer.Option("--save-errors", help="JSONL file with every (prompt, t, trial, error) per image.")]
-CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Temperature file from `diffcls calibrate`: adds class probabilities (CSV 'probability' columns).")]
+CalibrationOpt = Annotated[Optional[Path], typer.Option("--calibration", help="Temperature file from `diffcls calibrate` for this model, prompts and schedule: adds class probabilities (CSV topN_probability columns).")]
 LabelsOpt = Annotated[LabelKind, typer.Option("--labels", help="What subfolder names (or a CSV's label column) are: class names, or class indices 0, 1, ... (the prompts' classidx).")]
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="Classify only shard I of N (e.g. 0/4): a fixed share of the images, by a hash of each path; join the shards' --out files with `diffcls merge`.", rich_help_panel=_SCALE)]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (pip install 'diffcls[ray]'): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (needs the ray extra: pip install -e \".\\[ray]\" in the diffcls folder): an existing cluster with --ray-address, else a local one.", rich_help_panel=_SCALE)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local cluster).", rich_help_panel=_SCALE)]
 RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray workers, each opening the engines once (default: one per GPU, else 1).", rich_help_panel=_SCALE, min=1)]
 GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
@@ -99,6 +100,15 @@ def _calibration(path: Path | None):
     return None if path is None else Calibration.load(path)
 
 
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _run(job) -> dict:
     """Open the job, run it with a progress bar, print what it says; returns its outcomes."""
     import time
@@ -120,8 +130,14 @@ def _run(job) -> dict:
             console.print(f"[yellow]skipped[/] {escape(printable(msg))}")
             progress.advance(task)
 
+        estimated = False
         for n, _ in enumerate(job.iter_run(on_skip=on_skip), 1):
-            progress.update(task, advance=1, rate=rate(n, time.perf_counter() - start, "img"))
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=1, rate=rate(n, elapsed, "img"))
+            left = len(job.todo) - n
+            if not estimated and left > 0 and (elapsed >= 10 or n >= max(3, len(job.todo) // 20)):
+                estimated = True  # once, early: what the whole run will take at this pace
+                console.print(f"estimate: about {_duration(left * elapsed / n)} more for {left} images at {rate(n, elapsed, 'img')}")
     for line in job.summary():
         console.print(escape(line))
     return job.results
@@ -139,6 +155,9 @@ def classify(
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
     calibration: CalibrationOpt = None,
+    json_stdout: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (one image: an object; several: a list), each with its --top-k classes; nothing else goes to stdout.", show_default=False)] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=5, help="Classes shown per image: one image's table and --json.")] = 5,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, speed lines or per-image table: only the summary (and --json).", show_default=False)] = False,
     *,
     settings: RunSettings,
 ) -> None:
@@ -150,14 +169,61 @@ def classify(
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
         cal = _calibration(calibration)
         with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, shard=None if shard is None else parse_shard(shard),
-                         calibration=cal, ray=rayopts) as job:
+                         calibration=cal, ray=rayopts) as job, _quiet(quiet):
             results = _run(job)
-        if out_csv is None or len(results) <= 20:
-            _print_predictions(results, job.temperature)
-        if out_csv is not None:
-            console.print(f"results in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
         if not results:
             raise DiffclsError(f"no image of {job.describe_inputs()} could be classified; see the skipped files above")
+        temperature = job.temperature
+        if json_stdout:
+            recs = [results[k].to_json(k, temperature, top_k) for k in sorted(results)]
+            print(json.dumps(recs[0] if len(job.inputs) == 1 else recs, indent=2))
+        elif len(job.inputs) == 1:
+            _print_top(next(iter(results.items())), temperature, top_k)
+        elif not quiet and (out_csv is None or len(results) <= 20):
+            _print_predictions(results, temperature)
+        console.print(_summary(results, job.skipped) + (f"; results in {out_csv}" if out_csv is not None else "")
+                      + (f", errors in {save_errors}" if save_errors else ""))
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """--quiet: the stderr console (progress, speed lines, notices) says nothing meanwhile."""
+    old = console.quiet
+    console.quiet = on or old
+    try:
+        yield
+    finally:
+        console.quiet = old
+
+
+def _summary(results: dict, skipped) -> str:
+    """'10 images: 3 eight, 2 one, ...' (most frequent prediction first) and what was skipped."""
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r.prediction] = counts.get(r.prediction, 0) + 1
+    parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    n = len(results)
+    return f"{n} image{'s' if n != 1 else ''}: {parts}" + (f"; {len(skipped)} skipped" if skipped else "")
+
+
+def _print_top(item, temperature: float | None, k: int) -> None:
+    """One image: its best k classes in ranking order, with mean errors (and probabilities)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from diffcls.runtime.ranking import probabilities
+    from diffcls.runtime.results import printable
+
+    key, r = item
+    ranked = r.ranked or []
+    probs = probabilities(ranked, temperature) if temperature is not None else None
+    cols = ["#", "class", "mean error"] + (["probability"] if probs is not None else []) + ["decided"]
+    table = Table(*cols, title=escape(printable(key)), caption="mean error: lower is better" + ("" if probs is not None else "; --calibration FILE adds probabilities"))
+    for i, c in enumerate(ranked[:k]):
+        cells = [str(i + 1), escape(c.classname), f"{c.mean_error:.5g}"] + ([f"{probs[i]:.3f}"] if probs is not None else [])
+        cells.append("final decision" if c.in_final else f"pruned after {c.pruned_after} timesteps")
+        table.add_row(*cells)
+    out.print(table)
 
 
 def _print_predictions(results: dict, temperature: float | None = None) -> None:
@@ -245,15 +311,22 @@ def evaluate(
             with output_errors("--json", json_out):
                 atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
-            _plots(plot, m, cal, classes, temperature)
+            _plots(plot, m, cal, classes, temperature, f"{_model_name(settings)} on {job.describe_inputs()}")
 
 
-def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None) -> None:
-    from diffcls.runtime.metrics import plot_confusion
+def _model_name(s: RunSettings) -> str:
+    """The model as the user named it (for plot titles)."""
+    return str(s.engines) if s.engines is not None else str(s.model) if s.model is not None else "demo"
+
+
+def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None, what: str) -> None:
+    """The confusion matrix and (with probabilities) the reliability diagram at its height;
+    `what`: 'MODEL on IMAGES' for the titles."""
+    from diffcls.runtime.metrics import confusion_figsize, plot_confusion
     from diffcls.runtime.outputs import output_errors
 
     with output_errors("--plot", plot):
-        plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"top-1 {100 * m['top1']:.1f}%")
+        plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"{what}: top-1 {100 * m['top1']:.1f}% ({m['correct']}/{m['n']})")
     console.print(f"confusion matrix plot in {plot}")
     rel = _reliability_path(plot)
     if cal is not None and rel is not None:
@@ -261,7 +334,8 @@ def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: fl
 
         label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
         with output_errors("--plot", rel):
-            plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}")
+            plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{what}, {label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}",
+                             height=confusion_figsize(len(m["class_ids"]))[1])
         console.print(f"reliability diagram in {rel}")
 
 

@@ -25,6 +25,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _hide_flag_types() -> None:
+    """--help shows no type beside an on/off flag (Typer writes "<bool>" there, which reads as
+    if the flag took a value). A display-only hook on Typer's own option class."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another Typer layout: keep its default
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 

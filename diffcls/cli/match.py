@@ -18,7 +18,7 @@ from diffcls.errors import DiffclsError
 # the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
 # adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
 # up to the whole grid, no final stage)
-EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
+EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
             "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"

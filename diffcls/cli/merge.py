@@ -13,8 +13,8 @@ from diffcls.errors import DiffclsError
 
 @app.command()
 def merge(
-    out_csv: Annotated[Path, typer.Argument(help="The merged results CSV to write.")],
-    shards: Annotated[list[Path], typer.Argument(help="The shards' --out files (one per shard I/N).")],
+    shards: Annotated[list[Path], typer.Argument(help="The shards' --out files (one per shard I/N). Without --out, the first is the merged file to write (the older form).", metavar="SHARD.csv...", show_default=False)],
+    out_csv: Annotated[Optional[Path], typer.Option("--out", help="The merged results CSV to write.", show_default=False)] = None,
     folder: Annotated[Optional[Path], typer.Option("--folder", help="The folder the shards classified (default: the one their settings name), to check that every image has a row.")] = None,
     save_errors: Annotated[Optional[Path], typer.Option("--save-errors", help="Also merge the shards' --save-errors files into this JSONL (pass them with --errors).")] = None,
     errors: Annotated[Optional[list[Path]], typer.Option("--errors", help="A shard's --save-errors file; repeat once per shard.")] = None,
@@ -27,6 +27,10 @@ def merge(
     from diffcls.runtime.shards import check_shards, expected_images, read_shard, write_merged
 
     with user_errors():
+        if out_csv is None:
+            if len(shards) < 2:
+                raise DiffclsError("pass the merged file with --out, e.g. diffcls merge --out all.csv part0.csv part1.csv")
+            out_csv, shards = shards[0], shards[1:]
         if (save_errors is None) != (not errors):
             raise DiffclsError("--save-errors MERGED.jsonl and --errors SHARD.jsonl (once per shard) go together; give both or neither")
         parts = [read_shard(p) for p in shards]

@@ -24,6 +24,13 @@ from diffcls.cli.common import LineProgress, app, console, interactive, out, per
 from diffcls.errors import DiffclsError
 from diffcls.runtime.profiling import ordered_stages, stage_label
 
+def _cached_note(name: str, stage: dict, cache: dict | None) -> str:
+    """' (cached)' for a text/VAE stage that never ran because the cache held it all."""
+    if name in ("text_encode", "vae_encode") and stage["calls"] == 0 and cache and cache.get("hits"):
+        return " (cached)"
+    return ""
+
+
 def _print_report(report: dict) -> None:
     from rich.table import Table
 
@@ -36,12 +43,12 @@ def _print_report(report: dict) -> None:
     for name in ordered_stages(stages):
         st = stages[name]
         share = "-" if name == "load" or not wall else f"{100 * st['total_s'] / wall:.1f}"
-        table.add_row(stage_label(name), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
+        table.add_row(stage_label(name) + _cached_note(name, st, report["cache"]), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
     if report.get("warmup"):
         w = report["warmup"]["total_s"]
         table.add_row("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
     out.print(table)
-    out.print("* on worker threads, overlapped with the UNet; p50/p90 are per call")
+    out.print("preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call")
     cache = report["cache"]
     cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
     mem = report["peak_gpu_memory_bytes"]
@@ -61,7 +68,6 @@ def _print_report(report: dict) -> None:
 @run_options
 def profile(
     paths: PathsArg = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Profile only the first N images.")] = None,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Classify one image first, not counted (reports compile/first-call cost separately).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full profile as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-stage bar chart (PNG; needs matplotlib).")] = None,
@@ -84,7 +90,7 @@ def profile(
 
         job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         s = settings
-        images = [str(p) for p in job.inputs.images[:limit]]
+        images = [str(p) for p in job.inputs.images]  # --limit / --sample: the job selected them
         kw = dict(seed=s.seed, noise=job.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
         report = _profile(job, images, warmup, kw)
         report["settings"].update(

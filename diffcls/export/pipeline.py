@@ -34,7 +34,7 @@ from typing import Callable
 
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
@@ -124,13 +124,13 @@ def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
         raise DiffclsError(f"cannot export for backend {cfg.backend!r} (choose {', '.join(EXPORT_BACKENDS)}){hint}")
     if cfg.backend == "tensorrt":
         if trt_build.tensorrt_version() is None:
-            raise DiffclsError("--backend tensorrt needs TensorRT; install it with: pip install 'diffcls[tensorrt]'")
+            raise DiffclsError(f"--backend tensorrt needs TensorRT; install it with: {install_hint('tensorrt', 'tensorrt')}")
         device = resolve_export_device(cfg.device or "cuda", cfg.backend)
     else:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise DiffclsError("--backend onnxruntime needs onnxruntime; install it with: pip install 'diffcls[onnx]'") from e
+            raise DiffclsError(f"--backend onnxruntime needs onnxruntime; install it with: {install_hint('onnx', 'onnx onnxruntime')}") from e
         device = resolve_export_device(cfg.device, cfg.backend)
     precision = cfg.precision
     if precision in (None, "auto"):

@@ -104,8 +104,9 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], bins:
     return out
 
 
-def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path: str | Path, title: str = "") -> None:
-    """A reliability diagram (accuracy per confidence bin against the diagonal) as a PNG."""
+def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path: str | Path, title: str = "", height: float = 6.0) -> None:
+    """A reliability diagram (accuracy per confidence bin against the diagonal, each bar labelled
+    with its number of images) as a PNG `height` inches tall; the legend sits below the axes."""
     try:
         import matplotlib
 
@@ -113,18 +114,19 @@ def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise missing_extra("matplotlib", "plot") from None
-    rows = reliability_bins(confidence, correct)
-    width = 1.0 / len(rows)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    rows = [r for r in reliability_bins(confidence, correct) if r["n"]]
+    width = 1.0 / ECE_BINS
+    fig, ax = plt.subplots(figsize=(height, height + 0.6))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    xs = [r["lo"] for r in rows if r["n"]]
-    ax.bar(xs, [r["accuracy"] for r in rows if r["n"]], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([r["confidence"] for r in rows if r["n"]], [r["accuracy"] for r in rows if r["n"]], "o", color="C3", label="mean confidence")
+    bars = ax.bar([r["lo"] for r in rows], [r["accuracy"] for r in rows], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy of the bin")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"n={r['n']}", (bar.get_x() + width / 2, bar.get_height()), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="C3", label="its mean confidence", clip_on=False, zorder=3)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)  # room for a point at 1.0 and the counts above full bars
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

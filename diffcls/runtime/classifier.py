@@ -24,7 +24,7 @@ from PIL import Image
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.calibration import UNCALIBRATED
+from diffcls.runtime.calibration import UNCALIBRATED, Calibration
 from diffcls.runtime.preprocess import (
     BadImage,
     Interpolation,
@@ -381,11 +381,14 @@ class Classifier:
         vae_batch_size: int = 8,
         workers: int = 2,
         on_skip: Callable[[str, str], None] | None = None,
+        calibration: Calibration | str | Path | None = None,
     ) -> Iterator[ImageResult]:
         """Yield one `ImageResult` per good image, in the order images finish scoring.
 
         Bad image files are passed to `on_skip(path, message)` and skipped (raised if None).
         `prompts` and `schedule` default to the model's own (`default_prompts`, `default_schedule`).
+        `calibration` (a file from `diffcls calibrate`, or a loaded `Calibration`, fitted on this
+        model, prompts and schedule) gives the results its temperature: `r.probabilities()`.
         """
         if prompts is None:
             prompts = self.default_prompts()
@@ -395,6 +398,10 @@ class Classifier:
             schedule = self.default_schedule(len(prompts))
         e = self.engines
         schedule.validate(len(prompts), e.num_train_timesteps)
+        if calibration is not None and not isinstance(calibration, Calibration):
+            calibration = Calibration.load(calibration)
+        if calibration is not None:
+            calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.to_dict())
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
@@ -413,6 +420,7 @@ class Classifier:
             for index, score in scorer.run(latents):
                 result = self._result(index, sources[index], score, prompts)
                 result.sha256 = digests.get(index)
+                result.temperature = calibration.temperature if calibration is not None else None
                 yield result
         except NonFiniteError as e:
             raise DiffclsError(e.message(sources.get(e.key, f"<image {e.key}>"))) from None

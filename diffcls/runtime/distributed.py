@@ -15,7 +15,7 @@ image's errors only on its latent, the prompts and the bank.
 Everything a worker needs travels as a `WorkerSpec` of plain values (paths, strings, numbers,
 the prompts' and the schedule's `to_dict`, the noise tensor): the worker builds its own
 `Classifier` from it (a checkpoint's `--config` travels as a path, not as a loaded model).
-Ray is an optional dependency (`pip install "diffcls[ray]"`), imported inside the functions
+Ray is an optional dependency (the `ray` extra), imported inside the functions
 that use it.
 """
 

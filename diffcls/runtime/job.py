@@ -30,7 +30,7 @@ from diffcls.runtime import resolve
 from diffcls.runtime.evaluation import LABEL_COLUMNS, LabelKind, label_ids
 from diffcls.runtime.inputs import Inputs, collect_inputs
 from diffcls.runtime.preprocess import file_digest
-from diffcls.runtime.ranking import TOP_K, rows_from_cells
+from diffcls.runtime.ranking import TOP_K, probabilities, rows_from_cells
 from diffcls.runtime.results import BackgroundWriter, ResultsWriter
 from diffcls.runtime.shards import shard_of
 from diffcls.runtime.spec import JobSpec
@@ -77,6 +77,19 @@ class Outcome:
         except (TypeError, ValueError):
             n_evals = None
         return cls(int(row["classidx"]), row["prediction"], n_evals, row=row, _ranked=rows_from_cells(row, class_ids))
+
+    def to_json(self, key: str, temperature: float | None = None, k: int = TOP_K) -> dict:
+        """As plain JSON data (classify --json): the prediction and its best k classes in ranking
+        order with mean error, pruned_after and, with a temperature, the probability."""
+        ranked = self.ranked or []
+        probs = probabilities(ranked, temperature) if temperature is not None and ranked else None
+        top = []
+        for i, c in enumerate(ranked[:k]):
+            rec = {"classidx": c.classidx, "classname": c.classname, "mean_error": c.mean_error, "pruned_after": c.pruned_after}
+            if probs is not None:
+                rec["probability"] = probs[i]
+            top.append(rec)
+        return {"path": key, "prediction": self.prediction, "classidx": self.classidx, "n_evals": self.n_evals, "top": top}
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -127,6 +140,8 @@ class ClassifyJob:
         # the files the run writes are never its inputs (e.g. evaluate's --plot inside the folder)
         own = [out, save_errors, *exclude]
         self.inputs = inputs if isinstance(inputs, Inputs) else collect_inputs(list(inputs), spec.list_file, exclude=own)
+        if spec.limit is not None or spec.sample is not None:  # --limit / --sample
+            self.inputs = self.inputs.select(spec.limit, spec.sample, spec.seed)
         self.out, self.save_errors = (None if out is None else Path(out)), (None if save_errors is None else Path(save_errors))
         self.shard, self.calibration = shard, calibration
         self.temperature = None if calibration is None else calibration.temperature

@@ -19,7 +19,7 @@ from diffcls.runtime.timing import per_second
 STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
 STAGE_LABELS = {
     "load": "load model/engines",
-    "preprocess": "preprocess*",
+    "preprocess": "preprocess (threads)",
     "text_encode": "text encode",
     "vae_encode": "VAE encode",
     "unet_call": "UNet, all calls",
@@ -72,6 +72,7 @@ def plot_stages(report: dict, path: Path) -> None:
     ax.set_xlabel("seconds")
     for bar, s in zip(bars, secs):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s:.3g} s", va="center", fontsize=8)
+    ax.set_xlim(0, 1.2 * max(secs + [1e-9]))  # room for the longest bar's label
     s = report["settings"]
     ax.set_title(
         f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "

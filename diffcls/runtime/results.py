@@ -591,19 +591,3 @@ def printable(s: str) -> str:
     """`s` safe to print on any terminal: invalid bytes as U+FFFD, control characters escaped."""
     s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
-
-
-def outcome(result) -> dict:
-    """What a run keeps of one finished image (`result`: runtime.classifier.ImageResult):
-    {classidx, prediction, n_evals, ranked} (ranked: its best classes, runtime.ranking)."""
-    return {"classidx": result.prediction, "prediction": result.classname, "n_evals": result.n_evals, "ranked": result.ranked(TOP_K)}
-
-
-def outcome_from_row(row: dict, class_ids: dict[str, int]) -> dict:
-    """`outcome` of an image read back from its results CSV row (`class_ids`: classname ->
-    classidx of the run's prompts); the full-precision mean errors make it equal to the fresh one."""
-    try:
-        n_evals = int(row.get("n_evals"))
-    except (TypeError, ValueError):
-        n_evals = None
-    return {"classidx": int(row["classidx"]), "prediction": row["prediction"], "n_evals": n_evals, "ranked": rows_from_cells(row, class_ids)}

@@ -44,6 +44,8 @@ class JobSpec:
     classes: str | None = None
     template: str = "a photo of a {}."
     list_file: Path | None = None  # --list: more images, from a text file or a CSV
+    limit: int | None = None  # only the first N images (of the sample, with `sample`)
+    sample: int | None = None  # only N images drawn at random, seeded by `seed` (runtime.inputs.Inputs.select)
     image_size: int | None = None  # None: the model's
     interpolation: Interpolation = Interpolation.bicubic
     n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
