@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcls.cli.settings import RunSettings, prepare  # noqa: E402
+from diffcls.runtime.job import ClassifyJob  # noqa: E402
+from diffcls.runtime.spec import JobSpec  # noqa: E402
 from diffcls.runtime.schedule import AdaptiveSchedule, Schedule  # noqa: E402
 
 
@@ -39,9 +40,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    s = RunSettings(engines=args.engines, no_cache=True, batch_size=args.batch_size)
-    subdirs = sorted(p.name for p in args.folder.iterdir() if p.is_dir())
-    run = prepare(s, args.folder, folder_classes=subdirs or None)
+    s = JobSpec(engines=args.engines, no_cache=True, batch_size=args.batch_size)
+    run = ClassifyJob(s, [args.folder], labels="name").open()  # prompts from the class folders (or the model's)
     clf = run.classifier
     paths = sorted(str(p) for p in args.folder.rglob("*.png"))
     given = {k: getattr(args, k) for k in ("error_rate", "min_samples", "max_samples", "final_samples", "final_keep") if getattr(args, k) is not None}

@@ -2,7 +2,7 @@
 # Repack onnxruntime-gpu for the lent GPU machine in pieces small enough to carry beside this
 # repository (one device call carries at most 64 MiB, the working tree included: ~12 MiB).
 #
-#   bash ../shared/gpu/prepare-wheels.sh          # .whl/ (diffusers) and .ortc/ (the wheel, 60 MiB pieces)
+#   first: .whl/ (the diffusers wheels) and .ortc/p0.. (the onnxruntime-gpu wheel cut in 60 MiB pieces)
 #   bash bench/gpu_prepare_ort.sh                 # .ortc/ -> .ortx/p0..p3 (the wheel's contents, .tar.xz)
 #
 # The wheel's TensorRT provider library is dropped (TensorRT is not on the GPU machine) and the
@@ -14,7 +14,7 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-[ -f .ortc/p0 ] || { echo "no .ortc/ pieces: run bash ../shared/gpu/prepare-wheels.sh first" >&2; exit 2; }
+[ -f .ortc/p0 ] || { echo "no .ortc/ pieces: cut the onnxruntime-gpu wheel into .ortc/p0.. (60 MiB each) first" >&2; exit 2; }
 grep -qxF /.ortx/ .git/info/exclude 2>/dev/null || echo /.ortx/ >> .git/info/exclude
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, one device call per step (each fits the 10-minute limit).
 #
-# Here, once:   bash ../shared/gpu/prepare-wheels.sh          # diffusers wheels -> .whl/ (+ ORT pieces -> .ortc/)
+# Here, once:   put the diffusers wheels in .whl/ (+ the onnxruntime-gpu wheel in 60 MiB pieces in .ortc/)
 # On the device (carry .whl), for STEP in tests, bench, ort:
 #               bash bench/gpu_session.sh STEP
 #
@@ -10,7 +10,7 @@
 #          (skips: TensorRT is not installable on the project's machines)
 #   bench  bench/bench_speed.py: reference loop vs diffcls, SD-2.1-base shapes, fp16, batch 32
 #   ort    bench/bench_ort_gpu.py: ORT CUDA EP plain / fused fp16 vs torch (needs onnxruntime-gpu
-#          assembled from .ortc/ first, see ../shared/gpu/README.md)
+#          assembled from .ortc/ first, see bench/gpu_prepare_ort.sh)
 #   all    the steps in ONE call, in the order of GPU_STEPS (default "pytest_gpu ort sd21"), each
 #          under a timeout cut to what is left of GPU_BUDGET_S (default 540 s): pytest_gpu
 #          (pytest -m gpu), ort (bench_ort_gpu.py), sd21 (bench_speed.py: reference, eager,

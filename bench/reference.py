@@ -6,7 +6,7 @@ index) triples of the remaining prompts (prompt-major, then t, then trial), cuts
 UNet batches of `batch_size` (the last one partial), runs the eager UNet on each batch and
 reduces every sample to its error at once. No batch is shared between images or rounds.
 
-Same definitions as DESIGN.md ("The scoring loop"): timestep grid, noise bank indexing, error =
+Same definitions as docs/design.md ("The scoring loop"): timestep grid, noise bank indexing, error =
 mean over (C, H, W) of the loss. One deliberate difference from the paper's fp16 code: noising
 and the loss run in float32 and only the UNet input is cast to the model's dtype, exactly as
 diffcls does, so that the two implementations' errors can be compared one for one. The UNet

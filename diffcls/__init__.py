@@ -8,7 +8,7 @@ from diffcls.errors import DiffclsError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffclsError", "Classifier", "Schedule", "AdaptiveSchedule", "__version__"]
+__all__ = ["DiffclsError", "Classifier", "ClassifyJob", "JobSpec", "Schedule", "AdaptiveSchedule", "__version__"]
 
 
 def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
@@ -16,6 +16,14 @@ def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy mod
         from diffcls.runtime.classifier import Classifier
 
         return Classifier
+    if name == "ClassifyJob":
+        from diffcls.runtime.job import ClassifyJob
+
+        return ClassifyJob
+    if name == "JobSpec":
+        from diffcls.runtime.spec import JobSpec
+
+        return JobSpec
     if name in ("Schedule", "AdaptiveSchedule"):
         from diffcls.runtime import schedule
 

@@ -49,6 +49,13 @@ class Backend(str, Enum):
     tensorrt = "tensorrt"
 
 
+class Rule(str, Enum):
+    """The elimination boundary of the adaptive schedule (runtime.policy)."""
+
+    mixture = "mixture"
+    kim_nelson = "kim-nelson"
+
+
 class Precision(str, Enum):
     auto = "auto"  # fp16 on a GPU, fp32 on a CPU
     fp32 = "fp32"

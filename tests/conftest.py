@@ -15,8 +15,10 @@ if "DIFFCLS_CACHE" not in os.environ:
     import tempfile
 
     os.environ["DIFFCLS_CACHE"] = tempfile.mkdtemp(prefix="diffcls-test-cache-")
-# one thread: tiny models are overhead-bound, and two threads on a busy 2-core box stall badly
+# one thread: tiny models are overhead-bound, and two threads on a busy 2-core box stall badly;
+# the environment variable is what the CLI's thread choice (engines.fastpath) honours
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

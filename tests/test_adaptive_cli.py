@@ -30,7 +30,8 @@ def test_classify_adaptive_records_the_schedule_and_evals(tmp_path, tiny_dir, im
     n_evals = [int(row["n_evals"]) for row in rows]
     assert all(3 * 3 <= n <= 3 * 8 for n in n_evals)  # the first stage at least, the budget at most
     settings = json.loads((tmp_path / "r.csv.settings.json").read_text())
-    assert settings["schedule"].startswith("adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=8")
+    sched = settings["schedule"]  # bound by value, not by a description
+    assert (sched["kind"], sched["rule"], sched["error_rate"], sched["min_samples"], sched["max_samples"]) == ("adaptive", "mixture", 0.5, 3, 8)
     # the same --out with the fixed schedule is refused, not mixed
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", "--n-samples", "4,8", "--to-keep", "2,1", "--out", out, "--no-cache")
     assert r.exit_code == 2 and "schedule" in r.output
@@ -83,7 +84,8 @@ def test_final_stage_flags_reach_the_schedule_and_bind_the_results(tmp_path, tin
     n_evals = [int(row["n_evals"]) for row in csv.DictReader(open(out, newline=""))]
     assert all(n <= 3 * 4 + 2 * 5 for n in n_evals) and max(n_evals) > 3 * 4  # some image went on
     settings = json.loads((tmp_path / "f.csv.settings.json").read_text())
-    assert "final_samples=5 final_keep=2 final_error_rate=0.2" in settings["schedule"]
+    sched = settings["schedule"]
+    assert (sched["final_samples"], sched["final_keep"], sched["final_error_rate"]) == (5, 2, 0.2)
     # another final stage is another schedule: the same --out refuses it
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog,bird", *strict,
                "--final-samples", "9", "--out", out, "--no-cache")

@@ -51,13 +51,21 @@ def test_threads_reach_torch_and_onnxruntime(engine_dir, image_folder, monkeypat
     assert seen == [3, 3, 3]  # text encoder, VAE, UNet
 
 
-def test_default_threads_are_the_cores_torch_sees(engine_dir, image_folder, monkeypatch, restore_threads):
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("load, want", [(0.1, 2), (1.6, 1)])
+def test_default_threads_are_the_free_cores(engine_dir, image_folder, monkeypatch, restore_threads, load, want):
+    """Without --threads or $OMP_NUM_THREADS: the cores minus the load average (engines.fastpath),
+    for torch and for every ONNX Runtime session alike; the run says so."""
+    from diffcls.engines import fastpath
+
+    torch.set_num_threads(1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(fastpath, "free_cores", lambda: (2, load))
     seen = _spy_ort_threads(monkeypatch)
     r = invoke("classify", image_folder / "cat" / "0.png", "--engines", engine_dir, "--classes", "cat,dog",
                "--n-samples", "2,4", "--to-keep", "2,1", "--batch-size", "4", "--image-size", "16", "--no-cache")
     assert r.exit_code == 0, r.output
-    assert torch.get_num_threads() == 2 and seen == [2, 2, 2]  # not ORT's own default (0: all cores)
+    assert torch.get_num_threads() == want and seen == [want] * 3  # not ORT's own default (0: all cores)
+    assert f"{want} thread{'s' if want > 1 else ''} (2 cores, load {load:.1f})" in r.output
 
 
 def test_threads_on_the_torch_backend(tiny_dir, image_folder, restore_threads):
@@ -165,7 +173,7 @@ def test_bf16_on_a_cpu_is_one_line(tiny_dir, image_folder, device):
     ]
 
 
-@pytest.mark.parametrize("command", ["classify", "evaluate", "profile", "export", "info", "cache", "digits"])
+@pytest.mark.parametrize("command", ["classify", "evaluate", "profile", "export", "info", "cache", "digits", "shapes"])
 def test_help_fits_80_columns_without_cutting(command):
     r = invoke(command, "--help", env={"COLUMNS": "80", "TERM": "dumb"})
     assert r.exit_code == 0

@@ -125,7 +125,7 @@ def test_missing_scikit_learn_names_the_extra(monkeypatch):
     from diffcls.models import digits
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import -> ImportError
-    with pytest.raises(DiffclsError, match=r"pip install 'diffcls\[train\]'"):
+    with pytest.raises(DiffclsError, match=r'pip install -e "\.\[train\]"'):
         digits.load_split("heldout")
 
 

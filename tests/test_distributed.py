@@ -179,7 +179,7 @@ def test_ray_missing_extra(monkeypatch, tiny_dir, image_folder):
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     r = invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--ray")
-    assert_one_line_error(r, "pip install 'diffcls[ray]'")
+    assert_one_line_error(r, 'pip install -e ".[ray]"')
 
 
 def test_worker_that_cannot_open_engines_reports_one_line():
@@ -285,3 +285,39 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, digits
 def test_ray_worker_that_cannot_open_engines_stops_the_run(tmp_path, digits, ray_cluster):
     r = invoke("classify", digits, *DEMO_FAST, "--ray", "--device", "cuda", "--out", tmp_path / "r.csv")
     assert_one_line_error(r, "Ray worker ", "cannot open the engines", "--device cuda")
+
+
+def test_evaluate_ray_json_matches_one_process(tmp_path, digits, ray_cluster):
+    """--json records what ran whichever executor ran it (it once read a classifier Ray lacks)."""
+    single, ray_json = tmp_path / "single.json", tmp_path / "ray.json"
+    assert invoke("evaluate", digits, *DEMO_FAST, "--json", single).exit_code == 0
+    r = invoke("evaluate", digits, *DEMO_FAST, "--ray", "--ray-workers", "2", "--json", ray_json)
+    assert r.exit_code == 0, r.output
+    want, got = json.loads(single.read_text()), json.loads(ray_json.read_text())
+    for key in ("top1", "top5", "confusion", "evals_per_image", "schedule", "classes"):
+        assert got[key] == want[key], key
+    assert got["settings"]["resolved"]["executor"] == "ray" and want["settings"]["resolved"]["executor"] == "local"
+    for key in ("backend", "precision", "image_size", "model_fingerprint", "schedule_settings"):
+        assert got["settings"]["resolved"][key] == want["settings"]["resolved"][key], key
+
+
+def test_ray_adaptive_matches_one_process(tmp_path, digits, ray_cluster):
+    """Each worker scores its images in one Scorer; the adaptive schedule gives the same answers."""
+    adaptive = ["--adaptive", "--min-samples", "2", "--max-samples", "6", "--final-samples", "4", "--no-cache"]
+    single, out = tmp_path / "single.csv", tmp_path / "ray.csv"
+    assert invoke("classify", digits, *adaptive, "--out", single).exit_code == 0
+    r = invoke("classify", digits, *adaptive, "--ray", "--ray-workers", "2", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert_same_results(rows(out), rows(single))
+
+
+def test_ray_tasks_carry_many_images(tmp_path):
+    """Several images per task (one Scorer's cross-image batches), several tasks per worker."""
+    from diffcls.runtime.distributed import RayRunner, WorkerSpec
+    from diffcls.runtime.prompts import PromptSet
+    from diffcls.runtime.schedule import Schedule
+
+    spec = WorkerSpec(classifier={}, prompts=PromptSet.from_classes("a,b", "{}"), schedule=Schedule((2, 4), (2, 1)))
+    assert isinstance(spec.prompts, dict) and isinstance(spec.schedule, dict)  # plain values travel
+    runner = RayRunner(spec, workers=2)
+    assert runner._per_task(4) == 1 and runner._per_task(400) == 50 and runner._per_task(100_000) == 64

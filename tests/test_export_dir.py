@@ -46,9 +46,12 @@ def classify(engines, tmp_path, *extra):
 
 
 def edit_manifest(d: Path, fn) -> None:
+    """The manifest as another export would have written it (sealed: an edited one is refused)."""
+    from diffcls.engines.manifest import write_manifest
+
     m = json.loads((d / "manifest.json").read_text())
     fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+    write_manifest(d, m)
 
 
 def as_if_another_model_exported_it(d: Path) -> None:
@@ -59,6 +62,7 @@ def as_if_another_model_exported_it(d: Path) -> None:
 
     def other(m):
         m["fingerprint"], m["source"] = "0" * 16, "/models/demo"
+        m["written"] = m["written"] + ["diffcls.json", "prompts/p.csv"]
 
     edit_manifest(d, other)
 
@@ -82,6 +86,7 @@ def test_reexport_removes_files_this_export_did_not_write(engine_dir, tiny_dir, 
     d = copy_of(engine_dir, tmp_path / "e")
     (d / "diffcls.json").write_text(json.dumps({"image_size": 32}))  # left by an earlier export
     (d / "unet.plan").write_bytes(b"a TensorRT engine of an earlier export")
+    edit_manifest(d, lambda m: m.update(written=m["written"] + ["diffcls.json", "unet.plan"]))
     result = export_model(cfg(d, tiny_dir))
     assert result.built == [] and len(result.cached) == 3
     assert not (d / "diffcls.json").exists() and not (d / "unet.plan").exists()

@@ -1,4 +1,4 @@
-"""Imports run one way (DESIGN.md, "Layout"): cli/train, then runtime and export (siblings that
+"""Imports run one way (docs/design.md, "Layers"): cli/train, then runtime and export (siblings that
 never import each other), then engines, then models, then the leaf modules config and errors (config may use errors).
 
 Every `import` in the package is checked, at module top and inside functions alike: a

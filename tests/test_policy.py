@@ -416,3 +416,29 @@ def test_each_image_gets_its_own_rotation_of_the_grid(tiny_engines, inputs):
     res = dict(scorer.run((i, latents[i]) for i in range(len(latents))))
     order7 = schedule.timestep_order(1000, 7)
     assert all({t for _, t, _, _ in r.errors} <= set(order7[: r.n_evals]) for r in res.values())
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [Schedule((4, 8), (3, 1), n_trials=2), AdaptiveSchedule(min_samples=3, max_samples=10, final_samples=6, final_keep=2, n_trials=2),
+     AdaptiveSchedule(rule="kim-nelson", min_samples=3, max_samples=10, final_samples=0)],
+    ids=["fixed", "mixture", "kim-nelson"],
+)
+def test_feeding_a_block_at_once_is_feeding_it_item_by_item(schedule):
+    """The Scorer feeds a batch's items of one image with feed_block: same decisions, same sums."""
+    rng = np.random.default_rng(0)
+    level = rng.uniform(0.5, 1.0, size=6)
+    one, many = make_policy(schedule, 6, 1000, 7), make_policy(schedule, 6, 1000, 7)
+    while not one.done:
+        block, block2 = one.next_block(), many.next_block()
+        assert block == block2
+        errs = [float(level[c] + rng.normal(0, 0.2)) for c, _, _ in block]
+        cut = len(block) // 3  # in two pieces, as two batches would split it
+        for (c, k, j), e in zip(block, errs):
+            one.feed(c, k, j, e)
+        for part in (slice(0, cut), slice(cut, None)):
+            items = block[part]
+            many.feed_block([c for c, _, _ in items], [k for _, k, _ in items], [j for _, _, j in items], errs[part])
+        assert one.done == many.done and one.phase == many.phase
+    assert many.done and one.result() == many.result() and one.n_evals == many.n_evals
+    assert np.array_equal(np.asarray(one.sums), np.asarray(many.sums))

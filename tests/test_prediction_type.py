@@ -1,7 +1,7 @@
 """v-prediction models are scored against their own target (issue 8 item 5).
 
 A UNet trained with `prediction_type: v_prediction` (SD 2.x 768-v) predicts
-v = sqrt(ᾱ_t) eps - sqrt(1 - ᾱ_t) x0, not the noise. `reference_v_classify` is DESIGN.md's loop
+v = sqrt(ᾱ_t) eps - sqrt(1 - ᾱ_t) x0, not the noise. `reference_v_classify` is the loop of docs/design.md
 written out with that target; the library must give the same errors and predictions. Any other
 prediction type is refused with one line, wherever it comes from (model directory, engine
 manifest, the Scorer's keyword).
@@ -162,13 +162,15 @@ def test_engine_manifest_carries_the_prediction_type(tmp_path, engine_dir):
     assert manifest["prediction_type"] == "epsilon"  # export writes it
     d = copy_of(engine_dir, tmp_path / "e")
 
-    def with_value(value):
+    def with_value(value):  # as an export of such a model would have written it
+        from diffcls.engines.manifest import write_manifest
+
         m = dict(manifest)
         if value is None:
             m.pop("prediction_type")
         else:
             m["prediction_type"] = value
-        (d / "manifest.json").write_text(json.dumps(m))
+        write_manifest(d, m)
         return open_engines("onnxruntime", engine_dir=d, device="cpu")
 
     assert with_value("v_prediction").prediction_type == "v_prediction"

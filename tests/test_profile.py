@@ -53,7 +53,7 @@ def test_profile_second_run_hits_cache(tiny_dir, image_folder, tmp_path):
     rep = json.loads((tmp_path / "p.json").read_text())
     assert rep["cache"] == {**rep["cache"], "hits": 2 + 2, "misses": 0}
     assert rep["stages"]["text_encode"]["calls"] == 0 and rep["stages"]["vae_encode"]["calls"] == 0
-    assert re.search(r"text encode\W+0\W", r.output) and re.search(r"VAE encode\W+0\W", r.output), r.output
+    assert re.search(r"text encode \(cached\)\W+0\W", r.output) and re.search(r"VAE encode \(cached\)\W+0\W", r.output), r.output
 
 
 def test_profile_bad_folder_is_a_user_error(tmp_path):

@@ -168,7 +168,7 @@ def test_a_calibration_is_refused_for_another_model_prompts_or_schedule(tmp_path
     cal = tmp_path / "cal.json"
     assert invoke("calibrate", folder, "--out", cal, *FAST).exit_code == 0
     c = json.loads(cal.read_text())
-    assert c["model"] and c["prompts"] and c["schedule"] == "n_samples=[4, 8] to_keep=[3, 1] n_trials=1 loss=l2"
+    assert c["model"] and c["prompts"] and c["schedule"] == {"kind": "fixed", "n_samples": [4, 8], "to_keep": [3, 1], "n_trials": 1, "loss": "l2"}
     one = folder / "nine"
     other_schedule = [a if a != "3,1" else "2,1" for a in FAST]
     assert_one_line_error(invoke("classify", one, *other_schedule, "--calibration", cal), "another schedule", "diffcls calibrate")

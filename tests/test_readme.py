@@ -33,8 +33,13 @@ SUBSTITUTIONS = [
     (r"\./stable-diffusion-2-1-base|\./sd21", "{model}", "no real Stable Diffusion weights offline: the tiny SD-shaped test model stands in"),
     (r"\./DiT-XL-2-256", "{dit}", "no real DiT weights offline: a tiny random DiTTransformer2DModel directory stands in"),
     (r"--n-samples 50 500", "--n-samples 4 8", "the paper's 550 timesteps per image take minutes on a CPU; 12 run the same code"),
-    (r"(diffcls digits digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
+    (r"(diffcls digits --out digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
     (r"(diffcls profile .*)--limit 20", r"\1--limit 2", "2 images profile every stage"),
+    (r"(diffcls shapes shapes/ --split heldout)", r"\1 --limit 30", "30 single-object scenes and 30 items show the layout; the default 1,680 images take seconds more"),
+    (r"--out diffcls/models/demo-shapes", "--out {tmp}/demo-shapes --unet-steps 2 --vae-steps 2 --pairs 8 --single-per-class 1 --no-eval",
+     "the full shapes recipe takes about 50 minutes and draws 12,000 scenes; 2 steps on 32 scenes run the same code"),
+    (r"(diffcls evaluate shapes/classes --model demo-shapes)", r"\1 --n-samples 2 4 --to-keep 2 1",
+     "the model's default is 420 UNet calls per image (30 prompts); 6 timesteps run the same code"),
     (r"--out diffcls/models/demo", "--out {tmp}/demo --unet-steps 2 --vae-steps 2 --no-eval",
      "the full training recipe takes 13 minutes; 2 steps of each model run the same code and leave the bundled model alone"),
 ]
@@ -48,7 +53,7 @@ SKIPS = [
     (r" --ray\b", "ImageNet on GPUs or a Ray cluster; tests/test_distributed.py runs --ray on a local 2-CPU cluster"),
     (r"^ray start ", "starts a node of a Ray cluster; tests/test_distributed.py starts a local cluster"),
     (r"^CUDA_VISIBLE_DEVICES=\d diffcls classify val/ --shard", "one shard per GPU of an unnamed folder; tests/test_distributed.py runs shards + merge on the demo model"),
-    (r"^diffcls merge val\.csv part0\.csv", "merges the GPU shards above; tests/test_distributed.py checks merge against one process"),
+    (r"^diffcls merge --out val\.csv part0\.csv", "merges the GPU shards above; tests/test_distributed.py checks merge against one process"),
 ]
 SKIPS.append((r"^diffcls classify photos/ .*--device cuda", "an SD model on a CUDA GPU (no weights or GPU here); tests/test_gpu.py runs the CUDA paths, BENCHMARKS.md has the run"))
 if importlib.util.find_spec("tensorrt") is None:
@@ -144,6 +149,10 @@ def test_readme_commands_run(scratch, tiny, tiny_dir, tiny_dit_dir, monkeypatch)
             from diffcls.train.demo import main
 
             main(tokens[3:])
+        elif tokens[:3] == ["python", "-m", "diffcls.train.shapes"]:
+            from diffcls.train.shapes import main as train_shapes
+
+            train_shapes(tokens[3:])
         else:
             pytest.fail(f"README command {original!r} is neither run nor skipped here: add it to SKIPS with a reason, or run it")
         ran.append(original)
@@ -158,18 +167,22 @@ def test_readme_commands_run(scratch, tiny, tiny_dir, tiny_dit_dir, monkeypatch)
 
 
 def test_readme_python_example_runs(scratch):
-    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
-    code = block.replace("n_samples=(50, 500)", "n_samples=(4, 8)")  # fewer timesteps, as above
-    assert code != block, "the substitution no longer matches the README's Python example"
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     env: dict = {}
     exec(compile(code, "README.md", "exec"), env)
-    assert env["r"].classname in ("cat", "dog") and len(env["results"]) == 2
+    # the answers the comments promise: the demo model reads both digits right
+    assert [r.classname for r in env["results"]] == ["three", "seven"]
+    probs = env["r"].probabilities(k=3)
+    assert env["r"].ranked(3)[0].classname == "three" and probs[0][2] == max(p for *_, p in probs)
+    assert len(env["outcomes"]) == 10 and env["outcomes"]["three/heldout_0003.png"].prediction == "three"
+    assert (scratch / "api-results.csv").exists()
 
 
 def test_default_keep_is_capped_only_when_not_given():
     """The README's own-model example once failed: --to-keep 5 1 with 3 classes. Only the default
     schedule is capped at the prompt count; a --to-keep the user gives is checked, not changed."""
-    from diffcls.cli.settings import RunSettings, build_schedule
+    from diffcls.runtime.resolve import build_schedule
+    from diffcls.runtime.spec import JobSpec as RunSettings
     from diffcls.errors import DiffclsError
 
     s = build_schedule(RunSettings(), 3, {})

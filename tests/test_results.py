@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,12 +188,50 @@ def test_classify_disk_full_is_one_line_and_resumes(tmp_path, tiny_dir, image_fo
     monkeypatch.setattr(R.os, "write", fills_up)
     r = invoke(*args)
     assert_one_line_error(r, "No space left on device", "r.csv", "rerun the same command")
-    assert len(rows(out)) == 2 and len(errs.read_text().splitlines()) == 2
+    # rows are committed in groups by a writer thread: the failed group left nothing behind, in
+    # either file, and every row that is there has its record
+    kept = rows(out)
+    assert len(kept) < 6 and sorted(json.loads(l)["path"] for l in errs.read_text().splitlines()) == sorted(g["path"] for g in kept)
     monkeypatch.setattr(R.os, "write", real_write)
     r = invoke(*args)
-    assert r.exit_code == 0 and "2 of 6 images already done" in r.output, r.output
+    assert r.exit_code == 0 and f"{len(kept)} of 6 images already done" in r.output, r.output
     got = rows(out)
     assert len(got) == 6 and sorted(json.loads(l)["path"] for l in errs.read_text().splitlines()) == sorted(g["path"] for g in got)
+
+
+def test_background_writer_commits_groups_and_acknowledges_only_what_is_on_disk(tmp_path, monkeypatch):
+    """The job's writer thread: rows in order, one write + fsync per file per group, a row
+    acknowledged only once its group is on disk, a failed group taken back from both files."""
+    out, errs = tmp_path / "r.csv", tmp_path / "e.jsonl"
+    syncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(R.os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    w = ResultsWriter(out, SETTINGS, errs)
+    w.open()
+    bg = R.BackgroundWriter(w, max_group=8)
+    keys = [f"{i}.png" for i in range(40)]
+    acked = []
+    for i, k in enumerate(keys):
+        bg.submit(k, result(i, k))
+        for a in bg.acknowledged():
+            assert a in {r["path"] for r in rows(out)}  # on disk before it is acknowledged
+            acked.append(a)
+    acked += bg.close()
+    assert acked == keys and [r["path"] for r in rows(out)] == keys
+    assert [json.loads(l)["path"] for l in errs.read_text().splitlines()] == keys
+    assert len(syncs) <= 2 * 40 and len(syncs) >= 2 * 5  # two files, groups of at most 8
+    before = out.read_bytes(), errs.read_bytes()
+    bg = R.BackgroundWriter(w)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(R.os, "write", full)
+    bg.submit("late.png", result(99, "late.png"))
+    with pytest.raises(DiffclsError, match="No space left on device"):
+        bg.close()
+    w.close()
+    assert (out.read_bytes(), errs.read_bytes()) == before
 
 
 # --- 10: rows bound to the image's bytes and to the input root ---------------------------------
@@ -273,7 +312,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_dir, image_folder, monkeypatc
     assert_one_line_error(invoke(*base, "--out", "/proc/foo.csv"), "--out /proc/foo.csv cannot be written")
     ro = tmp_path / "ro"
     ro.mkdir()
-    real_open, real_mkstemp = os.open, R.tempfile.mkstemp
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
 
     def read_only(path, *a, **kw):  # what a read-only mount answers (chmod does not stop root)
         if str(path).startswith(str(ro)):
@@ -281,7 +320,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_dir, image_folder, monkeypatc
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr(R.os, "open", read_only)
-    monkeypatch.setattr(R.tempfile, "mkstemp", lambda *a, dir=None, **kw: read_only(str(dir)) if str(dir).startswith(str(ro)) else real_mkstemp(*a, dir=dir, **kw))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **kw: read_only(str(dir)) if str(dir).startswith(str(ro)) else real_mkstemp(*a, dir=dir, **kw))
     assert_one_line_error(invoke(*base, "--out", ro / "r.csv"), "--out", "Read-only file system")
     assert_one_line_error(invoke(*base, "--out", tmp_path / "r.csv", "--save-errors", ro / "e.jsonl"), "--save-errors", "Read-only file system")
 

@@ -1,4 +1,4 @@
-"""Schedule validation and the timestep grid (DESIGN.md, "The scoring loop")."""
+"""Schedule validation and the timestep grid (docs/design.md, "The scoring loop")."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The scoring loop against a plain re-implementation of DESIGN.md's algorithm.
+"""The scoring loop against a plain re-implementation of the algorithm in docs/design.md.
 
 `reference_classify` below is written from the spec, one image at a time, with the diffusers
 UNet called directly (no wrappers, no engines, no batching tricks). The library must give the
@@ -18,7 +18,7 @@ PROMPTS = [f"a photo of class {i}" for i in range(6)]
 
 
 def reference_classify(model, x0, emb, schedule: Schedule, bank):
-    """DESIGN.md "The scoring loop", literally. Returns (prediction, {(prompt, t, trial): error})."""
+    """docs/design.md, "The scoring loop", literally. Returns (prediction, {(prompt, t, trial): error})."""
     T = model.alphas_cumprod.shape[0]
     ac = model.alphas_cumprod
     M = max(schedule.n_samples)

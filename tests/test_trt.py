@@ -49,7 +49,7 @@ def test_opening_a_tensorrt_dir_without_tensorrt_is_a_clear_error(tmp_path):
         pytest.skip("TensorRT is installed here")
     with pytest.raises(DiffclsError) as e:
         open_engines("tensorrt", engine_dir=tmp_path)
-    assert "pip install 'diffcls[tensorrt]'" in str(e.value)
+    assert 'pip install -e ".[tensorrt]"' in str(e.value)
 
 
 @pytest.mark.tensorrt

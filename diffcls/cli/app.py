@@ -31,7 +31,7 @@ def _root(
 
 
 # each command module adds its commands to `app` when imported
-from diffcls.cli import cache, classify, digits, export, info, match, merge, profile  # noqa: E402, F401
+from diffcls.cli import cache, classify, digits, export, info, match, merge, profile, shapes  # noqa: E402, F401
 
 
 def main() -> None:

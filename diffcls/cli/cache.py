@@ -13,16 +13,22 @@ from diffcls.cli.common import app, out, user_errors
 @app.command()
 def cache(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache directory (default: ~/.cache/diffcls or $DIFFCLS_CACHE).")] = None,
-    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached text embedding and latent (only files diffcls wrote; nothing else under the directory).")] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Delete every cached text embedding and latent, and the bundled models' exported engines (only files diffcls wrote; nothing else under the directory).")] = False,
 ) -> None:
-    """Show the text-embedding/latent cache, or clear it with --clear."""
+    """Show the text-embedding/latent cache and the bundled models' engines, or clear them with --clear."""
+    from diffcls.engines.fastpath import ENGINES_SUBDIR
+    from diffcls.export.cached import cached_engine_dirs, clear_cached_engines
     from diffcls.runtime.cache import DiskCache
 
     with user_errors():
         c = DiskCache(cache_dir)
+        engines = c.root / ENGINES_SUBDIR
         if clear:
             n = c.clear()
-            out.print(f"removed {n} cached entries from {c.root}")
+            k = clear_cached_engines(engines)
+            out.print(f"removed {n} cached entries and {k} engine directories from {c.root}")
             return
         files, size = c.size()
-        out.print(f"{c.root}: {files} entries, {size / 1e6:.1f} MB")
+        dirs = cached_engine_dirs(engines)
+        esize = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
+        out.print(f"{c.root}: {files} entries, {size / 1e6:.1f} MB; {len(dirs)} engine directories, {esize / 1e6:.1f} MB")

@@ -6,11 +6,15 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 
 import typer
 from rich.console import Console
 
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, DiffclsWarning
+from diffcls.runtime.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
+
+_show_warning = warnings.showwarning
 
 # the one Typer app: command modules add their commands to it; `diffcls.cli.app` imports them all
 # and adds the global flags (keeping the app here lets a command module import another's options)
@@ -20,6 +24,23 @@ app = typer.Typer(
     help="Zero-shot image classification with Stable Diffusion (Diffusion Classifier), made fast.",
     pretty_exceptions_enable=False,
 )
+
+def _hide_flag_types() -> None:
+    """--help shows no type beside an on/off flag (Typer writes "<bool>" there, which reads as
+    if the flag took a value). A display-only hook on Typer's own option class."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another Typer layout: keep its default
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -53,9 +74,12 @@ state = _State()
 
 @contextlib.contextmanager
 def user_errors():
-    """User errors -> one line on stderr and exit code 2 (the traceback only with --debug)."""
+    """User errors -> one line on stderr and exit code 2 (the traceback only with --debug);
+    diffcls's warnings -> one `warning:` line each."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            yield
     except DiffclsError as e:
         if state.debug:
             raise
@@ -67,24 +91,11 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """'3.91 img/s', or '4.20 s/img' when it is below one per second (a large model on a CPU).
-
-    `unit` is the plural written before "/s" ("img", "UNet evals"); `per_unit` the singular
-    written after "s/" (default: `unit`).
-    """
-    if count <= 0 or seconds <= 0:
-        return f"0 {unit}/s"
-    return per_second(count / seconds, unit, per_unit, digits)
-
-
-def per_second(value: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
-    """A rate `value` (per second) as `rate` writes it: seconds per item when below 1/s."""
-    if value >= 1:
-        return f"{value:.{digits}f} {unit}/s"
-    if value <= 0:
-        return f"0 {unit}/s"
-    return f"{1 / value:.2f} s/{per_unit or unit}"
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, DiffclsWarning):
+        print("warning: " + " ".join(str(message).split()), file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 def progress_interval() -> float:

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.common import app, out, user_errors
+from diffcls.errors import DiffclsError
 
 
 class Split(str, Enum):
@@ -16,9 +17,18 @@ class Split(str, Enum):
     train = "train"
 
 
+def _one_out(option: Path | None, positional: Path | None) -> Path:
+    if option is not None and positional is not None:
+        raise DiffclsError(f"give the folder once: --out {option} (the positional {positional} is the older form of the same)")
+    if option is None and positional is None:
+        raise DiffclsError("pass the folder to write into with --out DIR, e.g. diffcls digits --out digits/")
+    return option if option is not None else positional
+
+
 @app.command()
 def digits(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write into; one subfolder per class (zero .. nine).")],
+    folder: Annotated[Optional[Path], typer.Argument(help="The same as --out (the older form).", metavar="[DIR]", show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty folder to write into; one subfolder per class (zero .. nine).", metavar="DIR", show_default=False)] = None,
     split: Annotated[Split, typer.Option("--split", help="heldout: the 20% the demo model never saw in training; train: the rest.")] = Split.heldout,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Write only the first N images (class-balanced).")] = None,
     corrupt: Annotated[int, typer.Option("--corrupt", help="Corruption severity 1-5 (seeded rotation, shift and pixel noise; harder for the classifier); 0: clean.")] = 0,
@@ -27,6 +37,7 @@ def digits(
     from diffcls.models.digits import write_digits
 
     with user_errors():
+        out_dir = _one_out(out_dir, folder)
         paths = write_digits(out_dir, split.value, limit, severity=corrupt)
     classes = len({p.parent.name for p in paths})
     kind = f"{split.value} digits (corruption severity {corrupt})" if corrupt else f"{split.value} digits"

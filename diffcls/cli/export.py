@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,13 +44,28 @@ class _Reporter:
         self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
 
 
+class ExportBackend(str, Enum):
+    """The backends an export is for (config.Backend without auto and torch)."""
+
+    onnxruntime = Backend.onnxruntime.value
+    tensorrt = Backend.tensorrt.value
+
+
+class ExportPrecision(str, Enum):
+    """The precisions an export can have (config.Precision without bf16)."""
+
+    auto = Precision.auto.value
+    fp32 = Precision.fp32.value
+    fp16 = Precision.fp16.value
+
+
 @app.command("export")
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
-    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD) or demo-dit.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD), demo-dit or demo-shapes.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")] = None,
-    backend: Annotated[Backend, typer.Option("--backend", help="What the engines are for: onnxruntime or tensorrt.")] = Backend.onnxruntime,
-    precision: Annotated[Precision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 is not exported).")] = Precision.auto,
+    backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for (torch runs a model itself and needs no export).")] = ExportBackend.onnxruntime,
+    precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 runs only on the torch backend).")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
     vae_batch_size: Annotated[int, typer.Option("--vae-batch-size", min=1, help="The VAE encoder's batch size (the runtime encodes images this many at a time).")] = 8,
     text_batch_size: Annotated[Optional[int], typer.Option("--text-batch-size", min=1, help="The text encoder's batch size (default: the model's prompt count rounded up to 8, else 16).")] = None,
@@ -66,10 +82,6 @@ def export_cmd(
     from diffcls.export.pipeline import human_size
 
     with user_errors():
-        if backend not in (Backend.onnxruntime, Backend.tensorrt):
-            raise DiffclsError(f"--backend {backend.value} cannot be exported; export for onnxruntime or tensorrt (torch runs the model itself)")
-        if precision == Precision.bf16:
-            raise DiffclsError("--precision bf16 is not exported; use fp16 or fp32 (bf16 runs on the torch backend)")
         if config is not None:
             if model is None:
                 raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
@@ -80,7 +92,7 @@ def export_cmd(
             out=out_dir,
             model=model,
             backend=backend.value,
-            precision=None if precision == Precision.auto else precision.value,
+            precision=None if precision == ExportPrecision.auto else precision.value,
             batch_sizes=parse_batch_sizes(batch_sizes),
             vae_batch_size=vae_batch_size,
             text_batch_size=text_batch_size,
@@ -91,7 +103,9 @@ def export_cmd(
             force=force,
         )
         progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-        with progress:
+        from diffcls.runtime.outputs import output_errors
+
+        with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
             result = export_model(cfg, _Reporter(progress))
         m = result.manifest
         total = sum(

@@ -1,4 +1,4 @@
-"""`diffcls info [DIR]`: installed backends and devices; what an engine directory holds."""
+"""`diffcls info [PATH]`: installed backends and devices; what a model or an engine directory holds."""
 
 from __future__ import annotations
 
@@ -44,8 +44,13 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
     """(manifest, one row per component with files present/sizes) for an engine directory."""
     from diffcls.engines import manifest as mf
 
+    if not engine_dir.exists():
+        raise DiffclsError(
+            f"{engine_dir} does not exist; pass a model (a diffusers directory, a checkpoint file, a cached org/name, "
+            "demo or demo-dit) or an engine directory written by diffcls export"
+        )
     if not engine_dir.is_dir():
-        raise DiffclsError(f"{engine_dir} is not a directory; pass an engine directory written by diffcls export")
+        raise DiffclsError(f"{engine_dir} is neither a model nor an engine directory; pass a diffusers model directory, a checkpoint file or an engine directory")
     manifest = mf.read_manifest(engine_dir)
     if manifest is None:
         raise DiffclsError(
@@ -135,7 +140,7 @@ def model_kind_line(manifest: dict) -> str:
 
 @app.command("info")
 def info_cmd(
-    engine_dir: Annotated[Optional[Path], typer.Argument(help="An engine directory, or a model (directory, checkpoint, cached org/name) to describe.")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="A model to describe (diffusers directory, checkpoint file, cached org/name, demo, demo-dit) or an engine directory from diffcls export.", metavar="PATH", show_default=False)] = None,
 ) -> None:
     """Show installed backends, ONNX Runtime providers, torch/CUDA, and what an engine or model directory holds."""
     from rich.table import Table
@@ -152,21 +157,26 @@ def info_cmd(
         if env["onnxruntime"]:
             out.print(f"onnxruntime {env['onnxruntime']}, providers: {', '.join(env['ort_providers'])}")
         out.print(f"tensorrt: {env['tensorrt'] or 'not installed'}")
-        if engine_dir is None:
+        if path is None:
             return
-        if is_model(engine_dir):
-            print_model(engine_dir)
+        if is_model(path):
+            print_model(path)
             return
-        manifest, rows = engine_dir_rows(engine_dir)
+        manifest, rows = engine_dir_rows(path)
         out.print(
-            f"\nengine directory {engine_dir}: backend {manifest.get('backend')}, model {manifest.get('source')} "
+            f"\nengine directory {path}: backend {manifest.get('backend')}, model {manifest.get('source')} "
             f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}"
         )
         out.print(model_kind_line(manifest))
         if manifest.get("complete") is False:
             from diffcls.engines.manifest import fix_command
 
-            out.print(f"status: INCOMPLETE - its export did not finish (interrupted or failed); finish it with: {fix_command(engine_dir, manifest)}")
+            out.print(f"status: INCOMPLETE - its export did not finish (interrupted or failed); finish it with: {fix_command(path, manifest)}")
+        from diffcls.engines.manifest import fix_command, tamper_problem
+
+        changed = tamper_problem(path, manifest)
+        if changed:  # classify refuses it: say so here too
+            out.print(f"status: CHANGED - {changed}; rebuild it with: {fix_command(path, manifest)}")
         versions = manifest.get("versions") or {}
         out.print("built with " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
         if manifest.get("gpu"):
@@ -180,7 +190,7 @@ def info_cmd(
             table.add_row(
                 r["component"],
                 str(r["precision"]),
-                ",".join(map(str, r["batch_sizes"] or [])),
+                ",".join(map(str, r["batch_sizes"] or [])) or "any",  # none recorded: dynamic ONNX graphs
                 human_size(r["bytes"]),
                 f"{r['max_abs_err']:.2g}" if r["max_abs_err"] is not None else "-",
                 f"{r['max_rel_err']:.2g}" if r["max_rel_err"] is not None else "-",

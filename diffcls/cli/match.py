@@ -11,13 +11,14 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
-from diffcls.cli.settings import RunSettings, load_noise, open_classifier, run_options
+from diffcls.cli.settings import RunSettings, run_options
+from diffcls.runtime.resolve import load_noise, model_defaults_of, open_classifier
 from diffcls.errors import DiffclsError
 
 # the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
 # adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
 # up to the whole grid, no final stage)
-EXCLUDED = ("prompts", "classes", "template", "list_file", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
+EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
             "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"
@@ -47,11 +48,12 @@ def match(
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
         from diffcls.runtime.match import MatchResultsWriter, ItemResult, read_items, summarize
-        from diffcls.runtime.results import check_writable
+        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
         s = settings
-        for path, flag in ((json_out, "--json"), (plot, "--plot")):
-            check_writable(path, flag)  # before the run, not after it finished
+        check_output(json_out, "--json", "match")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_distinct(("ITEMS", items_file), ("--out", out_csv), ("--json", json_out), ("--plot", plot), ("--compare", compare))
         items = read_items(items_file)[:limit]
         reference = _read_results(compare) if compare is not None else None
         given = {k: v for k, v in (("error_rate", error_rate), ("min_samples", min_samples), ("max_samples", max_samples)) if v is not None}
@@ -80,26 +82,21 @@ def match(
                   "settings": {**_record(s, clf, items_file, t_interval), "adaptive": adaptive, **given}}
             if agree is not None:
                 report["agreement"] = agree
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
             from diffcls.runtime.match import plot_scores
 
-            plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
+            with output_errors("--plot", plot):
+                plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
             console.print(f"score chart in {plot}")
 
 
 def _open(s: RunSettings, t_interval: int, adaptive_flags: dict | None):
     """Check the model cheaply, open the engines, build the schedule for their timesteps."""
-    from diffcls.engines.manifest import require_engine_dir
-    from diffcls.models.loading import check_model_path, model_defaults
     from diffcls.runtime.match import MatchSchedule, adaptive_for_match
 
-    if s.engines is None:
-        root = check_model_path(s.model)
-        defaults = model_defaults(root) if root.is_dir() else {}
-    else:
-        require_engine_dir(s.engines)
-        defaults = model_defaults(s.engines)
+    defaults = model_defaults_of(s)
     if defaults.get("labels"):
         raise DiffclsError("match needs a text-conditioned model (captions); a class-conditional model (DiT) has no text encoder")
     clf = open_classifier(s, s.image_size or defaults.get("image_size"))

@@ -13,31 +13,31 @@ from diffcls.errors import DiffclsError
 
 @app.command()
 def merge(
-    out_csv: Annotated[Path, typer.Argument(help="The merged results CSV to write.")],
-    shards: Annotated[list[Path], typer.Argument(help="The shards' --out files (one per shard I/N).")],
+    shards: Annotated[list[Path], typer.Argument(help="The shards' --out files (one per shard I/N). Without --out, the first is the merged file to write (the older form).", metavar="SHARD.csv...", show_default=False)],
+    out_csv: Annotated[Optional[Path], typer.Option("--out", help="The merged results CSV to write.", show_default=False)] = None,
     folder: Annotated[Optional[Path], typer.Option("--folder", help="The folder the shards classified (default: the one their settings name), to check that every image has a row.")] = None,
     save_errors: Annotated[Optional[Path], typer.Option("--save-errors", help="Also merge the shards' --save-errors files into this JSONL (pass them with --errors).")] = None,
     errors: Annotated[Optional[list[Path]], typer.Option("--errors", help="A shard's --save-errors file; repeat once per shard.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Write the merged file even if images or shards are missing (they are still reported).")] = False,
 ) -> None:
     """Merge shard results: same settings, every image exactly once (missing and duplicated images are reported)."""
-    from diffcls.runtime.preprocess import find_images
-    from diffcls.runtime.shards import check_shards, read_shard, write_merged
+    from rich.markup import escape
+
+    from diffcls.runtime.results import printable
+    from diffcls.runtime.shards import check_shards, expected_images, read_shard, write_merged
 
     with user_errors():
+        if out_csv is None:
+            if len(shards) < 2:
+                raise DiffclsError("pass the merged file with --out, e.g. diffcls merge --out all.csv part0.csv part1.csv")
+            out_csv, shards = shards[0], shards[1:]
         if (save_errors is None) != (not errors):
             raise DiffclsError("--save-errors MERGED.jsonl and --errors SHARD.jsonl (once per shard) go together; give both or neither")
         parts = [read_shard(p) for p in shards]
-        images = None
-        root = folder if folder is not None else parts[0].settings.get("root")
-        if root is not None:
-            root = Path(root)
-            if not root.exists():
-                raise DiffclsError(f"the shards classified {root}, which is not here; pass --folder with the same images to check coverage")
-            found = find_images(root)
-            base = root if root.is_dir() else root.parent
-            images = [p.relative_to(base).as_posix() for p in found]
+        images = expected_images(parts[0].settings, folder)
         report = check_shards(parts, images)
+        for line in report.skipped:
+            console.print(f"no row, as classify skipped it: {escape(printable(line))}")
         for line in report.problems:
             console.print(f"[yellow]{line}[/]")
         if report.duplicated:

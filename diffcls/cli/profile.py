@@ -13,92 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from diffcls.cli.classify import PathsArg
-from diffcls.cli.settings import RunSettings, prepare, run_options
+from diffcls.cli.settings import RunSettings, run_options
 from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
-from diffcls.errors import DiffclsError, missing_extra
+from diffcls.errors import DiffclsError
+from diffcls.runtime.profiling import ordered_stages, stage_label
 
-# stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
-STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
-STAGE_LABELS = {
-    "load": "load model/engines",
-    "preprocess": "preprocess*",
-    "text_encode": "text encode",
-    "vae_encode": "VAE encode",
-    "unet_call": "UNet, all calls",
-    "total": "total",
-}
-
-
-def _ordered(stages: dict) -> list[str]:
-    names = []
-    for s in STAGE_ORDER:
-        if s == "unet_round":
-            names += sorted((n for n in stages if n.startswith("unet_round_")), key=lambda n: int(n.rsplit("_", 1)[1]))
-        elif s in stages:
-            names.append(s)
-    rest = [n for n in stages if n not in names and n != "total"]
-    return names + rest + (["total"] if "total" in stages else [])
-
-
-def _label(name: str) -> str:
-    if name.startswith("unet_round_"):
-        return f"UNet round {name.rsplit('_', 1)[1]}"
-    return STAGE_LABELS.get(name, name)
-
-
-def _require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise missing_extra("matplotlib", "plot") from None
-    return plt
-
-
-def plot_stages(report: dict, path: Path) -> None:
-    """Horizontal bars: total seconds per stage (and the warm-up, if any)."""
-    plt = _require_matplotlib()
-    stages = report["stages"]
-    names = [n for n in _ordered(stages) if n != "unet_call"]
-    secs = [stages[n]["total_s"] for n in names]
-    labels = [_label(n) for n in names]
-    if report.get("warmup"):
-        labels.append("warm-up (not counted)")
-        secs.append(report["warmup"]["total_s"])
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
-    bars = ax.barh(range(len(secs)), secs, color=["#4c72b0"] * len(names) + ["#dd8452"] * (len(secs) - len(names)))
-    ax.set_yticks(range(len(secs)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds")
-    for bar, s in zip(bars, secs):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s:.3g} s", va="center", fontsize=8)
-    s = report["settings"]
-    ax.set_title(
-        f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "
-        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 0)}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _peak_memory(device) -> int | None:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
+def _cached_note(name: str, stage: dict, cache: dict | None) -> str:
+    """' (cached)' for a text/VAE stage that never ran because the cache held it all."""
+    if name in ("text_encode", "vae_encode") and stage["calls"] == 0 and cache and cache.get("hits"):
+        return " (cached)"
+    return ""
 
 
 def _print_report(report: dict) -> None:
@@ -110,15 +40,15 @@ def _print_report(report: dict) -> None:
     table.add_column("stage", no_wrap=True)
     for col, just in (("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
         table.add_column(col, justify=just)
-    for name in _ordered(stages):
+    for name in ordered_stages(stages):
         st = stages[name]
         share = "-" if name == "load" or not wall else f"{100 * st['total_s'] / wall:.1f}"
-        table.add_row(_label(name), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
+        table.add_row(stage_label(name) + _cached_note(name, st, report["cache"]), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
     if report.get("warmup"):
         w = report["warmup"]["total_s"]
         table.add_row("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
     out.print(table)
-    out.print("* on worker threads, overlapped with the UNet; p50/p90 are per call")
+    out.print("preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call")
     cache = report["cache"]
     cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
     mem = report["peak_gpu_memory_bytes"]
@@ -138,7 +68,6 @@ def _print_report(report: dict) -> None:
 @run_options
 def profile(
     paths: PathsArg = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Profile only the first N images.")] = None,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Classify one image first, not counted (reports compile/first-call cost separately).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full profile as JSON.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-stage bar chart (PNG; needs matplotlib).")] = None,
@@ -146,21 +75,24 @@ def profile(
     settings: RunSettings,
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
+    from diffcls.runtime.profiling import plot_stages, require_matplotlib
+    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
+
     with user_errors():
         if plot is not None:
-            _require_matplotlib()  # fail before any work
-        from diffcls.runtime.inputs import collect_inputs
-        from diffcls.runtime.results import check_writable
+            require_matplotlib()  # fail before any work
 
-        check_writable(json_out, "--json")  # before the run, not after it finished
-        check_writable(plot, "--plot")
+        check_output(json_out, "--json", "profile")  # before the run, not after it finished
+        check_output(plot, "--plot", "png")
+        check_distinct(("--json", json_out), ("--plot", plot))
 
-        inputs = collect_inputs(paths or [], settings.list_file)
-        run = prepare(settings, inputs)
+        from diffcls.runtime.job import ClassifyJob
+
+        job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         s = settings
-        images = [str(p) for p in inputs.images[:limit]]
-        kw = dict(seed=s.seed, noise=run.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
-        report = profile_run(run.classifier, images, run.prompts, run.schedule, warmup=warmup, **kw)
+        images = [str(p) for p in job.inputs.images]  # --limit / --sample: the job selected them
+        kw = dict(seed=s.seed, noise=job.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
+        report = _profile(job, images, warmup, kw)
         report["settings"].update(
             {
                 "folder": ", ".join(paths or []),
@@ -175,106 +107,24 @@ def profile(
         if json_out is not None:
             from diffcls.runtime.results import atomic_write_text
 
-            atomic_write_text(json_out, json.dumps(report, indent=2))
+            with output_errors("--json", json_out):
+                atomic_write_text(json_out, json.dumps(report, indent=2))
             console.print(f"profile in {json_out}")
         if plot is not None:
-            plot_stages(report, plot)
+            with output_errors("--plot", plot):
+                plot_stages(report, plot)
             console.print(f"stage plot in {plot}")
         if not report["n_images"]:
             raise DiffclsError(f"no image of {', '.join(paths or [str(s.list_file)])} could be classified; see the skipped files above")
 
 
-def _distribution(values: list[int]) -> dict | None:
-    """mean, p50, p90 and max of UNet evaluations per image (None without images)."""
-    if not values:
-        return None
-    import numpy as np
+def _profile(job, images: list, warmup: bool, kw: dict) -> dict:
+    """profile_run with a spinner on a terminal; in a log or pipe, a line every few seconds."""
+    from diffcls.runtime.profiling import profile_run
 
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "max": int(v.max())}
-
-
-def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, **kw) -> dict:
-    """Classify `images` with per-stage timing; returns the report dict (see module docstring)."""
-    import torch
-
-    e = clf.engines
-    skipped: list[list[str]] = []
-
-    def on_skip(path, msg):
-        skipped.append([path, msg])
-        console.print(f"[yellow]skipped[/] {msg}")
-
-    warm = None
-    if warmup and images:
-        saved, clf.cache = clf.cache, None  # warm every stage, leave the cache untouched
-        start = time.perf_counter()
-        try:
-            for _ in clf.iter_classify(images[:1], pset, schedule, on_skip=lambda *a: None, **kw):
-                pass
-        finally:
-            clf.cache = saved
-        warm = {"total_s": time.perf_counter() - start, "stages": {k: v for k, v in clf.timer.summary().items() if k != "load"}}
-        load = clf.timer.calls.get("load", [])
-        clf.timer.calls.clear()
-        if load:
-            clf.timer.calls["load"] = load
-    if e.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(e.device)
-    cache0 = (clf.cache.hits, clf.cache.misses, clf.cache.rejected) if clf.cache is not None else None
-    start = time.perf_counter()
-    n = 0
-    n_evals: list[int] = []
-    # a spinner on a terminal; in a log or pipe (where it shows nothing), a line every few seconds
     lines = None if interactive(console) else LineProgress(console)
     task = lines.add_task("profile", total=len(images)) if lines is not None else None
     with console.status(f"profiling {len(images)} images ...") if lines is None else contextlib.nullcontext():
-        for r in clf.iter_classify(images, pset, schedule, on_skip=on_skip, **kw):
-            n += 1
-            n_evals.append(r.n_evals)
-            if lines is not None:
-                lines.advance(task)
-    if e.device.type == "cuda":
-        torch.cuda.synchronize(e.device)
-    wall = time.perf_counter() - start
-    stats = clf.last_stats
-    unet_s = sum(stats.unet_seconds) if stats else 0.0
-    stages = clf.timer.summary()
-    for name in ("text_encode", "vae_encode"):  # a cached run shows these as 0 calls, not as nothing
-        stages.setdefault(name, {"calls": 0, "total_s": 0.0, "p50_ms": 0.0, "p90_ms": 0.0})
-    stages["total"] = {"calls": 1, "total_s": wall, "p50_ms": 1000 * wall, "p90_ms": 1000 * wall}
-    peak = _peak_memory(e.device)
-    cache = None
-    if clf.cache is not None:
-        c = clf.cache
-        cache = {"hits": c.hits - cache0[0], "misses": c.misses - cache0[1], "rejected": c.rejected - cache0[2], "dir": str(c.root)}
-    return {
-        "settings": {
-            "backend": e.backend,
-            "device": str(e.device),
-            "precision": e.precision,
-            "compile": bool(e.info.get("compile", False)),
-            "batch_size": kw.get("batch_size"),
-            "threads": torch.get_num_threads(),
-            "image_size": e.image_size,
-            "model_fingerprint": e.fingerprint,
-            "model_source": e.info.get("source"),
-            "n_prompts": len(pset),
-            "schedule": schedule.describe(),
-        },
-        "n_images": n,
-        "total_s": wall,
-        "stages": stages,
-        "warmup": warm,
-        "images_per_s": n / wall if wall else 0.0,
-        "unet_evals": stats.unet_evals if stats else 0,
-        "unet_calls": stats.unet_calls if stats else 0,
-        "unet_seconds": unet_s,
-        "unet_evals_per_s": (stats.unet_evals / unet_s) if stats and unet_s else 0.0,
-        "end_to_end_evals_per_s": (stats.unet_evals / wall) if stats and wall else 0.0,
-        "padding_fraction": stats.padding_fraction if stats else 0.0,
-        "evals_per_image": _distribution(n_evals),
-        "cache": cache,
-        "peak_gpu_memory_bytes": peak,  # None (JSON null) without a GPU
-        "skipped": skipped,
-    }
+        return profile_run(job.classifier, images, job.prompts, job.schedule, warmup=warmup,
+                           on_skip=lambda path, msg: console.print(f"[yellow]skipped[/] {msg}"),
+                           on_image=(lambda: lines.advance(task)) if lines is not None else None, **kw)

@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 
 from diffcls.engines.base import Engine, EngineSet, PassThroughEngine, check_batch
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 
 # backend name -> (module, the Python package it needs, the extra that installs it)
 BACKENDS: dict[str, tuple[str, str | None, str | None]] = {
@@ -42,7 +42,7 @@ def backend_module(backend: str):
     module, package, extra = BACKENDS[backend]
     if not is_available(backend):
         raise DiffclsError(
-            f"the {backend} backend needs the {package} package; install it with: pip install 'diffcls[{extra}]'"
+            f"the {backend} backend needs the {package} package; install it with: {install_hint(extra, package)}"
         )
     return importlib.import_module(module)
 

@@ -1,6 +1,6 @@
 """The engine directory's `manifest.json`: what was built, from which model, with what.
 
-One manifest per engine directory (DESIGN.md, "Engine directory and manifest"):
+One manifest per engine directory (docs/design.md, "Engine directory and manifest"):
 
     {"format": 1, "backend": "onnxruntime", "fingerprint": "<model>", "image_size": 512,
      "source": "models/sd21", "versions": {"torch": ..., "onnx": ..., "onnxruntime": ...},
@@ -15,6 +15,7 @@ one-line `DiffclsError` with the reason and the `diffcls export ...` command tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -53,12 +54,56 @@ def read_manifest(engine_dir: str | Path) -> dict | None:
 
 
 def write_manifest(engine_dir: str | Path, manifest: dict) -> Path:
-    """Atomic write (temp file + rename), so a crash never leaves half a manifest."""
+    """Atomic write (temp file + rename), so a crash never leaves half a manifest; sealed with
+    its own `digest`, so an edited manifest is refused on open."""
     path = Path(engine_dir) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps({**manifest, "digest": manifest_digest(manifest)}, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
+
+
+# --- everything that shapes the scores is hashed ------------------------------------------------
+RUNTIME_FILES = (ALPHAS_FILE, TOKENIZER_DIR, "scheduler")  # besides the engines: ᾱ, tokenizer, scheduler config
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's fields (all but `digest`): it covers the engines' and runtime
+    files' hashes, so it names the whole directory's scoring behaviour (results bind to it)."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def runtime_file_hashes(engine_dir: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under RUNTIME_FILES."""
+    root = Path(engine_dir)
+    found = {}
+    for rel in RUNTIME_FILES:
+        p = root / rel
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        for f in files:
+            found[f.relative_to(root).as_posix()] = sha256_file(f)
+    return found
+
+
+def tamper_problem(engine_dir: Path, manifest: dict, check_hash: bool = True) -> str | None:
+    """Why the manifest or the runtime files differ from what the export wrote (None: they do
+    not). A manifest from before the digest and runtime hashes were recorded has nothing to check."""
+    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+        return f"{engine_dir / MANIFEST} was edited after the export (its digest differs)"
+    recorded = manifest.get("runtime_files")
+    if not isinstance(recorded, dict) or not check_hash:
+        return None
+    here = runtime_file_hashes(engine_dir)
+    for rel, digest in sorted(recorded.items()):
+        if rel not in here:
+            return f"{engine_dir / rel} is missing"
+        if here[rel] != digest:
+            return f"{engine_dir / rel} differs from the export (its sha256 differs from the manifest)"
+    extra = sorted(set(here) - set(recorded))
+    if extra:
+        return f"{engine_dir / extra[0]} was not written by the export"
+    return None
 
 
 def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | None = None, **overrides) -> str:
@@ -68,12 +113,21 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
     first = comps.get("unet") or (next(iter(comps.values()), {}) if comps else {})
     backend = overrides.get("backend") or m.get("backend") or "onnxruntime"
     precision = overrides.get("precision") or first.get("precision")
-    batch_sizes = overrides.get("batch_sizes") or first.get("batch_sizes")
+    asked = m.get("requested_batch_sizes") if isinstance(m.get("requested_batch_sizes"), dict) else {}
+
+    def sizes_of(comp):  # what the component was built for, else what the (interrupted) export asked
+        entry = comps.get(comp) if isinstance(comps.get(comp), dict) else {}
+        sizes = entry.get("batch_sizes") or asked.get(comp) or []
+        ok = isinstance(sizes, list) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+        return list(sizes) if ok else []  # an edited value is not repeated: the defaults instead
+
+    # never another component's: an export killed before the UNet has only the text encoder's
+    batch_sizes = overrides.get("batch_sizes") or sizes_of("unet")
     # the text encoder's and VAE's own batch size (manifests before per-component sizes have none)
     own = {}
     for comp, flag in (("vae_encoder", "--vae-batch-size"), ("text_encoder", "--text-batch-size")):
-        sizes = (comps.get(comp) or {}).get("batch_sizes") or []
-        if len(sizes) == 1 and list(sizes) != list(first.get("batch_sizes") or []):
+        sizes = sizes_of(comp)
+        if len(sizes) == 1 and sizes != sizes_of("unet"):
             own[flag] = str(sizes[0])
     image_size = overrides.get("image_size") or m.get("image_size")
     source = model if model is not None else m.get("source")
@@ -143,6 +197,31 @@ def require_engine_dir(engine_dir: str | Path, *, backend: str | None = None, mo
     return engine_dir
 
 
+def exported_backend(engine_dir: str | Path) -> str:
+    """The backend an engine directory was exported for (onnxruntime when it has no manifest:
+    opening it then says so); a corrupt manifest is a one-line DiffclsError."""
+    backend = (read_manifest(engine_dir) or {}).get("backend")
+    return backend if isinstance(backend, str) else "onnxruntime"
+
+
+def require_finished_export(engine_dir: str | Path, *, backend: str | None = None) -> Path:
+    """`require_engine_dir`, and a one-line error for a directory without a manifest or one whose
+    export was interrupted (before its class prompts or defaults would be looked for)."""
+    engine_dir = require_engine_dir(engine_dir, backend=backend)
+    manifest = read_manifest(engine_dir)
+    if manifest is None:
+        raise DiffclsError(
+            f"{engine_dir} has no {MANIFEST}, so it is not an exported engine directory; create it with: "
+            f"{fix_command(engine_dir, None, backend=backend)}"
+        )
+    if manifest.get("complete") is False:
+        raise DiffclsError(
+            f"engine directory {engine_dir}: its export did not finish (it was interrupted); rerun the export to complete it: "
+            f"{fix_command(engine_dir, manifest)}"
+        )
+    return engine_dir
+
+
 def verify_engine_dir(
     engine_dir: str | Path,
     *,
@@ -197,6 +276,12 @@ def verify_engine_dir(
     missing = [c for c in built if c not in comps]
     if missing:
         raise fail(f"the manifest lacks {', '.join(missing)}")
+    for c in built:
+        sizes = comps[c].get("batch_sizes") if isinstance(comps[c], dict) else None
+        if not isinstance(comps[c], dict) or (sizes is not None and not (
+            isinstance(sizes, list) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes)
+        )):
+            raise fail(f"the manifest's {c} entry is malformed (batch_sizes {sizes!r} are not positive integers; was manifest.json edited?)")
     if precision not in (None, "auto"):
         have = {comps[c].get("precision") for c in built}
         if have != {precision}:
@@ -208,6 +293,9 @@ def verify_engine_dir(
     for rel in (ALPHAS_FILE, TOKENIZER_DIR):
         if not (engine_dir / rel).exists():
             raise fail(f"{engine_dir / rel} is missing")
+    problem = tamper_problem(engine_dir, manifest, check_hash)
+    if problem:
+        raise fail(problem)
     if runtime_check is not None:
         problem = runtime_check(manifest)
         if problem:
@@ -293,7 +381,7 @@ def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend
         backend=backend,
         precision=precisions.pop() if len(precisions) == 1 else "mixed",
         device=device,
-        info={"engine_dir": str(engine_dir), **info},
+        info={"engine_dir": str(engine_dir), "manifest_digest": manifest_digest(manifest), **info},
         prediction_type=manifest_prediction_type(engine_dir, manifest),
     )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diffcls.engines.base import EngineSet, check_batch
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 from diffcls.engines import manifest as mf
 from diffcls.models.spec import ComponentSpec, exported_components
 
@@ -28,7 +28,7 @@ def _trt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise DiffclsError("the tensorrt backend needs TensorRT; install it with: pip install 'diffcls[tensorrt]'") from e
+        raise DiffclsError(f"the tensorrt backend needs TensorRT; install it with: {install_hint('tensorrt', 'tensorrt')}") from e
     return trt
 
 

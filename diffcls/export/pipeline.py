@@ -34,7 +34,7 @@ from typing import Callable
 
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
@@ -61,6 +61,7 @@ class ExportConfig:
     opset: int = ox.OPSET
     workspace_gb: float = trt_build.DEFAULT_WORKSPACE_GB  # TensorRT builder workspace limit
     force: bool = False  # rebuild everything
+    any_batch: bool = False  # onnxruntime: record no batch sizes, so the runtime sends any (the graphs are dynamic in the batch)
 
 
 @dataclass
@@ -123,13 +124,13 @@ def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
         raise DiffclsError(f"cannot export for backend {cfg.backend!r} (choose {', '.join(EXPORT_BACKENDS)}){hint}")
     if cfg.backend == "tensorrt":
         if trt_build.tensorrt_version() is None:
-            raise DiffclsError("--backend tensorrt needs TensorRT; install it with: pip install 'diffcls[tensorrt]'")
+            raise DiffclsError(f"--backend tensorrt needs TensorRT; install it with: {install_hint('tensorrt', 'tensorrt')}")
         device = resolve_export_device(cfg.device or "cuda", cfg.backend)
     else:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise DiffclsError("--backend onnxruntime needs onnxruntime; install it with: pip install 'diffcls[onnx]'") from e
+            raise DiffclsError(f"--backend onnxruntime needs onnxruntime; install it with: {install_hint('onnx', 'onnx onnxruntime')}") from e
         device = resolve_export_device(cfg.device, cfg.backend)
     precision = cfg.precision
     if precision in (None, "auto"):
@@ -139,6 +140,8 @@ def resolve_settings(cfg: ExportConfig) -> tuple[str, str, bool]:
     optimize = cfg.optimize
     if optimize is None:
         optimize = cfg.backend == "onnxruntime" and precision == "fp16" and device == "cuda"
+    if cfg.any_batch and cfg.backend != "onnxruntime":
+        raise DiffclsError("TensorRT engines are built for fixed batch sizes; any_batch is for onnxruntime exports")
     if optimize and cfg.backend != "onnxruntime":
         raise DiffclsError("--optimize is ONNX Runtime's fusion pass; TensorRT fuses on its own, drop --optimize")
     return device, precision, bool(optimize)
@@ -168,11 +171,13 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DiffclsError(f"--out {out} is a file; pass a directory")
+    check_out_dir(out, None if isinstance(cfg.model, MODEL_TYPES) else cfg.model)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
     model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model)
+    check_out_dir(out, model.source)  # a model id or bundled name resolved to its folder
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
     image_size = int(cfg.image_size or model.default_image_size)
@@ -200,27 +205,10 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     versions = library_versions(cfg.backend)
     gpu = trt_build.gpu_info() if cfg.backend == "tensorrt" else None
 
-    manifest = {
-        "format": mf.FORMAT,
-        "backend": cfg.backend,
-        "fingerprint": fingerprint,
-        "image_size": image_size,
-        "max_length": model.max_length,  # with the two below: the component specs, no model needed
-        "hidden_size": model.hidden_size,
-        "latent_shape": list(model.latent_shape(image_size)),
-        "kind": model.kind,  # "stable-diffusion" or "dit"
-        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
-        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
-        "source": str(model.source),
-        "versions": versions,
-        "gpu": gpu,
-        "exporter": "torch.onnx.export(dynamo=False)",
-        "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
-        "components": {},
-    }
+    manifest = _new_manifest(cfg, model, fingerprint, image_size, specs, versions, gpu, component_batches)
     # mark the directory as being rewritten before touching anything in it (keeping what the
     # old manifest vouches for, so that a killed export still reuses its finished parts)
-    mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps)})
+    mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps), "requested_batch_sizes": component_batches})
     result = ExportResult(out, manifest)
     # a model this export loaded is its own: each component's torch weights are freed once its
     # graph is written (before the fp16 conversion), which keeps an SD-2.1-size export's peak low
@@ -243,13 +231,46 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
             entry = _export_ort(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result, release)
         else:
             entry = _export_trt(model, comp, specs[comp], out, settings, old_comps.get(comp), device, cfg, report, result)
-        entry["batch_sizes"] = component_batches[comp]  # ONNX graphs take any batch; the runtime sends these
+        # ONNX graphs take any batch; the runtime sends these (none recorded: any)
+        entry["batch_sizes"] = [] if cfg.any_batch else component_batches[comp]
         entry["image_size"] = image_size
         manifest["components"][comp] = entry
         # write as we go: an interrupted export keeps what it finished
         mf.write_manifest(out, manifest)
 
+    _finish(cfg, model, out, manifest, stale_candidates)
+    return result
+
+
+def _new_manifest(cfg: ExportConfig, model, fingerprint: str, image_size: int, specs, versions, gpu, component_batches) -> dict:
+    """The manifest of this export before any component is written (`complete` False)."""
+    return {
+        "format": mf.FORMAT,
+        "backend": cfg.backend,
+        "fingerprint": fingerprint,
+        "image_size": image_size,
+        "max_length": model.max_length,  # with the two below: the component specs, no model needed
+        "hidden_size": model.hidden_size,
+        "latent_shape": list(model.latent_shape(image_size)),
+        "kind": model.kind,  # "stable-diffusion" or "dit"
+        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
+        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
+        "source": str(model.source),
+        "versions": versions,
+        "gpu": gpu,
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
+        "requested_batch_sizes": component_batches,  # what an interrupted export's fix command repeats
+        "components": {},
+    }
+
+
+def _finish(cfg: ExportConfig, model, out: Path, manifest: dict, stale_candidates) -> None:
+    """Write the runtime files, remove what an earlier export left and this one did not
+    rewrite, and mark the manifest complete (the last step)."""
     written = _write_runtime_files(model, out)
+    manifest["written"] = sorted(written)  # what the next export may remove: only what this one wrote
+    manifest["runtime_files"] = mf.runtime_file_hashes(out)  # the schedule and tokenizer, checked on open
     keep = {mf.MANIFEST, *written}
     for entry in manifest["components"].values():
         keep |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
@@ -259,7 +280,6 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     _remove_partial(out)
     manifest["complete"] = True
     mf.write_manifest(out, manifest)
-    return result
 
 
 def _one_batch_size(value, flag: str) -> int:
@@ -538,9 +558,31 @@ def _removable(out: Path, rel) -> bool:
     return (root / p).parent.resolve().is_relative_to(root)
 
 
+def check_out_dir(out: Path, model) -> None:
+    """Refuse an --out the export must not take over: the model's own folder, or a non-empty
+    folder that holds no engine manifest (the user's files: never deleted or replaced)."""
+    if model is not None and not str(model).startswith("<"):
+        src = Path(str(model))
+        if src.exists() and out.exists() and (src.resolve() == out.resolve() or src.resolve().is_relative_to(out.resolve())):
+            raise DiffclsError(f"--out {out} is the model's own folder (or holds it); pass a new folder for the engines, e.g. --out engines")
+    if out.is_dir() and not (out / mf.MANIFEST).is_file() and any(out.iterdir()):
+        raise DiffclsError(
+            f"--out {out} is a folder with other files and no {mf.MANIFEST}, so it is not an engine directory; "
+            "export owns its folder: pass a new or empty folder"
+        )
+
+
 def _owned_paths(out: Path, old: dict | None) -> set[str]:
-    """Paths (relative to `out`) an export may have written: the old manifest's files and the
-    runtime files every export writes, including the prompts file a copied diffcls.json names."""
+    """Paths (relative to `out`) an earlier export wrote: the old manifest's files and the
+    runtime files it lists (a manifest from before that list: the names every export writes,
+    including the prompts file a copied diffcls.json names)."""
+    written = (old or {}).get("written")
+    if isinstance(written, list):
+        names = {n for n in written if isinstance(n, str)} | {trt_build.TIMING_CACHE}
+        for entry in ((old or {}).get("components") or {}).values():
+            if isinstance(entry, dict):
+                names |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
+        return {n for n in names if _removable(out, n)}
     names = {mf.ALPHAS_FILE, mf.TOKENIZER_DIR, "scheduler", DEFAULTS_FILE, trt_build.TIMING_CACHE, "onnx"}
     for comp in COMPONENTS:
         names |= {f"{comp}.onnx", f"{comp}.onnx.data", f"{comp}.plan"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 from diffcls.models.spec import ComponentSpec
 
 TIMING_CACHE = "timing.cache"
@@ -87,7 +87,7 @@ def build_engine(
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise DiffclsError("the tensorrt backend needs TensorRT; install it with: pip install 'diffcls[tensorrt]'") from e
+        raise DiffclsError(f"the tensorrt backend needs TensorRT; install it with: {install_hint('tensorrt', 'tensorrt')}") from e
 
     logger = _logger()
     builder = trt.Builder(logger)

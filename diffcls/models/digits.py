@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsError, install_hint
 
 IMAGE_SIZE = 32  # pixels; 8x8 digits upscaled 4x
 CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -46,7 +46,7 @@ def _load_digits():
     except ImportError as e:
         raise DiffclsError(
             "scikit-learn is not installed and the digits data ships with it; "
-            "install it with: pip install 'diffcls[train]'"
+            f"install it with: {install_hint('train', 'scikit-learn')}"
         ) from e
     data = load_digits()
     images = np.clip(np.rint(data.images), 0, 16).astype(np.uint8)  # (1797, 8, 8), ink 0..16
@@ -125,7 +125,8 @@ def corrupt_digit(image: Image.Image, severity: int, index: int) -> Image.Image:
 def write_digits(
     out_dir: str | Path, split: str = "heldout", limit: int | None = None, severity: int | None = None
 ) -> list[Path]:
-    """Write a split as PNGs, one subfolder per class: `out_dir/three/heldout_0042.png`.
+    """Write a split as PNGs, one subfolder per class: `out_dir/three/heldout_0042.png`; `out_dir`
+    must be new or empty.
 
     The number in the file name is the digit's index in `load_digits()`. `limit` keeps the
     first N images of the class-interleaved order (a class-balanced subset). `severity` 1..5
@@ -135,13 +136,20 @@ def write_digits(
     if limit is not None and limit < 1:
         raise DiffclsError(f"--limit must be at least 1, got {limit}")
     severity = _check_severity(severity)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DiffclsError(f"{out} exists and is not a folder; pass a folder to write the digits into")
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if held:  # mixing two writes would leave images of another split, limit or severity behind
+        n_images = sum(1 for p in out.rglob("*.png"))
+        raise DiffclsError(
+            f"{out} is not empty ({len(held)} entries, {n_images} PNG images, e.g. {held[0].name}); "
+            "the digits go into a new or empty folder: pass another one, or delete it first"
+        )
     images, labels = _load_digits()
     idx = split_indices(split, labels)
     if limit is not None:
         idx = idx[:limit]
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DiffclsError(f"{out} exists and is not a folder; pass a folder to write the digits into")
     paths = []
     try:
         for i in idx:

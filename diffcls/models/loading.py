@@ -7,9 +7,11 @@ feature extractor, no network: everything comes from local files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +209,8 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-# the models that ship inside the package, addressable by name: --model demo / --model demo-dit
-BUNDLED = {"demo": "demo", "demo-dit": "demo-dit"}
+# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes
+BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes"}
 
 
 def bundled_model_path(name: str = "demo") -> Path:
@@ -217,7 +219,7 @@ def bundled_model_path(name: str = "demo") -> Path:
 
 def resolve_model_path(model: str | Path | None = None) -> Path:
     """A `--model` argument as a local path: None -> the SD demo; a bundled name ("demo",
-    "demo-dit") that is not a local path -> its directory inside the package; a directory or file
+    "demo-dit", "demo-shapes") that is not a local path -> its directory inside the package; a directory or file
     as given; else a Hugging Face model id ("org/name") resolved in the local cache. Nothing is
     downloaded."""
     if model is None:
@@ -269,7 +271,39 @@ def load_model(path: str | Path | None = None, *, config: str | Path | None = No
     """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
     Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
     or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
-    model. Never touches the network."""
+    model. Never touches the network. Quiet: diffusers' and transformers' advice and progress
+    bars are off while it loads (their settings are restored after; DIFFCLS_VERBOSE=1 keeps them)."""
+    with _quiet_libraries():
+        return _load_model(path, config)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """diffusers/transformers logging at error level and their progress bars off, then restored."""
+    if os.environ.get("DIFFCLS_VERBOSE"):
+        yield
+        return
+    import diffusers
+    import transformers
+
+    dl, tl = diffusers.utils.logging, transformers.utils.logging
+    levels = (dl.get_verbosity(), tl.get_verbosity())
+    bars = (dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled())
+    dl.set_verbosity_error()
+    tl.set_verbosity_error()
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dl.set_verbosity(levels[0])
+        tl.set_verbosity(levels[1])
+        for lib, on in zip((dl, tl), bars):
+            if on:
+                lib.enable_progress_bar()
+
+
+def _load_model(path, config) -> SDModel | DiTModel:
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)

@@ -21,16 +21,21 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from diffcls.config import default_cache_dir
-from diffcls.errors import DiffclsError
+from diffcls.errors import DiffclsWarning
 
 FORMAT = "1"  # metadata "format"; entries without it (older diffcls) are recomputed
 _ENTRY = re.compile(r"[0-9a-f]{64}\.safetensors")
 _TMP = re.compile(r"tmp[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp(suffix=".tmp") names
+
+
+class CacheWriteWarning(DiffclsWarning):
+    """The cache could not be written; the run goes on without caching."""
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -51,6 +56,7 @@ class DiskCache:
         self.hits = 0
         self.misses = 0
         self.rejected = 0  # corrupt or mismatched entries that were recomputed
+        self.write_error: str | None = None  # why writing stopped (see put)
 
     @staticmethod
     def _canonical(fields: dict) -> str:
@@ -87,30 +93,41 @@ class DiskCache:
         except Exception:  # noqa: BLE001 - any unreadable entry is recomputed
             self.rejected += 1
             self.misses += 1
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only cache, or a folder where the entry should be: still a miss
+                pass
             return None
         self.hits += 1
         return tensor
 
     def put(self, kind: str, fields: dict, tensor: torch.Tensor) -> None:
+        """Store an entry. A cache that cannot be written (full disk, read-only, a folder in the
+        way) does not stop the run: writing stops, `write_error` says why (the CLI says so once)."""
         from safetensors.torch import save_file
 
+        if self.write_error is not None:
+            return
         canonical = self._canonical(fields)
         path = self._path(kind, canonical)
         value = tensor.detach().to("cpu").contiguous()
         meta = {"key": canonical, "format": FORMAT, "sha256": tensor_digest(value)}
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             os.close(fd)
             save_file({"value": value}, tmp, metadata=meta)
             os.replace(tmp, path)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except (OSError, UnboundLocalError):
-                pass
-            raise DiffclsError(f"cannot write to cache directory {self.root} ({e}); pass --cache-dir or --no-cache") from e
+        except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            self.write_error = f"cannot write to the cache directory {self.root} ({reason}); carrying on without caching (pass --cache-dir elsewhere or --no-cache)"
+            warnings.warn(self.write_error, CacheWriteWarning, stacklevel=2)
 
     # --- what diffcls wrote, and only that ---------------------------------------------------
     def _candidates(self, kind: str):

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from diffcls.errors import DiffclsError, missing_extra
 from diffcls.runtime.ranking import softmax_neg  # noqa: F401 - the softmax behind every probability
-from diffcls.runtime.results import atomic_write_text
+from diffcls.runtime.results import atomic_write_text, normalised_settings
 
 ECE_BINS = 15
 UNCALIBRATED = 1.0
@@ -104,8 +104,9 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], bins:
     return out
 
 
-def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path: str | Path, title: str = "") -> None:
-    """A reliability diagram (accuracy per confidence bin against the diagonal) as a PNG."""
+def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path: str | Path, title: str = "", height: float = 6.0) -> None:
+    """A reliability diagram (accuracy per confidence bin against the diagonal, each bar labelled
+    with its number of images) as a PNG `height` inches tall; the legend sits below the axes."""
     try:
         import matplotlib
 
@@ -113,23 +114,28 @@ def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise missing_extra("matplotlib", "plot") from None
-    rows = reliability_bins(confidence, correct)
-    width = 1.0 / len(rows)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    rows = [r for r in reliability_bins(confidence, correct) if r["n"]]
+    width = 1.0 / ECE_BINS
+    fig, ax = plt.subplots(figsize=(height, height + 0.6))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    xs = [r["lo"] for r in rows if r["n"]]
-    ax.bar(xs, [r["accuracy"] for r in rows if r["n"]], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([r["confidence"] for r in rows if r["n"]], [r["accuracy"] for r in rows if r["n"]], "o", color="C3", label="mean confidence")
+    bars = ax.bar([r["lo"] for r in rows], [r["accuracy"] for r in rows], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy of the bin")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"n={r['n']}", (bar.get_x() + width / 2, bar.get_height()), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="C3", label="its mean confidence", clip_on=False, zorder=3)
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)  # room for a point at 1.0 and the counts above full bars
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,7 @@ class Calibration:
     nll_after: float | None = None
     ece_before: float | None = None
     ece_after: float | None = None
-    schedule: str | None = None  # the schedule the scores were computed with
+    schedule: dict | str | None = None  # the schedule the scores were computed with (its to_dict; a description in older files)
     top_k: int = 5
     model: str | None = None  # the fingerprint of the model it was fitted with
     prompts: str | None = None  # the digest of the prompts (runtime.prompts.PromptSet.digest)
@@ -169,14 +175,15 @@ class Calibration:
         known["path"] = str(path)
         return cls(**known)
 
-    def check(self, *, model: str, prompts: str, schedule: str) -> None:
+    def check(self, *, model: str, prompts: str, schedule: dict) -> None:
         """Refuse (one line) a temperature fitted on another model, prompts or schedule: mean
         errors, and so the temperature, differ between them."""
         path = self.path or "calibration.json"
         fix = f"fit one for this run: diffcls calibrate FOLDER --out {path} with this run's --model, prompts and schedule"
         if self.model is None or self.prompts is None or self.schedule is None:
             raise DiffclsError(f"--calibration {path} does not say which model, prompts and schedule it was fitted on (an earlier diffcls wrote it); {fix}")
-        for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts), ("schedule", self.schedule, schedule)):
+        mine_schedule = normalised_settings({"schedule": self.schedule})["schedule"]  # an older file's description
+        for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts), ("schedule", mine_schedule, schedule)):
             if mine != theirs:
                 shown = (mine, theirs) if what == "schedule" else (mine[:12], theirs[:12])
                 raise DiffclsError(f"--calibration {path} was fitted with another {what} ({shown[0]}; this run: {shown[1]}); {fix}")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.calibration import UNCALIBRATED
+from diffcls.runtime.calibration import UNCALIBRATED, Calibration
 from diffcls.runtime.preprocess import (
     BadImage,
     Interpolation,
@@ -37,6 +37,7 @@ from diffcls.runtime.prompts import PromptSet
 from diffcls.runtime.ranking import TOP_K, RankedClass, probabilities, rank_classes
 from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
 from diffcls.runtime.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
+from diffcls.runtime.spec import JobSpec, build_schedule, resolve_prompts
 from diffcls.runtime.timing import StageTimer
 
 
@@ -112,8 +113,9 @@ class _Prepared:
 
 
 class Classifier:
-    def __init__(self, engines, cache: DiskCache | None = None, timer: StageTimer | None = None):
+    def __init__(self, engines, cache: DiskCache | None = None, timer: StageTimer | None = None, defaults: dict | None = None):
         self.engines = engines
+        self.defaults = defaults or {}  # the model's diffcls.json (prompts, schedule, image size)
         self.cache = cache
         self.timer = timer or StageTimer(engines.device)
         self.last_stats = None  # ScoreStats of the last run
@@ -126,6 +128,7 @@ class Classifier:
         cls,
         model=None,
         *,
+        config: str | Path | None = None,
         backend: str = "torch",
         engine_dir: str | Path | None = None,
         device: str | None = None,
@@ -137,34 +140,67 @@ class Classifier:
         use_cache: bool = True,
         threads: int | None = None,
     ) -> "Classifier":
-        """Open engines for `model` (path, SDModel, or None for the demo) with `backend`.
+        """Open engines for `model` (path, bundled name, SDModel, or None for the demo) with
+        `backend`, carrying the model's own defaults (its `diffcls.json`: prompts, schedule,
+        image size; `self.defaults`), as `diffcls classify` does; keywords override them.
 
-        `threads`: CPU threads for torch (`torch.set_num_threads`, process-wide) and for ONNX
-        Runtime's intra-op pool; None keeps torch's setting and gives ONNX Runtime the same count.
+        `config`: for a single-file checkpoint `model`, the diffusers directory (or cached id)
+        whose configs describe it. `threads`: CPU threads for torch (`torch.set_num_threads`,
+        process-wide) and for ONNX Runtime's intra-op pool; None keeps torch's setting and gives
+        ONNX Runtime the same count.
 
         An `SDModel` passed in is taken over by the torch engines: moved to the device and
         precision in place (and QKV-fused when compiled on CUDA), not copied.
         """
         from diffcls.engines import open_engines
+        from diffcls.models.loading import load_model, model_defaults
 
+        if isinstance(model, (str, Path)) or model is None or engine_dir is not None:
+            defaults = model_defaults(engine_dir if engine_dir is not None else model)
+        else:
+            defaults = {}  # a model object: no diffcls.json travels with it
         if threads is not None:
             torch.set_num_threads(int(threads))
         timer = StageTimer()
         with timer.stage("load"):
+            if config is not None and engine_dir is None:
+                model = load_model(model, config=config)
             engines = open_engines(
                 backend,
                 model=model,
                 engine_dir=engine_dir,
                 device=device,
                 precision=precision,
-                image_size=image_size,
+                image_size=image_size or defaults.get("image_size"),
                 batch_sizes=batch_sizes,
                 compile=compile,
                 threads=torch.get_num_threads() if threads is None else int(threads),
             )
         timer.device = engines.device
         cache = DiskCache(cache_dir) if use_cache else None
-        return cls(engines, cache=cache, timer=timer)
+        return cls(engines, cache=cache, timer=timer, defaults=defaults)
+
+    def default_prompts(self) -> PromptSet:
+        """The model's prompts (its prompts file, or a class-conditional model's labels)."""
+        return resolve_prompts(JobSpec(), self.defaults)
+
+    def default_schedule(self, n_prompts: int) -> Schedule:
+        """The model's schedule (the paper's where it names none), its first keep capped at the prompts."""
+        return build_schedule(JobSpec(), n_prompts, self.defaults)
+
+    def engine_info(self) -> dict:
+        """What a run records about the engines (the results file binds to some of it)."""
+        e = self.engines
+        return {
+            "fingerprint": e.fingerprint,
+            "backend": e.backend,
+            "precision": e.precision,
+            "image_size": e.image_size,
+            "num_train_timesteps": e.num_train_timesteps,
+            "device": str(e.device),
+            "threads": torch.get_num_threads(),
+            "engines_digest": (e.info or {}).get("manifest_digest"),  # an engine directory's: results bind to it
+        }
 
     # --- keys -------------------------------------------------------------------------------
     def _key_base(self) -> dict:
@@ -220,9 +256,13 @@ class Classifier:
                 return _Prepared(index, str(path), digest, latent=hit)
             try:
                 img = open_image(io.BytesIO(data), name=str(path))
+                pixels = image_to_tensor(resize_center_crop(img, size, interpolation))
             except BadImage as e:
-                return _Prepared(index, str(path), digest, error=e)
-            return _Prepared(index, str(path), digest, pixels=image_to_tensor(resize_center_crop(img, size, interpolation)))
+                msg = str(e)
+                return _Prepared(index, str(path), digest, error=BadImage(msg if msg.startswith(f"{path}:") else f"{path}: {msg}"))
+            except MemoryError:
+                return _Prepared(index, str(path), digest, error=BadImage(f"{path}: not enough memory to decode and resize it; downscale it first"))
+            return _Prepared(index, str(path), digest, pixels=pixels)
         if isinstance(image, Image.Image):
             pixels = image_to_tensor(resize_center_crop(to_rgb(image), size, interpolation))
         elif isinstance(image, torch.Tensor):
@@ -331,8 +371,8 @@ class Classifier:
     def iter_classify(
         self,
         images: Iterable,
-        prompts: PromptSet,
-        schedule: Schedule | AdaptiveSchedule,
+        prompts: PromptSet | list[str] | None = None,
+        schedule: Schedule | AdaptiveSchedule | None = None,
         *,
         seed: int = 0,
         noise: torch.Tensor | None = None,
@@ -341,15 +381,27 @@ class Classifier:
         vae_batch_size: int = 8,
         workers: int = 2,
         on_skip: Callable[[str, str], None] | None = None,
+        calibration: Calibration | str | Path | None = None,
     ) -> Iterator[ImageResult]:
         """Yield one `ImageResult` per good image, in the order images finish scoring.
 
         Bad image files are passed to `on_skip(path, message)` and skipped (raised if None).
+        `prompts` and `schedule` default to the model's own (`default_prompts`, `default_schedule`).
+        `calibration` (a file from `diffcls calibrate`, or a loaded `Calibration`, fitted on this
+        model, prompts and schedule) gives the results its temperature: `r.probabilities()`.
         """
+        if prompts is None:
+            prompts = self.default_prompts()
         if isinstance(prompts, (list, tuple)):
             prompts = PromptSet(tuple(prompts), tuple(prompts), tuple(range(len(prompts))))
+        if schedule is None:
+            schedule = self.default_schedule(len(prompts))
         e = self.engines
         schedule.validate(len(prompts), e.num_train_timesteps)
+        if calibration is not None and not isinstance(calibration, Calibration):
+            calibration = Calibration.load(calibration)
+        if calibration is not None:
+            calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.to_dict())
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
@@ -362,11 +414,13 @@ class Classifier:
         self.last_stats = scorer.stats
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
-        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)
+        # latents are decoded, looked up, VAE-encoded and cached on a thread, ahead of the scorer
+        latents = ahead(self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests), depth=4 * vae_batch_size)
         try:
             for index, score in scorer.run(latents):
                 result = self._result(index, sources[index], score, prompts)
                 result.sha256 = digests.get(index)
+                result.temperature = calibration.temperature if calibration is not None else None
                 yield result
         except NonFiniteError as e:
             raise DiffclsError(e.message(sources.get(e.key, f"<image {e.key}>"))) from None
@@ -394,7 +448,7 @@ class Classifier:
         for index, x0 in self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests):
             yield index, sources[index], digests.get(index), x0
 
-    def classify(self, images: Iterable, prompts: PromptSet, schedule: Schedule | AdaptiveSchedule, **kw) -> list[ImageResult]:
+    def classify(self, images: Iterable, prompts: PromptSet | None = None, schedule: Schedule | AdaptiveSchedule | None = None, **kw) -> list[ImageResult]:
         """All results, in input order."""
         return sorted(self.iter_classify(images, prompts, schedule, **kw), key=lambda r: r.index)
 
@@ -407,7 +461,7 @@ class Classifier:
                 f"the noise tensor has shape {list(noise.shape)}; this schedule and model need "
                 f"{list(shape)} (max(n_samples) * n_trials, C, h, w)"
             )
-        problem = non_finite_problem(noise)
+        problem = noise_problem(noise)
         if problem:
             raise DiffclsError(f"the noise tensor {problem}; pass finite standard-normal noise (or drop it to use --seed)")
         return noise.float()
@@ -429,6 +483,13 @@ class Classifier:
         )
 
 
+def noise_problem(x: torch.Tensor) -> str | None:
+    """Why `x` cannot be a noise bank (integer, bool or complex values; NaN or inf), else None."""
+    if x.is_complex() or not x.is_floating_point():  # an int/bool/uint8 bank is a wrong file, never noise
+        return f"holds {str(x.dtype).removeprefix('torch.')} values, not real floating-point noise"
+    return non_finite_problem(x)
+
+
 def non_finite_problem(x: torch.Tensor) -> str | None:
     """"holds 3 NaN and 1 inf values (of 4096)" for a tensor with non-finite values, else None.
 
@@ -443,6 +504,53 @@ def non_finite_problem(x: torch.Tensor) -> str | None:
     n_nan = int(torch.isnan(x32).sum())
     n_inf = int(torch.isinf(x32).sum())
     return f"holds {n_nan} NaN and {n_inf} inf values (of {x.numel()})"
+
+
+def ahead(items: Iterator, depth: int) -> Iterator:
+    """Run the iterator `items` on a thread, up to `depth` items ahead of the consumer (so that
+    producing them overlaps the consumer's work); its exceptions are raised in the consumer.
+    Closing the returned generator stops the thread and closes `items` there."""
+    import queue
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - raised where the items are consumed
+            put(("error", e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="diffcls-latents", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_batched(engine, name: str, x: torch.Tensor, preferred: int) -> torch.Tensor:

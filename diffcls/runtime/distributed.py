@@ -3,17 +3,19 @@
 Ray (`diffcls classify FOLDER --ray`): a Ray Data dataset of image *paths* (not pixels) goes
 through `map_batches` with `ScoreWorker`, a callable class whose constructor opens the engines
 once per worker; results stream back to the driver, which writes them through the same results
-writer as a single process. An image is the unit of work (the adaptive schedule makes image
-costs uneven; Ray balances them). Ray restarts a killed worker and retries its unfinished
-images; the driver drops a result it already has and, after the stream ends, dispatches again
+writer as a single process. A task is a batch of many images that the worker scores with one
+`Scorer`, so its UNet batches mix images as in one process (what `--adaptive` needs to keep its
+batches full); there are several tasks per worker, so Ray balances uneven images. Ray restarts a
+killed worker and retries its unfinished tasks; the driver drops a result it already has and, after the stream ends, dispatches again
 any image no result came back for, so nothing is lost or written twice.
 
 Scores do not depend on how images are split: the noise bank depends only on the seed, and an
 image's errors only on its latent, the prompts and the bank.
 
-Everything a worker needs travels as a `WorkerSpec` of plain values (paths, strings, the
-prompt set, the schedule, the noise tensor): the worker builds its own `Classifier` from it.
-Ray is an optional dependency (`pip install "diffcls[ray]"`), imported inside the functions
+Everything a worker needs travels as a `WorkerSpec` of plain values (paths, strings, numbers,
+the prompts' and the schedule's `to_dict`, the noise tensor): the worker builds its own
+`Classifier` from it (a checkpoint's `--config` travels as a path, not as a loaded model).
+Ray is an optional dependency (the `ray` extra), imported inside the functions
 that use it.
 """
 
@@ -30,39 +32,39 @@ from typing import Any, Callable, Iterator
 from diffcls.errors import DiffclsError, missing_extra
 from diffcls.runtime.classifier import Classifier, ImageResult
 from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.schedule import schedule_from_dict
 
 
 # --- what a worker is given -----------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to open a `Classifier` and score images; plain and picklable."""
+    """Everything a worker needs to open a `Classifier` and score images, as plain values (a
+    PromptSet or schedule given here is stored as its `to_dict`)."""
 
-    classifier: dict  # keyword arguments of Classifier.from_pretrained (paths, strings, numbers)
-    prompts: PromptSet
-    schedule: Schedule
+    classifier: dict  # keyword arguments of Classifier.from_pretrained (paths as strings, numbers)
+    prompts: dict  # PromptSet.to_dict()
+    schedule: dict  # Schedule/AdaptiveSchedule.to_dict()
     seed: int = 0
     noise: Any = None  # torch.Tensor | None: an explicit noise bank instead of the seed's
     batch_size: int = 32  # UNet batch size
     interpolation: str = "bicubic"
     decode_workers: int = 2  # threads that decode images inside each worker
 
+    def __post_init__(self):
+        for name in ("prompts", "schedule"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                object.__setattr__(self, name, value.to_dict())
+
+    def prompt_set(self) -> PromptSet:
+        return PromptSet.from_dict(self.prompts)
+
+    def schedule_object(self):
+        return schedule_from_dict(self.schedule)
+
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def engine_info(clf: Classifier) -> dict:
-    """What the driver needs to know about the engines a worker opened (for the results file)."""
-    e = clf.engines
-    return {
-        "fingerprint": e.fingerprint,
-        "backend": e.backend,
-        "precision": e.precision,
-        "image_size": e.image_size,
-        "num_train_timesteps": e.num_train_timesteps,
-        "device": str(e.device),
-    }
 
 
 def _cause(e: BaseException) -> str:
@@ -76,7 +78,7 @@ def open_worker_classifier(spec: WorkerSpec) -> Classifier:
         clf = Classifier.from_pretrained(**spec.classifier)
     except Exception as e:  # noqa: BLE001 - missing extra, wrong GPU, unreadable model: one line
         raise DiffclsError(f"cannot open the engines: {_cause(e)}") from e
-    spec.schedule.validate(len(spec.prompts), clf.engines.num_train_timesteps)
+    spec.schedule_object().validate(len(spec.prompts["prompts"]), clf.engines.num_train_timesteps)
     return clf
 
 
@@ -106,10 +108,11 @@ class ScoreWorker:
     def __init__(self, spec: WorkerSpec):
         self.name = worker_name()
         self.spec = spec
+        self.prompts, self.schedule = spec.prompt_set(), spec.schedule_object()
         self.error: str | None = None
         try:
             self.clf = open_worker_classifier(spec)
-            self.clf.encode_prompts(spec.prompts)  # once per worker: the classifier keeps them
+            self.clf.encode_prompts(self.prompts)  # once per worker: the classifier keeps them
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line
             self.clf = None
             self.error = _cause(e)
@@ -132,10 +135,10 @@ class ScoreWorker:
                 kinds[i], payloads[i] = "skip", msg
 
             try:
-                for r in self.clf.iter_classify(
+                for r in self.clf.iter_classify(  # every image of the task shares one Scorer's batches
                     paths,
-                    s.prompts,
-                    s.schedule,
+                    self.prompts,
+                    self.schedule,
                     seed=s.seed,
                     noise=s.noise,
                     batch_size=s.batch_size,
@@ -165,7 +168,7 @@ def _probe(spec: WorkerSpec) -> dict:
         clf = open_worker_classifier(spec)
     except Exception as e:  # noqa: BLE001
         return {"worker": name, "error": _cause(e)}
-    return {"worker": name, **engine_info(clf)}
+    return {"worker": name, **clf.engine_info()}
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -201,7 +204,9 @@ class RayRunner:
     workers: int | None = None  # None: one per GPU (with gpus_per_worker > 0), else 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float | None = None  # None: 1 with GPUs, else the cluster's CPUs / workers (torch threads)
-    images_per_task: int = 1  # images per map_batches call (an image is the unit of work)
+    # images per map_batches call; None: enough for full cross-image UNet batches in each worker's
+    # one Scorer (up to 64), while giving every worker several tasks to balance uneven images
+    images_per_task: int | None = None
     max_passes: int = 3  # dispatch rounds for images no result came back for
     info: dict = field(default_factory=dict)  # engine_info from the probe, and "worker"
     worker_stats: dict[str, WorkerStats] = field(default_factory=dict)
@@ -246,6 +251,7 @@ class RayRunner:
         if "error" in info:
             raise DiffclsError(f"Ray worker {info['worker']}: {info['error']}")
         self.info = info
+        self._prompts = self.spec.prompt_set()
         return info
 
     def close(self) -> None:
@@ -267,7 +273,7 @@ class RayRunner:
                     continue  # a retried task's second answer
                 seen.add(i)
                 if kind == "result":
-                    r = result_from_json(payload, self.spec.prompts)
+                    r = result_from_json(payload, self._prompts)
                     r.index, r.source = i, paths[i]
                     yield r
                 elif on_skip is None:
@@ -287,7 +293,7 @@ class RayRunner:
         ds = ds.map_batches(
             ScoreWorker,
             fn_constructor_kwargs={"spec": self.spec},
-            batch_size=self.images_per_task,
+            batch_size=self._per_task(len(todo)),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=self.cpus_per_worker,
             num_gpus=self.gpus_per_worker or None,
@@ -309,6 +315,11 @@ class RayRunner:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+
+    def _per_task(self, n: int) -> int:
+        if self.images_per_task is not None:
+            return self.images_per_task
+        return max(1, min(64, -(-n // (4 * self.workers))))
 
     def summary(self) -> str:
         """'host:123 5 images 1.2 img/s, host:456 ...' (images/s over each worker's busy time)."""

@@ -660,6 +660,9 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG
+    finally:
+        plt.close(fig)

@@ -50,6 +50,12 @@ def confusion_metrics(
     return out
 
 
+def confusion_figsize(n_classes: int) -> tuple[float, float]:
+    """(width, height) in inches of the confusion plot (the reliability diagram beside it matches its height)."""
+    side = min(4.0 + 0.45 * n_classes, 40.0)
+    return side + 1.5, side
+
+
 def plot_confusion(confusion: list[list[int]], names: list[str], path: str | Path, title: str = "") -> None:
     """The confusion matrix as a PNG: counts in every cell (white on dark cells), a colour bar,
     class names on both axes (scikit-learn's ConfusionMatrixDisplay)."""
@@ -66,15 +72,24 @@ def plot_confusion(confusion: list[list[int]], names: list[str], path: str | Pat
         raise missing_extra("scikit-learn", "plot") from None
     import numpy as np
 
+    from matplotlib.ticker import MaxNLocator
+
     n = len(names)
-    side = min(4.0 + 0.45 * n, 40.0)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    fig, ax = plt.subplots(figsize=confusion_figsize(n))
     disp = ConfusionMatrixDisplay(np.asarray(confusion), display_labels=names)
     disp.plot(ax=ax, cmap="Blues", colorbar=True, xticks_rotation="vertical", include_values=n <= 40, values_format="d")
+    bar = disp.im_.colorbar
+    if bar is not None:  # image counts: whole-number ticks
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -8,7 +8,7 @@ errors. The `Scorer` runs one policy per image and mixes their blocks into full 
     while not policy.done:
         for prompt, k, trial in policy.next_block():   # never empty while not done
             t = policy.timesteps[k]                    # its noise is bank[k * n_trials + trial]
-            policy.feed(prompt, k, trial, error)       # any order within the block
+            policy.feed(prompt, k, trial, error)       # any order within the block (or feed_block: several)
     policy.result()   # PolicyResult(prediction, ranking, final): prompt indices, best first
     policy.phase      # 0-based stage of the current block (fixed: round; sequential: 0 first stage, 1 after)
     policy.n_evals    # items handed out so far
@@ -16,7 +16,7 @@ errors. The `Scorer` runs one policy per image and mixes their blocks into full 
 Every item of a block must be fed before `next_block` is called again.
 
 `FixedPolicy` is the paper's schedule (`Schedule`): rounds of new timesteps, keep the k_i lowest
-mean errors after each round; a round without new timesteps still prunes (DESIGN.md).
+mean errors after each round; a round without new timesteps still prunes (docs/design.md).
 
 `SequentialPolicy` (`AdaptiveSchedule`) takes the grid's timesteps in van der Corput order, one
 at a time after a first stage of n0, evaluates every surviving prompt at each (paired samples:
@@ -132,6 +132,12 @@ class _BlockHandout:
         self.n_evals += len(self._block)
         return list(self._block)
 
+    def feed_block(self, prompts, ks, trials, errors) -> None:
+        """`feed` for several items of the block at once (the Scorer feeds a batch's items of one
+        image together); the same arithmetic in the same order as feeding them one by one."""
+        for c, k, j, e in zip(prompts, ks, trials, errors):
+            self.feed(c, k, j, e)
+
 
 class FixedPolicy(_BlockHandout):
     """The paper's fixed schedule: rounds of timesteps, prune to to_keep[i] after round i."""
@@ -187,6 +193,15 @@ class FixedPolicy(_BlockHandout):
         if self._pending == 0:
             self._advance()
 
+    def feed_block(self, prompts, ks, trials, errors) -> None:
+        sums, counts = self.sums, self.counts
+        for c, e in zip(prompts, errors):
+            sums[c] += e
+            counts[c] += 1
+        self._pending -= len(errors)
+        if self._pending == 0:
+            self._advance()
+
     def result(self) -> PolicyResult:
         """The final decision is the last prune that dropped a prompt: its survivor and the
         prompts it dropped were all scored on every timestep up to it."""
@@ -239,6 +254,13 @@ class SequentialPolicy(_BlockHandout):
     def feed(self, prompt: int, k: int, trial: int, error: float) -> None:
         self._acc[k - self._k0, prompt] += error
         self._pending -= 1
+        if self._pending == 0:
+            self._close()
+
+    def feed_block(self, prompts, ks, trials, errors) -> None:
+        # np.add.at applies the additions one by one, in order: the sums `feed` would form
+        np.add.at(self._acc, (np.asarray(ks, dtype=np.int64) - self._k0, np.asarray(prompts, dtype=np.int64)), np.asarray(errors, dtype=np.float64))
+        self._pending -= len(errors)
         if self._pending == 0:
             self._close()
 

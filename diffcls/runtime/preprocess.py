@@ -85,6 +85,9 @@ def _walk(folder: Path, found: list[Path], problems: list[tuple[str, str]], top:
             # stat (not the listing's d_type): it fails in a folder that can be listed but not entered
             is_file = not is_dir and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and stat.S_ISREG(entry.stat().st_mode)
         except OSError as e:  # e.g. a folder that can be listed but not entered (no x bit)
+            if _is_link(entry.path):  # a dangling or looping symlink: only this entry is skipped
+                problems.append((entry.path, f"{entry.path}: a symbolic link that leads nowhere ({e.strerror or e}); skipped"))
+                continue
             if top:
                 raise DiffclsError(f"cannot enter the folder {folder} ({e.strerror or e}); check its permissions") from None
             problems.append((str(folder), f"{folder}: cannot enter this folder ({e.strerror or e}); its images are skipped"))
@@ -97,6 +100,13 @@ def _walk(folder: Path, found: list[Path], problems: list[tuple[str, str]], top:
         _walk(sub, found, problems)
 
 
+def _is_link(path: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:  # the folder cannot be entered: not the entry's fault
+        return False
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of the file's bytes (the latent cache key's image part)."""
     h = hashlib.sha256()
@@ -107,9 +117,12 @@ def file_digest(path: str | Path) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB."""
+    """Any PIL mode -> 8-bit RGB; a float image with NaN or infinite pixels is refused (BadImage)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:  # NaN would make the scaling NaN and the image black: classified as something else
+            raise BadImage(f"{bad} of {arr.size} pixels are NaN or infinite; fix the image or remove it")
         if img.mode == "F":
             hi = 1.0 if arr.max(initial=0.0) <= 1.0 else max(arr.max(initial=1.0), 1.0)
         else:
@@ -142,8 +155,9 @@ def open_image(path, name: str | None = None) -> Image.Image:
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
-    except BadImage:
-        raise
+    except BadImage as e:
+        msg = str(e)
+        raise BadImage(msg if msg.startswith(f"{name}:") else f"{name}: {msg}") from None
     except UnidentifiedImageError as e:
         raise BadImage(f"{name}: not a readable image (unknown format or corrupt data); re-save it as PNG or JPEG or remove it") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -162,11 +176,22 @@ def resize_center_crop(img: Image.Image, size: int, interpolation: Interpolation
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
+    _check_resize(img.size, (new_w, new_h), size)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=PIL_FILTERS[Interpolation(interpolation)])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
+
+
+def _check_resize(source: tuple[int, int], target: tuple[int, int], size: int) -> None:
+    """Refuse a resize whose result is larger than MAX_PIXELS (a very elongated image, or a huge
+    size): one image skipped with a message, not the run killed by a MemoryError."""
+    if target[0] * target[1] > MAX_PIXELS:
+        raise BadImage(
+            f"{source[0]}x{source[1]} would be resized to {target[0]}x{target[1]} (shorter side {size}), more than "
+            f"{MAX_PIXELS} pixels; crop it to a less elongated shape first"
+        )
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -178,6 +203,7 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
     scale = size / min(img.size)
+    _check_resize(img.size, tuple(round(x * scale) for x in img.size), size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2

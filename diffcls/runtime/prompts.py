@@ -34,6 +34,13 @@ class PromptSet:
             out.setdefault(idx, name)
         return out
 
+    def to_dict(self) -> dict:
+        return {"prompts": list(self.prompts), "classnames": list(self.classnames), "classidx": list(self.classidx)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptSet":
+        return cls(tuple(d["prompts"]), tuple(d["classnames"]), tuple(int(i) for i in d["classidx"]))
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for row in zip(self.prompts, self.classnames, self.classidx):

@@ -1,10 +1,11 @@
 """Results files that survive being killed, a full disk and odd file names: resumable CSV (+ JSONL).
 
 Each finished image is one CSV row (and, with `--save-errors`, one JSONL record), committed
-together: the JSONL record is written first, then the CSV row, each with a single `write` loop
-on an O_APPEND descriptor and fsync'ed; if either write fails (disk full), both files are cut
-back to where they were, so an image is either wholly recorded or not at all. The CSV is the
-record of what is done.
+together: the JSONL records are written first, then the CSV rows, each file with a single
+`write` loop on an O_APPEND descriptor and fsync'ed, for one row (`write`) or a group of rows
+(`commit_many`; `BackgroundWriter` commits every row waiting, on a thread); if either write
+fails (disk full), both files are cut back to where they were, so an image is either wholly
+recorded or not at all. The CSV is the record of what is done.
 
 On resume (`open`), under an exclusive lock on `<out>.lock` (a second process is refused with
 the holder's PID): the settings the file was written with must match the current ones (stored
@@ -24,17 +25,23 @@ from __future__ import annotations
 
 import csv
 import errno
-import io
 import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells
+from diffcls.runtime.outputs import (  # noqa: F401 (check_writable: re-exported for callers)
+    RESULTS_KEY_COLUMNS,
+    check_distinct,
+    check_output,
+    check_writable,
+    csv_starting_with,
+    write_atomic,
+)
 
 try:  # POSIX; elsewhere the results file is not locked
     import fcntl
@@ -45,7 +52,7 @@ except ImportError:  # pragma: no cover - Windows
 # of runtime.ranking, each as topN, topN_mean_error, topN_pruned_after (and topN_probability
 # with --calibration). Mean errors are written with full precision, so a resumed run computes
 # exactly what a fresh one does.
-BASE_COLUMNS = ["path", "prediction", "classidx", "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
+BASE_COLUMNS = [*RESULTS_KEY_COLUMNS, "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
 
 
 def columns(calibrated: bool) -> list[str]:
@@ -59,54 +66,10 @@ ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` (temp file + fsync + rename); new files get 0666 & ~umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o7777  # keep an existing file's mode
-    except OSError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", **ENCODING) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_writable(path: str | Path | None, flag: str) -> None:
-    """Refuse, before any work, an output path that cannot be written (one-line DiffclsError).
-
-    Creates and removes a temp file beside `path`: the only honest test (permissions, read-only
-    mounts, /proc, a full disk's quota all show up here, also for root).
-    """
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise DiffclsError(f"{flag} {path} is a folder; pass a file path")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".check")
-        os.close(fd)
-        os.unlink(tmp)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder") from None
+    """Replace `path` with `text` (temp file + fsync + rename; through a symlink to its target,
+    straight into a device or pipe: runtime.outputs.write_atomic); new files get 0666 & ~umask."""
+    write_atomic(path, text.encode(**ENCODING))
 
 
 def _csv_line(fields: list, quote_first: bool = True) -> str:
@@ -172,12 +135,14 @@ class ResultsWriter:
         self.settings = settings
         self.settings_path = self.out.with_name(self.out.name + ".settings.json")
         self.lock_path = self.out.with_name(self.out.name + ".lock")
+        self.errors_lock_path = self.errors_path.with_name(self.errors_path.name + ".lock") if self.errors_path else None
         self.done: dict[str, dict] = {}  # path -> CSV row of images already finished
         self.dropped: dict[str, int] = {}  # why rows were dropped on open -> how many
         self._records: dict[str, str] = {}  # path -> the row's raw CSV text
         self._csv_fd = None
         self._err_fd = None
         self._lock_fd = None
+        self._err_lock_fd = None
         if self.errors_path is not None:
             own = {_same_key(p) for p in (self.out, self.settings_path, self.lock_path)}
             if _same_key(self.errors_path) in own:
@@ -193,14 +158,21 @@ class ResultsWriter:
         `current(path, sha256) -> bool`, if given, says whether a done row still describes the
         image (e.g. the file's bytes are unchanged); rows it rejects are dropped and redone.
         """
+
         try:
             if self.out.is_dir():
                 raise DiffclsError(f"--out {self.out} is a folder; pass a CSV file path")
+            # never a user's file, a device, a pipe
+            check_output(self.out, "--out", ("results CSV", csv_starting_with(self.base[:3])), stream=False)
+            check_output(self.errors_path, "--save-errors", "errors", stream=False)
+            check_distinct(("--out", self.out), ("--save-errors", self.errors_path))
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise self._os_error(e, self.out) from None
-            self._lock()
+            self._lock_fd = self._lock(self.lock_path, "--out", self.out)
+            if self.errors_path is not None:  # two runs appending to one errors file: refused like --out
+                self._err_lock_fd = self._lock(self.errors_lock_path, "--save-errors", self.errors_path)
             try:
                 if self.out.exists() and self.out.stat().st_size > 0:
                     self._check_settings()
@@ -239,20 +211,20 @@ class ResultsWriter:
             return DiffclsError(f"{flag} {path} cannot be written ({e.strerror}); free some space and rerun the same command")
         return DiffclsError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path in a writable folder")
 
-    def _lock(self) -> None:
-        """flock `<out>.lock` (holding our PID) for as long as the writer is open.
+    def _lock(self, lock_path: Path, flag: str, target: Path) -> int:
+        """flock `lock_path` (holding our PID) for as long as the writer is open; returns its fd.
 
         The holder removes the file when it closes; a process that locked a file that was
         removed meanwhile (it opened it just before) notices that the path now names another
         file, or none, and tries again, so two processes never both hold "the" lock.
         """
         if fcntl is None:
-            return
+            return None
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise self._os_error(e, self.out) from None
+                raise self._os_error(e, target, flag) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -262,11 +234,11 @@ class ResultsWriter:
                     holder = "unknown"
                 os.close(fd)
                 raise DiffclsError(
-                    f"--out {self.out} is in use by another diffcls process (PID {holder}); wait for it to "
-                    "finish or pass another --out"
+                    f"{flag} {target} is in use by another diffcls process (PID {holder}); wait for it to "
+                    f"finish or pass another {flag}"
                 ) from None
             try:
-                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -274,11 +246,12 @@ class ResultsWriter:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        return fd
 
     def _check_settings(self) -> None:
         try:
-            old = json.loads(self.settings_path.read_text(**ENCODING))
+            stored = json.loads(self.settings_path.read_text(**ENCODING))
+            old = normalised_settings(stored)
         except FileNotFoundError:
             raise DiffclsError(
                 f"{self.out} exists but has no {self.settings_path.name}, so it cannot be resumed safely; "
@@ -298,11 +271,13 @@ class ResultsWriter:
             )
         changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         if changed:
-            detail = "; ".join(f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:3])
+            detail = "; ".join(_difference(k, old.get(k), self.settings.get(k)) for k in changed[:3])
             raise DiffclsError(
                 f"{self.out} was written with other settings ({detail}); rerun with the same settings to "
                 "resume, or pass another --out"
             )
+        if stored != old:  # an older file's settings, now in today's form
+            atomic_write_text(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True))
 
     def _load_csv(self) -> None:
         text = self.out.read_bytes().decode(**ENCODING)
@@ -418,22 +393,33 @@ class ResultsWriter:
     def write(self, key: str, result, extra: Sequence = ()) -> None:
         """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
         `extra`: the values of the extra columns (evaluate's label, correct)."""
+        self.commit_many([self.prepare(key, result, extra)])
+
+    def commit(self, key: str, row: dict, record: dict | None = None) -> None:
+        """Append one finished row ({column: text}) and its --save-errors `record`, all or nothing."""
+        self.commit_many([(key, row, record)])
+
+    def prepare(self, key: str, result, extra: Sequence = ()) -> tuple[str, dict, dict | None]:
+        """(key, row, --save-errors record) of one finished image, as `write` commits them."""
         row = self.row(key, result, extra)
         rec = None
         if self._err_fd is not None:
             rec = result.to_json(self.temperature, TOP_K)
             rec["path"] = key
             rec["sha256"] = row["sha256"]
-        self.commit(key, row, rec)
+        return key, row, rec
 
-    def commit(self, key: str, row: dict, record: dict | None = None) -> None:
-        """Append one finished row ({column: text}) and its --save-errors `record`, all or nothing."""
-        line = _csv_line([row[c] for c in self.columns])
+    def commit_many(self, items: Sequence[tuple[str, dict, dict | None]]) -> None:
+        """Append rows and their records with one write and one fsync per file, all or nothing:
+        if either write fails, both files are cut back to where they were."""
+        lines = [_csv_line([row[c] for c in self.columns]) for _, row, _ in items]
         parts = []
-        if self._err_fd is not None and record is not None:
+        if self._err_fd is not None:
             # ensure_ascii: a file name's undecodable bytes travel as \udcXX escapes and read back
-            parts.append((self._err_fd, self.errors_path, (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")))
-        parts.append((self._csv_fd, self.out, line.encode(**ENCODING)))
+            recs = "".join(json.dumps(rec, separators=(",", ":")) + "\n" for _, _, rec in items if rec is not None)
+            if recs:
+                parts.append((self._err_fd, self.errors_path, recs.encode("ascii")))
+        parts.append((self._csv_fd, self.out, "".join(lines).encode(**ENCODING)))
         sizes = [(fd, os.fstat(fd).st_size) for fd, _, _ in parts]
         for fd, path, data in parts:
             try:
@@ -448,20 +434,22 @@ class ResultsWriter:
                     f"cannot write to {path} ({e.strerror or e}); the {len(self.done)} images recorded so far are "
                     "kept: free some space and rerun the same command to resume"
                 ) from None
-        self.done[key] = row
-        self._records[key] = line
+        for (key, row, _), line in zip(items, lines):
+            self.done[key] = row
+            self._records[key] = line
 
     def close(self) -> None:
         for fd in (self._csv_fd, self._err_fd):
             if fd is not None:
                 os.close(fd)
-        if self._lock_fd is not None:
-            try:
-                self.lock_path.unlink()  # still holding the lock: see _lock
-            except OSError:
-                pass
-            os.close(self._lock_fd)  # releases the lock
-        self._csv_fd = self._err_fd = self._lock_fd = None
+        for fd, path in ((self._err_lock_fd, self.errors_lock_path), (self._lock_fd, self.lock_path)):
+            if fd is not None:
+                try:
+                    path.unlink()  # still holding the lock: see _lock
+                except OSError:
+                    pass
+                os.close(fd)  # releases the lock
+        self._csv_fd = self._err_fd = self._lock_fd = self._err_lock_fd = None
 
     def __enter__(self):
         self.open()
@@ -469,6 +457,120 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class BackgroundWriter:
+    """Commits a ResultsWriter's rows on a thread, so the scoring loop never waits for the disk.
+
+        bg = BackgroundWriter(writer)
+        bg.submit(key, result, extra)      # returns at once
+        bg.acknowledged()                  # keys whose rows (and records) are on disk, in order
+        bg.close()                         # commits what is left; raises a write's error
+
+    The thread takes every row waiting (up to `max_group`), builds them, and commits them with
+    `commit_many`: one write and one fsync per file per group, all or nothing. A row is
+    acknowledged only after its group's fsync, so an acknowledged row survives a kill; a failed
+    group is taken back from both files and its error raised in the caller's thread (on the
+    next call, or by `close`).
+    """
+
+    def __init__(self, writer: ResultsWriter, max_group: int = 256):
+        import queue
+        import threading
+        from collections import deque
+
+        self.writer, self.max_group = writer, max_group
+        self._queue: "queue.Queue" = queue.Queue()
+        self._acked: deque = deque()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="diffcls-results", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, result, extra: Sequence = ()) -> None:
+        self._raise()
+        self._queue.put((key, result, tuple(extra)))
+
+    def acknowledged(self) -> list[str]:
+        out = []
+        while self._acked:
+            out.append(self._acked.popleft())
+        self._raise()
+        return out
+
+    def close(self) -> list[str]:
+        """Commit every row submitted, stop the thread; the keys acknowledged since the last call."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self.acknowledged()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        import queue
+
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            group = []
+            while item is not None:
+                group.append(item)
+                if len(group) >= self.max_group:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            stop = item is None
+            if group and self._error is None:
+                try:
+                    self.writer.commit_many([self.writer.prepare(*it) for it in group])
+                    self._acked.extend(key for key, _, _ in group)
+                except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = e
+
+
+def _difference(key: str, old, new) -> str:
+    """'seed: 0 -> 7'; for a dict (the schedule), only the entries that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+        return f"{key}: " + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return f"{key}: {old!r} -> {new!r}"
+
+
+# --- settings files written by earlier versions ---------------------------------------------------
+_LEGACY_FIELD = re.compile(r"(\w+)=(\[[^\]]*\]|\S+)")
+
+
+def legacy_schedule(text: str) -> dict | None:
+    """The `to_dict` of a schedule that an earlier version stored as its description, e.g.
+    "n_samples=[50, 500] to_keep=[5, 1] n_trials=1 loss=l2" or "adaptive rule=mixture
+    error_rate=0.9 ... loss=l2" (these strings are frozen here: they are no longer written).
+    None for text that is neither."""
+    from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+
+    values = {k: json.loads(v) if v.startswith("[") else v for k, v in _LEGACY_FIELD.findall(text)}
+    try:
+        if text.startswith("adaptive "):
+            numbers = {"error_rate": float, "min_samples": int, "max_samples": int, "rel_delta": float, "n_trials": int,
+                       "final_samples": int, "final_keep": int, "final_error_rate": float}
+            kw = {k: numbers[k](v) for k, v in values.items() if k in numbers}
+            kw.setdefault("final_samples", 0)  # described only when there was a final stage
+            return AdaptiveSchedule(rule=values["rule"], loss=values["loss"], **kw).to_dict()
+        return Schedule(values["n_samples"], values["to_keep"], int(values["n_trials"]), values["loss"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def normalised_settings(settings: dict) -> dict:
+    """A stored settings dict in today's form (an older file's schedule description -> its dict)."""
+    sched = settings.get("schedule")
+    if isinstance(sched, str):
+        return {**settings, "schedule": legacy_schedule(sched) or sched}
+    return settings
 
 
 def _same_key(p: Path):
@@ -489,19 +591,3 @@ def printable(s: str) -> str:
     """`s` safe to print on any terminal: invalid bytes as U+FFFD, control characters escaped."""
     s = s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in s)
-
-
-def outcome(result) -> dict:
-    """What a run keeps of one finished image (`result`: runtime.classifier.ImageResult):
-    {classidx, prediction, n_evals, ranked} (ranked: its best classes, runtime.ranking)."""
-    return {"classidx": result.prediction, "prediction": result.classname, "n_evals": result.n_evals, "ranked": result.ranked(TOP_K)}
-
-
-def outcome_from_row(row: dict, class_ids: dict[str, int]) -> dict:
-    """`outcome` of an image read back from its results CSV row (`class_ids`: classname ->
-    classidx of the run's prompts); the full-precision mean errors make it equal to the fresh one."""
-    try:
-        n_evals = int(row.get("n_evals"))
-    except (TypeError, ValueError):
-        n_evals = None
-    return {"classidx": int(row["classidx"]), "prediction": row["prediction"], "n_evals": n_evals, "ranked": rows_from_cells(row, class_ids)}

@@ -7,7 +7,7 @@ any work, with one-line errors that say what to change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from diffcls.config import Loss
 from diffcls.errors import DiffclsError
@@ -103,7 +103,12 @@ class Schedule:
             alive = keep
         return total
 
+    def to_dict(self) -> dict:
+        """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
+        return {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
+
     def describe(self) -> str:
+        """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         return (
             f"n_samples={list(self.n_samples)} to_keep={list(self.to_keep)} "
             f"n_trials={self.n_trials} loss={self.loss}"
@@ -251,7 +256,12 @@ class AdaptiveSchedule:
         final = min(self.final_keep, n_prompts) * self.final_samples if n_prompts > 1 else 0
         return (n_prompts * self.max_samples + final) * self.n_trials
 
+    def to_dict(self) -> dict:
+        """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
+        return {"kind": "adaptive", **{f.name: getattr(self, f.name) for f in fields(self)}}
+
     def describe(self) -> str:
+        """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         delta = f" rel_delta={self.rel_delta:g}" if self.rule == "kim-nelson" else ""
         final = (
             f" final_samples={self.final_samples} final_keep={self.final_keep} final_error_rate={self.final_error_rate:g}"
@@ -262,3 +272,17 @@ class AdaptiveSchedule:
             f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
             f"max_samples={self.max_samples}{delta}{final} n_trials={self.n_trials} loss={self.loss}"
         )
+
+
+def schedule_from_dict(d: dict) -> Schedule | AdaptiveSchedule:
+    """The schedule `to_dict` described (a one-line error for anything else)."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    try:
+        if kind == "fixed":
+            return Schedule(**d)
+        if kind == "adaptive":
+            return AdaptiveSchedule(**d)
+    except TypeError as e:
+        raise DiffclsError(f"not a schedule description ({e}): {d}") from None
+    raise DiffclsError(f"unknown schedule kind {kind!r}; expected fixed or adaptive")

@@ -1,6 +1,6 @@
 """The scoring loop of Diffusion Classifier, with several images sharing full UNet batches.
 
-For one image with latent x0 and prompts c (DESIGN.md, "The scoring loop"):
+For one image with latent x0 and prompts c (docs/design.md, "The scoring loop"):
 
     round i: new timesteps ts_i (see `Schedule.rounds`), for each remaining prompt c, each new
              (t, trial j), with eps = bank[k * n_trials + j] (k = the t's evaluation index):
@@ -99,8 +99,6 @@ class _Image:
         self.slots = slots
         self.arms = getattr(policy, "arms", None)
         self.policy = policy
-        self.sums: dict[int, float] = {}
-        self.counts: dict[int, int] = {}
         self.errors: list[tuple[int, int, int, float]] = []
         self.pending = 0
         self.phase = 0  # the policy's phase of the block in flight (fixed schedule: the round)
@@ -122,18 +120,27 @@ class _Image:
         self.pending = len(items)
         return items
 
-    def record(self, c: int, k: int, t: int, j: int, err: float) -> None:
-        self.errors.append((c, t, j, err))
-        self.sums[c] = self.sums.get(c, 0.0) + err
-        self.counts[c] = self.counts.get(c, 0) + 1
-        self.pending -= 1
-        self.policy.feed(c, k, j, err)
+    def record(self, items: list, errs: list[float]) -> None:
+        """The errors of some items of the block in flight, fed to the policy in one call."""
+        self.errors.extend((c, t, j, e) for (_, c, _k, t, j), e in zip(items, errs))
+        self.pending -= len(items)
+        feed_block = getattr(self.policy, "feed_block", None)
+        if feed_block is None:  # a policy with only `feed`
+            for (_, c, k, _t, j), e in zip(items, errs):
+                self.policy.feed(c, k, j, e)
+        else:
+            feed_block([it[1] for it in items], [it[2] for it in items], [it[4] for it in items], errs)
 
     def result(self) -> ImageScore:
         res = self.policy.result()
+        sums: dict[int, float] = {}
+        counts: dict[int, int] = {}
+        for c, _t, _j, e in self.errors:  # in evaluation order, as the policy summed them
+            sums[c] = sums.get(c, 0.0) + e
+            counts[c] = counts.get(c, 0) + 1
         return ImageScore(
             prediction=res.prediction,
-            scores={c: self.sums[c] / self.counts[c] for c in sorted(self.sums)},
+            scores={c: sums[c] / counts[c] for c in sorted(sums)},
             errors=self.errors,
             ranking=res.ranking,
             n_evals=len(self.errors),
@@ -179,7 +186,6 @@ class Scorer:
         noise_bank: torch.Tensor,
         batch_size: int,
         *,
-        sync_timing: bool = False,
         prediction_type: str = "epsilon",
         grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
         policy_factory: Callable[[Hashable, torch.Tensor], object] | None = None,
@@ -212,7 +218,6 @@ class Scorer:
         self.bank = noise_bank.to(self.device, torch.float32)
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.stats = ScoreStats()
-        self.sync_timing = sync_timing
         # adaptive schedules: each image's rotation of the timestep grid, from its content
         # (grid_offset(key, x0), e.g. a digest of the image file; default: of the latent's bytes)
         self.grid_offset = grid_offset
@@ -291,7 +296,7 @@ class Scorer:
         fits = [b for b in sizes if b >= n and b <= self.batch_size]
         return min(fits) if fits else self.batch_size
 
-    def run(self, latents: Iterable[tuple[Hashable, torch.Tensor]], on_round: Callable | None = None) -> Iterator[tuple[Hashable, ImageScore]]:
+    def run(self, latents: Iterable[tuple[Hashable, torch.Tensor]]) -> Iterator[tuple[Hashable, ImageScore]]:
         """Yield (key, ImageScore) per image, in the order the images finish.
 
         `latents` yields (key, x0 of shape (C, h, w)); it is pulled lazily, one image at a time,
@@ -322,12 +327,17 @@ class Scorer:
             per_round = self.stats.round_seconds
             for image, *_ in batch:
                 per_round[image.phase] = per_round.get(image.phase, 0.0) + elapsed / len(batch)
-            for (image, c, k, t, j), err in zip(batch, errors):
-                image.record(c, k, t, j, err)
+            by_image: dict[int, tuple] = {}  # the batch's items and errors per image, in batch order
+            for it, err in zip(batch, errors):
+                entry = by_image.get(id(it[0]))
+                if entry is None:
+                    entry = by_image[id(it[0])] = (it[0], [], [])
+                entry[1].append(it)
+                entry[2].append(err)
+            for image, its, errs in by_image.values():
+                image.record(its, errs)
             done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
             for image in done_block.values():
-                if on_round is not None:
-                    on_round(image.key, image.phase)
                 items = image.next_items()
                 if items:
                     queue.extend(items)

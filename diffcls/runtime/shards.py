@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.results import atomic_write_text
+from diffcls.runtime.results import _csv_line, _valid_row, atomic_write_text, normalised_settings
 
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
 SHOW = 5  # names shown per problem
@@ -62,7 +62,8 @@ class Shard:
     index: int
     count: int
     header: list[str]
-    rows: list[tuple[str, list[str]]]  # (path key, fields)
+    rows: list[tuple[str, list[str]]]  # (path key, fields) of the well-formed rows
+    malformed: int = 0  # rows dropped: cut, edited, or not what classify writes
 
 
 @dataclass
@@ -74,6 +75,7 @@ class MergeReport:
     missing: dict[int, list[str]] = field(default_factory=dict)  # shard -> image keys without a row
     duplicated: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # why classify skipped an image (it cannot be decoded)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -93,7 +95,7 @@ def read_shard(path: Path) -> Shard:
     path = Path(path)
     sp = settings_path(path)
     try:
-        settings = json.loads(sp.read_text(**ENCODING))
+        settings = normalised_settings(json.loads(sp.read_text(**ENCODING)))
     except FileNotFoundError:
         raise DiffclsError(f"{path} has no {sp.name} beside it; pass the --out file of a `diffcls classify --shard` run") from None
     except (OSError, json.JSONDecodeError) as e:
@@ -104,7 +106,8 @@ def read_shard(path: Path) -> Shard:
     header, rows = _read_rows(path)
     if not header or header[0] != "path":
         raise DiffclsError(f"{path} is not a diffcls results file (unexpected header)")
-    return Shard(path, settings, index, count, header, [(r[0], r) for r in rows])
+    good = [r for r in rows if len(r) == len(header) and _valid_row(dict(zip(header, r)))]
+    return Shard(path, settings, index, count, header, [(r[0], r) for r in good], malformed=len(rows) - len(good))
 
 
 def _names(keys: list[str]) -> str:
@@ -112,8 +115,45 @@ def _names(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
 
 
-def check_shards(shards: list[Shard], images: list[str] | None) -> MergeReport:
-    """Refuse mixed settings (DiffclsError); report missing and duplicated images."""
+def expected_images(settings: dict, folder: Path | None = None) -> dict[str, Path] | None:
+    """{key: image path} of the images the shards should cover: those under `folder` if given,
+    else the run's own inputs (recorded by `classify --shard`), else those under its root; None
+    when none of these is known."""
+    from diffcls.runtime.inputs import collect_inputs, inputs_of
+
+    if folder is None and isinstance(settings.get("inputs"), dict):
+        try:
+            inputs = inputs_of(settings["inputs"])
+        except DiffclsError as e:
+            raise DiffclsError(f"the shards' inputs cannot be listed here ({e}); pass --folder with the same images to check coverage") from None
+        return {key: path for path, key in inputs.keys.items()}
+    root = folder if folder is not None else settings.get("root")
+    if root is None:
+        return None
+    root = Path(root)
+    if not root.exists():
+        raise DiffclsError(f"the shards classified {root}, which is not here; pass --folder with the same images to check coverage")
+    inputs = collect_inputs([root])
+    return {key: path for path, key in inputs.keys.items()}
+
+
+def unreadable(path: Path) -> str | None:
+    """Why `classify` skips this image (it cannot be read or decoded), else None."""
+    from diffcls.runtime.preprocess import BadImage, open_image
+
+    try:
+        open_image(path)
+    except BadImage as e:
+        return str(e)
+    except (OSError, MemoryError) as e:
+        return f"{path}: {getattr(e, 'strerror', None) or type(e).__name__}"
+    return None
+
+
+def check_shards(shards: list[Shard], images: "dict[str, Path] | list[str] | None") -> MergeReport:
+    """Refuse mixed settings (DiffclsError); report missing and duplicated images (`images`:
+    the keys the shards should cover, with their paths when known: a missing image that cannot
+    be decoded was skipped by classify, and is reported as such, not as work left to do)."""
     if not shards:
         raise DiffclsError("give the shard results files to merge, e.g. diffcls merge all.csv part0.csv part1.csv")
     first = shards[0]
@@ -145,6 +185,11 @@ def check_shards(shards: list[Shard], images: list[str] | None) -> MergeReport:
             f"shard{'s' if len(absent) > 1 else ''} {', '.join(f'{i}/{n}' for i in absent)} missing: run "
             f"`diffcls classify FOLDER --shard {absent[0]}/{n} --out ...` with the same options and pass its file"
         )
+    for s in shards:
+        if s.malformed:
+            report.problems.append(
+                f"{s.path} has {s.malformed} malformed row(s), left out; rerun its classify command to recompute them"
+            )
     seen: dict[str, int] = {}
     for s in shards:
         for key, _ in s.rows:
@@ -157,9 +202,15 @@ def check_shards(shards: list[Shard], images: list[str] | None) -> MergeReport:
         report.problems.append(f"{len(report.duplicated)} images have more than one row: {_names(report.duplicated)}")
     if images is not None:
         report.n_images = len(images)
+        paths = images if isinstance(images, dict) else {}
         for key in images:
             if key not in seen:
-                report.missing.setdefault(shard_of(key, n), []).append(key)
+                # decoded only for shards that ran (an absent shard's images are simply missing)
+                why = unreadable(paths[key]) if key in paths and shard_of(key, n) in by_index else None
+                if why is not None:
+                    report.skipped.append(why)
+                else:
+                    report.missing.setdefault(shard_of(key, n), []).append(key)
         for i, keys in sorted(report.missing.items()):
             if i in by_index:
                 report.problems.append(
@@ -204,10 +255,15 @@ def merge_errors(shard_errors: list[Path], keys: dict[str, list[str]], header: l
 
 def write_merged(out: Path, shards: list[Shard], errors_out: Path | None = None, shard_errors: list[Path] | None = None) -> int:
     """Write OUT (rows sorted by path) and its settings; with errors_out, the merged JSONL too."""
+    from diffcls.runtime.outputs import check_distinct, check_output
+
     inputs = {s.path.resolve() for s in shards} | {Path(p).resolve() for p in shard_errors or []}
     for target in (out, errors_out):
         if target is not None and Path(target).resolve() in inputs:
             raise DiffclsError(f"{target} is one of the files being merged; write the merged file to a new path")
+    check_distinct(("OUT", out), ("its settings", settings_path(Path(out))), ("--save-errors", errors_out))
+    check_output(out, "OUT", "results", stream=False)  # resumable: never a user's file, a device, a pipe
+    check_output(errors_out, "--save-errors", "errors", stream=False)
     rows: dict[str, list[str]] = {}
     for s in shards:
         for key, fields in s.rows:
@@ -216,13 +272,11 @@ def write_merged(out: Path, shards: list[Shard], errors_out: Path | None = None,
     errors_text = None
     if errors_out is not None:
         errors_text = merge_errors(shard_errors or [], rows, shards[0].header)
-    buf = io.StringIO(newline="")
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(shards[0].header)
-    writer.writerows(rows.values())
-    settings = {k: v for k, v in shards[0].settings.items() if k != "shard"}
+    # the same writer as classify's (the path always quoted: a name may hold \r), so a resume reads every row back
+    text = _csv_line(shards[0].header, quote_first=False) + "".join(_csv_line(f) for f in rows.values())
+    settings = {k: v for k, v in shards[0].settings.items() if k not in ("shard", "inputs")}
     if errors_text is not None:
         atomic_write_text(errors_out, errors_text)
     atomic_write_text(settings_path(out), json.dumps(settings, indent=2, sort_keys=True))
-    atomic_write_text(out, buf.getvalue())
+    atomic_write_text(out, text)
     return len(rows)

@@ -6,18 +6,22 @@ import contextlib
 import time
 from collections import defaultdict
 
-import torch
 
+def synchronize(device) -> None:
+    """Wait for a CUDA device's queued work (nothing on a CPU). torch is imported here: the CLI
+    imports this module for `rate` before it needs torch."""
+    if device is None:
+        return
+    import torch
 
-def synchronize(device: torch.device | None) -> None:
-    if device is not None and torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class StageTimer:
     """Collects durations per stage name: `with timer.stage("vae_encode"): ...`."""
 
-    def __init__(self, device: torch.device | None = None):
+    def __init__(self, device=None):  # torch.device | None
         self.device = device
         self.calls: dict[str, list[float]] = defaultdict(list)
 
@@ -33,6 +37,17 @@ class StageTimer:
 
     def add(self, name: str, seconds: float) -> None:
         self.calls[name].append(seconds)
+
+    def per_item_speed(self, n: int) -> str:
+        """'1.2 ms preprocess, 0.4 ms text encode, ... per image' (stages summed, over `n` images)."""
+        stages = self.summary()
+
+        def ms(*names):
+            return 1000 * sum(stages.get(k, {}).get("total_s", 0.0) for k in names) / max(1, n)
+
+        unet = [k for k in stages if k.startswith("unet_round_")]
+        parts = [("preprocess", ("preprocess",)), ("text encode", ("text_encode",)), ("VAE encode", ("vae_encode",)), ("UNet", unet)]
+        return ", ".join(f"{ms(*keys):.1f} ms {label}" for label, keys in parts) + " per image"
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -54,3 +69,23 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_xs) - 1)
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def rate(count: float, seconds: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
+    """'3.91 img/s', or '4.20 s/img' when it is below one per second (a large model on a CPU).
+
+    `unit` is the plural written before "/s" ("img", "UNet evals"); `per_unit` the singular
+    written after "s/" (default: `unit`).
+    """
+    if count <= 0 or seconds <= 0:
+        return f"0 {unit}/s"
+    return per_second(count / seconds, unit, per_unit, digits)
+
+
+def per_second(value: float, unit: str, per_unit: str | None = None, digits: int = 2) -> str:
+    """A rate `value` (per second) as `rate` writes it: seconds per item when below 1/s."""
+    if value >= 1:
+        return f"{value:.{digits}f} {unit}/s"
+    if value <= 0:
+        return f"0 {unit}/s"
+    return f"{1 / value:.2f} s/{per_unit or unit}"

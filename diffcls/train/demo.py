@@ -19,7 +19,7 @@ Training, in the order SD was built:
 
 The inputs are exactly what `diffcls classify` computes from the PNGs `diffcls digits` writes:
 `preprocess_image(render_digit(d), 32, "bicubic")` (see `diffcls.models.digits`). Only the
-train split is used; `--eval` measures the held-out split with the scoring loop of DESIGN.md
+train split is used; `--eval` measures the held-out split with the scoring loop of docs/design.md
 (timestep grid, one seeded noise bank, per-round pruning), written out here in plain torch so
 that the model can be measured independently of the runtime.
 
@@ -172,10 +172,17 @@ def text_embeddings(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
 
 
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-               cfg: DemoConfig, gen: torch.Generator, t0: float):
-    """Train on scaled latents; returns EMA copies (unet, text_encoder)."""
-    texts = [p for p, _, _ in prompts()]
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None):
+    """Train on scaled latents; returns EMA copies (unet, text_encoder).
+
+    `condition(text_encoder, idx)` -> (B, 77, D): the text embeddings of the training rows `idx`
+    (default: the digit prompts, indexed by `labels`)."""
+    if condition is None:
+        texts = [p for p, _, _ in prompts()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+        def condition(te, idx):
+            return te(input_ids=ids, return_dict=False)[0][labels[idx]]  # all 10 classes once, then (B, 77, D)
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.unet_lr, "base": cfg.unet_lr},
@@ -204,8 +211,7 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
         eps = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        emb = text_encoder(input_ids=ids, return_dict=False)[0]  # (10, 77, D), all classes once
-        pred = unet(xt, t, encoder_hidden_states=emb[labels[idx]], return_dict=False)[0]
+        pred = unet(xt, t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,7 +226,7 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
 
 
-# --- evaluation: the scoring loop of DESIGN.md, in plain torch -------------------------------
+# --- evaluation: the scoring loop of docs/design.md, in plain torch -------------------------------
 # The runtime (`diffcls evaluate`, `Classifier`) implements the same loop with batching across
 # images; tests/test_demo_model.py checks that both predict the same.
 def timestep_grid(T: int, M: int) -> list[int]:

@@ -22,7 +22,7 @@ real DiT-XL/2 takes:
 
 The inputs are exactly what `diffcls classify` computes from the PNGs `diffcls digits` writes
 (`diffcls.models.digits`, shared with the SD demo's trainer). Only the train split is used;
-`--eval` measures held-out accuracy with the scoring loop of DESIGN.md written in plain torch.
+`--eval` measures held-out accuracy with the scoring loop of docs/design.md written in plain torch.
 Seeded and deterministic for a given torch version and thread count (`--threads`, default 1).
 """
 
@@ -172,7 +172,7 @@ class _AsUnet(torch.nn.Module):
 
 def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, n_samples=(10, 50), to_keep=(3, 1),
              n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
-    """Top-1 accuracy of the DiT directory on a digits split (plain-torch DESIGN.md loop)."""
+    """Top-1 accuracy of the DiT directory on a digits split (plain-torch loop of docs/design.md)."""
     model = load_model(model_dir)
     x, y = split_tensors(split)
     if limit is not None:

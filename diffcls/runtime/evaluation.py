@@ -1,0 +1,141 @@
+"""Evaluation over a finished job: labels -> classes, accuracy metrics, probability calibration.
+
+What `diffcls evaluate` and `diffcls calibrate` compute, as functions of a `ClassifyJob`'s
+outcomes (`job.results`, keyed like the results file) and its truth (`job.truth`: key -> true
+classidx), so the Python API computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from diffcls.errors import DiffclsError
+
+LABEL_COLUMNS = ("label", "correct")  # evaluate's extra results columns: true class name, 1 or 0
+
+
+class LabelKind(str, Enum):
+    name = "name"  # folder / label text is the class name
+    index = "index"  # folder / label text is the class index (0, 1, ...: the prompts' classidx)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def label_ids(names: list[str], kind: LabelKind, pset, where: str, what: str = "subfolders") -> dict[str, int]:
+    """Raw label text (folder name / CSV label) -> classidx; a one-line error for unknown ones."""
+    if kind == LabelKind.index:
+        ids, bad = {}, []
+        for name in names:
+            try:
+                ids[name] = int(name)
+            except ValueError:
+                bad.append(name)
+            else:
+                if ids[name] not in pset.classes:
+                    bad.append(name)
+        if bad:
+            raise DiffclsError(
+                f"{what} {', '.join(bad[:5])} of {where} are not class indices of the prompts "
+                f"({min(pset.classes)}..{max(pset.classes)}); fix them, or use --labels name"
+            )
+        return ids
+    by_name = {_norm(name): idx for idx, name in pset.classes.items()}
+    unknown = [n for n in names if _norm(n) not in by_name]
+    if unknown:
+        hint = "; the labels are numbers: pass --labels index" if all(u.isdigit() for u in unknown) else "; rename them or fix the prompts"
+        raise DiffclsError(
+            f"{what} {', '.join(unknown[:5])} of {where} match no class name "
+            f"({', '.join(list(pset.classes.values())[:10])}){hint}"
+        )
+    return {n: by_name[_norm(n)] for n in names}
+
+
+def scored_truth(job) -> dict[str, int]:
+    """key -> true classidx of the labeled images that have an outcome (a one-line error if none)."""
+    truth = {k: t for k, t in job.truth.items() if k in job.results}
+    if not truth:
+        raise DiffclsError(f"no labeled image of {job.describe_inputs()} was classified")
+    return truth
+
+
+def top_ids(outcome) -> list[int]:
+    """The class ids of an outcome's ranking (runtime.ranking), best first."""
+    return [c.classidx for c in outcome.ranked or []]
+
+
+def evals_per_image(results: dict, keys=None) -> float | None:
+    """Mean UNet evaluations per image over `keys` (default: all results) that record it."""
+    counts = [results[k].n_evals for k in (results if keys is None else keys) if results[k].n_evals is not None]
+    return sum(counts) / len(counts) if counts else None
+
+
+def accuracy_metrics(job) -> dict:
+    """top-1/top-5, per-class precision/recall/f1, the confusion matrix, evaluations per image."""
+    from diffcls.runtime.metrics import confusion_metrics
+
+    truth = scored_truth(job)
+    m = confusion_metrics(
+        [truth[k] for k in truth],
+        [job.results[k].classidx for k in truth],
+        list(job.prompts.classes),
+        top=[top_ids(job.results[k]) for k in truth],
+    )
+    m["evals_per_image"] = evals_per_image(job.results, truth)
+    return m
+
+
+def decisions(results: dict, truth: dict):
+    """Per labeled image whose ranking is known: (key, the listed final-decision classes' mean
+    errors, the prediction's first; the true class's position among them, None when it was
+    pruned or not listed: probability 0)."""
+    for key, label in truth.items():
+        ranked = results[key].ranked
+        if ranked:
+            final = [c for c in ranked if c.in_final]
+            ids = [c.classidx for c in final]
+            yield key, [c.mean_error for c in final], (ids.index(label) if label in ids else None)
+
+
+def calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
+    """NLL of the true class and ECE of the predicted class's probability (runtime.ranking: the
+    prediction's is the highest), over the images whose ranking is known."""
+    from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
+
+    t = UNCALIBRATED if temperature is None else temperature
+    keys, lists, pos = [], [], []
+    for key, means, p in decisions(results, truth):
+        keys.append(key), lists.append(means), pos.append(p)
+    if not lists:
+        return None
+    conf = [softmax_neg(means, t)[0] for means in lists]
+    correct = [results[k].classidx == truth[k] for k in keys]
+    return {"temperature": t, "n": len(lists), "nll": nll(lists, pos, t), "ece": expected_calibration_error(conf, correct),
+            "confidence": conf, "correct": correct}
+
+
+def fit_calibration(job):
+    """The temperature of minimum NLL on the job's labeled images (`diffcls calibrate`)."""
+    from diffcls.runtime.calibration import UNCALIBRATED, Calibration, fit_temperature, nll
+
+    truth = scored_truth(job)
+    before = calibration_metrics(job.results, truth, None)
+    if before is None:
+        raise DiffclsError(f"no image of {job.describe_inputs()} has a ranking to fit on; pass another --results to recompute")
+    lists = [(means, p) for _, means, p in decisions(job.results, truth)]
+    scores, pos = [m for m, _ in lists], [p for _, p in lists]
+    t = fit_temperature(scores, pos)
+    after = calibration_metrics(job.results, truth, t)
+    return Calibration(
+        temperature=t,
+        n_images=len(scores),
+        nll_before=nll(scores, pos, UNCALIBRATED),
+        nll_after=nll(scores, pos, t),
+        ece_before=before["ece"],
+        ece_after=after["ece"],
+        schedule=job.schedule.to_dict(),
+        model=job.executor.info["fingerprint"],
+        prompts=job.prompts.digest(),
+    )

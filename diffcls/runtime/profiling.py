@@ -1,0 +1,200 @@
+"""Per-stage profiling of classification (`diffcls profile`): where the time goes.
+
+`profile_run` classifies images with per-stage timing and returns a plain report: per stage
+(model/engine load, preprocess, text encode, VAE encode, UNet per round, all UNet calls,
+total) the number of calls, total seconds and p50/p90 per call, plus UNet evals/s, images/s,
+the padding fraction, UNet evaluations per image (mean, p50, p90, max: they vary per image
+with --adaptive), cache hits/misses and the peak GPU memory. `plot_stages` draws it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from diffcls.errors import missing_extra
+from diffcls.runtime.timing import per_second
+
+# stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
+STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
+STAGE_LABELS = {
+    "load": "load model/engines",
+    "preprocess": "preprocess (threads)",
+    "text_encode": "text encode",
+    "vae_encode": "VAE encode",
+    "unet_call": "UNet, all calls",
+    "total": "total",
+}
+
+
+def ordered_stages(stages: dict) -> list[str]:
+    names = []
+    for s in STAGE_ORDER:
+        if s == "unet_round":
+            names += sorted((n for n in stages if n.startswith("unet_round_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+        elif s in stages:
+            names.append(s)
+    rest = [n for n in stages if n not in names and n != "total"]
+    return names + rest + (["total"] if "total" in stages else [])
+
+
+def stage_label(name: str) -> str:
+    if name.startswith("unet_round_"):
+        return f"UNet round {name.rsplit('_', 1)[1]}"
+    return STAGE_LABELS.get(name, name)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise missing_extra("matplotlib", "plot") from None
+    return plt
+
+
+def plot_stages(report: dict, path: Path) -> None:
+    """Horizontal bars: total seconds per stage (and the warm-up, if any)."""
+    plt = require_matplotlib()
+    stages = report["stages"]
+    names = [n for n in ordered_stages(stages) if n != "unet_call"]
+    secs = [stages[n]["total_s"] for n in names]
+    labels = [stage_label(n) for n in names]
+    if report.get("warmup"):
+        labels.append("warm-up (not counted)")
+        secs.append(report["warmup"]["total_s"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    bars = ax.barh(range(len(secs)), secs, color=["#4c72b0"] * len(names) + ["#dd8452"] * (len(secs) - len(names)))
+    ax.set_yticks(range(len(secs)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    for bar, s in zip(bars, secs):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {s:.3g} s", va="center", fontsize=8)
+    ax.set_xlim(0, 1.2 * max(secs + [1e-9]))  # room for the longest bar's label
+    s = report["settings"]
+    ax.set_title(
+        f"diffcls profile: {report['n_images']} images, {s['backend']} {s['precision']} on {s['device']}, "
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 0)}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    from diffcls.runtime.outputs import save_figure
+
+    try:
+        save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG
+    finally:
+        plt.close(fig)
+
+
+def peak_memory(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def _distribution(values: list[int]) -> dict | None:
+    """mean, p50, p90 and max of UNet evaluations per image (None without images)."""
+    if not values:
+        return None
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "max": int(v.max())}
+
+
+def profile_run(clf, images: list, pset, schedule, *, warmup: bool = False, on_skip=None, on_image=None, **kw) -> dict:
+    """Classify `images` with per-stage timing; returns the report dict (see module docstring).
+    `on_skip(path, message)` hears of unreadable images, `on_image()` of each one classified."""
+    import torch
+
+    e = clf.engines
+    skipped: list[list[str]] = []
+
+    def skip(path, msg):
+        skipped.append([path, msg])
+        if on_skip is not None:
+            on_skip(path, msg)
+
+    warm = _warm_up(clf, images[:1], pset, schedule, kw) if warmup and images else None
+    if e.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(e.device)
+    cache0 = (clf.cache.hits, clf.cache.misses, clf.cache.rejected) if clf.cache is not None else None
+    start = time.perf_counter()
+    n_evals: list[int] = []
+    for r in clf.iter_classify(images, pset, schedule, on_skip=skip, **kw):
+        n_evals.append(r.n_evals)
+        if on_image is not None:
+            on_image()
+    if e.device.type == "cuda":
+        torch.cuda.synchronize(e.device)
+    wall = time.perf_counter() - start
+    return _report(clf, pset, schedule, kw, wall, n_evals, warm, cache0, skipped)
+
+
+def _report(clf, pset, schedule, kw: dict, wall: float, n_evals: list[int], warm, cache0, skipped) -> dict:
+    import torch
+
+    e = clf.engines
+    stats = clf.last_stats
+    unet_s = sum(stats.unet_seconds) if stats else 0.0
+    stages = clf.timer.summary()
+    for name in ("text_encode", "vae_encode"):  # a cached run shows these as 0 calls, not as nothing
+        stages.setdefault(name, {"calls": 0, "total_s": 0.0, "p50_ms": 0.0, "p90_ms": 0.0})
+    stages["total"] = {"calls": 1, "total_s": wall, "p50_ms": 1000 * wall, "p90_ms": 1000 * wall}
+    peak = peak_memory(e.device)
+    cache = None
+    if clf.cache is not None:
+        c = clf.cache
+        cache = {"hits": c.hits - cache0[0], "misses": c.misses - cache0[1], "rejected": c.rejected - cache0[2], "dir": str(c.root)}
+    return {
+        "settings": {
+            "backend": e.backend,
+            "device": str(e.device),
+            "precision": e.precision,
+            "compile": bool(e.info.get("compile", False)),
+            "batch_size": kw.get("batch_size"),
+            "threads": torch.get_num_threads(),
+            "image_size": e.image_size,
+            "model_fingerprint": e.fingerprint,
+            "model_source": e.info.get("source"),
+            "n_prompts": len(pset),
+            "schedule": schedule.describe(),
+        },
+        "n_images": len(n_evals),
+        "total_s": wall,
+        "stages": stages,
+        "warmup": warm,
+        "images_per_s": len(n_evals) / wall if wall else 0.0,
+        "unet_evals": stats.unet_evals if stats else 0,
+        "unet_calls": stats.unet_calls if stats else 0,
+        "unet_seconds": unet_s,
+        "unet_evals_per_s": (stats.unet_evals / unet_s) if stats and unet_s else 0.0,
+        "end_to_end_evals_per_s": (stats.unet_evals / wall) if stats and wall else 0.0,
+        "padding_fraction": stats.padding_fraction if stats else 0.0,
+        "evals_per_image": _distribution(n_evals),
+        "cache": cache,
+        "peak_gpu_memory_bytes": peak,  # None (JSON null) without a GPU
+        "skipped": skipped,
+    }
+
+
+def _warm_up(clf, images: list, pset, schedule, kw: dict) -> dict:
+    """Classify `images` (one) with the cache off, so that every stage is warmed and the cache
+    left as it was; the timer keeps only the load. Returns what the warm-up took."""
+    saved, clf.cache = clf.cache, None
+    start = time.perf_counter()
+    try:
+        for _ in clf.iter_classify(images, pset, schedule, on_skip=lambda *a: None, **kw):
+            pass
+    finally:
+        clf.cache = saved
+    warm = {"total_s": time.perf_counter() - start, "stages": {k: v for k, v in clf.timer.summary().items() if k != "load"}}
+    load = clf.timer.calls.get("load", [])
+    clf.timer.calls.clear()
+    if load:
+        clf.timer.calls["load"] = load
+    return warm

@@ -1,0 +1,143 @@
+"""The CPU fast path (issue 23 item 4): with no flags, a CPU run of a bundled model exports it once
+into the cache directory and runs ONNX Runtime engines; the thread count follows the free cores;
+explicit flags win; without onnxruntime torch runs with a one-line note."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from diffcls.cli.app import app
+from diffcls.engines import fastpath
+from diffcls.engines.fastpath import choose_threads, plan_engines
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
+SCHEDULE = ["--n-samples", "2,4", "--to-keep", "2,1"]
+
+
+# --- the plan: what runs, decided from the flags alone ---------------------------------------
+def test_plan_default_on_cpu_is_the_bundled_models_cached_engines(tmp_path):
+    pytest.importorskip("onnxruntime")
+    for model, name in ((None, "demo"), ("demo", "demo"), ("demo-dit", "demo-dit")):
+        plan = plan_engines(model=model, device="cpu", cache_dir=tmp_path)
+        assert (plan.backend, plan.bundled, plan.engine_dir, plan.note) == ("onnxruntime", name, tmp_path / "engines", None)
+
+
+def test_plan_explicit_flags_win(tmp_path, tiny_dir):
+    assert plan_engines(backend="torch", device="cpu").backend == "torch"
+    eng = tmp_path / "eng"
+    eng.mkdir()
+    (eng / "manifest.json").write_text(json.dumps({"format": 1, "backend": "tensorrt", "components": {}}))
+    plan = plan_engines(engines=eng, device="cpu")
+    assert (plan.backend, plan.engine_dir, plan.bundled) == ("tensorrt", eng, None)
+    assert plan_engines(device="cpu", compile=True).backend == "torch"
+    assert plan_engines(device="cuda").backend == "torch"  # on a GPU torch fp16 is the measured fast path
+    own = plan_engines(model=tiny_dir, device="cpu")  # a user's model: exporting it is `diffcls export`'s job
+    assert own.backend == "torch" and own.bundled is None and "diffcls export --model" in own.note
+
+
+def test_plan_without_onnxruntime_runs_torch_with_a_note(monkeypatch):
+    monkeypatch.setattr(fastpath, "onnx_available", lambda: False)
+    plan = plan_engines(device="cpu")
+    assert plan.backend == "torch" and plan.bundled is None
+    assert "onnxruntime is not installed" in plan.note and '".[onnx]"' in plan.note
+
+
+# --- threads -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cores, load, want", [(2, 0.2, 2), (2, 0.7, 1), (2, 1.3, 1), (2, 9.0, 1), (8, 2.4, 6), (1, 0.0, 1)])
+def test_threads_follow_the_free_cores(monkeypatch, cores, load, want):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(fastpath, "free_cores", lambda: (cores, load))
+    choice = choose_threads(None)
+    assert choice.n == want and f"load {load:.1f}" in choice.why
+
+
+def test_threads_explicit_then_environment(monkeypatch):
+    monkeypatch.setattr(fastpath, "free_cores", lambda: (2, 0.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(None).n == 3 and choose_threads(5).n == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert choose_threads(None).n == 2
+
+
+# --- the cached export ---------------------------------------------------------------------------
+def test_cached_engines_export_once_verify_and_rebuild(tmp_path, tiny_dir):
+    pytest.importorskip("onnxruntime")
+    from diffcls.engines.manifest import read_manifest, verify_engine_dir
+    from diffcls.export.cached import ensure_cached_engines
+
+    root = tmp_path / "engines"
+    said: list[str] = []
+    got: list[Path] = []
+
+    def ensure():
+        # the tiny model stands in for a bundled one, cached under the demo's name
+        got.append(ensure_cached_engines("demo", root, source=tiny_dir, image_size=16, on_export=said.append))
+
+    workers = [threading.Thread(target=ensure) for _ in range(2)]  # two runs at once: one export
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(said) == 1 and said[0].startswith("exporting the demo model to ONNX Runtime engines in ") and "(once, ~" in said[0]
+    assert got[0] == got[1] and got[0].parent == root and re.fullmatch(r"demo-[0-9a-f]{16}-16px", got[0].name)
+    m = verify_engine_dir(got[0], backend="onnxruntime", image_size=16)
+    assert all(c["batch_sizes"] == [] for c in m["components"].values())  # any --batch-size runs
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]  # nothing half-built left
+    ensure()  # fresh: no second export
+    assert len(said) == 1 and got[-1] == got[0]
+    unet = got[0] / read_manifest(got[0])["components"]["unet"]["file"]
+    unet.write_bytes(unet.read_bytes()[:-10] + b"0" * 10)  # corrupted: rebuilt, atomically
+    ensure()
+    assert len(said) == 2 and got[-1] == got[0]
+    verify_engine_dir(got[0], backend="onnxruntime", image_size=16)
+    # `diffcls cache` counts them; --clear removes them and nothing else under the directory
+    (root / "mine").mkdir()
+    (root / "demo-notes.txt").write_text("a user's file")
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "1 engine directories" in r.output, r.output
+    r = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path), "--clear"])
+    assert r.exit_code == 0 and "and 1 engine directories" in r.output, r.output
+    assert sorted(p.name for p in root.iterdir()) == ["demo-notes.txt", "mine"]
+
+
+# --- the CLI: what the user sees ----------------------------------------------------------------
+def _classify(tmp_path, *extra):
+    folder = tmp_path / "digits"
+    if not folder.exists():
+        for name in ("three", "seven"):
+            (folder / name).mkdir(parents=True)
+            shutil.copy(next((EXAMPLES / name).glob("*.png")), folder / name)
+    out = tmp_path / f"r{len(list(tmp_path.glob('r*.csv')))}.csv"
+    r = CliRunner().invoke(app, ["classify", str(folder), *SCHEDULE, "--out", str(out), *extra])
+    assert r.exit_code == 0, r.output
+    preds = [row.split(",")[1] for row in out.read_text().splitlines()[1:]]
+    return r.output, preds
+
+
+def test_cli_default_runs_cached_onnx_engines_and_says_so(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from diffcls.config import default_cache_dir
+
+    output, preds = _classify(tmp_path)
+    ran = [line for line in output.splitlines() if line.startswith("running ")]
+    assert len(ran) == 1 and ran[0].startswith("running onnxruntime engines in "), output
+    assert str(default_cache_dir() / "engines" / "demo-") in ran[0] and re.search(r"\d+ threads? \(", ran[0])
+    assert "exporting the demo model" not in _classify(tmp_path)[0]  # exported at most once
+    torch_output, torch_preds = _classify(tmp_path, "--backend", "torch")  # the opt-out
+    assert "running torch, 1 thread" in torch_output and torch_preds == preds == ["seven", "three"]
+    assert "1 thread ($OMP_NUM_THREADS)" in torch_output  # the test session's OMP_NUM_THREADS=1
+    assert "running torch, 2 threads (--threads)" in _classify(tmp_path, "--backend", "torch", "--threads", "2")[0]
+
+
+def test_cli_without_onnxruntime_falls_back_to_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "onnx_available", lambda: False)
+    output, preds = _classify(tmp_path)
+    notes = [line for line in output.splitlines() if line.startswith("note: onnxruntime is not installed")]
+    assert len(notes) == 1 and "running torch, 1 thread" in output and preds == ["seven", "three"]
