@@ -320,6 +320,9 @@ def test_wilson_interval_and_summary():
     lo, hi = wilson(8, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # the textbook value
     assert wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 60):  # the interval holds the proportion; 0 and n are at the ends exactly
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        assert all(wilson(k, n)[0] <= k / n <= wilson(k, n)[1] for k in range(n + 1))
     assert summarize([])["overall"]["n"] == 0
 
 

@@ -579,7 +579,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the exact bounds hold p (0 at k = 0, 1 at k = n); rounding must not move them past it
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def _summary(results: list[ItemResult]) -> dict:
@@ -648,8 +649,8 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     for i, name in enumerate(SCORES):
         xs = [g + (i - (len(SCORES) - 1) / 2) * width for g in range(len(groups))]
         vals = [s[name] or 0.0 for _, s in groups]
-        lo = [v - s[f"{name}_ci95"][0] for v, (_, s) in zip(vals, groups)]
-        hi = [s[f"{name}_ci95"][1] - v for v, (_, s) in zip(vals, groups)]
+        lo = [max(0.0, v - s[f"{name}_ci95"][0]) for v, (_, s) in zip(vals, groups)]  # rounding: never below 0
+        hi = [max(0.0, s[f"{name}_ci95"][1] - v) for v, (_, s) in zip(vals, groups)]
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=name.replace("_", " "))
     for name, style in (("text", ":"), ("group", "--")):
         ax.axhline(CHANCE[name], color="grey", linestyle=style, linewidth=0.8, label=f"chance ({name})")
