@@ -209,8 +209,8 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-# the models that ship inside the package, addressable by name: --model demo / --model demo-dit
-BUNDLED = {"demo": "demo", "demo-dit": "demo-dit"}
+# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes
+BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes"}
 
 
 def bundled_model_path(name: str = "demo") -> Path:
@@ -219,7 +219,7 @@ def bundled_model_path(name: str = "demo") -> Path:
 
 def resolve_model_path(model: str | Path | None = None) -> Path:
     """A `--model` argument as a local path: None -> the SD demo; a bundled name ("demo",
-    "demo-dit") that is not a local path -> its directory inside the package; a directory or file
+    "demo-dit", "demo-shapes") that is not a local path -> its directory inside the package; a directory or file
     as given; else a Hugging Face model id ("org/name") resolved in the local cache. Nothing is
     downloaded."""
     if model is None:
