@@ -101,9 +101,9 @@ def _invoke(args: list[str]) -> str:
     return r.output
 
 
-def run_once(folder: Path, schedule: list[str], out: Path | None, cache: Path) -> dict:
+def run_once(folder: Path, schedule: list[str], out: Path | None, cache: Path, extra: list[str] = ()) -> dict:
     _engines.clear()
-    args = ["classify", str(folder), "--batch-size", "32", "--cache-dir", str(cache), *schedule]
+    args = ["classify", str(folder), "--batch-size", "32", "--cache-dir", str(cache), *schedule, *extra]
     if out is not None:
         args += ["--out", str(out)]
     _invoke(args)
@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--real", action="store_true", help="time the real UNet instead of a no-op (with --out only)")
+    ap.add_argument("--args", default="", help="more classify options for every run, e.g. '--backend torch'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     _patch(TimedUNet if args.real else NoOpUNet)
@@ -140,12 +141,12 @@ def main(argv=None) -> dict:
         folder = tmp / "digits"
         write_digits(folder, "heldout", args.images)
         cache = tmp / "cache"
-        _invoke(["classify", str(folder), "--cache-dir", str(cache), "--n-samples", "2", "--to-keep", "1"])  # warm the latents
+        _invoke(["classify", str(folder), "--cache-dir", str(cache), "--n-samples", "2", "--to-keep", "1", *args.args.split()])  # warm the latents
         for rep in range(args.reps):
             for name, sched in schedules.items():
                 for with_out in (True,) if args.real else (False, True):
                     out = tmp / f"r{rep}-{name}.csv" if with_out else None
-                    r = {"schedule": name, "out": with_out, "rep": rep, **run_once(folder, sched, out, cache)}
+                    r = {"schedule": name, "out": with_out, "rep": rep, **run_once(folder, sched, out, cache, args.args.split())}
                     report["runs"].append(r)
                     per_eval = f", {r['wall_ms_per_eval']:.3f} ms wall per UNet evaluation ({r['unet_ms_per_eval']:.3f} in the UNet)" if args.real else ""
                     print(f"{name:8s} out={'yes' if with_out else 'no ':3s} rep {rep}: {r['unet_calls']} UNet calls, "

@@ -93,7 +93,7 @@ def test_shards_merge_equals_single_process(tmp_path, tiny_dir, image_folder):
     assert all(shard_of(k, 2) == 0 for k in s0) and all(shard_of(k, 2) == 1 for k in s1)
 
     merged, merged_errors = tmp_path / "merged.csv", tmp_path / "merged.jsonl"
-    r = invoke("merge", merged, tmp_path / "s0.csv", tmp_path / "s1.csv", "--folder", image_folder,
+    r = invoke("merge", "--out", merged, tmp_path / "s0.csv", tmp_path / "s1.csv", "--folder", image_folder,
                "--save-errors", merged_errors, "--errors", tmp_path / "s0.jsonl", "--errors", tmp_path / "s1.jsonl")
     assert r.exit_code == 0, r.output
     assert "merged 2 shards: 6 images of 6" in r.output

@@ -154,3 +154,38 @@ def test_results_files_of_earlier_versions_resume(tmp_path, digits, name, comman
     other = [{"4": "6", "2,4": "2,6"}.get(a, a) for a in args]  # 4 timesteps -> 6
     r = invoke(command, digits, *other, "--out", out, *extra)
     assert r.exit_code == 2 and "schedule" in r.output, r.output  # (a calibration refuses it first)
+
+
+def test_latents_come_ahead_in_order_errors_and_closing_included():
+    """`ahead` runs the latent stream on a thread: same items in the same order, its errors
+    raised where they are consumed, and a consumer that stops early stops and closes it."""
+    import threading
+
+    from diffcls.runtime.classifier import ahead
+
+    assert list(ahead(iter(range(100)), depth=4)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise ValueError("bad image")
+
+    got = []
+    with pytest.raises(ValueError, match="bad image"):
+        for x in ahead(failing(), depth=2):
+            got.append(x)
+    assert got == [1]
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    stream = ahead(endless(), depth=3)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert closed.is_set()  # the producer closed its generator on its own thread

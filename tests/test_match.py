@@ -141,8 +141,8 @@ def test_swapping_mirrors_every_decision(tiny_engines, items_dir, swap, adaptive
     else:
         swapped = [{**r, "image_0": r["image_1"], "image_1": r["image_0"]} for r in rows]
     write_items(folder, swapped, "swapped.csv")
-    params = AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=20, final_samples=0) if adaptive else None
-    schedule = MatchSchedule(t_interval=50, adaptive=params)
+    params = AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=10, final_samples=0) if adaptive else None
+    schedule = MatchSchedule(t_interval=100, adaptive=params)
     clf = Classifier(tiny_engines)
 
     def run(name):
@@ -156,7 +156,7 @@ def test_swapping_mirrors_every_decision(tiny_engines, items_dir, swap, adaptive
         assert b[key].errors == [a[key].errors[i] for i in ARM_SWAP[swap]]  # bit for bit
         assert b[key].n_evals == a[key].n_evals
     if adaptive:  # the test stopped some comparisons early: the mirror holds there too
-        assert min(r.n_evals for r in a.values()) < 6 * 20
+        assert min(r.n_evals for r in a.values()) < 6 * 10
 
 
 def test_identical_captions_are_a_tie(tmp_path, tiny_dir, items_dir):
@@ -299,7 +299,12 @@ def test_hugging_face_dataset_on_disk(tmp_path, tiny_engines, items_dir):
     }
     features = datasets.Features({"id": datasets.Value("int32"), "image_0": datasets.Image(), "image_1": datasets.Image(),
                                   "caption_0": datasets.Value("string"), "caption_1": datasets.Value("string"), "collapsed_tag": datasets.Value("string")})
-    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "wino"))
+    ds = datasets.Dataset.from_dict(data, features=features)
+    ds.save_to_disk(str(tmp_path / "wino"))
+    (tmp_path / "parquet").mkdir()
+    ds.to_parquet(str(tmp_path / "parquet" / "test-00000-of-00001.parquet"))  # the hub's layout
+    from_parquet = read_items(tmp_path / "parquet")
+    assert [(it.key, it.caption_1, it.tag, it.digests) for it in from_parquet] == [(it.key, it.caption_1, it.tag, it.digests) for it in read_items(tmp_path / "wino")]
     schedule = MatchSchedule(t_interval=250)
     clf = Classifier(tiny_engines)
     hf = {r.key: r for r in iter_match(clf, read_items(tmp_path / "wino"), schedule, batch_size=8)}
@@ -315,6 +320,9 @@ def test_wilson_interval_and_summary():
     lo, hi = wilson(8, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # the textbook value
     assert wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 60):  # the interval holds the proportion; 0 and n are at the ends exactly
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        assert all(wilson(k, n)[0] <= k / n <= wilson(k, n)[1] for k in range(n + 1))
     assert summarize([])["overall"]["n"] == 0
 
 

@@ -196,3 +196,33 @@ def test_a_resumed_calibration_fits_the_same_temperature(tmp_path):
     assert r.exit_code == 0 and "6 of 6 images already done" in r.output
     assert Calibration.load(a).temperature == Calibration.load(b).temperature
     assert json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adaptive_rankings_follow_the_prediction_too(seed):
+    """--adaptive: the sequential policy's final decision (the prompts left, or the survivor
+    and the last ones eliminated) has the prediction's mean lowest, on random near-tie tables."""
+    import numpy as np
+
+    from diffcls.runtime.policy import make_policy
+    from diffcls.runtime.ranking import probabilities, rank_classes
+    from diffcls.runtime.schedule import AdaptiveSchedule
+
+    rng = np.random.default_rng(seed)
+    K = 8
+    means = 0.3 + (0.004 if seed < 3 else 0.03) * rng.standard_normal(K)  # near-ties, then clear winners
+    schedule = AdaptiveSchedule(min_samples=4, max_samples=12, final_samples=8 if seed % 2 else 0)
+    policy = make_policy(schedule, K, 1000, offset=seed)
+    errors = []
+    while not policy.done:
+        for c, k, j in policy.next_block():
+            e = float(means[c] + 0.02 * rng.standard_normal())
+            errors.append((c, policy.timesteps[k], j, e))
+            policy.feed(c, k, j, e)
+    res = policy.result()
+    rows, _ = rank_classes(errors, res.ranking, res.final, list(range(K)), [f"c{i}" for i in range(K)])
+    assert rows[0].classidx == res.prediction and rows[0].in_final
+    final = [r.mean_error for r in rows if r.in_final]
+    assert final == sorted(final)
+    p = probabilities(rows, 0.01)
+    assert p[0] == max(p) and all(q == 0.0 for q, r in zip(p, rows) if not r.in_final)

@@ -40,6 +40,8 @@ SUBSTITUTIONS = [
      "the full shapes recipe takes about 50 minutes and draws 12,000 scenes; 2 steps on 32 scenes run the same code"),
     (r"(diffcls evaluate shapes/classes --model demo-shapes)", r"\1 --n-samples 2 4 --to-keep 2 1",
      "the model's default is 420 UNet calls per image (30 prompts); 6 timesteps run the same code"),
+    (r"(diffcls match shapes/quadruples.csv --model demo-shapes)", r"\1 --limit 3 --t-interval 250",
+     "the reference's grid is 1,200 UNet calls per item; 3 items on 4 timesteps run the same code"),
     (r"--out diffcls/models/demo", "--out {tmp}/demo --unet-steps 2 --vae-steps 2 --no-eval",
      "the full training recipe takes 13 minutes; 2 steps of each model run the same code and leave the bundled model alone"),
 ]

@@ -27,7 +27,7 @@ def _one_out(option: Path | None, positional: Path | None) -> Path:
 
 @app.command()
 def digits(
-    folder: Annotated[Optional[Path], typer.Argument(help="The same as --out (the older form).", metavar="[DIR]", show_default=False)] = None,
+    folder: Annotated[Optional[Path], typer.Argument(help="The same as --out (the older form).", metavar="DIR", show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty folder to write into; one subfolder per class (zero .. nine).", metavar="DIR", show_default=False)] = None,
     split: Annotated[Split, typer.Option("--split", help="heldout: the 20% the demo model never saw in training; train: the rest.")] = Split.heldout,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Write only the first N images (class-balanced).")] = None,

@@ -8,7 +8,7 @@ The rule (measured in BENCHMARKS.md, "The CPU fast path"):
 
 - What the user names wins: `--engines DIR` runs that directory (with `--backend`, or the backend
   it was exported for); `--backend torch` runs the model in torch.
-- Otherwise, on a CPU, a bundled model (`demo`, `demo-dit`, also the default) runs through ONNX
+- Otherwise, on a CPU, a bundled model (`demo`, the default, `demo-dit`, `demo-shapes`) runs through ONNX
   Runtime engines exported once into `<cache dir>/engines/` (the export, its checks and its
   lock are `diffcls.export.cached`): they are about 1.5x faster than eager torch there, and the
   export takes seconds. `--compile`, `--precision` other than fp32, `--config` keep torch.

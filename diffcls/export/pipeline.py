@@ -205,25 +205,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     versions = library_versions(cfg.backend)
     gpu = trt_build.gpu_info() if cfg.backend == "tensorrt" else None
 
-    manifest = {
-        "format": mf.FORMAT,
-        "backend": cfg.backend,
-        "fingerprint": fingerprint,
-        "image_size": image_size,
-        "max_length": model.max_length,  # with the two below: the component specs, no model needed
-        "hidden_size": model.hidden_size,
-        "latent_shape": list(model.latent_shape(image_size)),
-        "kind": model.kind,  # "stable-diffusion" or "dit"
-        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
-        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
-        "source": str(model.source),
-        "versions": versions,
-        "gpu": gpu,
-        "exporter": "torch.onnx.export(dynamo=False)",
-        "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
-        "requested_batch_sizes": component_batches,  # what an interrupted export's fix command repeats
-        "components": {},
-    }
+    manifest = _new_manifest(cfg, model, fingerprint, image_size, specs, versions, gpu, component_batches)
     # mark the directory as being rewritten before touching anything in it (keeping what the
     # old manifest vouches for, so that a killed export still reuses its finished parts)
     mf.write_manifest(out, {**(old or manifest), "complete": False, "components": dict(old_comps), "requested_batch_sizes": component_batches})
@@ -256,6 +238,36 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
         # write as we go: an interrupted export keeps what it finished
         mf.write_manifest(out, manifest)
 
+    _finish(cfg, model, out, manifest, stale_candidates)
+    return result
+
+
+def _new_manifest(cfg: ExportConfig, model, fingerprint: str, image_size: int, specs, versions, gpu, component_batches) -> dict:
+    """The manifest of this export before any component is written (`complete` False)."""
+    return {
+        "format": mf.FORMAT,
+        "backend": cfg.backend,
+        "fingerprint": fingerprint,
+        "image_size": image_size,
+        "max_length": model.max_length,  # with the two below: the component specs, no model needed
+        "hidden_size": model.hidden_size,
+        "latent_shape": list(model.latent_shape(image_size)),
+        "kind": model.kind,  # "stable-diffusion" or "dit"
+        "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
+        "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
+        "source": str(model.source),
+        "versions": versions,
+        "gpu": gpu,
+        "exporter": "torch.onnx.export(dynamo=False)",
+        "complete": False,  # until the last step: `info` and `classify` call it an interrupted export
+        "requested_batch_sizes": component_batches,  # what an interrupted export's fix command repeats
+        "components": {},
+    }
+
+
+def _finish(cfg: ExportConfig, model, out: Path, manifest: dict, stale_candidates) -> None:
+    """Write the runtime files, remove what an earlier export left and this one did not
+    rewrite, and mark the manifest complete (the last step)."""
     written = _write_runtime_files(model, out)
     manifest["written"] = sorted(written)  # what the next export may remove: only what this one wrote
     manifest["runtime_files"] = mf.runtime_file_hashes(out)  # the schedule and tokenizer, checked on open
@@ -268,7 +280,6 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
     _remove_partial(out)
     manifest["complete"] = True
     mf.write_manifest(out, manifest)
-    return result
 
 
 def _one_batch_size(value, flag: str) -> int:

@@ -414,7 +414,8 @@ class Classifier:
         self.last_stats = scorer.stats
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)
-        latents = self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests)
+        # latents are decoded, looked up, VAE-encoded and cached on a thread, ahead of the scorer
+        latents = ahead(self._latent_stream(prepared, vae_batch_size, on_skip, sources, digests), depth=4 * vae_batch_size)
         try:
             for index, score in scorer.run(latents):
                 result = self._result(index, sources[index], score, prompts)
@@ -503,6 +504,53 @@ def non_finite_problem(x: torch.Tensor) -> str | None:
     n_nan = int(torch.isnan(x32).sum())
     n_inf = int(torch.isinf(x32).sum())
     return f"holds {n_nan} NaN and {n_inf} inf values (of {x.numel()})"
+
+
+def ahead(items: Iterator, depth: int) -> Iterator:
+    """Run the iterator `items` on a thread, up to `depth` items ahead of the consumer (so that
+    producing them overlaps the consumer's work); its exceptions are raised in the consumer.
+    Closing the returned generator stops the thread and closes `items` there."""
+    import queue
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - raised where the items are consumed
+            put(("error", e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="diffcls-latents", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_batched(engine, name: str, x: torch.Tensor, preferred: int) -> torch.Tensor:

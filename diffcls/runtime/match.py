@@ -172,22 +172,29 @@ def _check_keys(items: list[MatchItem], path) -> None:
 
 
 def _hf_items(path: Path) -> list[MatchItem]:
-    """A local Winoground-format data set: `load_from_disk` folder or parquet file(s); no download."""
+    """A local Winoground-format data set: `load_from_disk` folder or parquet file(s); no download.
+    Parquet files are converted in a temporary cache (the user's data set cache is left alone)."""
+    import tempfile
+
     try:
         import datasets
     except ImportError:
         raise missing_extra("datasets", "datasets") from None
-    try:
-        if path.is_dir() and not any(path.glob("*.parquet")) and not any(path.glob("*/*.parquet")):
-            ds = datasets.load_from_disk(str(path))
-        else:
-            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
-            ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    except Exception as e:  # noqa: BLE001 - the library's many error types
-        raise DiffclsError(f"cannot read the data set {path} ({type(e).__name__}: {e}); pass a save_to_disk folder or parquet files") from None
-    if isinstance(ds, datasets.DatasetDict):
-        split = "test" if "test" in ds else next(iter(ds))
-        ds = ds[split]
+    with tempfile.TemporaryDirectory(prefix="diffcls-parquet-") as cache:
+        try:
+            if path.is_dir() and not any(path.rglob("*.parquet")):
+                ds = datasets.load_from_disk(str(path))
+            else:
+                files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+                ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+        except Exception as e:  # noqa: BLE001 - the library's many error types
+            raise DiffclsError(f"cannot read the data set {path} ({type(e).__name__}: {e}); pass a save_to_disk folder or parquet files") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["test" if "test" in ds else next(iter(ds))]
+        return _hf_rows(ds, path)
+
+
+def _hf_rows(ds, path: Path) -> list[MatchItem]:
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
         raise DiffclsError(f"the data set {path} has no column {', '.join(missing)}; Winoground's layout has {','.join(REQUIRED)}")
@@ -197,6 +204,8 @@ def _hf_items(path: Path) -> list[MatchItem]:
         images = [row["image_0"], row["image_1"]]
         if not all(hasattr(im, "tobytes") for im in images):
             raise DiffclsError(f"the data set {path} item {n + 1}: image_0/image_1 are not images; Winoground's layout stores images")
+        for im in images:
+            im.load()  # decoded now, while the data set's files exist
         key = str(row["id"]) if row.get("id") is not None else str(n)
         tag = str(row[tag_col]) if tag_col else ""
         it = MatchItem(key, images[0], images[1], str(row["caption_0"]), str(row["caption_1"]), tag)
@@ -570,7 +579,8 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the exact bounds hold p (0 at k = 0, 1 at k = n); rounding must not move them past it
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def _summary(results: list[ItemResult]) -> dict:
@@ -639,8 +649,8 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     for i, name in enumerate(SCORES):
         xs = [g + (i - (len(SCORES) - 1) / 2) * width for g in range(len(groups))]
         vals = [s[name] or 0.0 for _, s in groups]
-        lo = [v - s[f"{name}_ci95"][0] for v, (_, s) in zip(vals, groups)]
-        hi = [s[f"{name}_ci95"][1] - v for v, (_, s) in zip(vals, groups)]
+        lo = [max(0.0, v - s[f"{name}_ci95"][0]) for v, (_, s) in zip(vals, groups)]  # rounding: never below 0
+        hi = [max(0.0, s[f"{name}_ci95"][1] - v) for v, (_, s) in zip(vals, groups)]
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=name.replace("_", " "))
     for name, style in (("text", ":"), ("group", "--")):
         ax.axhline(CHANCE[name], color="grey", linestyle=style, linewidth=0.8, label=f"chance ({name})")

@@ -1,10 +1,11 @@
 """Results files that survive being killed, a full disk and odd file names: resumable CSV (+ JSONL).
 
 Each finished image is one CSV row (and, with `--save-errors`, one JSONL record), committed
-together: the JSONL record is written first, then the CSV row, each with a single `write` loop
-on an O_APPEND descriptor and fsync'ed; if either write fails (disk full), both files are cut
-back to where they were, so an image is either wholly recorded or not at all. The CSV is the
-record of what is done.
+together: the JSONL records are written first, then the CSV rows, each file with a single
+`write` loop on an O_APPEND descriptor and fsync'ed, for one row (`write`) or a group of rows
+(`commit_many`; `BackgroundWriter` commits every row waiting, on a thread); if either write
+fails (disk full), both files are cut back to where they were, so an image is either wholly
+recorded or not at all. The CSV is the record of what is done.
 
 On resume (`open`), under an exclusive lock on `<out>.lock` (a second process is refused with
 the holder's PID): the settings the file was written with must match the current ones (stored
