@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +101,22 @@ def copy_of(engine_dir, dest):
 
     shutil.copytree(engine_dir, dest)
     return dest
+
+
+# --- the CLI as the digits examples' tests drive it ----------------------------------------------
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
+FAST_DIGITS = ["--n-samples", "4,8", "--to-keep", "3,1", "--batch-size", "16", "--no-cache", "--threads", "1"]
+
+
+def invoke_cli(*args):
+    """Run the `diffcls` app in-process (Typer's CliRunner); exceptions are raised, not caught."""
+    from typer.testing import CliRunner
+
+    from diffcls.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -4,33 +4,21 @@ it was fitted on; full-precision mean errors make a resumed calibration identica
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
-from diffcls.cli.app import app
+from conftest import EXAMPLES, FAST_DIGITS, assert_one_line_error, csv_rows, invoke_cli
 from diffcls.runtime.calibration import Calibration
 from diffcls.runtime.policy import FixedPolicy
 from diffcls.runtime.schedule import Schedule
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
-FAST = ["--n-samples", "4,8", "--to-keep", "3,1", "--batch-size", "16", "--no-cache", "--threads", "1"]
+FAST = FAST_DIGITS
 runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+invoke, rows = invoke_cli, csv_rows
 
 
 def _fixed_run(error):
