@@ -361,10 +361,15 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
         "scaling_factor": scaling,
         "seconds_vae": round(t_vae, 1),
         "seconds_total": round(t_total, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "command": command or "python -m diffcls.train.demo --out diffcls/models/demo",
     }
+    return write_training_record(out, info, t0)
+
+
+def write_training_record(out: Path, info: dict, t0: float) -> Path:
+    """`out/training.json` with `info` (the config, timings, torch version, threads, command) plus
+    the versions and threads every trainer records; logs the saved model's size."""
+    info = {**info, "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     _log(f"saved to {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.2f} MB)", t0)
     return out

@@ -42,7 +42,7 @@ from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE
 from diffcls.models.dit import DiTModel, dit_scheduler_config, save_dit_directory
 from diffcls.models.loading import alphas_cumprod_from_scheduler_config, default_model_path, load_model
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors
+from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors, write_training_record
 
 
 @dataclass
@@ -231,13 +231,9 @@ def train(out: Path, cfg: DitDemoConfig, vae_dir: Path, command: str = "") -> Pa
         "train_images": len(x),
         "parameters": n_params,
         "seconds_total": round(t_total, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "command": command or "python -m diffcls.train.dit --out diffcls/models/demo-dit",
     }
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    _log(f"saved to {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.2f} MB)", t0)
-    return out
+    return write_training_record(out, info, t0)
 
 
 def main(argv: list[str] | None = None) -> None:

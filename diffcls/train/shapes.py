@@ -48,7 +48,7 @@ from diffcls.models.wrappers import VaeEncoderWrapper
 from diffcls.runtime.preprocess import preprocess_image
 from diffcls.train.demo import (
     DemoConfig, _log, build_components, classify_latents, latent_means, scheduler_config, text_embeddings,
-    timestep_grid, train_unet, train_vae,
+    timestep_grid, train_unet, train_vae, write_training_record,
 )
 
 
@@ -210,12 +210,9 @@ def train(out: Path, cfg: ShapesConfig, command: str = "") -> Path:
     save_model(model, out, sched)
     _write_defaults(out, cfg)
     info = {"config": asdict(cfg), "train_scenes": len(scenes), "scaling_factor": scaling,
-            "seconds_vae": round(t_vae, 1), "seconds_total": round(t_total, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "seconds_vae": round(t_vae, 1), "seconds_total": round(t_total, 1),
             "command": command or "python -m diffcls.train.shapes --out diffcls/models/demo-shapes"}
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    _log(f"saved to {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.2f} MB)", t0)
-    return out
+    return write_training_record(out, info, t0)
 
 
 def main(argv: list[str] | None = None) -> None:
