@@ -343,3 +343,18 @@ def test_adaptive_cli_reports_agreement_with_the_full_grid(tmp_path, tiny_dir, i
     assert "adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=10" in m["schedule"]
     assert_one_line_error(invoke(*base, "--error-rate", "0.1"), "--error-rate applies to --adaptive only")
     assert_one_line_error(invoke(*base, "--adaptive", "--max-samples", "11"), "--max-samples 11 exceeds the 10 timesteps")
+
+
+def test_the_score_table_fits_80_columns_with_its_widest_numbers(capsys):
+    """Every cell at its widest ("100.0" with the interval "(51-100)") and a long tag: no number is
+    cut to an ellipsis on an 80-column terminal."""
+    from diffcls.cli import match as M
+
+    widest = {"n": 100, "evals_per_item": 1200, "text_ties": 0, "image_ties": 0}
+    for k in ("text", "image", "image_normalised", "group"):
+        widest |= {k: 1.0, f"{k}_ci95": (0.51, 1.0)}
+    summary = {"overall": widest, "by_tag": {"attribute": widest, "relation": widest}}
+    M._print_summary(summary, MatchSchedule(t_interval=5))
+    shown = capsys.readouterr().out
+    assert "100.0" in shown and "(51-100)" in shown and "…" not in shown
+

@@ -201,7 +201,7 @@ def _pct(summary: dict, name: str) -> str:
     if v is None:
         return "-"
     lo, hi = summary[f"{name}_ci95"]
-    return f"{100 * v:.1f} ({100 * lo:.0f}-{100 * hi:.0f})"
+    return f"{100 * v:.1f}\n({100 * lo:.0f}-{100 * hi:.0f})"  # two lines: 7 columns fit 80
 
 
 def _print_summary(summary: dict, schedule) -> None:
@@ -210,7 +210,7 @@ def _print_summary(summary: dict, schedule) -> None:
     from diffcls.runtime.match import CHANCE
 
     out.print(f"{schedule.describe()}")
-    table = Table(title="% of items correct (95% Wilson interval)")
+    table = Table(title="% of items correct (95% Wilson interval)", show_lines=True)
     for col in ("tag", "n", "text", "image", "img norm", "group", "evals"):
         table.add_column(col, justify="left" if col == "tag" else "right", no_wrap=True)
     rows = list(summary["by_tag"].items()) if len(summary["by_tag"]) > 1 else []
