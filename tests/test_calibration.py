@@ -46,6 +46,21 @@ def test_fit_recovers_a_known_temperature():
         fit_temperature([[0.1, 0.2]], [None])
 
 
+def test_a_fitting_set_right_with_a_margin_gets_a_finite_temperature():
+    """Every image right by a margin (20 clean training digits are): the plain likelihood rises
+    as T -> 0, and the fit sat on the search's lower bound (T = 1e-6, probabilities of 1). The
+    rule-of-succession targets give the confidence (n + 1) / (n + 2) instead, written here from
+    that definition: with one rival at gap d, sigmoid(d / T) = 1 - 1/(n + 2)."""
+    rng = np.random.default_rng(1)
+    n, gap = 20, 0.01
+    lists = [[float(m), float(m) + gap] for m in rng.normal(0.07, 0.005, size=n)]
+    pos = [0] * n
+    t = fit_temperature(lists, pos)
+    assert t > 1e-5  # not the search's bound
+    confidence = softmax_neg(lists[0], t)[0]
+    assert confidence == pytest.approx((n + 1) / (n + 2), rel=1e-3)
+
+
 def test_ece_by_hand():
     conf = [0.9, 0.9, 0.6, 0.2]
     ok = [True, False, True, False]

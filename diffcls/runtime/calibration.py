@@ -10,7 +10,13 @@ means over the listed classes of the final decision:
 so the prediction (the lowest mean) always has the highest probability. T is in units of mean
 error. T = 1 (uncalibrated) gives nearly uniform probabilities because mean errors differ by
 hundredths; `fit_temperature` picks T by minimum negative log-likelihood on labelled images (a
-1-D search over log T: a coarse grid, then golden-section refinement). A temperature is bound to
+1-D search over log T: a coarse grid, then golden-section refinement), with the labels smoothed
+by the rule of succession: the true class's target is 1 - 1/(n + 2) for n labelled images, the
+rest shared by the other listed classes. Without it a fitting set whose every image is right
+with a margin (easy on clean images: 20 training digits are) has its likelihood rising as T -> 0,
+and the fit ran into the search's lower bound, giving probabilities of 1 that a harder set
+contradicts; with it the fitted confidence on such a set is about (n + 1)/(n + 2), and a large
+set that is not separable fits essentially the plain maximum-likelihood T. A temperature is bound to
 what it was fitted on (model fingerprint, prompts, schedule): `Calibration.check` refuses another.
 """
 
@@ -46,13 +52,31 @@ def nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None],
     return total / max(1, len(score_lists))
 
 
+def _smoothed_nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None], temperature: float) -> float:
+    """Mean cross-entropy against rule-of-succession targets (module docstring); images whose true
+    class is not listed add a constant and are left out."""
+    labelled = [(scores, pos) for scores, pos in zip(score_lists, label_pos) if pos is not None]
+    eps = 1.0 / (len(labelled) + 2)
+    total = 0.0
+    for scores, pos in labelled:
+        z = [-v / temperature for v in scores]
+        top = max(z)
+        lse = top + math.log(sum(math.exp(x - top) for x in z))
+        if len(z) == 1:
+            continue  # one listed class: probability 1 whatever T is
+        rest = (sum(z) - z[pos]) / (len(z) - 1)
+        total -= (1 - eps) * (z[pos] - lse) + eps * (rest - lse)
+    return total / max(1, len(labelled))
+
+
 def fit_temperature(
     score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None], lo: float = 1e-6, hi: float = 1e3
 ) -> float:
-    """The temperature of minimum NLL, searched over log T in [lo, hi]."""
+    """The temperature of minimum NLL (labels smoothed by the rule of succession: module
+    docstring), searched over log T in [lo, hi]."""
     if not any(pos is not None for pos in label_pos):
         raise DiffclsError("no image's true class is among its listed classes, so no temperature can be fitted; check the folder's labels")
-    f = lambda u: nll(score_lists, label_pos, math.exp(u))  # noqa: E731
+    f = lambda u: _smoothed_nll(score_lists, label_pos, math.exp(u))  # noqa: E731
     a, b = math.log(lo), math.log(hi)
     grid = [a + (b - a) * i / 80 for i in range(81)]
     vals = [f(u) for u in grid]
