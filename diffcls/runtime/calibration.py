@@ -45,11 +45,16 @@ def nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None],
         if pos is None:
             total -= math.log(PROB_FLOOR)
             continue
-        z = [-v / temperature for v in scores]
-        top = max(z)
-        lse = top + math.log(sum(math.exp(x - top) for x in z))
-        total -= z[pos] - lse
+        total -= _log_probs(scores, temperature)[pos]
     return total / max(1, len(score_lists))
+
+
+def _log_probs(scores: Sequence[float], temperature: float) -> list[float]:
+    """log softmax(-scores / T), computed stably (the log of the probabilities of `softmax_neg`)."""
+    z = [-v / temperature for v in scores]
+    top = max(z)
+    lse = top + math.log(sum(math.exp(x - top) for x in z))
+    return [x - lse for x in z]
 
 
 def _smoothed_nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[int | None], temperature: float) -> float:
@@ -59,13 +64,11 @@ def _smoothed_nll(score_lists: Sequence[Sequence[float]], label_pos: Sequence[in
     eps = 1.0 / (len(labelled) + 2)
     total = 0.0
     for scores, pos in labelled:
-        z = [-v / temperature for v in scores]
-        top = max(z)
-        lse = top + math.log(sum(math.exp(x - top) for x in z))
-        if len(z) == 1:
+        if len(scores) == 1:
             continue  # one listed class: probability 1 whatever T is
-        rest = (sum(z) - z[pos]) / (len(z) - 1)
-        total -= (1 - eps) * (z[pos] - lse) + eps * (rest - lse)
+        logp = _log_probs(scores, temperature)
+        rest = (sum(logp) - logp[pos]) / (len(logp) - 1)
+        total -= (1 - eps) * logp[pos] + eps * rest
     return total / max(1, len(labelled))
 
 

@@ -375,20 +375,42 @@ def write_training_record(out: Path, info: dict, t0: float) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m diffcls.train.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("diffcls/models/demo"), help="where to save the model")
+def trainer_arguments(
+    prog: str, doc: str, out: str, *, model_help: str, splits=("heldout", "train"), threads: int = 2,
+    threads_help: str = "torch CPU threads (results are exact per thread count)",
+    limit_help: str = "evaluate only the first N images (class-balanced)",
+) -> argparse.ArgumentParser:
+    """The flags every demo trainer takes (where to save, `--eval`, the evaluation's schedule and
+    seeds, threads); each trainer adds its own model's flags to the parser returned."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(out), help="where to save the model")
     p.add_argument("--eval", action="store_true", help="only evaluate --model (no training)")
     p.add_argument("--no-eval", action="store_true", help="train and save without measuring held-out accuracy")
-    p.add_argument("--model", type=Path, default=None, help="model dir for --eval (default: the bundled demo)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (class-balanced)")
+    p.add_argument("--model", type=Path, default=None, help=model_help)
+    p.add_argument("--split", default="heldout", choices=list(splits))
+    p.add_argument("--limit", type=int, default=None, help=limit_help)
     p.add_argument("--n-samples", type=int, nargs="+", default=None, help="schedule (default: the model's diffcls.json)")
     p.add_argument("--to-keep", type=int, nargs="+", default=None)
     p.add_argument("--n-trials", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the evaluation noise bank (diffcls' default: 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results are exact per thread count)")
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    return p
+
+
+def start_trainer(threads: int) -> None:
+    """Quiet diffusers (no "install accelerate" advice on every load), `threads` torch threads, and
+    deterministic kernels: a trainer's results are exact for a given torch version and thread count."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = trainer_arguments("python -m diffcls.train.demo", __doc__, "diffcls/models/demo",
+                          model_help="model dir for --eval (default: the bundled demo)")
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
     args = p.parse_args(argv)
@@ -396,12 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
 
-    from diffusers.utils import logging as diffusers_logging
-
-
-    diffusers_logging.set_verbosity_error()  # no "install accelerate" advice on every load
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    start_trainer(args.threads)
 
     if not args.eval:
         cfg = DemoConfig(seed=args.seed)

@@ -28,7 +28,6 @@ Seeded and deterministic for a given torch version and thread count (`--threads`
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -42,7 +41,7 @@ from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE
 from diffcls.models.dit import DiTModel, dit_scheduler_config, save_dit_directory
 from diffcls.models.loading import alphas_cumprod_from_scheduler_config, default_model_path, load_model
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors, write_training_record
+from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors, start_trainer, trainer_arguments, write_training_record
 
 
 @dataclass
@@ -237,21 +236,10 @@ def train(out: Path, cfg: DitDemoConfig, vae_dir: Path, command: str = "") -> Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m diffcls.train.dit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("diffcls/models/demo-dit"), help="where to save the model")
+    p = trainer_arguments("python -m diffcls.train.dit", __doc__, "diffcls/models/demo-dit",
+                          model_help="model dir for --eval (default: --out)", threads=1,
+                          threads_help="torch CPU threads (results are exact per thread count; 1 is fastest on a shared machine)")
     p.add_argument("--vae", type=Path, default=default_model_path() / "vae", help="the AutoencoderKL to reuse")
-    p.add_argument("--eval", action="store_true", help="only evaluate --model (no training)")
-    p.add_argument("--no-eval", action="store_true", help="train and save without measuring held-out accuracy")
-    p.add_argument("--model", type=Path, default=None, help="model dir for --eval (default: --out)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (class-balanced)")
-    p.add_argument("--n-samples", type=int, nargs="+", default=None, help="schedule (default: the model's diffcls.json)")
-    p.add_argument("--to-keep", type=int, nargs="+", default=None)
-    p.add_argument("--n-trials", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--noise-seed", type=int, default=0, help="seed of the evaluation noise bank")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (results are exact per thread count; 1 is fastest on a shared machine)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     args = p.parse_args(argv)
@@ -259,11 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
 
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    start_trainer(args.threads)
     if not args.eval:
         cfg = DitDemoConfig(seed=args.seed)
         if args.steps is not None:

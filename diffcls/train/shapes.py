@@ -28,7 +28,6 @@ shared noise). Seeded and deterministic for a given torch version and thread cou
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import time
@@ -48,7 +47,7 @@ from diffcls.models.wrappers import VaeEncoderWrapper
 from diffcls.runtime.preprocess import preprocess_image
 from diffcls.train.demo import (
     DemoConfig, _log, build_components, classify_latents, latent_means, scheduler_config, text_embeddings,
-    timestep_grid, train_unet, train_vae, write_training_record,
+    start_trainer, timestep_grid, train_unet, train_vae, trainer_arguments, write_training_record,
 )
 
 
@@ -219,31 +218,18 @@ def main(argv: list[str] | None = None) -> None:
     import shlex
     import sys
 
-    from diffusers.utils import logging as diffusers_logging
-
-    p = argparse.ArgumentParser(prog="python -m diffcls.train.shapes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("diffcls/models/demo-shapes"), help="where to save the model")
-    p.add_argument("--eval", action="store_true", help="only evaluate --model (no training)")
-    p.add_argument("--no-eval", action="store_true", help="train and save without measuring")
-    p.add_argument("--model", type=Path, default=None, help="model dir for --eval (default: --out)")
-    p.add_argument("--split", default="heldout", choices=["heldout", "novel", "train"])
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N single-object images (class-balanced)")
+    p = trainer_arguments("python -m diffcls.train.shapes", __doc__, "diffcls/models/demo-shapes",
+                          model_help="model dir for --eval (default: --out)", splits=("heldout", "novel", "train"), threads=1,
+                          threads_help="torch CPU threads (results are exact per thread count; 1: on a busy 2-core machine two threads wait on each other)",
+                          limit_help="evaluate only the first N single-object images (class-balanced)")
     p.add_argument("--quads", type=int, default=0, help="also measure the text score on the first N items of the split")
-    p.add_argument("--n-samples", type=int, nargs="+", default=None, help="schedule (default: the model's diffcls.json)")
-    p.add_argument("--to-keep", type=int, nargs="+", default=None)
-    p.add_argument("--n-trials", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--noise-seed", type=int, default=0, help="seed of the evaluation noise bank")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are exact per thread count; 1: on a busy 2-core machine two threads wait on each other)")
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--pairs", type=int, default=None, help="two-object training scenes")
     p.add_argument("--single-per-class", type=int, default=None)
     args = p.parse_args(argv)
 
-    diffusers_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    start_trainer(args.threads)
     if not args.eval:
         cfg = ShapesConfig(seed=args.seed)
         for name in ("unet_steps", "vae_steps", "pairs", "single_per_class"):
