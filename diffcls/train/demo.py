@@ -290,15 +290,8 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
         enc = VaeEncoderWrapper(model.vae, model.scaling_factor)
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
         embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = [], 0
-    for s in range(0, len(lat), chunk):
-        p, e = classify_latents(model.unet, lat[s : s + chunk], embeds, model.alphas_cumprod,
-                                list(n_samples), list(to_keep), n_trials, seed)
-        preds += p
-        evals += e
-        if verbose:
-            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
-            print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    preds, evals = classify_in_chunks(model.unet, lat, embeds, y, model.alphas_cumprod, n_samples, to_keep,
+                                      n_trials, seed, chunk, t0 if verbose else None)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {
@@ -375,6 +368,29 @@ def write_training_record(out: Path, info: dict, t0: float) -> Path:
     return out
 
 
+def classify_in_chunks(unet, lat, cond, y, alphas, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
+                       t0: float | None = None) -> tuple[list[int], int]:
+    """`classify_latents` over `lat` in chunks of `chunk` images; with `t0` (the start time) a line of
+    running accuracy against the labels `y` after each chunk. Returns (predictions, UNet evaluations)."""
+    preds, evals = [], 0
+    for s in range(0, len(lat), chunk):
+        p, e = classify_latents(unet, lat[s : s + chunk], cond, alphas, list(n_samples), list(to_keep), n_trials, seed)
+        preds += p
+        evals += e
+        if t0 is not None:
+            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
+            print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    return preds, evals
+
+
+def record_evaluation(out: Path, split: str, res: dict) -> None:
+    """Keep a measurement beside the weights it measured: `res` as `eval_<split>` in training.json."""
+    info_file = out / "training.json"
+    info = json.loads(info_file.read_text())
+    info[f"eval_{split}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+    info_file.write_text(json.dumps(info, indent=2) + "\n")
+
+
 def trainer_arguments(
     prog: str, doc: str, out: str, *, model_help: str, splits=("heldout", "train"), threads: int = 2,
     threads_help: str = "torch CPU threads (results are exact per thread count)",
@@ -439,10 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     res.pop("predictions")
     print(json.dumps(res, indent=2))
     if not args.eval:  # keep the measurement beside the weights it measured
-        info_file = args.out / "training.json"
-        info = json.loads(info_file.read_text())
-        info[f"eval_{args.split}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
-        info_file.write_text(json.dumps(info, indent=2) + "\n")
+        record_evaluation(args.out, args.split, res)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE
 from diffcls.models.dit import DiTModel, dit_scheduler_config, save_dit_directory
 from diffcls.models.loading import alphas_cumprod_from_scheduler_config, default_model_path, load_model
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.train.demo import _log, classify_latents, lr_at, split_tensors, start_trainer, trainer_arguments, write_training_record
+from diffcls.train.demo import _log, lr_at, split_tensors, classify_in_chunks, record_evaluation, start_trainer, trainer_arguments, write_training_record
 
 
 @dataclass
@@ -181,15 +181,8 @@ def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, 
         enc = model.wrap("vae_encoder")
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
     unet = _AsUnet(model)
-    preds, evals = [], 0
-    for s in range(0, len(lat), chunk):
-        p, e = classify_latents(unet, lat[s : s + chunk], torch.arange(model.num_classes), model.alphas_cumprod,
-                                list(n_samples), list(to_keep), n_trials, seed)
-        preds += p
-        evals += e
-        if verbose:
-            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
-            print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    preds, evals = classify_in_chunks(unet, lat, torch.arange(model.num_classes), y, model.alphas_cumprod, n_samples, to_keep,
+                                      n_trials, seed, chunk, t0 if verbose else None)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {
@@ -264,10 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     res.pop("predictions")
     print(json.dumps(res, indent=2))
     if not args.eval:
-        info_file = args.out / "training.json"
-        info = json.loads(info_file.read_text())
-        info[f"eval_{args.split}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
-        info_file.write_text(json.dumps(info, indent=2) + "\n")
+        record_evaluation(args.out, args.split, res)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ from diffcls.models.tokenizer import build_tokenizer_files
 from diffcls.models.wrappers import VaeEncoderWrapper
 from diffcls.runtime.preprocess import preprocess_image
 from diffcls.train.demo import (
-    DemoConfig, _log, build_components, classify_latents, latent_means, scheduler_config, text_embeddings,
-    start_trainer, timestep_grid, train_unet, train_vae, trainer_arguments, write_training_record,
+    DemoConfig, _log, build_components, latent_means, scheduler_config, text_embeddings,
+    classify_in_chunks, record_evaluation, start_trainer, timestep_grid, train_unet, train_vae, trainer_arguments, write_training_record,
 )
 
 
@@ -123,15 +123,8 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
     t0 = time.time()
     lat = encode(model, x)
     embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = [], 0
-    for s in range(0, len(lat), chunk):
-        p, e = classify_latents(model.unet, lat[s : s + chunk], embeds, model.alphas_cumprod,
-                                list(n_samples), list(to_keep), n_trials, seed)
-        preds += p
-        evals += e
-        if verbose:
-            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
-            print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
+    preds, evals = classify_in_chunks(model.unet, lat, embeds, y, model.alphas_cumprod, n_samples, to_keep,
+                                      n_trials, seed, chunk, t0 if verbose else None)
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {"split": split, "images": len(preds), "correct": correct, "accuracy": correct / len(preds),
             "n_samples": list(n_samples), "to_keep": list(to_keep), "n_trials": n_trials, "seed": seed,
@@ -246,10 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         res["text_score"] = text_score(model, args.split, args.quads, seed=args.noise_seed)
     print(json.dumps(res, indent=2))
     if not args.eval:  # keep the measurement beside the weights it measured
-        info_file = args.out / "training.json"
-        info = json.loads(info_file.read_text())
-        info[f"eval_{args.split}"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
-        info_file.write_text(json.dumps(info, indent=2) + "\n")
+        record_evaluation(args.out, args.split, res)
 
 
 if __name__ == "__main__":
