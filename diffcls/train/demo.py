@@ -311,6 +311,18 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
 
 
 # --- training entry point --------------------------------------------------------------------
+def train_vae_and_scale(vae, x: torch.Tensor, cfg, gen, t0: float) -> tuple[torch.Tensor, float]:
+    """Train the VAE on `x`, then set `scaling_factor` = 1 / std of the latent means (as SD chose
+    its 0.18215); returns the scaled latent means of `x` (what the UNet trains on) and the factor."""
+    train_vae(vae, x, cfg, gen, t0)
+    means = latent_means(vae, x)
+    scaling = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scaling)
+    lat = means * scaling
+    _log(f"vae done; scaling_factor {scaling:.5f}; latent {tuple(lat.shape[1:])}", t0)
+    return lat, scaling
+
+
 def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
     from transformers import CLIPTokenizer
 
@@ -325,12 +337,7 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
 
     x, y = split_tensors("train")
     _log(f"train split: {len(x)} images {tuple(x.shape[1:])}", t0)
-    train_vae(vae, x, cfg, gen, t0)
-    means = latent_means(vae, x)
-    scaling = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling)
-    lat = means * scaling
-    _log(f"vae done; scaling_factor {scaling:.5f}; latent {tuple(lat.shape[1:])}", t0)
+    lat, scaling = train_vae_and_scale(vae, x, cfg, gen, t0)
     t_vae = time.time() - t0
 
     ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, lat, y, alphas, cfg, gen, t0)

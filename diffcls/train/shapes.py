@@ -46,8 +46,8 @@ from diffcls.models.tokenizer import build_tokenizer_files
 from diffcls.models.wrappers import VaeEncoderWrapper
 from diffcls.runtime.preprocess import preprocess_image
 from diffcls.train.demo import (
-    DemoConfig, _log, build_components, latent_means, scheduler_config, text_embeddings,
-    classify_in_chunks, record_evaluation, start_trainer, timestep_grid, train_unet, train_vae, trainer_arguments, write_training_record,
+    DemoConfig, _log, build_components, scheduler_config, text_embeddings,
+    classify_in_chunks, record_evaluation, start_trainer, timestep_grid, train_unet, train_vae_and_scale, trainer_arguments, write_training_record,
 )
 
 
@@ -186,12 +186,7 @@ def train(out: Path, cfg: ShapesConfig, command: str = "") -> Path:
     scenes = training_scenes(cfg)
     x = torch.stack([_tensor(s) for s in scenes])
     _log(f"train split: {len(x)} scenes ({cfg.single_per_class * len(SEEN_CLASSES)} single, {cfg.pairs} pairs)", t0)
-    train_vae(vae, x, cfg, gen, t0)
-    means = latent_means(vae, x)
-    scaling = float(1.0 / means.std())
-    vae.register_to_config(scaling_factor=scaling)
-    lat = means * scaling
-    _log(f"vae done; scaling_factor {scaling:.5f}; latent {tuple(lat.shape[1:])}", t0)
+    lat, scaling = train_vae_and_scale(vae, x, cfg, gen, t0)
     t_vae = time.time() - t0
 
     condition = caption_condition(tokenizer, scenes, cfg)
