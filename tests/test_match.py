@@ -358,3 +358,14 @@ def test_the_score_table_fits_80_columns_with_its_widest_numbers(capsys):
     shown = capsys.readouterr().out
     assert "100.0" in shown and "(51-100)" in shown and "…" not in shown
 
+
+def test_results_are_bound_to_the_schedule_values_not_its_wording():
+    """The results file's settings hold `to_dict` (plain values), so rewording `describe` cannot
+    break a resume, and two schedules that differ in any value differ there."""
+    from diffcls.runtime.match import MatchSchedule
+
+    a, b = MatchSchedule(t_interval=5), MatchSchedule(t_interval=20)
+    assert a.to_dict() == MatchSchedule(t_interval=5).to_dict() != b.to_dict()
+    adaptive = MatchSchedule(adaptive=AdaptiveSchedule(error_rate=0.05, final_samples=0)).to_dict()
+    assert adaptive["adaptive"]["error_rate"] == 0.05 and json.loads(json.dumps(adaptive)) == adaptive
+

@@ -47,7 +47,7 @@ def match(
     item on the same timesteps and noise; text, image (raw and normalised by the empty prompt)
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
-        from diffcls.runtime.match import MatchResultsWriter, ItemResult, read_items, summarize
+        from diffcls.runtime.match import read_items, summarize
         from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
         s = settings
@@ -137,7 +137,7 @@ def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv:
         "model": e.fingerprint,
         "backend": e.backend,
         "precision": e.precision,
-        "schedule": schedule.describe(),
+        "schedule": schedule.to_dict(),
         "seed": s.seed if noise is None else None,
         "noise": None if noise is None else _digest(noise),
         "image_size": e.image_size,

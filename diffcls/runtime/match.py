@@ -252,9 +252,10 @@ class MatchSchedule:
             self.adaptive.validate(2, T)
         return self
 
-    def full_evals(self) -> int:
-        """UNet evaluations of one item on the full grid (six arms)."""
-        return len(ARMS) * self.noise_bank_size()
+    def to_dict(self) -> dict:
+        """The schedule as plain values: what a results file is bound to (`describe` is for people)."""
+        plain = {name: getattr(self, name) for name in ("t_interval", "n_trials", "loss", "num_train_timesteps")}
+        return {"kind": "match", **plain, "adaptive": None if self.adaptive is None else self.adaptive.to_dict()}
 
     def describe(self) -> str:
         text = f"match t_interval={self.t_interval} ({len(self.grid())} timesteps) n_trials={self.n_trials} loss={self.loss}"
