@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.ranking import TOP_K, class_columns, row_cells, rows_from_cells
+from diffcls.runtime.ranking import TOP_K, class_columns, row_cells
 from diffcls.runtime.outputs import (  # noqa: F401 (check_writable: re-exported for callers)
     RESULTS_KEY_COLUMNS,
     check_distinct,
