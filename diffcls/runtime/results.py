@@ -34,11 +34,10 @@ from typing import Sequence
 
 from diffcls.errors import DiffclsError
 from diffcls.runtime.ranking import TOP_K, class_columns, row_cells
-from diffcls.runtime.outputs import (  # noqa: F401 (check_writable: re-exported for callers)
+from diffcls.runtime.outputs import (
     RESULTS_KEY_COLUMNS,
     check_distinct,
     check_output,
-    check_writable,
     csv_starting_with,
     write_atomic,
 )
