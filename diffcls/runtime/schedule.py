@@ -141,40 +141,66 @@ def van_der_corput_order(m: int) -> list[int]:
     return order
 
 
+# The user-facing knob `error_rate` -> the test's constant `alpha`, measured by replay on the
+# digits `train` split (never the evaluation set): at the default n0/M/F/look_every, with alpha
+# the largest tried whose measured P(answer differs from the full-budget answer) stayed at most
+# the knob, clean and corrupted (severity 4) alike (BENCHMARKS.md, "Round 4"; bench/adaptive_replay.py).
+# A knob between two rows gets the lower row's alpha.
+KNOB_TO_ALPHA = ((0.005, 0.01), (0.01, 0.02), (0.02, 0.05), (0.05, 0.2))
+
+
+def alpha_for_error_rate(error_rate: float) -> float:
+    """The alpha the measured table gives `error_rate` (the row at or below it)."""
+    rows = [alpha for knob, alpha in KNOB_TO_ALPHA if knob <= error_rate + 1e-12]
+    if not rows:
+        raise DiffclsError(
+            f"--error-rate {error_rate:g} is below the smallest measured setting {KNOB_TO_ALPHA[0][0]:g}; "
+            f"use --error-rate {KNOB_TO_ALPHA[0][0]:g} or set the test's constant directly with --alpha"
+        )
+    return rows[-1]
+
+
 @dataclass(frozen=True)
 class AdaptiveSchedule:
     """Sequential evaluation: each image stops once its answer is statistically settled.
 
-    Timesteps come from the fine grid of `max_samples` points in van der Corput order (the k-th
-    timestep evaluated uses noise bank[k * n_trials + j], as in the fixed schedule); every
-    prompt still alive is evaluated at every timestep taken (paired samples). After the first
-    `min_samples` timesteps, prompts are eliminated by paired sequential tests with overall
-    error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.policy`).
+    Timesteps come from a grid of `max_samples + final_samples` points in van der Corput order
+    (the k-th timestep evaluated uses noise bank[k * n_trials + j], as in the fixed schedule);
+    every prompt still alive is evaluated at every timestep taken (paired samples). Stages of
+    one-sided sequential tests eliminate prompts (`diffcls.runtime.policy`, docs/adaptive.md):
+
+    - `alpha` is the test's own bound: P(a test eliminates the best prompt) <= alpha, under the
+      assumptions docs/adaptive.md states;
+    - `error_rate` is the user's knob: the probability that the answer differs from the
+      full-budget answer (every prompt at every grid timestep), as measured by replay on a
+      calibration split; it picks `alpha` from `KNOB_TO_ALPHA` when `alpha` is not given.
     """
 
-    # defaults chosen with bench/policy_replay.py on 500-timestep tables and run live
-    # (BENCHMARKS.md, "Round 3"): the paper schedule's accuracy on clean and corrupted digits at
-    # 1/16 and 1/8 of its evaluations
-    error_rate: float = 0.9  # alpha: P(the best prompt is eliminated) <= alpha (a loose bound; measured far lower)
-    min_samples: int = 6  # n0: first-stage timesteps for every prompt (variance estimates)
-    max_samples: int = 30  # first-stage budget: timesteps per prompt; then the final stage or the lowest mean
-    rule: str = "mixture"  # "mixture" (indifference-zone-free) or "kim-nelson"
+    # defaults chosen on replays of digits `train`-split tables only (BENCHMARKS.md, "Round 4")
+    error_rate: float = 0.02  # knob: P(answer differs from the full-budget answer), measured meaning
+    alpha: float | None = None  # the test's bound on P(a test eliminates the best); None: from error_rate
+    min_samples: int = 8  # n0: the samples each stage estimates its pair variances from
+    max_samples: int = 30  # M: first-stage timesteps per prompt at most; then the final stage
+    rule: str = "mixture"  # "mixture" (indifference-zone-free, one-sided) or "kim-nelson"
     rel_delta: float = 0.05  # kim-nelson only: delta = rel_delta * mean error of the first stage
     n_trials: int = 1  # noise draws per timestep (one sample = their mean error)
     loss: str = "l2"
-    # the final stage: an image still undecided at max_samples gives its best `final_keep`
-    # prompts up to `final_samples` more timesteps each, eliminating by its own test (mixture
-    # rule, alpha final_error_rate) until one is left or the timesteps run out
+    # the final stage: the prompts a test has not eliminated by max_samples go on for up to
+    # `final_samples` more timesteps under a fresh test (sums restarted, own variances)
     final_samples: int = 220  # 0: no final stage (the lowest mean at max_samples wins)
-    final_keep: int = 3
-    final_error_rate: float | None = None  # alpha of the final stage's own test (None: error_rate)
+    final_keep: int = 0  # 0: every survivor goes on; k > 0: only the k lowest means (a bare cut, outside the bound)
+    final_error_rate: float | None = None  # the final stage's share of alpha (None: half)
+    look_every: int = 1  # g: each stage tests at its n0-th sample and every g samples after (and at its end)
 
     def __post_init__(self):
         object.__setattr__(self, "final_samples", int(self.final_samples))
         object.__setattr__(self, "final_keep", int(self.final_keep))
         object.__setattr__(self, "error_rate", float(self.error_rate))
-        fer = self.error_rate if self.final_error_rate is None else self.final_error_rate
-        object.__setattr__(self, "final_error_rate", float(fer))
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", float(self.alpha))
+        if self.final_error_rate is not None:
+            object.__setattr__(self, "final_error_rate", float(self.final_error_rate))
+        object.__setattr__(self, "look_every", int(self.look_every))
         object.__setattr__(self, "rel_delta", float(self.rel_delta))
         object.__setattr__(self, "min_samples", int(self.min_samples))
         object.__setattr__(self, "max_samples", int(self.max_samples))
@@ -193,7 +219,9 @@ class AdaptiveSchedule:
     def validate(self, n_prompts: int, num_train_timesteps: int = 1000) -> "AdaptiveSchedule":
         T = num_train_timesteps
         if not 0.0 < self.error_rate < 1.0:
-            raise DiffclsError(f"--error-rate {self.error_rate:g} must be between 0 and 1 (exclusive), e.g. --error-rate 0.05")
+            raise DiffclsError(f"--error-rate {self.error_rate:g} must be between 0 and 1 (exclusive), e.g. --error-rate 0.02")
+        if self.alpha is not None and not 0.0 < self.alpha < 1.0:
+            raise DiffclsError(f"--alpha {self.alpha:g} must be between 0 and 1 (exclusive), e.g. --alpha 0.05")
         if self.max_samples < 2:
             raise DiffclsError(f"--max-samples {self.max_samples} must be >= 2")
         if self.max_samples > T:
@@ -213,12 +241,16 @@ class AdaptiveSchedule:
                 f"--max-samples {self.max_samples} + --final-samples {self.final_samples} exceed the model's {T} "
                 f"training timesteps; use at most {T} together"
             )
-        if not 0.0 < self.final_error_rate < 1.0:
+        alpha = self.resolved_alpha
+        if self.final_error_rate is not None and not 0.0 < self.final_error_rate < alpha:
             raise DiffclsError(
-                f"--final-error-rate {self.final_error_rate:g} must be between 0 and 1 (exclusive), e.g. --final-error-rate 0.5"
+                f"--final-error-rate {self.final_error_rate:g} must be between 0 and the test's alpha {alpha:g} "
+                f"(it is the final stage's share of it), e.g. --final-error-rate {alpha / 2:g}"
             )
-        if self.final_samples and self.final_keep < 2:
-            raise DiffclsError(f"--final-keep {self.final_keep} must be >= 2 (the final stage compares the best few prompts)")
+        if self.final_keep == 1 or self.final_keep < 0:
+            raise DiffclsError(f"--final-keep {self.final_keep} must be 0 (every survivor) or >= 2 (the final stage compares prompts)")
+        if self.look_every < 1:
+            raise DiffclsError(f"--look-every {self.look_every} must be >= 1 (test every that many timesteps)")
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         if self.loss not in LOSSES:
@@ -226,6 +258,20 @@ class AdaptiveSchedule:
         if n_prompts < 1:
             raise DiffclsError("no prompts to score; give at least one")
         return self
+
+    @property
+    def resolved_alpha(self) -> float:
+        """The test's bound: `alpha` if given, else the measured table's alpha for `error_rate`."""
+        return self.alpha if self.alpha is not None else alpha_for_error_rate(self.error_rate)
+
+    @property
+    def stage_alphas(self) -> tuple[float, float]:
+        """(alpha_1, alpha_2): the first and the final stage's shares of the bound (sum: alpha)."""
+        alpha = self.resolved_alpha
+        if not self.final_samples:
+            return alpha, 0.0
+        final = alpha / 2.0 if self.final_error_rate is None else self.final_error_rate
+        return alpha - final, final
 
     def grid(self, num_train_timesteps: int = 1000, offset: int | None = None) -> list[int]:
         """The G = grid_size timesteps t_i = floor((i + u) T / G), i < G, sorted: one in each of G
@@ -253,7 +299,7 @@ class AdaptiveSchedule:
     def evals_upper_bound(self, n_prompts: int, num_train_timesteps: int = 1000) -> int:
         """The most UNet evaluations one image can take: every prompt to the budget, then the
         final stage for the best final_keep."""
-        final = min(self.final_keep, n_prompts) * self.final_samples if n_prompts > 1 else 0
+        final = min(self.final_keep or n_prompts, n_prompts) * self.final_samples if n_prompts > 1 else 0
         return (n_prompts * self.max_samples + final) * self.n_trials
 
     def to_dict(self) -> dict:
@@ -263,14 +309,14 @@ class AdaptiveSchedule:
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         delta = f" rel_delta={self.rel_delta:g}" if self.rule == "kim-nelson" else ""
-        final = (
-            f" final_samples={self.final_samples} final_keep={self.final_keep} final_error_rate={self.final_error_rate:g}"
-            if self.final_samples
-            else ""
-        )
+        a1, a2 = self.stage_alphas
+        final = f" final_samples={self.final_samples} final_alpha={a2:g}" if self.final_samples else ""
+        final += f" final_keep={self.final_keep}" if self.final_samples and self.final_keep else ""
+        look = f" look_every={self.look_every}" if self.look_every != 1 else ""
+        knob = f"error_rate={self.error_rate:g} " if self.alpha is None else ""
         return (
-            f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
-            f"max_samples={self.max_samples}{delta}{final} n_trials={self.n_trials} loss={self.loss}"
+            f"adaptive rule={self.rule} {knob}alpha={self.resolved_alpha:g} min_samples={self.min_samples} "
+            f"max_samples={self.max_samples}{delta}{final}{look} n_trials={self.n_trials} loss={self.loss}"
         )
 
 
