@@ -355,19 +355,33 @@ def calibrate(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the temperature (JSON), for classify/evaluate --calibration.")] = Path("calibration.json"),
     results_csv: Annotated[Optional[Path], typer.Option("--results", help="Results CSV of this run (resumable; an evaluate --out CSV with the same settings is reused).")] = None,
     labels: LabelsOpt = LabelKind.name,
+    timestep_weights: Annotated[Optional[int], typer.Option("--timestep-weights", help="Instead of a temperature, fit timestep weights in this many equal bands of t (mean over variance of the paired difference to the true class; bands that point away dropped) from a full grid, e.g. --n-samples 100 --to-keep 1; classify/evaluate --calibration then weight every schedule's timesteps with them (docs/adaptive.md).", min=1)] = None,
     *,
     settings: RunSettings,
 ) -> None:
-    """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
-    from diffcls.runtime.evaluation import fit_calibration
+    """Fit the temperature of the class probabilities on labeled images (minimum NLL), or timestep weights."""
+    import tempfile
+
+    from diffcls.runtime.evaluation import fit_calibration, fit_weights_calibration
     from diffcls.runtime.job import ClassifyJob
     from diffcls.runtime.outputs import check_distinct, check_output, output_errors
 
-    with user_errors():
+    with user_errors(), tempfile.TemporaryDirectory() as tmp:
         check_output(out_path, "--out", "calibration")  # before the run, not after it finished
         check_distinct(("--results", results_csv), ("--out", out_path))
-        with ClassifyJob(settings, paths or [], out=results_csv, labels=labels) as job:
+        errors = None
+        if timestep_weights is not None:  # the fit needs every error: beside the results CSV
+            results_csv = results_csv or Path(tmp) / "calibrate.csv"
+            errors = results_csv.with_name(results_csv.name + ".errors.jsonl")
+        with ClassifyJob(settings, paths or [], out=results_csv, save_errors=errors, labels=labels) as job:
             _run(job)
+        if timestep_weights is not None:
+            cal = fit_weights_calibration(job, errors, timestep_weights)
+            with output_errors("--out", out_path):
+                cal.save(out_path)
+            out.print(f"timestep weights by band of {1000 // timestep_weights} t, fitted on {cal.n_images} images: "
+                      f"{' '.join(f'{w:.2g}' for w in cal.timestep_weights)}; written to {out_path}")
+            return
         cal = fit_calibration(job)
         with output_errors("--out", out_path):
             cal.save(out_path)

@@ -139,3 +139,27 @@ def fit_calibration(job):
         model=job.executor.info["fingerprint"],
         prompts=job.prompts.digest(),
     )
+
+
+def fit_weights_calibration(job, errors_jsonl, n_bands: int):
+    """Timestep weights (`diffcls calibrate --timestep-weights`) from the job's labelled images'
+    errors (its --save-errors JSONL), bound to the model and prompts."""
+    import json
+    from pathlib import Path
+
+    from diffcls.runtime.calibration import UNCALIBRATED, Calibration, fit_timestep_weights
+
+    truth = scored_truth(job)
+    ids = list(job.prompts.classidx)
+    images = []
+    for line in Path(errors_jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        key = rec.get("key", rec.get("path"))
+        if key in truth:
+            images.append(([tuple(e) for e in rec["errors"]], [i for i, c in enumerate(ids) if c == truth[key]]))
+    T = job.executor.info.get("num_train_timesteps", 1000) if hasattr(job, "executor") else 1000
+    weights, fit = fit_timestep_weights(images, n_bands, T)
+    return Calibration(temperature=UNCALIBRATED, n_images=len(images), schedule=job.schedule.to_dict(), model=job.executor.info["fingerprint"],
+                       prompts=job.prompts.digest(), timestep_weights=weights, weights_fit=fit)

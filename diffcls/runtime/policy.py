@@ -189,6 +189,8 @@ class FixedPolicy(_BlockHandout):
         self.counts = [0] * n_prompts
         self.eliminated: list[list[int]] = []  # prompts pruned after each round, best first
         self.round = -1
+        # timestep weights (a calibration's): the score is the weighted mean of the errors
+        self._w = None if schedule.band_weights is None else [schedule.weight(t, num_train_timesteps) for t in self.timesteps]
         self.n_evals = 0
         self.done = False
         self._block: list[tuple[int, int, int]] = []
@@ -224,17 +226,19 @@ class FixedPolicy(_BlockHandout):
         return self.sums[c] / self.counts[c] if self.counts[c] else float("inf")
 
     def feed(self, prompt: int, k: int, trial: int, error: float) -> None:
-        self.sums[prompt] += error
-        self.counts[prompt] += 1
+        w = 1 if self._w is None else self._w[k]
+        self.sums[prompt] += w * error
+        self.counts[prompt] += w
         self._pending -= 1
         if self._pending == 0:
             self._advance()
 
     def feed_block(self, prompts, ks, trials, errors) -> None:
-        sums, counts = self.sums, self.counts
-        for c, e in zip(prompts, errors):
-            sums[c] += e
-            counts[c] += 1
+        sums, counts, w = self.sums, self.counts, self._w
+        for c, k, e in zip(prompts, ks, errors):
+            wk = 1 if w is None else w[k]
+            sums[c] += wk * e
+            counts[c] += wk
         self._pending -= len(errors)
         if self._pending == 0:
             self._advance()
@@ -260,6 +264,8 @@ class SequentialPolicy(_BlockHandout):
         self.n0, self.M, self.n_trials = params.min_samples, params.max_samples, params.n_trials
         self.F = params.final_samples  # final-stage timesteps (0: none)
         self.g = params.look_every
+        # timestep weights (a calibration's, fixed before the image): a sample is weight x error
+        self._w = None if params.band_weights is None else np.array([params.weight(t, num_train_timesteps) for t in self.timesteps])
         self.final = False  # in the final stage
         self.alive = np.ones(self.K, dtype=bool)
         self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date): means, the pick
@@ -313,8 +319,10 @@ class SequentialPolicy(_BlockHandout):
 
     def _close(self) -> None:
         alive = self.alive
-        for row in self._acc:
+        for i, row in enumerate(self._acc):
             x = row / self.n_trials if self.n_trials > 1 else row
+            if self._w is not None:
+                x = x * self._w[self._k0 + i]
             q = self.r - self._stage_start  # samples of this stage so far
             if q < self.n0:
                 self._x[q] = x

@@ -15,14 +15,63 @@ from diffcls.errors import DiffclsError
 LOSSES = tuple(loss.value for loss in Loss)
 
 
+def _kept_intervals(band_weights, T: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the timestep bands with a positive weight (nb equal bands of [0, T))."""
+    nb = len(band_weights)
+    return [(b * T // nb, (b + 1) * T // nb) for b, w in enumerate(band_weights) if w > 0]
+
+
+def _to_kept(x: int, intervals: list[tuple[int, int]]) -> int:
+    """The x-th timestep (0-based) of the kept bands, in increasing order."""
+    for lo, hi in intervals:
+        if x < hi - lo:
+            return lo + x
+        x -= hi - lo
+    raise ValueError(x)
+
+
+class _BandWeights:
+    """Timestep weights by band (`band_weights`: nb weights for nb equal bands of [0, T), from a
+    calibration file; None: every timestep weight 1). A timestep's sample is its error times its
+    band's weight; bands of weight 0 are dropped from the grid. Fixed before any image is seen."""
+
+    def weight(self, t: int, num_train_timesteps: int = 1000) -> float:
+        w = self.band_weights
+        return 1.0 if w is None else float(w[int(t) * len(w) // num_train_timesteps])
+
+    def _span(self, num_train_timesteps: int) -> tuple[int, list[tuple[int, int]] | None]:
+        """(the length of the kept timesteps, their intervals or None when all are kept)."""
+        if self.band_weights is None:
+            return num_train_timesteps, None
+        kept = _kept_intervals(self.band_weights, num_train_timesteps)
+        return sum(hi - lo for lo, hi in kept), kept
+
+    def _check_weights(self, grid_size: int, num_train_timesteps: int) -> None:
+        w = self.band_weights
+        if w is None:
+            return
+        if not w or any(not (v >= 0.0 and v < float("inf")) for v in w) or not any(v > 0 for v in w):
+            raise DiffclsError(f"timestep band weights {list(w)} must be finite, >= 0 and not all 0; refit them with diffcls calibrate --timestep-weights")
+        span, _ = self._span(num_train_timesteps)
+        if span < grid_size:
+            raise DiffclsError(f"the timestep weights keep {span} timesteps, fewer than the {grid_size} the schedule needs; use fewer timesteps")
+
+
+def _norm_weights(obj) -> None:
+    if obj.band_weights is not None:
+        object.__setattr__(obj, "band_weights", tuple(float(v) for v in obj.band_weights))
+
+
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(_BandWeights):
     n_samples: tuple[int, ...] = (50, 500)  # timesteps per round (the paper's CIFAR-10 setting)
     to_keep: tuple[int, ...] = (5, 1)  # prompts kept after each round; the last must be 1
     n_trials: int = 1  # noise draws per timestep
     loss: str = "l2"  # l2 (the paper's), l1 or huber
+    band_weights: tuple[float, ...] | None = None  # timestep weights by band (a calibration file's); None: uniform
 
     def __post_init__(self):
+        _norm_weights(self)
         object.__setattr__(self, "n_samples", tuple(int(n) for n in self.n_samples))
         object.__setattr__(self, "to_keep", tuple(int(k) for k in self.to_keep))
         if isinstance(self.loss, Loss):  # plain strings in describe(), results and caches
@@ -67,13 +116,16 @@ class Schedule:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         if self.loss not in LOSSES:
             raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        self._check_weights(max(ns), T)
         object.__setattr__(self, "_valid_for", (n_prompts, num_train_timesteps))
         return self
 
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:
-        """The M evenly spaced timesteps every round draws from."""
-        T, M = num_train_timesteps, self.max_samples
-        return list(range(T // M // 2, T, T // M))[:M]
+        """The M evenly spaced timesteps every round draws from (over the kept bands, if weighted)."""
+        span, kept = self._span(num_train_timesteps)
+        M = self.max_samples
+        grid = list(range(span // M // 2, span, span // M))[:M]
+        return grid if kept is None else [_to_kept(x, kept) for x in grid]
 
     def rounds(self, num_train_timesteps: int = 1000) -> list[list[tuple[int, int]]]:
         """Per round, the new (k, t) pairs: t a timestep, k its index in overall evaluation order.
@@ -105,13 +157,16 @@ class Schedule:
 
     def to_dict(self) -> dict:
         """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
-        return {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
+        d = {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
+        if self.band_weights is not None:  # only then: unweighted results files stay comparable
+            d["band_weights"] = list(self.band_weights)
+        return d
 
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         return (
             f"n_samples={list(self.n_samples)} to_keep={list(self.to_keep)} "
-            f"n_trials={self.n_trials} loss={self.loss}"
+            f"n_trials={self.n_trials} loss={self.loss}" + (" timestep-weighted" if self.band_weights is not None else "")
         )
 
 
@@ -161,7 +216,7 @@ def alpha_for_error_rate(error_rate: float) -> float:
 
 
 @dataclass(frozen=True)
-class AdaptiveSchedule:
+class AdaptiveSchedule(_BandWeights):
     """Sequential evaluation: each image stops once its answer is statistically settled.
 
     Timesteps come from a grid of `max_samples + final_samples` points in van der Corput order
@@ -191,6 +246,7 @@ class AdaptiveSchedule:
     final_keep: int = 0  # 0: every survivor goes on; k > 0: only the k lowest means (a bare cut, outside the bound)
     final_error_rate: float | None = None  # the final stage's share of alpha (None: half)
     look_every: int = 1  # g: each stage tests at its n0-th sample and every g samples after (and at its end)
+    band_weights: tuple[float, ...] | None = None  # timestep weights by band (a calibration file's); None: uniform
 
     def __post_init__(self):
         object.__setattr__(self, "final_samples", int(self.final_samples))
@@ -201,6 +257,7 @@ class AdaptiveSchedule:
         if self.final_error_rate is not None:
             object.__setattr__(self, "final_error_rate", float(self.final_error_rate))
         object.__setattr__(self, "look_every", int(self.look_every))
+        _norm_weights(self)
         object.__setattr__(self, "rel_delta", float(self.rel_delta))
         object.__setattr__(self, "min_samples", int(self.min_samples))
         object.__setattr__(self, "max_samples", int(self.max_samples))
@@ -251,6 +308,7 @@ class AdaptiveSchedule:
             raise DiffclsError(f"--final-keep {self.final_keep} must be 0 (every survivor) or >= 2 (the final stage compares prompts)")
         if self.look_every < 1:
             raise DiffclsError(f"--look-every {self.look_every} must be >= 1 (test every that many timesteps)")
+        self._check_weights(self.grid_size, T)
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         if self.loss not in LOSSES:
@@ -279,10 +337,13 @@ class AdaptiveSchedule:
         T); an image's `offset`: u = its bits above the index rotation / 2^32 (a random start
         in every stratum, the same for all strata: a randomly shifted stratified sample)."""
         T, G = num_train_timesteps, self.grid_size
+        span, kept = self._span(T)  # weighted: the grid covers the kept bands only
         if offset is None:
-            return [(2 * i + 1) * T // (2 * G) for i in range(G)]
-        u = (int(offset) // G) % (1 << 32)  # u / 2^32 in [0, 1)
-        return [((i << 32) + u) * T // (G << 32) for i in range(G)]
+            grid = [(2 * i + 1) * span // (2 * G) for i in range(G)]
+        else:
+            u = (int(offset) // G) % (1 << 32)  # u / 2^32 in [0, 1)
+            grid = [((i << 32) + u) * span // (G << 32) for i in range(G)]
+        return grid if kept is None else [_to_kept(x, kept) for x in grid]
 
     def timestep_order(self, num_train_timesteps: int = 1000, offset: int | None = None) -> list[int]:
         """The grid's timesteps in evaluation order: position k uses noise bank[k * n_trials + j].
@@ -314,6 +375,7 @@ class AdaptiveSchedule:
         final += f" final_keep={self.final_keep}" if self.final_samples and self.final_keep else ""
         look = f" look_every={self.look_every}" if self.look_every != 1 else ""
         knob = f"error_rate={self.error_rate:g} " if self.alpha is None else ""
+        look += " timestep-weighted" if self.band_weights is not None else ""
         return (
             f"adaptive rule={self.rule} {knob}alpha={self.resolved_alpha:g} min_samples={self.min_samples} "
             f"max_samples={self.max_samples}{delta}{final}{look} n_trials={self.n_trials} loss={self.loss}"
