@@ -13,19 +13,19 @@ __all__ = ["DiffclsError", "Classifier", "ClassifyJob", "JobSpec", "Schedule", "
 
 def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
     if name == "Classifier":
-        from diffcls.runtime.classifier import Classifier
+        from diffcls.runtime.execution.classifier import Classifier
 
         return Classifier
     if name == "ClassifyJob":
-        from diffcls.runtime.job import ClassifyJob
+        from diffcls.runtime.execution.job import ClassifyJob
 
         return ClassifyJob
     if name == "JobSpec":
-        from diffcls.runtime.spec import JobSpec
+        from diffcls.runtime.execution.spec import JobSpec
 
         return JobSpec
     if name in ("Schedule", "AdaptiveSchedule"):
-        from diffcls.runtime import schedule
+        from diffcls.runtime.algorithm import schedule
 
         return getattr(schedule, name)
     raise AttributeError(name)

@@ -6,7 +6,7 @@
         with ClassifyJob(settings, paths, out=out_csv) as job: ...
 
 `run_options` adds the shared options to the command's signature (so Typer shows and parses
-them) and hands the command one `RunSettings` (a `runtime.spec.JobSpec` parsed from the
+them) and hands the command one `RunSettings` (a `runtime.execution.spec.JobSpec` parsed from the
 command line) instead of twenty arguments, with the engines and threads resolved (`with_engines`:
 the CPU fast path of `diffcls.engines.fastpath`, exporting a bundled model once). Each option's default is the JobSpec field's, so
 defaults are declared once, in the runtime.
@@ -25,8 +25,8 @@ import typer
 
 from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, parse_device
 from diffcls.errors import DiffclsError
-from diffcls.runtime.schedule import AdaptiveSchedule
-from diffcls.runtime.spec import JobSpec
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
+from diffcls.runtime.execution.spec import JobSpec
 
 _MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
 _ADAPTIVE = "Adaptive evaluation"
