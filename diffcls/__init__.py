@@ -12,14 +12,10 @@ __all__ = ["DiffclsError", "Classifier", "ClassifyJob", "JobSpec", "Schedule", "
 
 
 def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
-    if name == "Classifier":
-        from diffcls.runtime.execution.classifier import Classifier
+    if name in ("Classifier", "ClassifyJob"):  # with the engines the CLI would choose (diffcls.api)
+        from diffcls import api
 
-        return Classifier
-    if name == "ClassifyJob":
-        from diffcls.runtime.execution.job import ClassifyJob
-
-        return ClassifyJob
+        return getattr(api, name)
     if name == "JobSpec":
         from diffcls.runtime.execution.spec import JobSpec
 

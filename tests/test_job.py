@@ -25,7 +25,7 @@ EXAMPLES = ROOT / "examples" / "digits"
 # schedule's description; the commands that wrote them are the ones the test resumes them with
 LEGACY = Path(__file__).resolve().parent / "data" / "results-56e7f0d"
 # torch named: on a CPU the CLI's default for the bundled model is its cached ONNX Runtime
-# engines (cli/settings.with_engines), the library's is torch; the fixtures were written with torch
+# engines (diffcls.api.with_engines), the runtime's ClassifyJob's is torch; the fixtures were written with torch
 FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache", "--backend", "torch"]
 TORCH = ["--backend", "torch"]
 

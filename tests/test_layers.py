@@ -1,4 +1,4 @@
-"""Imports run one way (docs/design.md, "Layers"): cli/train, then runtime and export (siblings that
+"""Imports run one way (docs/design.md, "Layers"): cli, then api and train, then runtime and export (siblings that
 never import each other), then engines, then models, then the leaf modules config and errors (config may use errors).
 Inside the runtime the same rule holds between its concerns: execution, then evaluation, then
 results, then algorithm and data (siblings).
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcls"
 
 # higher imports lower; equal ranks are siblings that must not import each other
-RANK = {"cli": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
+RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
 # the runtime's subpackages, ranked the same way
 RUNTIME_RANK = {"execution": 4, "evaluation": 3, "results": 2, "algorithm": 1, "data": 1}
 FACADES = {"diffcls", "diffcls.__main__"}  # the package's lazy re-exports and `python -m diffcls`
@@ -89,7 +89,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
         src = _layer(mod)
         for t in targets:
             dst = _layer(t)
-            if t in FACADES and RANK[src] < max(RANK.values()):
+            if t in FACADES and RANK[src] < RANK["train"]:  # only the top (cli, api, train) may use the facade
                 bad.append(f"{mod} -> {t} (the package facade)")
             elif t not in FACADES and dst != src and RANK[dst] >= RANK[src]:
                 bad.append(f"{mod} -> {t}")

@@ -79,7 +79,7 @@ def runs_on_cpu(s: JobSpec) -> bool:
 
 def backend_name(s: JobSpec) -> str:
     """The backend that will run: auto means torch, or what an engine directory was exported for (the
-    CLI resolves auto first: cli.settings.with_engines, engines.fastpath)."""
+    CLI and the Python API resolve auto first: diffcls.api.with_engines, engines.fastpath)."""
     if s.backend != Backend.auto:
         return s.backend.value
     if s.engines is None:
