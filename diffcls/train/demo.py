@@ -47,7 +47,7 @@ from diffcls.models.tiny import TinyConfig, save_model, sd_unet, sd_vae
 from diffcls.models.tiny import scheduler_config as sd_scheduler_config
 from diffcls.models.tokenizer import build_tokenizer_files
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.runtime.preprocess import preprocess_image
+from diffcls.runtime.data.preprocess import preprocess_image
 
 PROMPT_TEMPLATE = "a handwritten digit {}"  # + the class name: "a handwritten digit three"
 PROMPT_WORDS = ["a", "handwritten", "digit", *CLASSNAMES]  # single tokens in the vocabulary

@@ -45,7 +45,7 @@ from diffcls.models.shapes import (
 from diffcls.models.tiny import save_model
 from diffcls.models.tokenizer import build_tokenizer_files
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.runtime.preprocess import preprocess_image
+from diffcls.runtime.data.preprocess import preprocess_image
 from diffcls.train.demo import (
     DemoConfig, _log, build_components, scheduler_config, text_embeddings,
     classify_in_chunks, record_evaluation, start_trainer, timestep_grid, train_unet, train_vae_and_scale, trainer_arguments, write_training_record,
