@@ -172,11 +172,12 @@ def text_embeddings(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
 
 
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None):
+               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, extra_loss=None):
     """Train on scaled latents; returns EMA copies (unet, text_encoder).
 
     `condition(text_encoder, idx)` -> (B, 77, D): the text embeddings of the training rows `idx`
-    (default: the digit prompts, indexed by `labels`)."""
+    (default: the digit prompts, indexed by `labels`). `extra_loss(unet, text_encoder, idx, xt, t,
+    eps, pred)`, if given, is added to the denoising loss (the shapes demo's hard negatives)."""
     if condition is None:
         texts = [p for p, _, _ in prompts()]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -213,6 +214,8 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = unet(xt, t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
         loss = F.mse_loss(pred, eps)
+        if extra_loss is not None:
+            loss = loss + extra_loss(unet, text_encoder, idx, xt, t, eps, pred)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
