@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcls.runtime.policy import FixedPolicy, SequentialPolicy  # noqa: E402
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule  # noqa: E402
+from diffcls.runtime.algorithm.policy import FixedPolicy, SequentialPolicy  # noqa: E402
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule  # noqa: E402
 
 T_TRAIN = 1000
 

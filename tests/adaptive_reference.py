@@ -1,6 +1,6 @@
 """An independent reference of `--adaptive`'s mixture rule, written from docs/adaptive.md's
 formulas (scipy for the normal tail, the root finding and the integral over the variance
-estimate; nothing from diffcls.runtime.policy), vectorized over many simulated runs.
+estimate; nothing from diffcls.runtime.algorithm.policy), vectorized over many simulated runs.
 
 The rule (docs/adaptive.md, "The rule"): stages, each over its own samples, restarting its sums;
 in a stage of k prompts at level alpha_s, with D_ij(q) the sum of X_i - X_j over its first q

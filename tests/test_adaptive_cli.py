@@ -66,7 +66,7 @@ def test_adaptive_flags_are_checked_before_any_work(tmp_path, image_folder):
 
 
 def test_settings_build_the_adaptive_schedule():
-    from diffcls.runtime.schedule import KNOB_TO_ALPHA
+    from diffcls.runtime.algorithm.schedule import KNOB_TO_ALPHA
 
     s = RunSettings.from_options(adaptive=True, error_rate=0.2, max_samples=100)
     sched = s.adaptive_schedule()

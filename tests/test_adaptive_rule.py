@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import adaptive_reference as ref
-from diffcls.runtime.policy import SequentialPolicy, boundary_factors, one_sided_constants, stage_looks
-from diffcls.runtime.schedule import AdaptiveSchedule
+from diffcls.runtime.algorithm.policy import SequentialPolicy, boundary_factors, one_sided_constants, stage_looks
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 
 
 @pytest.mark.parametrize("k, alpha, n0, length, every", [(10, 0.05, 8, 30, 1), (10, 0.2, 6, 30, 3), (3, 0.1, 8, 60, 1), (2, 0.05, 4, 24, 5)])

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 import adaptive_reference
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.policy import FixedPolicy, SequentialPolicy, make_policy
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, van_der_corput_order
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.policy import FixedPolicy, SequentialPolicy, make_policy
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, van_der_corput_order
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = [f"a photo of class {i}" for i in range(6)]
 

@@ -12,9 +12,9 @@ import numpy as np
 from typer.testing import CliRunner
 
 from diffcls.cli.app import app
-from diffcls.runtime.calibration import fit_timestep_weights
-from diffcls.runtime.policy import FixedPolicy, SequentialPolicy
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, schedule_from_dict
+from diffcls.runtime.evaluation.calibration import fit_timestep_weights
+from diffcls.runtime.algorithm.policy import FixedPolicy, SequentialPolicy
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, schedule_from_dict
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "digits"

@@ -222,7 +222,7 @@ class AdaptiveSchedule(_BandWeights):
     Timesteps come from a grid of `max_samples + final_samples` points in van der Corput order
     (the k-th timestep evaluated uses noise bank[k * n_trials + j], as in the fixed schedule);
     every prompt still alive is evaluated at every timestep taken (paired samples). Stages of
-    one-sided sequential tests eliminate prompts (`diffcls.runtime.policy`, docs/adaptive.md):
+    one-sided sequential tests eliminate prompts (`diffcls.runtime.algorithm.policy`, docs/adaptive.md):
 
     - `alpha` is the test's own bound: P(a test eliminates the best prompt) <= alpha, under the
       assumptions docs/adaptive.md states;
