@@ -21,6 +21,7 @@ images whose class is among them, and their answers over those prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -37,14 +38,20 @@ from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule  # noq
 T_TRAIN = 1000
 
 
-def load(path: str | Path, n_prompts: int | None = None) -> dict:
+def load(path: str | Path, n_prompts: int | None = None, band_weights=None, step: int = 1) -> dict:
+    """A table; with `band_weights` (a calibration's timestep weights) the full-budget answer is
+    the lowest weighted mean over the columns of the kept bands (what a weighted run answers)."""
     z = np.load(path)
     E = z["errors"].astype(np.float64)  # (images, prompts, G)
     labels = z["labels"]
+    ts = z["timesteps"][::step]  # step > 1: a coarser table (every step-th column)
+    E = E[:, :, ::step]
     if n_prompts is not None:
         keep = labels < n_prompts
         E, labels = E[keep][:, :n_prompts], labels[keep]
-    return {"errors": E, "timesteps": z["timesteps"], "labels": labels, "full": E.mean(axis=2).argmin(axis=1)}
+    w = np.ones(len(ts)) if band_weights is None else np.array([band_weights[int(t) * len(band_weights) // T_TRAIN] for t in ts])
+    full = (E * w).sum(axis=2).argmin(axis=1)
+    return {"errors": E, "timesteps": ts, "labels": labels, "full": full, "weights": band_weights}
 
 
 def parse_policy(spec: str):
@@ -66,15 +73,21 @@ def parse_policy(spec: str):
 def replay_image(x: np.ndarray, ts: np.ndarray, schedule, offset: int | None):
     """One image's table x (K, G) under `schedule`: (prediction, evaluations)."""
     K = x.shape[0]
+    kept = ts
+    if schedule.band_weights is not None:  # serve each timestep from the nearest column of a kept band
+        kept = np.where(np.array([schedule.weight(int(t)) for t in ts]) > 0, ts, -10**6)
     if isinstance(schedule, AdaptiveSchedule):
         policy = SequentialPolicy(K, schedule, T_TRAIN, offset)
     else:
         policy = FixedPolicy(schedule, K, T_TRAIN)
-    cols = np.abs(ts[None, :] - np.asarray(policy.timesteps)[:, None]).argmin(axis=1)
+    cols = np.abs(kept[None, :] - np.asarray(policy.timesteps)[:, None]).argmin(axis=1)
     while not policy.done:
         block = policy.next_block()
         policy.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [x[c, cols[k]] for c, k, _ in block])
-    return policy.result().prediction, policy.n_evals
+    # its own full-budget answer: every prompt at every point of its grid (the weighted mean, if weighted)
+    w = np.array([schedule.weight(int(t)) for t in policy.timesteps])
+    full = int((x[:, cols] * w).sum(axis=1).argmin())
+    return policy.result().prediction, policy.n_evals, full
 
 
 def replay(table: dict, schedule, rotations: int, seed: int = 0) -> dict:
@@ -82,18 +95,21 @@ def replay(table: dict, schedule, rotations: int, seed: int = 0) -> dict:
     evaluations per image; and the pooled disagreement rate with its 95% Wilson interval."""
     E, ts, labels, full = table["errors"], table["timesteps"], table["labels"], table["full"]
     n = len(E)
+    if table["weights"] is not None:
+        schedule = dataclasses.replace(schedule, band_weights=tuple(table["weights"]))
     reps = rotations if isinstance(schedule, AdaptiveSchedule) else 1
     rng = np.random.default_rng(seed)
     correct, differ, evals = [], [], []
     for _ in range(reps):
-        preds, ev = zip(*(replay_image(E[i], ts, schedule, int(rng.integers(0, 2**62))) for i in range(n)))
-        preds = np.asarray(preds)
+        preds, ev, own = zip(*(replay_image(E[i], ts, schedule, int(rng.integers(0, 2**62))) for i in range(n)))
+        preds, own = np.asarray(preds), np.asarray(own)
         correct.append(int((preds == labels).sum()))
-        differ.append(int((preds != full).sum()))
+        # adaptive: against its own full-budget answer on the same grid; fixed: the table's
+        differ.append(int((preds != (own if isinstance(schedule, AdaptiveSchedule) else full)).sum()))
         evals.append(float(np.mean(ev)))
     k, m = sum(differ), n * reps
     return {"n": n, "rotations": reps, "correct": float(np.mean(correct)), "correct_min": min(correct), "correct_max": max(correct),
-            "differ": float(np.mean(differ)), "p_differ": k / m, "p_differ_ci95": wilson(k, m), "evals_per_image": float(np.mean(evals)),
+            "differ": float(np.mean(differ)), "p_differ": k / m, "n_differ": k, "n_runs": m, "p_differ_ci95": wilson(k, m), "evals_per_image": float(np.mean(evals)),
             "full_correct": int((full == labels).sum())}
 
 
@@ -111,8 +127,9 @@ def knob_table(tables: dict, base: str, alphas, rotations: int) -> list[dict]:
     for a in alphas:
         sched = parse_policy(f"adaptive:{base}{',' if base else ''}alpha={a}")
         per = {name: replay(t, sched, rotations) for name, t in tables.items()}
-        worst = max(r["p_differ_ci95"][1] for r in per.values())
-        rows.append({"alpha": a, "worst_upper95": worst, "tables": per})
+        k, m = sum(r["n_differ"] for r in per.values()), sum(r["n_runs"] for r in per.values())
+        rows.append({"alpha": a, "pooled": [k, m], "pooled_upper95": wilson(k, m)[1], "tables": per})
+        print(f"alpha {a:g}: pooled {k}/{m} differ, 95% up to {wilson(k, m)[1]:.4f}")
         print(f"alpha {a:g}: " + "; ".join(f"{name} differ {r['p_differ']:.4f} (95% up to {r['p_differ_ci95'][1]:.4f}) @ {r['evals_per_image']:.0f} evals, "
                                           f"{r['correct']:.1f}/{r['n']} right" for name, r in per.items()), flush=True)
     return rows
@@ -134,22 +151,29 @@ def main(argv=None):
     r.add_argument("--rotations", type=int, default=4)
     r.add_argument("--prompts", type=int, default=None, help="only the first K prompts (and the images of their classes)")
     r.add_argument("--json", default=None)
+    r.add_argument("--weights", default=None, help="a calibration file's timestep weights (diffcls calibrate --timestep-weights) for every policy")
+    r.add_argument("--step", type=int, default=1, help="use every step-th column of the tables (a coarser full-budget grid)")
     k = sub.add_parser("knob")
     k.add_argument("--table", action="append", required=True)
     k.add_argument("--base", default="", help="the other AdaptiveSchedule settings, key=value,...")
     k.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
     k.add_argument("--rotations", type=int, default=4)
     k.add_argument("--json", default=None)
+    k.add_argument("--weights", default=None)
+    k.add_argument("--step", type=int, default=1)
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         return collect(args)
     tables = {}
     for spec in args.table:
         name, _, path = spec.partition("=")
-        tables[name] = load(path, getattr(args, "prompts", None))
+        weights = json.loads(Path(args.weights).read_text())["timestep_weights"] if args.weights else None
+        tables[name] = load(path, getattr(args, "prompts", None), weights, args.step)
     start = time.perf_counter()
     if args.cmd == "knob":
         out = knob_table(tables, args.base, args.alphas, args.rotations)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
     else:
         out = {}
         for pspec in args.policy:

@@ -99,3 +99,26 @@ def test_final_stage_flags_reach_the_schedule_and_bind_the_results(tmp_path, tin
     assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-samples", "5", "--final-keep", "1"), "--final-keep 1 must be 0 (every survivor) or >= 2")
     assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--adaptive", "--final-error-rate", "1.5"), "--final-error-rate 1.5 must be between 0 and the test's alpha")
     assert_one_line_error(invoke("classify", image_folder, "--model", tiny_dir, "--final-error-rate", "0.5"), "--final-error-rate applies to adaptive")
+
+
+def test_evaluate_compare_counts_answers_that_differ(tmp_path, tiny_dir, image_folder):
+    """--compare FULL.csv: how many answers differ from another run's (the full-budget answer's),
+    with a 95% interval; a run against itself differs nowhere, against a doctored file where told."""
+    base = ["evaluate", image_folder, "--model", tiny_dir, "--no-cache"]
+    full = tmp_path / "full.csv"
+    assert invoke(*base, "--n-samples", "8", "--to-keep", "1", "--batch-size", "8", "--out", full).exit_code == 0
+    rows = list(csv.DictReader(open(full, newline="")))
+    js = tmp_path / "m.json"
+    r = invoke(*base, *ADAPTIVE, "--compare", full, "--json", js)
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())["disagreement"]
+    assert d["n"] == len(rows) and 0 <= d["differ"] <= d["n"] and d["ci95"][0] <= d["rate"] <= d["ci95"][1]
+    flipped = tmp_path / "flipped.csv"
+    with open(flipped, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for i, row in enumerate(rows):
+            w.writerow({**row, "prediction": "nothing"} if i < 2 else row)
+    r = invoke(*base, "--n-samples", "8", "--to-keep", "1", "--batch-size", "8", "--compare", flipped)
+    assert r.exit_code == 0 and f"answers that differ from {flipped}: 2 of {len(rows)}" in r.output.replace("\n", "")
+    assert_one_line_error(invoke(*base, *ADAPTIVE, "--compare", tmp_path / "none.csv"), "--compare", "is not a results CSV")

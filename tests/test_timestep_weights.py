@@ -24,7 +24,7 @@ def synthetic(n_images=30, seed=0):
     """3 prompts, true prompt 0; band 0 (t < 250) points the wrong way, band 3 has the largest
     mean over variance of the paired difference."""
     rng = np.random.default_rng(seed)
-    mean_gap = {0: -0.02, 1: 0.02, 2: 0.04, 3: 0.02}
+    mean_gap = {0: -0.02, 1: 0.025, 2: 0.04, 3: 0.02}
     sd = {0: 0.05, 1: 0.1, 2: 0.1, 3: 0.05}
     images = []
     for _ in range(n_images):
@@ -42,11 +42,14 @@ def synthetic(n_images=30, seed=0):
 def test_weights_are_mean_over_variance_with_wrong_way_bands_dropped():
     w, fit = fit_timestep_weights(synthetic(), n_bands=4)
     assert w[0] == 0.0  # the band that favours the wrong prompts is dropped
-    assert w[3] > w[2] > w[1] > 0  # 0.02/0.005 > 0.04/0.02 > 0.02/0.02
+    assert w[3] > w[2] > w[1] > 0  # 0.02/0.005 > 0.04/0.02 > 0.025/0.02
     assert abs(np.mean([v for v in w if v > 0]) - 1) < 1e-5
     assert fit["mean"][0] < 0 < fit["mean"][3]
     # a plausible mistake, weighting by the mean alone, would rank band 2 first: the fit does not
     assert np.argmax(w) == 3 and np.argmax(fit["mean"]) == 2
+    # a band whose evaluations carry under a quarter of the best band's information is dropped
+    w2, _ = fit_timestep_weights(synthetic(), n_bands=4, drop_below=0.5)
+    assert w2[1] == 0.0 and w2[2] > 0 and w2[3] > 0
 
 
 def test_weighted_schedules_drop_bands_and_weigh_samples():

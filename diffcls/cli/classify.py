@@ -241,6 +241,7 @@ def evaluate(
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
     calibration: CalibrationOpt = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another results CSV of the same images, e.g. the full-budget answer (--n-samples G --to-keep 1, G = the adaptive grid): report how many answers differ from it, with a 95% interval (docs/adaptive.md).")] = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -265,6 +266,7 @@ def evaluate(
         m, cal = evaluation(job)
         t = job.temperature
         _print_metrics(m, job.prompts.classes)
+        _print_disagreement(m, job, compare)
         if cal is not None:
             how = f"temperature {t:.4g} from {calibration}" if t is not None else "uncalibrated, temperature 1; fit one with diffcls calibrate"
             out.print(f"probabilities ({how}): NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)")
@@ -319,6 +321,21 @@ def calibrate(
             f"temperature {cal.temperature:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
             f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"
         )
+
+
+def _print_disagreement(m: dict, job, compare: Path | None) -> None:
+    """--adaptive: the knob's measured meaning; --compare: answers that differ from another run's."""
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
+    from diffcls.runtime.evaluation.evaluate import disagreement
+
+    sched = job.schedule
+    if isinstance(sched, AdaptiveSchedule) and sched.alpha is None:
+        out.print(f"--error-rate {sched.error_rate:g}: the test runs at alpha {sched.resolved_alpha:g}; measured on digits train replays, "
+                  f"P(answer differs from the full-budget answer) <= {sched.error_rate:g} at the default settings (docs/adaptive.md)")
+    if compare is not None:
+        d = disagreement(job, compare)
+        m["disagreement"] = d
+        out.print(f"answers that differ from {compare}: {d['differ']} of {d['n']} ({100 * d['rate']:.2f}%, 95% {100 * d['ci95'][0]:.2f}-{100 * d['ci95'][1]:.2f}%)")
 
 
 def _print_metrics(m: dict, classes: dict[int, str]) -> None:

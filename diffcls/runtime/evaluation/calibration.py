@@ -226,7 +226,7 @@ class Calibration:
                 raise DiffclsError(f"--calibration {path} was fitted with another {what} ({shown[0]}; this run: {shown[1]}); {fix}")
 
 
-def fit_timestep_weights(images, n_bands: int = 10, num_train_timesteps: int = 1000, drop_below: float = 0.05) -> tuple[list[float], dict]:
+def fit_timestep_weights(images, n_bands: int = 10, num_train_timesteps: int = 1000, drop_below: float = 0.25) -> tuple[list[float], dict]:
     """Timestep weights by band from labelled full-grid errors (`diffcls calibrate --timestep-weights`).
 
     `images`: (errors, true prompts) per image: errors as (prompt, t, trial, error), the true
@@ -235,8 +235,9 @@ def fit_timestep_weights(images, n_bands: int = 10, num_train_timesteps: int = 1
     prompt c; per band b of [0, T): m_b = the mean of d, v_b = the mean over (image, c) of the
     variance of d along the band's timesteps (what a paired test sees). w_b = m_b / v_b (the
     weights that maximise the mean of a weighted sum over its standard deviation for independent
-    samples), 0 where m_b <= 0 (the band points away from the true class) or below `drop_below`
-    of the largest; normalised to mean 1 over the kept bands.
+    samples); a band is dropped (w_b = 0, its timesteps leave the grid) where m_b <= 0 (it points
+    away from the true class) or where one evaluation there carries under `drop_below` of the
+    information m_b^2 / v_b of one in the best band. Normalised to mean 1 over the kept bands.
     """
     import numpy as np
 
@@ -275,6 +276,7 @@ def fit_timestep_weights(images, n_bands: int = 10, num_train_timesteps: int = 1
         m = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
         v = np.where(var_n > 0, var_sum / np.maximum(var_n, 1), np.inf)
         w = np.where((m > 0) & np.isfinite(v) & (v > 0), m / v, 0.0)
-    w[w < drop_below * w.max()] = 0.0
+        info = np.where(w > 0, m * m / v, 0.0)
+    w[info < drop_below * info.max()] = 0.0
     w = w / w[w > 0].mean()
     return [float(round(v, 6)) for v in w], {"mean": m.tolist(), "variance": [float(u) if math.isfinite(u) else None for u in v], "n_bands": n_bands}
