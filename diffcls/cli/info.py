@@ -89,14 +89,14 @@ def engine_dir_rows(engine_dir: Path) -> tuple[dict, list[dict]]:
 def is_model(path: Path) -> bool:
     """Whether `info PATH` describes a model (directory, checkpoint, cached id), not engines."""
     from diffcls.engines.manifest import MANIFEST
-    from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory
+    from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory, is_sd3_directory, is_sdxl_directory
 
     if str(path) in BUNDLED and not path.exists():  # `info demo`, `info demo-dit`
         return True
     if path.is_dir():
         if (path / MANIFEST).exists():
             return False
-        return is_dit_directory(path) or all((path / d).is_dir() for d in REQUIRED_DIRS)
+        return is_dit_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path) or all((path / d).is_dir() for d in REQUIRED_DIRS)
     if path.is_file():
         return path.suffix in CHECKPOINT_SUFFIXES
     return bool(REPO_ID.fullmatch(str(path)))
@@ -114,7 +114,8 @@ def print_model(path: Path) -> None:
     else:
         out.print(
             f"\nmodel directory {d['path']} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
-            f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']})"
+            f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}"
+            + (f", shift {d['shift']:g})" if d.get("shift") is not None else ")")
         )
     table = Table()
     for col in ("component", "class", "parameters", "size"):

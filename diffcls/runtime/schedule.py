@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from diffcls.config import Loss
 from diffcls.errors import DiffclsError
+from diffcls.models.noising import WEIGHTINGS
 
 LOSSES = tuple(loss.value for loss in Loss)
 
@@ -21,8 +22,10 @@ class Schedule:
     to_keep: tuple[int, ...] = (5, 1)  # prompts kept after each round; the last must be 1
     n_trials: int = 1  # noise draws per timestep
     loss: str = "l2"  # l2 (the paper's), l1 or huber
+    weighting: str = "none"  # each error times w_t (models.noising.timestep_weights): none or logit-normal
 
     def __post_init__(self):
+        object.__setattr__(self, "weighting", str(getattr(self.weighting, "value", self.weighting)))
         object.__setattr__(self, "n_samples", tuple(int(n) for n in self.n_samples))
         object.__setattr__(self, "to_keep", tuple(int(k) for k in self.to_keep))
         if isinstance(self.loss, Loss):  # plain strings in describe(), results and caches
@@ -65,8 +68,7 @@ class Schedule:
             )
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
-        if self.loss not in LOSSES:
-            raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        check_loss_and_weighting(self)
         object.__setattr__(self, "_valid_for", (n_prompts, num_train_timesteps))
         return self
 
@@ -105,14 +107,32 @@ class Schedule:
 
     def to_dict(self) -> dict:
         """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
-        return {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
+        d = {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
+        return with_weighting(d, self.weighting)
 
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         return (
             f"n_samples={list(self.n_samples)} to_keep={list(self.to_keep)} "
-            f"n_trials={self.n_trials} loss={self.loss}"
+            f"n_trials={self.n_trials} loss={self.loss}" + weighting_words(self.weighting)
         )
+
+
+def check_loss_and_weighting(schedule) -> None:
+    if schedule.loss not in LOSSES:
+        raise DiffclsError(f"unknown --loss {schedule.loss!r}; choose one of {', '.join(LOSSES)}")
+    if schedule.weighting not in WEIGHTINGS:
+        raise DiffclsError(f"unknown --weighting {schedule.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def with_weighting(d: dict, weighting: str) -> dict:
+    """A schedule's plain values with its weighting, which is left out when it is "none" (so the
+    results files written before weightings existed stay bound to the same values)."""
+    return d if weighting == "none" else {**d, "weighting": weighting}
+
+
+def weighting_words(weighting: str) -> str:
+    return "" if weighting == "none" else f" weighting={weighting}"
 
 
 def default_schedule(n_prompts: int, n_samples=(50, 500), to_keep=(5, 1), **kw) -> Schedule:
@@ -168,8 +188,10 @@ class AdaptiveSchedule:
     final_samples: int = 220  # 0: no final stage (the lowest mean at max_samples wins)
     final_keep: int = 3
     final_error_rate: float | None = None  # alpha of the final stage's own test (None: error_rate)
+    weighting: str = "none"  # each error times w_t (models.noising.timestep_weights)
 
     def __post_init__(self):
+        object.__setattr__(self, "weighting", str(getattr(self.weighting, "value", self.weighting)))
         object.__setattr__(self, "final_samples", int(self.final_samples))
         object.__setattr__(self, "final_keep", int(self.final_keep))
         object.__setattr__(self, "error_rate", float(self.error_rate))
@@ -221,8 +243,7 @@ class AdaptiveSchedule:
             raise DiffclsError(f"--final-keep {self.final_keep} must be >= 2 (the final stage compares the best few prompts)")
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
-        if self.loss not in LOSSES:
-            raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        check_loss_and_weighting(self)
         if n_prompts < 1:
             raise DiffclsError("no prompts to score; give at least one")
         return self
@@ -258,7 +279,8 @@ class AdaptiveSchedule:
 
     def to_dict(self) -> dict:
         """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
-        return {"kind": "adaptive", **{f.name: getattr(self, f.name) for f in fields(self)}}
+        d = {"kind": "adaptive", **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "weighting"}}
+        return with_weighting(d, self.weighting)
 
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
@@ -271,6 +293,7 @@ class AdaptiveSchedule:
         return (
             f"adaptive rule={self.rule} error_rate={self.error_rate:g} min_samples={self.min_samples} "
             f"max_samples={self.max_samples}{delta}{final} n_trials={self.n_trials} loss={self.loss}"
+            + weighting_words(self.weighting)
         )
 
 
