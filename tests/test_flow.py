@@ -205,3 +205,15 @@ def test_the_weighting_is_part_of_the_schedule_a_results_file_is_bound_to():
         JobSpec(weighting="cosine")
     with pytest.raises(DiffclsError, match="unknown --weighting 'cosine'"):
         Schedule((4,), (1,), weighting="cosine").validate(2)
+
+
+def test_a_flow_model_defaults_to_the_logit_normal_weighting(tmp_path, fmodel, tiny_dir):
+    from diffcls.models.loading import model_defaults
+    from diffcls.runtime.spec import JobSpec, build_schedule
+
+    d = save_model(fmodel, tmp_path / "flow", flow_scheduler_config(1000, 3.0))
+    assert build_schedule(JobSpec(), 5, model_defaults(d)).weighting == "logit-normal"
+    assert build_schedule(JobSpec(weighting="none"), 5, model_defaults(d)).weighting == "none"
+    (d / "diffcls.json").write_text(json.dumps({"weighting": "none"}))  # the model's own choice wins
+    assert build_schedule(JobSpec(), 5, model_defaults(d)).weighting == "none"
+    assert build_schedule(JobSpec(), 5, model_defaults(tiny_dir)).weighting == "none"  # a DDPM model

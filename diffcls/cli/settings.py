@@ -58,7 +58,7 @@ OPTIONS: dict[str, Any] = {
     "to_keep": Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. 5 1; the last must be 1 (default: the model's, else 5 1 with 5 capped at the number of prompts).", _SCHEDULE, metavar="K K..")],
     "n_trials": Annotated[int, _opt("--n-trials", "Noise draws per timestep.", _SCHEDULE, min=1)],
     "loss": Annotated[Loss, _opt("--loss", "Error between true and predicted noise.", _SCHEDULE)],
-    "weighting": Annotated[Optional[Weighting], _opt("--weighting", "Timestep weighting of the errors: none (the paper's plain mean) or logit-normal (SD3's training density of timesteps, for flow-matching models; Esser et al. 2024). Default: the model's diffcls.json, else none.", _SCHEDULE)],
+    "weighting": Annotated[Optional[Weighting], _opt("--weighting", "Timestep weighting of the errors: none (the paper's plain mean) or logit-normal (SD3's training density of timesteps, for flow-matching models; Esser et al. 2024). Default: the model's diffcls.json, else logit-normal for a flow-matching model and none for the others.", _SCHEDULE)],
     "seed": Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)],
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)],

@@ -30,7 +30,7 @@ from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_di
 from diffcls.models.sd3 import SD3Model, is_sd3_directory, load_sd3_directory
 from diffcls.models.sdxl import SDXLModel, is_sdxl_directory, load_sdxl_directory
 # the noise table and what the denoiser predicts, from the scheduler config (models.noising)
-from diffcls.models.noising import noise_from_scheduler_config
+from diffcls.models.noising import FLOW_DEFAULT_WEIGHTING, is_flow_config, noise_from_scheduler_config
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -511,6 +511,9 @@ def model_defaults(path: str | Path | None) -> dict:
 
     A class-conditional model (a DiT directory, or an engine directory exported from one) also
     gives `labels` (class id -> name) and the DiT protocol's schedule unless diffcls.json has one.
+    A flow-matching model (its scheduler config, or the engine directory's copy, is
+    FlowMatchEulerDiscreteScheduler) defaults to the logit-normal timestep weighting
+    (`models.noising`) unless diffcls.json names one.
 
     The bundled demo model ships one so that `diffcls classify DIR` needs no other flags.
     Paths inside it are relative to the model directory.
@@ -520,6 +523,8 @@ def model_defaults(path: str | Path | None) -> dict:
     labels = class_labels(root) if root.is_dir() else None
     # a class-conditional model: every class is a prompt, scored with the official DiT protocol
     base = {"labels": labels, **DIT_DEFAULT_SCHEDULE} if labels else {}
+    if root.is_dir() and _is_flow_directory(root):
+        base["weighting"] = FLOW_DEFAULT_WEIGHTING
     if not root.is_dir() or not f.exists():
         return base
     try:
@@ -529,3 +534,10 @@ def model_defaults(path: str | Path | None) -> dict:
     if "prompts" in d:
         d["prompts"] = str(root / d["prompts"])
     return {**base, **d}
+
+
+def _is_flow_directory(root: Path) -> bool:
+    try:
+        return is_flow_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -35,6 +35,9 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 # flow schedulers whose training sigmas are not the Euler scheduler's: refused, not guessed
 OTHER_FLOW_SCHEDULERS = ("FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
 WEIGHTINGS = ("none", "logit-normal")
+# what a flow model is scored with unless its diffcls.json or --weighting says otherwise: the
+# literature's training density until a weighting fitted on labelled data replaces it
+FLOW_DEFAULT_WEIGHTING = "logit-normal"
 
 
 def is_flow_config(config: dict) -> bool:
