@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcls.runtime.job import ClassifyJob  # noqa: E402
-from diffcls.runtime.spec import JobSpec  # noqa: E402
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule  # noqa: E402
+from diffcls.runtime.execution.job import ClassifyJob  # noqa: E402
+from diffcls.runtime.execution.spec import JobSpec  # noqa: E402
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -186,7 +186,7 @@ def open_diffcls(model, images, prompts, device, precision, batch_size, compile,
     import tempfile
 
     from diffcls.engines import open_engines
-    from diffcls.runtime.classifier import run_batched
+    from diffcls.runtime.execution.classifier import run_batched
 
     facts = {"export_s": None}
     t0 = time.perf_counter()
@@ -223,8 +223,8 @@ def open_diffcls(model, images, prompts, device, precision, batch_size, compile,
 def run_diffcls(engines, facts, images, prompts, schedule, bank, device, batch_size, seed=0) -> dict:
     """One timed classify of `images` with full interleaved batches and no disk cache. `schedule`
     is a fixed Schedule (noise = the shared bank) or an AdaptiveSchedule (noise from `seed`)."""
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.schedule import AdaptiveSchedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 
     clf = Classifier(engines, cache=None)
     _reset_peak(device)
@@ -264,7 +264,7 @@ def vae_check(model, engines, images, device) -> dict:
     batch = torch.stack(images[:2])
     with torch.inference_mode():
         want = cpu_vae.encode(batch).latent_dist.mean * model.scaling_factor
-    from diffcls.runtime.classifier import run_batched
+    from diffcls.runtime.execution.classifier import run_batched
 
     got = run_batched(engines.vae_encoder, "image", batch, 8).float().cpu()
     diff = (got - want).abs().max().item()
@@ -322,7 +322,7 @@ def second_process_compile(argv: list[str]) -> dict:
 # --- the modes ----------------------------------------------------------------------------------
 def setup(args):
     """(model, images, prompts, labels or None, schedule, device, precision, mode facts)."""
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     if args.tiny:
         from diffcls.models.tiny import tiny_model
@@ -340,8 +340,8 @@ def setup(args):
         from diffcls.errors import DiffclsError
         from diffcls.models.digits import write_digits
         from diffcls.models.loading import default_model_path, load_model, model_defaults
-        from diffcls.runtime.preprocess import load_and_preprocess
-        from diffcls.runtime.prompts import PromptSet
+        from diffcls.runtime.data.preprocess import load_and_preprocess
+        from diffcls.runtime.data.prompts import PromptSet
 
         if not default_model_path().is_dir():
             raise SystemExit(
@@ -444,7 +444,7 @@ def main(argv=None) -> dict:
     RB = args.ref_batch_size or (4 if small else 32)
     compile = args.compile if args.compile is not None else device.type == "cuda"
     schedule.validate(len(prompts), model.num_train_timesteps)
-    from diffcls.runtime.scoring import make_noise_bank
+    from diffcls.runtime.algorithm.scoring import make_noise_bank
 
     size = images[0].shape[-1]
     latent_shape = model.latent_shape(size)
@@ -490,7 +490,7 @@ def main(argv=None) -> dict:
         else:
             if engines is None:
                 engines, facts = open_diffcls(model, images, prompts, device, precision, B, False, args.backend)
-            from diffcls.runtime.schedule import AdaptiveSchedule
+            from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 
             runs[name] = run_diffcls(engines, {**facts, "on": "compiled" if "compiled" in runs else "eager"},
                                      images, prompts, AdaptiveSchedule(), None, device, B, seed=args.seed)

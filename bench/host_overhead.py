@@ -77,7 +77,7 @@ _engines: list[NoOpUNet] = []
 
 def _patch(wrapper) -> None:
     """Every Classifier opened from here on gets its UNet wrapped (remembered in `_engines`)."""
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     real = Classifier.from_pretrained.__func__
 

@@ -4,7 +4,7 @@
     python bench/match_replay.py full.jsonl --error-rate 0.05 0.01 --min-samples 6 8 12
 
 A full-grid `--save-errors` file holds every (arm, t, trial, error) of every item. The adaptive
-test of each comparison (runtime.match.ItemPolicy, the rule of `classify --adaptive`) sees the
+test of each comparison (runtime.evaluation.match.ItemPolicy, the rule of `classify --adaptive`) sees the
 same errors there as in a live `match --adaptive` run with the same seed (the noise of the k-th
 grid timestep is the same), so this replays it exactly, up to the last bits of batched floats.
 Prints, per setting: the share of comparisons whose decision equals the full grid's, the share
@@ -17,7 +17,7 @@ import argparse
 import itertools
 import json
 
-from diffcls.runtime.match import COMPARISONS, ItemPolicy, MatchSchedule, adaptive_for_match
+from diffcls.runtime.evaluation.match import COMPARISONS, ItemPolicy, MatchSchedule, adaptive_for_match
 
 
 def load(path: str) -> tuple[list[dict], int, int]:

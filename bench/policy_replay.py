@@ -56,8 +56,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffcls.runtime.policy import FixedPolicy, SequentialPolicy  # noqa: E402
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, van_der_corput_order  # noqa: E402
+from diffcls.runtime.algorithm.policy import FixedPolicy, SequentialPolicy  # noqa: E402
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, van_der_corput_order  # noqa: E402
 
 T_TRAIN = 1000
 
@@ -391,7 +391,7 @@ def rotations_main(args, classidx, classnames) -> dict:
 
 def _prompts(prompts_csv: str | None):
     from diffcls.models.loading import model_defaults
-    from diffcls.runtime.prompts import PromptSet
+    from diffcls.runtime.data.prompts import PromptSet
 
     if prompts_csv is None:
         prompts_csv = model_defaults(None).get("prompts")

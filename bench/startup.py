@@ -40,7 +40,7 @@ def build(out: Path, seed: int) -> None:
 
 
 def time_startup(model: str, engines: str | None) -> dict:
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     t_import = time.perf_counter() - T0
     t = time.perf_counter()

@@ -12,20 +12,16 @@ __all__ = ["DiffclsError", "Classifier", "ClassifyJob", "JobSpec", "Schedule", "
 
 
 def __getattr__(name):  # lazy: `import diffcls` must not import torch-heavy modules eagerly
-    if name == "Classifier":
-        from diffcls.runtime.classifier import Classifier
+    if name in ("Classifier", "ClassifyJob"):  # with the engines the CLI would choose (diffcls.api)
+        from diffcls import api
 
-        return Classifier
-    if name == "ClassifyJob":
-        from diffcls.runtime.job import ClassifyJob
-
-        return ClassifyJob
+        return getattr(api, name)
     if name == "JobSpec":
-        from diffcls.runtime.spec import JobSpec
+        from diffcls.runtime.execution.spec import JobSpec
 
         return JobSpec
     if name in ("Schedule", "AdaptiveSchedule"):
-        from diffcls.runtime import schedule
+        from diffcls.runtime.algorithm import schedule
 
         return getattr(schedule, name)
     raise AttributeError(name)

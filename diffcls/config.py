@@ -57,7 +57,7 @@ class Backend(str, Enum):
 
 
 class Rule(str, Enum):
-    """The elimination boundary of the adaptive schedule (runtime.policy)."""
+    """The elimination boundary of the adaptive schedule (runtime.algorithm.policy)."""
 
     mixture = "mixture"
     kim_nelson = "kim-nelson"

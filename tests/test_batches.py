@@ -56,9 +56,9 @@ class _Recorder:
 
 
 def test_runtime_sends_each_component_its_batches(small_batches, image_folder):
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     clf = Classifier.from_pretrained(backend="onnxruntime", engine_dir=small_batches, device="cpu", use_cache=False)
     e = clf.engines

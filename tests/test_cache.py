@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.classifier import Classifier
-from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.data.cache import DiskCache
+from diffcls.runtime.execution.classifier import Classifier
+from diffcls.runtime.algorithm.schedule import Schedule
 
 PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a car."]
 SCHEDULE = Schedule(n_samples=(2, 4), to_keep=(2, 1))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
-from diffcls.runtime.calibration import (
+from diffcls.runtime.evaluation.calibration import (
     Calibration,
     expected_calibration_error,
     fit_temperature,

@@ -70,9 +70,9 @@ def test_classify_writes_results_and_errors(tmp_path, tiny_dir, image_folder):
 
 
 def test_classify_matches_python_api(tmp_path, tiny, tiny_dir, image_folder):
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     out = tmp_path / "r.csv"
     assert invoke("classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--out", out, "--no-cache").exit_code == 0
@@ -114,7 +114,7 @@ def test_odd_modes_classify_and_bad_files_are_skipped(tmp_path, tiny_dir):
 
 
 def test_resume_after_interrupt_keeps_every_row_once(tmp_path, tiny_dir, image_folder, monkeypatch):
-    from diffcls.runtime import classifier as C
+    from diffcls.runtime.execution import classifier as C
 
     out = tmp_path / "r.csv"
     args = ["classify", image_folder, "--model", tiny_dir, "--classes", "cat,dog", *FAST, "--out", out, "--save-errors", tmp_path / "e.jsonl", "--no-cache"]
@@ -182,9 +182,9 @@ def test_changed_settings_refuse_to_mix(tmp_path, tiny_dir, image_folder):
 
 def test_evaluate_known_answer(tmp_path, tiny, tiny_dir, image_folder):
     """Label 4 images with the model's own prediction and 2 with the other class: 4/6 correct."""
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     paths = sorted(image_folder.rglob("*.png"))
     clf = Classifier.from_pretrained(tiny, use_cache=False)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
-from diffcls.runtime.inputs import collect_inputs
+from diffcls.runtime.data.inputs import collect_inputs
 
 from conftest import assert_one_line_error, random_image
 

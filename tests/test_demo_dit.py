@@ -55,10 +55,10 @@ def test_demo_dit_runtime_matches_trainer_loop_and_is_accurate(heldout_pngs):
     import torch
 
     from diffcls.models.digits import CLASSNAMES
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.preprocess import load_and_preprocess
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.preprocess import load_and_preprocess
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
     from diffcls.train.dit import _AsUnet
     from diffcls.train.demo import classify_latents
 

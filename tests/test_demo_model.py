@@ -140,9 +140,9 @@ def heldout_pngs(tmp_path_factory):
 
 def test_demo_accuracy_on_heldout_digits(heldout_pngs):
     from diffcls.models.digits import CLASSNAMES
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     clf = Classifier.from_pretrained(None, device="cpu", use_cache=False)
     results = clf.classify(heldout_pngs, PromptSet.from_csv(DEMO / "prompts.csv"), Schedule(**TEST_SCHEDULE))
@@ -156,10 +156,10 @@ def test_train_demo_eval_loop_matches_runtime(heldout_pngs):
     """train_demo's plain re-implementation of the scoring loop predicts what the runtime does."""
     from diffcls.train.demo import classify_latents, prompts, text_embeddings
     from diffcls.models.wrappers import VaeEncoderWrapper
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.preprocess import load_and_preprocess
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.preprocess import load_and_preprocess
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     import torch
 

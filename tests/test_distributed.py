@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffcls.cli.app import app
-from diffcls.runtime.shards import parse_shard, shard_of
+from diffcls.runtime.results.shards import parse_shard, shard_of
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -186,9 +186,9 @@ def test_worker_that_cannot_open_engines_reports_one_line():
     """The actor's constructor never raises: its batches come back as 'fatal' rows naming it."""
     import numpy as np
 
-    from diffcls.runtime.distributed import ScoreWorker, WorkerSpec
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.distributed import ScoreWorker, WorkerSpec
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     spec = WorkerSpec(classifier={"backend": "torch", "device": "cuda:7"}, prompts=PromptSet.from_classes("a,b", "{}"),
                       schedule=Schedule((2, 4), (2, 1)))
@@ -201,8 +201,8 @@ def test_worker_that_cannot_open_engines_reports_one_line():
 
 def test_classifier_encodes_the_same_prompts_once(tiny):
     """A Ray worker scores one small batch after another: the prompts are encoded once."""
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.prompts import PromptSet
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.prompts import PromptSet
 
     clf = Classifier.from_pretrained(tiny, use_cache=False)
     calls = []
@@ -255,10 +255,10 @@ def test_ray_equals_single_process_and_resumes(tmp_path, digits, ray_cluster):
 
 
 def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, digits, ray_cluster):
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.distributed import RayRunner, WorkerSpec
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.execution.distributed import RayRunner, WorkerSpec
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     paths = [str(p) for p in sorted(digits.rglob("*.png"))]
     prompts = PromptSet.from_classes("zero,one,two,three,four,five,six,seven,eight,nine", "{}")
@@ -313,9 +313,9 @@ def test_ray_adaptive_matches_one_process(tmp_path, digits, ray_cluster):
 
 def test_ray_tasks_carry_many_images(tmp_path):
     """Several images per task (one Scorer's cross-image batches), several tasks per worker."""
-    from diffcls.runtime.distributed import RayRunner, WorkerSpec
-    from diffcls.runtime.prompts import PromptSet
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.distributed import RayRunner, WorkerSpec
+    from diffcls.runtime.data.prompts import PromptSet
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     spec = WorkerSpec(classifier={}, prompts=PromptSet.from_classes("a,b", "{}"), schedule=Schedule((2, 4), (2, 1)))
     assert isinstance(spec.prompts, dict) and isinstance(spec.schedule, dict)  # plain values travel

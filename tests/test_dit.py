@@ -19,11 +19,11 @@ from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
 from diffcls.models.dit import DiTModel, LabelTokenizer, dit_scheduler_config, save_dit_directory, tiny_dit
 from diffcls.models.loading import load_model, model_defaults
-from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.classifier import Classifier
-from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import make_noise_bank
+from diffcls.runtime.data.cache import DiskCache
+from diffcls.runtime.execution.classifier import Classifier
+from diffcls.runtime.data.prompts import PromptSet
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import make_noise_bank
 
 SIZE = 16  # px: the tiny DiT's VAE halves it to an 8x8 latent, patch 2 -> 16 tokens
 runner = CliRunner()
@@ -243,7 +243,7 @@ def center_crop_arr(pil_image, image_size):
 
 @pytest.mark.parametrize("size", [(301, 197), (100, 100), (64, 257), (33, 20)])
 def test_adm_crop_matches_reference(size):
-    from diffcls.runtime.preprocess import resize_center_crop
+    from diffcls.runtime.data.preprocess import resize_center_crop
 
     img = random_image(7, size=size)
     got = np.asarray(resize_center_crop(img, 32, "adm"))

@@ -225,8 +225,8 @@ def test_fusion_then_fp16_matches_torch(engine_dir, tiny, tmp_path):
 def test_export_fused_fp16_recipe_end_to_end(tiny_dir, tiny, tmp_path):
     """export_model with fusion + fp16 (the CUDA default, here on CPU): manifest records the fused
     ops and the checks, and classification errors stay close to torch fp32."""
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     out = tmp_path / "fused16"
     result = export_model(ExportConfig(out=out, model=tiny_dir, precision="fp16", optimize=True,

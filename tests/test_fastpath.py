@@ -141,3 +141,26 @@ def test_cli_without_onnxruntime_falls_back_to_torch(tmp_path, monkeypatch):
     output, preds = _classify(tmp_path)
     notes = [line for line in output.splitlines() if line.startswith("note: onnxruntime is not installed")]
     assert len(notes) == 1 and "running torch, 1 thread" in output and preds == ["seven", "three"]
+
+
+def test_python_api_runs_the_engines_the_cli_runs(tmp_path):
+    """`diffcls.Classifier.from_pretrained()` and `diffcls.ClassifyJob` take the CLI's fast path
+    (diffcls.api): the demo's cached ONNX Runtime engines on a CPU, the same directory and the same
+    predictions as `diffcls classify` with no flags; the runtime's own classes run what they are given."""
+    pytest.importorskip("onnxruntime")
+    import diffcls
+    from diffcls.runtime.execution.classifier import Classifier as RuntimeClassifier
+
+    output, preds = _classify(tmp_path)
+    engine_dir = next(line for line in output.splitlines() if line.startswith("running ")).split(" engines in ")[1].split(",")[0]
+    clf = diffcls.Classifier.from_pretrained(use_cache=False)
+    assert clf.engines.backend == "onnxruntime" and clf.engine_info()["engines_digest"] is not None
+    assert RuntimeClassifier.from_pretrained(use_cache=False).engines.backend == "torch"
+    said: list[str] = []
+    job = diffcls.ClassifyJob(diffcls.JobSpec(n_samples=(2, 4), to_keep=(2, 1)), [tmp_path / "digits"], out=tmp_path / "api.csv", say=said.append)
+    assert job.spec.engines == Path(engine_dir) and job.spec.backend.value == "onnxruntime"
+    assert [line for line in said if line.startswith("running onnxruntime engines in ")], said
+    outcomes = job.run()
+    assert [outcomes[k].prediction for k in sorted(outcomes)] == preds == ["seven", "three"]
+    cli_csv = sorted(tmp_path.glob("r*.csv"))[0]
+    assert (tmp_path / "api.csv").read_text() == cli_csv.read_text()

@@ -160,8 +160,8 @@ def test_merge_takes_out_like_every_command(tmp_path):
 # --- 13: the Python API --------------------------------------------------------------------------
 def test_the_python_api_is_quiet_and_gives_probabilities(tmp_path, capfd):
     from diffcls import Classifier, Schedule
-    from diffcls.runtime.calibration import Calibration
-    from diffcls.runtime.prompts import PromptSet
+    from diffcls.runtime.evaluation.calibration import Calibration
+    from diffcls.runtime.data.prompts import PromptSet
 
     clf = Classifier.from_pretrained(use_cache=False)
     err = capfd.readouterr().err

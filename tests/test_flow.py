@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from diffcls.errors import DiffclsError
 from diffcls.models import tiny_model
 from diffcls.models.tiny import TinyConfig, flow_scheduler_config, save_model
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = [f"a photo of class {i}" for i in range(5)]
 SCHEDULES = [
@@ -144,7 +144,7 @@ def test_a_flow_directory_loads_and_its_sigmas_travel_with_its_engines(tmp_path,
     from diffcls.engines import open_engines
     from diffcls.export import ExportConfig, export_model
     from diffcls.models.loading import load_model
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     d = save_model(fmodel, tmp_path / "flow", flow_scheduler_config(1000, 3.0))
     loaded = load_model(d)
@@ -189,8 +189,8 @@ def test_other_flow_schedulers_are_refused_in_one_line(tmp_path, tiny_dir, confi
 
 
 def test_the_weighting_is_part_of_the_schedule_a_results_file_is_bound_to():
-    from diffcls.runtime.schedule import schedule_from_dict
-    from diffcls.runtime.spec import JobSpec, build_schedule
+    from diffcls.runtime.algorithm.schedule import schedule_from_dict
+    from diffcls.runtime.execution.spec import JobSpec, build_schedule
 
     s = Schedule((4, 8), (3, 1), weighting="logit-normal")
     assert s.to_dict()["weighting"] == "logit-normal" and schedule_from_dict(s.to_dict()) == s
@@ -209,7 +209,7 @@ def test_the_weighting_is_part_of_the_schedule_a_results_file_is_bound_to():
 
 def test_a_flow_model_defaults_to_the_logit_normal_weighting(tmp_path, fmodel, tiny_dir):
     from diffcls.models.loading import model_defaults
-    from diffcls.runtime.spec import JobSpec, build_schedule
+    from diffcls.runtime.execution.spec import JobSpec, build_schedule
 
     d = save_model(fmodel, tmp_path / "flow", flow_scheduler_config(1000, 3.0))
     assert build_schedule(JobSpec(), 5, model_defaults(d)).weighting == "logit-normal"

@@ -34,14 +34,14 @@ def _feed(engine, batch: int, seed: int, timestep: float) -> dict[str, torch.Ten
 
 def _demo_prompts():
     from diffcls.models.loading import model_defaults
-    from diffcls.runtime.prompts import PromptSet
+    from diffcls.runtime.data.prompts import PromptSet
 
     return PromptSet.from_csv(model_defaults(None)["prompts"])
 
 
 def _classify(device, precision, compile=False, batch_sizes=None, batch_size=32):
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     clf = Classifier.from_pretrained(device=device, precision=precision, compile=compile,
                                      batch_sizes=batch_sizes, use_cache=False)
@@ -91,8 +91,8 @@ def test_ort_cuda_io_binding_matches_torch(tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
     from diffcls.export import ExportConfig, export_model
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     out = tmp_path / "ort16"
     export_model(ExportConfig(out=out, precision="fp16", batch_sizes=(8, 32), device=CUDA))  # fused fp16 by default
@@ -115,7 +115,7 @@ def test_vae_stays_fp32_on_cuda_and_matches_cpu_fp32_latents():
     convolutions) even when the rest runs in fp16, and its latents equal the CPU fp32 ones."""
     from diffcls.engines import open_engines
     from diffcls.models.tiny import tiny_model
-    from diffcls.runtime.classifier import run_batched
+    from diffcls.runtime.execution.classifier import run_batched
 
     g = torch.Generator().manual_seed(0)
     images = torch.rand((4, 3, 16, 16), generator=g) * 2 - 1

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from diffcls.cli.app import app
-from diffcls.runtime.job import ClassifyJob
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, schedule_from_dict
-from diffcls.runtime.spec import JobSpec
+from diffcls.runtime.execution.job import ClassifyJob
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, schedule_from_dict
+from diffcls.runtime.execution.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "digits"
@@ -25,7 +25,7 @@ EXAMPLES = ROOT / "examples" / "digits"
 # schedule's description; the commands that wrote them are the ones the test resumes them with
 LEGACY = Path(__file__).resolve().parent / "data" / "results-56e7f0d"
 # torch named: on a CPU the CLI's default for the bundled model is its cached ONNX Runtime
-# engines (cli/settings.with_engines), the library's is torch; the fixtures were written with torch
+# engines (diffcls.api.with_engines), the runtime's ClassifyJob's is torch; the fixtures were written with torch
 FAST = ["--n-samples", "2,4", "--to-keep", "2,1", "--no-cache", "--backend", "torch"]
 TORCH = ["--backend", "torch"]
 
@@ -72,7 +72,7 @@ def test_spec_and_schedules_round_trip_as_plain_values():
 def test_from_pretrained_carries_the_model_defaults():
     """The demo's diffcls.json (prompts, schedule, image size) travels with the Classifier, as
     the CLI applies it: classify() without prompts or schedule scores like `diffcls classify`."""
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     clf = Classifier.from_pretrained(use_cache=False)
     assert clf.engines.image_size == 32 and clf.defaults["n_samples"] == [10, 50]
@@ -87,8 +87,8 @@ def test_from_pretrained_carries_the_model_defaults():
 
 _KILLED_RUN = """
 import os, signal, sys
-from diffcls.runtime.job import ClassifyJob
-from diffcls.runtime.spec import JobSpec
+from diffcls.runtime.execution.job import ClassifyJob
+from diffcls.runtime.execution.spec import JobSpec
 spec = JobSpec(n_samples=(2, 4), to_keep=(2, 1), no_cache=True)
 for i, _ in enumerate(ClassifyJob(spec, [sys.argv[1]], out=sys.argv[2], save_errors=sys.argv[3]), 1):
     if i == 4:
@@ -161,7 +161,7 @@ def test_latents_come_ahead_in_order_errors_and_closing_included():
     raised where they are consumed, and a consumer that stops early stops and closes it."""
     import threading
 
-    from diffcls.runtime.classifier import ahead
+    from diffcls.runtime.execution.classifier import ahead
 
     assert list(ahead(iter(range(100)), depth=4)) == list(range(100))
 

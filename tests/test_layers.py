@@ -1,5 +1,7 @@
-"""Imports run one way (docs/design.md, "Layers"): cli/train, then runtime and export (siblings that
+"""Imports run one way (docs/design.md, "Layers"): cli, then api and train, then runtime and export (siblings that
 never import each other), then engines, then models, then the leaf modules config and errors (config may use errors).
+Inside the runtime the same rule holds between its concerns: execution, then evaluation, then
+results, then algorithm and data (siblings).
 
 Every `import` in the package is checked, at module top and inside functions alike: a
 function-level import may delay an optional heavy dependency, never hide an upward edge or a
@@ -16,7 +18,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcls"
 
 # higher imports lower; equal ranks are siblings that must not import each other
-RANK = {"cli": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
+RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
+# the runtime's subpackages, ranked the same way
+RUNTIME_RANK = {"execution": 4, "evaluation": 3, "results": 2, "algorithm": 1, "data": 1}
 FACADES = {"diffcls", "diffcls.__main__"}  # the package's lazy re-exports and `python -m diffcls`
 
 
@@ -64,9 +68,17 @@ def _graph() -> dict[str, set[str]]:
     return {name: _imports(path, name, modules) for name, path in modules.items()}
 
 
+def _concern(module: str) -> str | None:
+    """A runtime module's subpackage (`diffcls.runtime.algorithm.scoring` -> algorithm)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "runtime" else None
+
+
 def test_every_module_has_a_layer():
     unknown = sorted(m for m in _modules() if m not in FACADES and _layer(m) not in RANK)
     assert not unknown, f"modules outside the known layers: {unknown}; add them to RANK"
+    loose = sorted(m for m in _modules() if _layer(m) == "runtime" and m != "diffcls.runtime" and _concern(m) not in RUNTIME_RANK)
+    assert not loose, f"runtime modules outside its subpackages: {loose}; move them into one (RUNTIME_RANK)"
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
@@ -77,10 +89,13 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
         src = _layer(mod)
         for t in targets:
             dst = _layer(t)
-            if t in FACADES and RANK[src] < max(RANK.values()):
+            if t in FACADES and RANK[src] < RANK["train"]:  # only the top (cli, api, train) may use the facade
                 bad.append(f"{mod} -> {t} (the package facade)")
             elif t not in FACADES and dst != src and RANK[dst] >= RANK[src]:
                 bad.append(f"{mod} -> {t}")
+            elif src == dst == "runtime" and _concern(mod) and _concern(t) and _concern(mod) != _concern(t):
+                if RUNTIME_RANK[_concern(t)] >= RUNTIME_RANK[_concern(mod)]:
+                    bad.append(f"{mod} -> {t} (runtime concerns)")
     return sorted(bad)
 
 
@@ -119,9 +134,11 @@ def _init_reexport(cycle: str, graph) -> bool:
 @pytest.mark.parametrize(
     "src, dst",
     [
-        ("diffcls.engines.base", "diffcls.runtime.cache"),  # upward
-        ("diffcls.runtime.scoring", "diffcls.export.pipeline"),  # sideways, between siblings
+        ("diffcls.engines.base", "diffcls.runtime.data.cache"),  # upward
+        ("diffcls.runtime.algorithm.scoring", "diffcls.export.pipeline"),  # sideways, between siblings
         ("diffcls.models.loading", "diffcls"),  # through the facade
+        ("diffcls.runtime.algorithm.scoring", "diffcls.runtime.execution.timing"),  # up inside the runtime
+        ("diffcls.runtime.data.inputs", "diffcls.runtime.algorithm.ranking"),  # between runtime siblings
     ],
 )
 def test_the_check_catches_a_bad_edge(src, dst):

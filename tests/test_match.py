@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_line_error
 from diffcls.cli.app import app
-from diffcls.runtime.classifier import Classifier
-from diffcls.runtime.match import (
+from diffcls.runtime.execution.classifier import Classifier
+from diffcls.runtime.evaluation.match import (
     COMPARISONS,
     ItemPolicy,
     MatchSchedule,
@@ -33,7 +33,7 @@ from diffcls.runtime.match import (
     summarize,
     wilson,
 )
-from diffcls.runtime.schedule import AdaptiveSchedule
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 
 runner = CliRunner()
 CAPTIONS = [
@@ -207,7 +207,7 @@ def test_json_and_plot_hold_every_number(tmp_path, tiny_dir, items_dir):
 
 
 def test_resume_after_an_interrupted_run(tmp_path, tiny_dir, items_dir, monkeypatch):
-    from diffcls.runtime import match as match_mod
+    from diffcls.runtime.evaluation import match as match_mod
 
     folder, rows = items_dir
     args = ["match", folder / "items.csv", "--model", tiny_dir, "--t-interval", "200", "--batch-size", "4", "--no-cache"]
@@ -362,7 +362,7 @@ def test_the_score_table_fits_80_columns_with_its_widest_numbers(capsys):
 def test_results_are_bound_to_the_schedule_values_not_its_wording():
     """The results file's settings hold `to_dict` (plain values), so rewording `describe` cannot
     break a resume, and two schedules that differ in any value differ there."""
-    from diffcls.runtime.match import MatchSchedule
+    from diffcls.runtime.evaluation.match import MatchSchedule
 
     a, b = MatchSchedule(t_interval=5), MatchSchedule(t_interval=20)
     assert a.to_dict() == MatchSchedule(t_interval=5).to_dict() != b.to_dict()

@@ -67,3 +67,17 @@ def test_missing_component_and_bad_files(tmp_path, tiny_dir):
     (tmp_path / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(DiffclsError, match="cannot load checkpoint"):
         load_model(tmp_path / "model.safetensors")
+
+
+def test_tokenizer_keeps_every_given_word_one_token():
+    """Each word passed to the builder is one token, even where an earlier word's merge ("re"
+    from "red") would split it ("green" was g|re|e|n with merges added left to right blindly)."""
+    from diffcls.models.shapes import CAPTION_WORDS
+    from diffcls.models.tokenizer import build_tokenizer
+
+    words = ["red", "green", "there", "tree", "a", *CAPTION_WORDS]
+    tok = build_tokenizer(words)
+    for w in words:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tok("a green circle left of a red square", add_special_tokens=False).input_ids
+    assert len(ids) == 8

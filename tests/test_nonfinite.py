@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
 from diffcls.models import tiny_model
-from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.classifier import Classifier
-from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.data.cache import DiskCache
+from diffcls.runtime.execution.classifier import Classifier
+from diffcls.runtime.algorithm.schedule import Schedule
 from conftest import assert_one_line_error
 
 SCHEDULE = Schedule(n_samples=(4, 8), to_keep=(2, 1))

@@ -31,7 +31,7 @@ def invoke(*args):
 
 # --- 6: a broken symlink skips itself, not its folder ------------------------------------------
 def test_dangling_and_looping_symlinks_are_skipped_one_by_one(image_folder):
-    from diffcls.runtime.preprocess import find_images
+    from diffcls.runtime.data.preprocess import find_images
 
     (image_folder / "cat" / "a_gone.png").symlink_to(image_folder / "nowhere.png")
     (image_folder / "dog" / "a_loop.png").symlink_to(image_folder / "dog" / "a_loop.png")
@@ -45,7 +45,7 @@ def test_dangling_and_looping_symlinks_are_skipped_one_by_one(image_folder):
 
 # --- 7: NaN pixels are refused, not scaled to black --------------------------------------------
 def test_a_float_image_with_nan_pixels_is_refused(tmp_path):
-    from diffcls.runtime.preprocess import BadImage, open_image
+    from diffcls.runtime.data.preprocess import BadImage, open_image
 
     arr = np.full((8, 8), 0.5, dtype=np.float32)
     arr[2, 3] = np.nan
@@ -96,7 +96,7 @@ def test_results_bind_to_the_engine_directory(tmp_path, engine_dir, image_folder
 def test_a_full_cache_disk_warns_once_and_leaves_no_temp_file(tmp_path, monkeypatch):
     import safetensors.torch as st
 
-    from diffcls.runtime.cache import CacheWriteWarning, DiskCache
+    from diffcls.runtime.data.cache import CacheWriteWarning, DiskCache
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 10)
@@ -123,7 +123,7 @@ def test_classify_with_a_full_cache_disk_finishes_and_says_so(tmp_path, tiny_dir
 
 
 def test_a_bad_entry_that_cannot_be_deleted_is_a_miss(tmp_path, monkeypatch):
-    from diffcls.runtime.cache import DiskCache
+    from diffcls.runtime.data.cache import DiskCache
 
     c = DiskCache(tmp_path / "cache")
     fields = {"k": 1}
@@ -145,7 +145,7 @@ def test_a_bad_entry_that_cannot_be_deleted_is_a_miss(tmp_path, monkeypatch):
 
 # --- 14, 15: sizes and seeds that cannot work ----------------------------------------------------
 def test_an_elongated_image_is_refused_before_the_huge_resize(monkeypatch):
-    from diffcls.runtime.preprocess import BadImage, MAX_PIXELS, resize_center_crop
+    from diffcls.runtime.data.preprocess import BadImage, MAX_PIXELS, resize_center_crop
 
     real = Image.Image.resize
 
@@ -242,7 +242,7 @@ def test_info_fix_command_of_an_export_killed_before_the_unet_repeats_its_batch_
     torch.zeros(4, 4, 2, 2, dtype=torch.complex64),
 ])
 def test_noise_that_is_not_real_floats_is_refused(tmp_path, tensor):
-    from diffcls.runtime.resolve import load_noise
+    from diffcls.runtime.execution.resolve import load_noise
 
     path = tmp_path / "noise.pt"
     torch.save(tensor, path)

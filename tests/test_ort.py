@@ -57,8 +57,8 @@ def test_engine_set_carries_tokenizer_and_schedule(ort_engines, torch_engines, t
 
 def test_classify_through_ort_matches_torch(engine_dir, tiny):
     """Same images, same noise bank: same predictions and per-(prompt, t) errors as torch."""
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.schedule import Schedule
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.algorithm.schedule import Schedule
 
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1 for _ in range(3)]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
-from diffcls.runtime.results import COLUMNS, ResultsWriter, atomic_write_text
+from diffcls.runtime.results.writer import COLUMNS, ResultsWriter, atomic_write_text
 from conftest import assert_one_line_error, copy_of
 
 runner = CliRunner()
@@ -134,7 +134,7 @@ def test_a_whole_output_is_written_through_a_pipe_and_a_symlink(tmp_path):
     atomic_write_text(link, '{"top1": 1}')
     reader.join(10)
     assert got == [b'{"top1": 1}'] and link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    from diffcls.runtime.outputs import check_output
+    from diffcls.runtime.results.outputs import check_output
 
     check_output(link, "--json", "metrics")  # accepted: written through
     target = tmp_path / "real.json"  # a link to a regular file: the target is replaced, the link stays
@@ -164,7 +164,7 @@ def test_evaluate_plot_to_a_pipe_is_written_through(tmp_path, tiny_dir, image_fo
 def test_merge_quotes_a_name_with_cr_so_the_merged_file_resumes_whole(tmp_path):
     from test_results import result
 
-    from diffcls.runtime.shards import read_shard, shard_of, write_merged
+    from diffcls.runtime.results.shards import read_shard, shard_of, write_merged
 
     keys = ["a\r.png", "b.png", "c\r\n.png", "d.png", "e.png", "f\r.png"]
     base = {"model": "m"}

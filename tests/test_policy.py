@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.policy import FixedPolicy, SequentialPolicy, make_policy, mixture_constants
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, van_der_corput_order
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.policy import FixedPolicy, SequentialPolicy, make_policy, mixture_constants
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, van_der_corput_order
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = [f"a photo of class {i}" for i in range(6)]
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from diffcls.errors import DiffclsError
 from diffcls.models import tiny_model
 from diffcls.models.tiny import TinyConfig, save_model
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = [f"a photo of class {i}" for i in range(5)]
 SCHEDULES = [Schedule((4, 12), (3, 1)), Schedule((3, 9), (2, 1), n_trials=2, loss="l1")]
@@ -91,8 +91,8 @@ def test_a_v_model_directory_is_scored_against_v(tmp_path, image_folder):
     from diffcls.engines import open_engines
     from diffcls.models.loading import load_model
     from diffcls.models.tiny import scheduler_config
-    from diffcls.runtime.classifier import Classifier
-    from diffcls.runtime.preprocess import Interpolation, image_to_tensor, open_image, resize_center_crop
+    from diffcls.runtime.execution.classifier import Classifier
+    from diffcls.runtime.data.preprocess import Interpolation, image_to_tensor, open_image, resize_center_crop
 
     d = save_model(tiny_model(seed=0), tmp_path / "v", {**scheduler_config(TinyConfig()), "prediction_type": "v_prediction"})
     vmodel = load_model(d)

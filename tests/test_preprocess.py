@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.preprocess import BadImage, find_images, load_and_preprocess, preprocess_image
+from diffcls.runtime.data.preprocess import BadImage, find_images, load_and_preprocess, preprocess_image
 
 
 def test_resize_shorter_side_then_center_crop():

@@ -3,7 +3,7 @@
 import pytest
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.prompts import PromptSet
+from diffcls.runtime.data.prompts import PromptSet
 
 
 def write(tmp_path, text, name="prompts.csv"):

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import EXAMPLES, FAST_DIGITS, assert_one_line_error, csv_rows, invoke_cli
-from diffcls.runtime.calibration import Calibration
-from diffcls.runtime.policy import FixedPolicy
-from diffcls.runtime.schedule import Schedule
+from diffcls.runtime.evaluation.calibration import Calibration
+from diffcls.runtime.algorithm.policy import FixedPolicy
+from diffcls.runtime.algorithm.schedule import Schedule
 
 FAST = FAST_DIGITS
 runner = CliRunner()
@@ -43,7 +43,7 @@ def test_the_prediction_tops_every_number_even_when_round_one_favours_another():
         base = {0: 0.30, 1: 0.29, 2: 0.33, 3: 0.40, 4: 0.45}[c]
         return base + (0.05 if c == 1 and t > 400 else 0.0)
 
-    from diffcls.runtime.ranking import probabilities, rank_classes, row_cells, rows_from_cells
+    from diffcls.runtime.algorithm.ranking import probabilities, rank_classes, row_cells, rows_from_cells
 
     errors, ranking, final = _fixed_run(error)
     assert ranking[0] == 0 and sorted(final) == [0, 1, 2]
@@ -192,9 +192,9 @@ def test_adaptive_rankings_follow_the_prediction_too(seed):
     and the last ones eliminated) has the prediction's mean lowest, on random near-tie tables."""
     import numpy as np
 
-    from diffcls.runtime.policy import make_policy
-    from diffcls.runtime.ranking import probabilities, rank_classes
-    from diffcls.runtime.schedule import AdaptiveSchedule
+    from diffcls.runtime.algorithm.policy import make_policy
+    from diffcls.runtime.algorithm.ranking import probabilities, rank_classes
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 
     rng = np.random.default_rng(seed)
     K = 8

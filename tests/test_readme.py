@@ -183,8 +183,8 @@ def test_readme_python_example_runs(scratch):
 def test_default_keep_is_capped_only_when_not_given():
     """The README's own-model example once failed: --to-keep 5 1 with 3 classes. Only the default
     schedule is capped at the prompt count; a --to-keep the user gives is checked, not changed."""
-    from diffcls.runtime.resolve import build_schedule
-    from diffcls.runtime.spec import JobSpec as RunSettings
+    from diffcls.runtime.execution.resolve import build_schedule
+    from diffcls.runtime.execution.spec import JobSpec as RunSettings
     from diffcls.errors import DiffclsError
 
     s = build_schedule(RunSettings(), 3, {})

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from diffcls.cli.app import app
 from diffcls.errors import DiffclsError
-from diffcls.runtime import results as R
-from diffcls.runtime.classifier import ImageResult
-from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.results import COLUMNS, ResultsWriter
+from diffcls.runtime.results import writer as R
+from diffcls.runtime.execution.classifier import ImageResult
+from diffcls.runtime.data.prompts import PromptSet
+from diffcls.runtime.results.writer import COLUMNS, ResultsWriter
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -72,7 +72,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
 def test_classify_refuses_an_out_another_process_writes(tmp_path, tiny_dir, image_folder):
     out = tmp_path / "r.csv"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from diffcls.runtime.results import ResultsWriter; "
+        [sys.executable, "-c", "import sys, time; from diffcls.runtime.results.writer import ResultsWriter; "
          "w = ResultsWriter(sys.argv[1], {}); w.open(); print('locked', flush=True); time.sleep(60)", str(out)],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, stdout=subprocess.PIPE, text=True)
     try:
@@ -326,7 +326,7 @@ def test_unwritable_out_is_one_line(tmp_path, tiny_dir, image_folder, monkeypatc
 
 
 def test_evaluate_and_profile_check_json_before_the_run(tmp_path, tiny_dir, image_folder, monkeypatch):
-    from diffcls.runtime import classifier as C
+    from diffcls.runtime.execution import classifier as C
 
     def no_run(*a, **kw):
         raise AssertionError("the run started before --json was checked")
@@ -339,7 +339,7 @@ def test_evaluate_and_profile_check_json_before_the_run(tmp_path, tiny_dir, imag
 
 
 def _scandir_with(monkeypatch, broken: dict[Path, OSError], stat_fails: set[Path]):
-    from diffcls.runtime import preprocess as P
+    from diffcls.runtime.data import preprocess as P
 
     real = os.scandir
 
@@ -374,7 +374,7 @@ def _scandir_with(monkeypatch, broken: dict[Path, OSError], stat_fails: set[Path
 
 
 def test_folders_that_cannot_be_listed_or_entered_are_skipped_with_a_message(tmp_path, tiny_dir, image_folder, monkeypatch):
-    from diffcls.runtime.preprocess import find_images
+    from diffcls.runtime.data.preprocess import find_images
 
     (image_folder / "locked").mkdir()
     (image_folder / "noexec").mkdir()

@@ -3,7 +3,7 @@
 import pytest
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.schedule import Schedule, default_schedule
+from diffcls.runtime.algorithm.schedule import Schedule, default_schedule
 
 
 def test_grid_of_the_paper_schedule():

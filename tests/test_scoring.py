@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = [f"a photo of class {i}" for i in range(6)]
 
@@ -219,7 +219,7 @@ def test_non_finite_errors_stop_with_one_line_naming_the_image(tiny_engines, inp
 
 def test_non_finite_latent_through_the_classifier_names_the_image(tiny_engines):
     from diffcls.errors import DiffclsError
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     clf = Classifier(tiny_engines, cache=None)
     size = tiny_engines.image_size
@@ -233,7 +233,7 @@ def test_non_finite_latent_through_the_classifier_names_the_image(tiny_engines):
 
 def test_the_error_reduction_does_not_depend_on_the_batch():
     """Per-sample errors from one batch equal those of each sample alone, bit for bit."""
-    from diffcls.runtime.scoring import per_sample_loss
+    from diffcls.runtime.algorithm.scoring import per_sample_loss
 
     g = torch.Generator().manual_seed(0)
     eps, pred = torch.randn(13, 4, 24, 24, generator=g), torch.randn(13, 4, 24, 24, generator=g)

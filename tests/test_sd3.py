@@ -17,8 +17,8 @@ from diffcls.errors import DiffclsError
 from diffcls.models.sd3 import save_sd3_directory
 from diffcls.models.tiny import tiny_sd3
 from diffcls.models.tiny import flow_scheduler_config
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
 T5_LENGTH = 24  # tiny: SD3 itself uses 256
@@ -102,7 +102,7 @@ def test_sd3_directory_info_export_and_engines(tmp_path, sd3):
     from diffcls.export import ExportConfig, export_model
     from diffcls.models.describe import describe_model
     from diffcls.models.loading import load_model
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     model = tiny_sd3(seed=0)  # T5's length as SD3's, 256: what a loaded directory uses
     d = save_sd3_directory(model, tmp_path / "sd3", flow_scheduler_config(1000, 3.0))

@@ -18,8 +18,8 @@ from diffcls.errors import DiffclsError
 from diffcls.models.sdxl import save_sdxl_directory
 from diffcls.models.tiny import tiny_sdxl
 from diffcls.models.tiny import TinyConfig, scheduler_config
-from diffcls.runtime.schedule import Schedule
-from diffcls.runtime.scoring import Scorer, make_noise_bank
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
 
@@ -83,7 +83,7 @@ def test_sdxl_directory_info_export_and_engines(tmp_path, sdxl):
     from diffcls.export import ExportConfig, export_model
     from diffcls.models.describe import describe_model
     from diffcls.models.loading import load_model
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     d = save_sdxl_directory(sdxl, tmp_path / "sdxl", {**scheduler_config(TinyConfig()), "_class_name": "EulerDiscreteScheduler"})
     loaded = load_model(d)

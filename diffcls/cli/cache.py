@@ -18,7 +18,7 @@ def cache(
     """Show the text-embedding/latent cache and the bundled models' engines, or clear them with --clear."""
     from diffcls.engines.fastpath import ENGINES_SUBDIR
     from diffcls.export.cached import cached_engine_dirs, clear_cached_engines
-    from diffcls.runtime.cache import DiskCache
+    from diffcls.runtime.data.cache import DiskCache
 
     with user_errors():
         c = DiskCache(cache_dir)

@@ -1,7 +1,7 @@
 """`diffcls classify`, `evaluate` and `calibrate`: options -> a `ClassifyJob`, and printing.
 
 The run itself (inputs, shard, resume, labels, executors, the results file) is
-`diffcls.runtime.job.ClassifyJob`; the metrics are `diffcls.runtime.evaluation`'s.
+`diffcls.runtime.execution.job.ClassifyJob`; the metrics are `diffcls.runtime.evaluation.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import typer
 from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
-from diffcls.runtime.evaluation import LabelKind
+from diffcls.runtime.evaluation.evaluate import LabelKind
 
 LIST_FLAGS = ("--n-samples", "--to-keep", "--batch-sizes")
 
@@ -83,7 +83,7 @@ GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPU
 
 def _ray(ray: bool, address, workers, gpus_per_worker):
     """RayOptions for --ray (None without it); the Ray flags without --ray are an error."""
-    from diffcls.runtime.job import RayOptions
+    from diffcls.runtime.execution.job import RayOptions
 
     if not ray:
         given = [f for f, v in (("--ray-address", address), ("--ray-workers", workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
@@ -95,7 +95,7 @@ def _ray(ray: bool, address, workers, gpus_per_worker):
 
 def _calibration(path: Path | None):
     """The Calibration of --calibration (the job checks it against the run), or None."""
-    from diffcls.runtime.calibration import Calibration
+    from diffcls.runtime.evaluation.calibration import Calibration
 
     return None if path is None else Calibration.load(path)
 
@@ -115,7 +115,7 @@ def _run(job) -> dict:
 
     from rich.markup import escape
 
-    from diffcls.runtime.results import printable
+    from diffcls.runtime.results.writer import printable
 
     job.open()
     for path, msg in job.skipped:  # folders that could not be listed or entered
@@ -162,8 +162,8 @@ def classify(
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
-    from diffcls.runtime.job import ClassifyJob
-    from diffcls.runtime.shards import parse_shard
+    from diffcls.runtime.execution.job import ClassifyJob
+    from diffcls.runtime.results.shards import parse_shard
 
     with user_errors():
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
@@ -211,8 +211,8 @@ def _print_top(item, temperature: float | None, k: int) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from diffcls.runtime.ranking import probabilities
-    from diffcls.runtime.results import printable
+    from diffcls.runtime.algorithm.ranking import probabilities
+    from diffcls.runtime.results.writer import printable
 
     key, r = item
     ranked = r.ranked or []
@@ -227,13 +227,13 @@ def _print_top(item, temperature: float | None, k: int) -> None:
 
 
 def _print_predictions(results: dict, temperature: float | None = None) -> None:
-    """One row per image: the prediction and the runner-up of its ranking (runtime.ranking),
+    """One row per image: the prediction and the runner-up of its ranking (runtime.algorithm.ranking),
     with the mean errors that decided them and, calibrated, their probabilities."""
     from rich.markup import escape
     from rich.table import Table
 
-    from diffcls.runtime.ranking import probabilities
-    from diffcls.runtime.results import printable
+    from diffcls.runtime.algorithm.ranking import probabilities
+    from diffcls.runtime.results.writer import printable
 
     cols = ["image", "prediction", "mean error"] + (["probability"] if temperature is not None else []) + ["runner-up"]
     table = Table(*cols, caption="mean error: lower is better; " + _PRUNED_NOTE)
@@ -278,10 +278,10 @@ def evaluate(
 ) -> None:
     """Accuracy on labeled images: top-1/top-5, per-class precision/recall, a confusion matrix,
     and the calibration of the class probabilities (NLL, expected calibration error)."""
-    from diffcls.runtime.evaluation import accuracy_metrics, calibration_metrics, scored_truth
-    from diffcls.runtime.job import ClassifyJob
-    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
-    from diffcls.runtime.results import atomic_write_text
+    from diffcls.runtime.evaluation.evaluate import accuracy_metrics, calibration_metrics, scored_truth
+    from diffcls.runtime.execution.job import ClassifyJob
+    from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
+    from diffcls.runtime.results.writer import atomic_write_text
 
     with user_errors():
         rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
@@ -322,15 +322,15 @@ def _model_name(s: RunSettings) -> str:
 def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None, what: str) -> None:
     """The confusion matrix and (with probabilities) the reliability diagram at its height;
     `what`: 'MODEL on IMAGES' for the titles."""
-    from diffcls.runtime.metrics import confusion_figsize, plot_confusion
-    from diffcls.runtime.outputs import output_errors
+    from diffcls.runtime.evaluation.metrics import confusion_figsize, plot_confusion
+    from diffcls.runtime.results.outputs import output_errors
 
     with output_errors("--plot", plot):
         plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"{what}: top-1 {100 * m['top1']:.1f}% ({m['correct']}/{m['n']})")
     console.print(f"confusion matrix plot in {plot}")
     rel = _reliability_path(plot)
     if cal is not None and rel is not None:
-        from diffcls.runtime.calibration import plot_reliability
+        from diffcls.runtime.evaluation.calibration import plot_reliability
 
         label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
         with output_errors("--plot", rel):
@@ -341,7 +341,7 @@ def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: fl
 
 def _reliability_path(plot: Path | None) -> Path | None:
     """The reliability diagram beside --plot (none beside a device or pipe such as /dev/stdout)."""
-    from diffcls.runtime.outputs import target_kind
+    from diffcls.runtime.results.outputs import target_kind
 
     if plot is None or target_kind(plot) == "stream":
         return None
@@ -359,9 +359,9 @@ def calibrate(
     settings: RunSettings,
 ) -> None:
     """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
-    from diffcls.runtime.evaluation import fit_calibration
-    from diffcls.runtime.job import ClassifyJob
-    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
+    from diffcls.runtime.evaluation.evaluate import fit_calibration
+    from diffcls.runtime.execution.job import ClassifyJob
+    from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
 
     with user_errors():
         check_output(out_path, "--out", "calibration")  # before the run, not after it finished

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from diffcls.errors import DiffclsError, DiffclsWarning
-from diffcls.runtime.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
+from diffcls.runtime.execution.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
 
 _show_warning = warnings.showwarning
 

@@ -103,7 +103,7 @@ def export_cmd(
             force=force,
         )
         progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-        from diffcls.runtime.outputs import output_errors
+        from diffcls.runtime.results.outputs import output_errors
 
         with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
             result = export_model(cfg, _Reporter(progress))

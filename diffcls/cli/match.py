@@ -12,7 +12,7 @@ import typer
 
 from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
 from diffcls.cli.settings import RunSettings, run_options
-from diffcls.runtime.resolve import load_noise, model_defaults_of, open_classifier
+from diffcls.runtime.execution.resolve import load_noise, model_defaults_of, open_classifier
 from diffcls.errors import DiffclsError
 
 # the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
@@ -22,7 +22,7 @@ EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n
             "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"
-MATCH_ALPHA, MATCH_N0 = 0.05, 8  # runtime.match.adaptive_for_match's defaults
+MATCH_ALPHA, MATCH_N0 = 0.05, 8  # runtime.evaluation.match.adaptive_for_match's defaults
 
 
 @app.command()
@@ -47,8 +47,8 @@ def match(
     item on the same timesteps and noise; text, image (raw and normalised by the empty prompt)
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
-        from diffcls.runtime.match import read_items, summarize
-        from diffcls.runtime.outputs import check_distinct, check_output, output_errors
+        from diffcls.runtime.evaluation.match import read_items, summarize
+        from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
 
         s = settings
         check_output(json_out, "--json", "match")  # before the run, not after it finished
@@ -71,12 +71,12 @@ def match(
         _print_summary(summary, schedule)
         agree = None
         if reference is not None:
-            from diffcls.runtime.match import agreement
+            from diffcls.runtime.evaluation.match import agreement
 
             agree = agreement(done, reference)
             _print_agreement(agree, compare)
         if json_out is not None:
-            from diffcls.runtime.results import atomic_write_text
+            from diffcls.runtime.results.writer import atomic_write_text
 
             report = {**summary, "schedule": schedule.describe(), "n_items": len(items), "n_skipped": len(skipped),
                   "settings": {**_record(s, clf, items_file, t_interval), "adaptive": adaptive, **given}}
@@ -85,7 +85,7 @@ def match(
             with output_errors("--json", json_out):
                 atomic_write_text(json_out, json.dumps(report, indent=2))
         if plot is not None:
-            from diffcls.runtime.match import plot_scores
+            from diffcls.runtime.evaluation.match import plot_scores
 
             with output_errors("--plot", plot):
                 plot_scores(summary, plot, title=f"{items_file.name}: {schedule.describe()}")
@@ -94,7 +94,7 @@ def match(
 
 def _open(s: RunSettings, t_interval: int, adaptive_flags: dict | None):
     """Check the model cheaply, open the engines, build the schedule for their timesteps."""
-    from diffcls.runtime.match import MatchSchedule, adaptive_for_match
+    from diffcls.runtime.evaluation.match import MatchSchedule, adaptive_for_match
 
     defaults = model_defaults_of(s)
     if defaults.get("labels"):
@@ -113,7 +113,7 @@ def _read_results(path: Path) -> dict:
     """{item: ItemResult} of a match results CSV (for --compare)."""
     import csv
 
-    from diffcls.runtime.match import MATCH_COLUMNS, ItemResult, MatchResultsWriter
+    from diffcls.runtime.evaluation.match import MATCH_COLUMNS, ItemResult, MatchResultsWriter
 
     try:
         rows = list(csv.DictReader(path.open(encoding="utf-8", errors="surrogateescape", newline="")))
@@ -128,8 +128,8 @@ def _run(clf, items, schedule, s: RunSettings, noise, items_file: Path, out_csv:
     """Score the items not yet in `out_csv` (resuming it); returns ({key: ItemResult}, skipped)."""
     from rich.markup import escape
 
-    from diffcls.runtime.match import ItemResult, MatchResultsWriter, iter_match
-    from diffcls.runtime.results import printable
+    from diffcls.runtime.evaluation.match import ItemResult, MatchResultsWriter, iter_match
+    from diffcls.runtime.results.writer import printable
 
     by_key = {it.key: it for it in items}
     e = clf.engines
@@ -207,7 +207,7 @@ def _pct(summary: dict, name: str) -> str:
 def _print_summary(summary: dict, schedule) -> None:
     from rich.table import Table
 
-    from diffcls.runtime.match import CHANCE
+    from diffcls.runtime.evaluation.match import CHANCE
 
     out.print(f"{schedule.describe()}")
     table = Table(title="% of items correct (95% Wilson interval)", show_lines=True)

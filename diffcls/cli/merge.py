@@ -23,8 +23,8 @@ def merge(
     """Merge shard results: same settings, every image exactly once (missing and duplicated images are reported)."""
     from rich.markup import escape
 
-    from diffcls.runtime.results import printable
-    from diffcls.runtime.shards import check_shards, expected_images, read_shard, write_merged
+    from diffcls.runtime.results.writer import printable
+    from diffcls.runtime.results.shards import check_shards, expected_images, read_shard, write_merged
 
     with user_errors():
         if out_csv is None:

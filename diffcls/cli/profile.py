@@ -22,7 +22,7 @@ from diffcls.cli.classify import PathsArg
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
 from diffcls.errors import DiffclsError
-from diffcls.runtime.profiling import ordered_stages, stage_label
+from diffcls.runtime.execution.profiling import ordered_stages, stage_label
 
 def _cached_note(name: str, stage: dict, cache: dict | None) -> str:
     """' (cached)' for a text/VAE stage that never ran because the cache held it all."""
@@ -75,8 +75,8 @@ def profile(
     settings: RunSettings,
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
-    from diffcls.runtime.profiling import plot_stages, require_matplotlib
-    from diffcls.runtime.outputs import check_distinct, check_output, output_errors
+    from diffcls.runtime.execution.profiling import plot_stages, require_matplotlib
+    from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
 
     with user_errors():
         if plot is not None:
@@ -86,7 +86,7 @@ def profile(
         check_output(plot, "--plot", "png")
         check_distinct(("--json", json_out), ("--plot", plot))
 
-        from diffcls.runtime.job import ClassifyJob
+        from diffcls.runtime.execution.job import ClassifyJob
 
         job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         s = settings
@@ -105,7 +105,7 @@ def profile(
         )
         _print_report(report)
         if json_out is not None:
-            from diffcls.runtime.results import atomic_write_text
+            from diffcls.runtime.results.writer import atomic_write_text
 
             with output_errors("--json", json_out):
                 atomic_write_text(json_out, json.dumps(report, indent=2))
@@ -120,7 +120,7 @@ def profile(
 
 def _profile(job, images: list, warmup: bool, kw: dict) -> dict:
     """profile_run with a spinner on a terminal; in a log or pipe, a line every few seconds."""
-    from diffcls.runtime.profiling import profile_run
+    from diffcls.runtime.execution.profiling import profile_run
 
     lines = None if interactive(console) else LineProgress(console)
     task = lines.add_task("profile", total=len(images)) if lines is not None else None

@@ -6,9 +6,9 @@
         with ClassifyJob(settings, paths, out=out_csv) as job: ...
 
 `run_options` adds the shared options to the command's signature (so Typer shows and parses
-them) and hands the command one `RunSettings` (a `runtime.spec.JobSpec` parsed from the
-command line) instead of twenty arguments, with the engines and threads resolved (`with_engines`:
-the CPU fast path of `diffcls.engines.fastpath`, exporting a bundled model once). Each option's default is the JobSpec field's, so
+them) and hands the command one `RunSettings` (a `runtime.execution.spec.JobSpec` parsed from the
+command line) instead of twenty arguments, with the engines and threads resolved as the Python
+API resolves them (`diffcls.api.with_engines`: the CPU fast path, exporting a bundled model once). Each option's default is the JobSpec field's, so
 defaults are declared once, in the runtime.
 """
 
@@ -25,8 +25,8 @@ import typer
 
 from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting, parse_device
 from diffcls.errors import DiffclsError
-from diffcls.runtime.schedule import AdaptiveSchedule
-from diffcls.runtime.spec import JobSpec
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
+from diffcls.runtime.execution.spec import JobSpec
 
 _MODEL, _SCHEDULE, _INPUT, _RUNTIME = "Model and engines", "Schedule", "Prompts and images", "Runtime"
 _ADAPTIVE = "Adaptive evaluation"
@@ -140,25 +140,9 @@ def run_options(command=None, *, exclude: tuple[str, ...] = ()):
 
 
 def with_engines(s: RunSettings) -> RunSettings:
-    """`s` with what will run filled in (`diffcls.engines.fastpath`): on a CPU with no engines,
-    backend or model named, a bundled model's cached ONNX Runtime engines (exported first when
-    missing or stale: one line says so); the threads. Prints a plan's note and one `running ...`
-    line naming the backend, the engine directory and the threads."""
+    """`s` with what will run filled in (`diffcls.api.with_engines`: the fast path's engines and
+    the threads); prints the plan's note, an export's line and one `running ...` line."""
+    from diffcls.api import with_engines as fill
     from diffcls.cli.common import console
-    from diffcls.engines.fastpath import choose_threads, plan_engines
 
-    plan = plan_engines(model=s.model, engines=s.engines, backend=s.backend, device=s.device,
-                        precision=s.precision, compile=s.compile, config=s.config, cache_dir=s.cache_dir)
-    if plan.note:
-        console.print(f"note: {plan.note}", markup=False)
-    threads = choose_threads(s.threads)
-    s = dataclasses.replace(s, threads=threads.n)
-    if plan.bundled is not None:
-        from diffcls.export.cached import ensure_cached_engines
-
-        engines = ensure_cached_engines(plan.bundled, plan.engine_dir, image_size=s.image_size,
-                                        on_export=lambda m: console.print(m, markup=False))
-        s = dataclasses.replace(s, engines=engines, backend=Backend(plan.backend))
-    where = f" engines in {s.engines}" if s.engines is not None else ""
-    console.print(f"running {plan.backend}{where}, {threads.describe()}", markup=False)
-    return s
+    return fill(s, say=lambda line: console.print(line, markup=False))

@@ -33,6 +33,18 @@ def _byte_unicode() -> list[str]:
     return [table[b] for b in range(256)]
 
 
+def _bpe(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as CLIP applies it: merge the lowest-ranked adjacent pair until none is known."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def build_tokenizer_files(out_dir: str | Path, words: list[str] = (), max_length: int = 77) -> Path:
     """Write vocab.json/merges.txt (+ tokenizer config) for a CLIP tokenizer into `out_dir`."""
     from transformers import CLIPTokenizer
@@ -46,16 +58,18 @@ def build_tokenizer_files(out_dir: str | Path, words: list[str] = (), max_length
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
     merges: list[str] = []
+    rank: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):  # unique, in order
-        # merge left to right: ((w o) r) d</w>
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            merged = current + nxt
-            if merged not in vocab:
-                merges.append(f"{current} {nxt}")
-                vocab[merged] = len(vocab)
-            current = merged
+        # Add merges until BPE, applying every merge so far by rank as the tokenizer will, leaves
+        # the word in one piece. (Merging left to right blindly fails when an earlier word's
+        # merge splits this one first: "re" from "red" would leave "green" as g|re|e|n.)
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], rank)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            rank[pair] = len(merges)
+            merges.append(f"{pair[0]} {pair[1]}")
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = _bpe(pieces, rank)
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,7 @@ from diffcls.models.tiny import TinyConfig, save_model, sd_unet, sd_vae
 from diffcls.models.tiny import scheduler_config as sd_scheduler_config
 from diffcls.models.tokenizer import build_tokenizer_files
 from diffcls.models.wrappers import VaeEncoderWrapper
-from diffcls.runtime.preprocess import preprocess_image
+from diffcls.runtime.data.preprocess import preprocess_image
 
 PROMPT_TEMPLATE = "a handwritten digit {}"  # + the class name: "a handwritten digit three"
 PROMPT_WORDS = ["a", "handwritten", "digit", *CLASSNAMES]  # single tokens in the vocabulary
@@ -217,12 +217,13 @@ def objective_for(model) -> EpsilonObjective | FlowObjective:
 
 
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, objective=None):
+               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, extra_loss=None, objective=None):
     """Train on scaled latents; returns EMA copies (unet, text_encoder).
 
     `condition(text_encoder, idx)` -> (B, 77, D): the text embeddings of the training rows `idx`
-    (default: the digit prompts, indexed by `labels`). `objective`: the noising and target
-    (default: `EpsilonObjective(alphas)`)."""
+    (default: the digit prompts, indexed by `labels`). `extra_loss(unet, text_encoder, idx, xt, t,
+    eps, pred)`, if given, is added to the denoising loss (the shapes demo's hard negatives).
+    `objective`: the noising and target (default: `EpsilonObjective(alphas)`)."""
     objective = objective or EpsilonObjective(alphas)
     if condition is None:
         texts = [p for p, _, _ in prompts()]
@@ -258,6 +259,8 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
         xt, target, model_t = objective.noise(x0, t, eps)
         pred = unet(xt, model_t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
         loss = F.mse_loss(pred, target)
+        if extra_loss is not None:
+            loss = loss + extra_loss(unet, text_encoder, idx, xt, t, eps, pred)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

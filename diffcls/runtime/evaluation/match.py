@@ -36,9 +36,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from diffcls.errors import DiffclsError, missing_extra
-from diffcls.runtime.policy import PolicyResult, SequentialPolicy
-from diffcls.runtime.results import ResultsWriter
-from diffcls.runtime.schedule import LOSSES, AdaptiveSchedule, van_der_corput_order
+from diffcls.runtime.algorithm.policy import PolicyResult, SequentialPolicy
+from diffcls.runtime.results.writer import ResultsWriter
+from diffcls.runtime.algorithm.schedule import LOSSES, AdaptiveSchedule, van_der_corput_order
 
 REQUIRED = ("image_0", "image_1", "caption_0", "caption_1")
 COMPARISONS = ("text_0", "text_1", "image_0", "image_1", "image_normalised_0", "image_normalised_1")
@@ -86,7 +86,7 @@ class MatchItem:
 
 def _image_digest(image) -> str:
     if isinstance(image, Path):
-        from diffcls.runtime.preprocess import file_digest
+        from diffcls.runtime.data.preprocess import file_digest
 
         return file_digest(image)
     h = hashlib.sha256(f"{image.mode} {image.size}".encode())
@@ -496,9 +496,9 @@ def iter_match(
     chunk_size: int = 16,
     on_skip: Callable[[MatchItem, str], None] | None = None,
 ) -> Iterator[ItemResult]:
-    """Score `items` with `clf` (a runtime.classifier.Classifier); one ItemResult per item, in the
+    """Score `items` with `clf` (a runtime.execution.classifier.Classifier); one ItemResult per item, in the
     order they finish. Items whose image cannot be read go to `on_skip(item, message)`."""
-    from diffcls.runtime.scoring import NonFiniteError, Scorer
+    from diffcls.runtime.algorithm.scoring import NonFiniteError, Scorer
 
     e = clf.engines
     schedule.validate(1, e.num_train_timesteps)
@@ -662,7 +662,7 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    from diffcls.runtime.outputs import save_figure
+    from diffcls.runtime.results.outputs import save_figure
 
     try:
         save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffcls.config import Backend, Precision
 from diffcls.errors import DiffclsError
-from diffcls.runtime.spec import JobSpec, build_schedule, resolve_prompts  # noqa: F401 - resolve's API
+from diffcls.runtime.execution.spec import JobSpec, build_schedule, resolve_prompts  # noqa: F401 - resolve's API
 
 
 def model_defaults_of(s: JobSpec) -> dict:
@@ -34,7 +34,7 @@ def load_noise(path: Path | None):
     import numpy as np
     import torch
 
-    from diffcls.runtime.classifier import noise_problem
+    from diffcls.runtime.execution.classifier import noise_problem
 
     try:
         if path.suffix == ".npy":
@@ -79,7 +79,7 @@ def runs_on_cpu(s: JobSpec) -> bool:
 
 def backend_name(s: JobSpec) -> str:
     """The backend that will run: auto means torch, or what an engine directory was exported for (the
-    CLI resolves auto first: cli.settings.with_engines, engines.fastpath)."""
+    CLI and the Python API resolve auto first: diffcls.api.with_engines, engines.fastpath)."""
     if s.backend != Backend.auto:
         return s.backend.value
     if s.engines is None:
@@ -119,7 +119,7 @@ def classifier_kwargs(s: JobSpec, image_size: int | None, absolute: bool = False
 
 def open_classifier(s: JobSpec, image_size: int | None, absolute: bool = False):
     """The spec's Classifier; refuses a --batch-size the engine directory was not built for."""
-    from diffcls.runtime.classifier import Classifier
+    from diffcls.runtime.execution.classifier import Classifier
 
     clf = Classifier.from_pretrained(**classifier_kwargs(s, image_size, absolute))
     sizes = clf.engines.unet.batch_sizes

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.ranking import TOP_K, class_columns, row_cells
-from diffcls.runtime.outputs import (
+from diffcls.runtime.algorithm.ranking import TOP_K, class_columns, row_cells
+from diffcls.runtime.results.outputs import (
     RESULTS_KEY_COLUMNS,
     check_distinct,
     check_output,
@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 # One row per image: what it is, what it was predicted, then its best classes in the one ranking
-# of runtime.ranking, each as topN, topN_mean_error, topN_pruned_after (and topN_probability
+# of runtime.algorithm.ranking, each as topN, topN_mean_error, topN_pruned_after (and topN_probability
 # with --calibration). Mean errors are written with full precision, so a resumed run computes
 # exactly what a fresh one does.
 BASE_COLUMNS = [*RESULTS_KEY_COLUMNS, "n_evals", "sha256"]  # sha256: of the image bytes the row was computed from
@@ -67,7 +67,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` (temp file + fsync + rename; through a symlink to its target,
-    straight into a device or pipe: runtime.outputs.write_atomic); new files get 0666 & ~umask."""
+    straight into a device or pipe: runtime.results.outputs.write_atomic); new files get 0666 & ~umask."""
     write_atomic(path, text.encode(**ENCODING))
 
 
@@ -390,7 +390,7 @@ class ResultsWriter:
         return {c: str(row.get(c, "")) for c in self.columns}
 
     def write(self, key: str, result, extra: Sequence = ()) -> None:
-        """Record one finished image (`result`: runtime.classifier.ImageResult), all or nothing;
+        """Record one finished image (`result`: runtime.execution.classifier.ImageResult), all or nothing;
         `extra`: the values of the extra columns (evaluate's label, correct)."""
         self.commit_many([self.prepare(key, result, extra)])
 
@@ -549,7 +549,7 @@ def legacy_schedule(text: str) -> dict | None:
     "n_samples=[50, 500] to_keep=[5, 1] n_trials=1 loss=l2" or "adaptive rule=mixture
     error_rate=0.9 ... loss=l2" (these strings are frozen here: they are no longer written).
     None for text that is neither."""
-    from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
 
     values = {k: json.loads(v) if v.startswith("[") else v for k, v in _LEGACY_FIELD.findall(text)}
     try:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PolicyResult:
     ranking: list[int]  # every prompt, best first (later survivors first, then by mean error)
     # the prompts of the final decision, best first (a prefix of `ranking`): those still in
     # play when the prediction was chosen, all scored on the same samples; the rest were
-    # dropped earlier (see runtime.ranking)
+    # dropped earlier (see runtime.algorithm.ranking)
     final: list[int] = field(default_factory=list)
 
 

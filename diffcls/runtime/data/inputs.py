@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.preprocess import IMAGE_SUFFIXES, find_images
+from diffcls.runtime.data.preprocess import IMAGE_SUFFIXES, find_images
 
 _GLOB_CHARS = set("*?[")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -224,7 +224,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 def check_run_numbers(seed: int, image_size: int | None) -> None:
     """Refuse, before any work, a seed the noise generator cannot take and an image size whose
     S x S image could not be held (the bound on decoded images, MAX_PIXELS)."""
-    from diffcls.runtime.preprocess import MAX_PIXELS
+    from diffcls.runtime.data.preprocess import MAX_PIXELS
 
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise DiffclsError(f"--seed {seed} is out of range; pass an integer from 0 to {SEED_RANGE[1]}")

@@ -1,4 +1,4 @@
-"""One folder across many GPUs and machines with Ray Data (shards by hand: `runtime.shards`).
+"""One folder across many GPUs and machines with Ray Data (shards by hand: `runtime.results.shards`).
 
 Ray (`diffcls classify FOLDER --ray`): a Ray Data dataset of image *paths* (not pixels) goes
 through `map_batches` with `ScoreWorker`, a callable class whose constructor opens the engines
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from diffcls.errors import DiffclsError, missing_extra
-from diffcls.runtime.classifier import Classifier, ImageResult
-from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import schedule_from_dict
+from diffcls.runtime.execution.classifier import Classifier, ImageResult
+from diffcls.runtime.data.prompts import PromptSet
+from diffcls.runtime.algorithm.schedule import schedule_from_dict
 
 
 # --- what a worker is given -----------------------------------------------------------------

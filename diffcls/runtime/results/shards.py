@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.results import _csv_line, _valid_row, atomic_write_text, normalised_settings
+from diffcls.runtime.results.writer import _csv_line, _valid_row, atomic_write_text, normalised_settings
 
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names are arbitrary bytes
 SHOW = 5  # names shown per problem
@@ -119,7 +119,7 @@ def expected_images(settings: dict, folder: Path | None = None) -> dict[str, Pat
     """{key: image path} of the images the shards should cover: those under `folder` if given,
     else the run's own inputs (recorded by `classify --shard`), else those under its root; None
     when none of these is known."""
-    from diffcls.runtime.inputs import collect_inputs, inputs_of
+    from diffcls.runtime.data.inputs import collect_inputs, inputs_of
 
     if folder is None and isinstance(settings.get("inputs"), dict):
         try:
@@ -139,7 +139,7 @@ def expected_images(settings: dict, folder: Path | None = None) -> dict[str, Pat
 
 def unreadable(path: Path) -> str | None:
     """Why `classify` skips this image (it cannot be read or decoded), else None."""
-    from diffcls.runtime.preprocess import BadImage, open_image
+    from diffcls.runtime.data.preprocess import BadImage, open_image
 
     try:
         open_image(path)
@@ -255,7 +255,7 @@ def merge_errors(shard_errors: list[Path], keys: dict[str, list[str]], header: l
 
 def write_merged(out: Path, shards: list[Shard], errors_out: Path | None = None, shard_errors: list[Path] | None = None) -> int:
     """Write OUT (rows sorted by path) and its settings; with errors_out, the merged JSONL too."""
-    from diffcls.runtime.outputs import check_distinct, check_output
+    from diffcls.runtime.results.outputs import check_distinct, check_output
 
     inputs = {s.path.resolve() for s in shards} | {Path(p).resolve() for p in shard_errors or []}
     for target in (out, errors_out):

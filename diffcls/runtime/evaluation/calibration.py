@@ -1,6 +1,6 @@
 """Calibrated class probabilities: fitting the temperature, NLL, ECE, the reliability diagram.
 
-Each image's listed classes carry the mean errors that decided their place (runtime.ranking):
+Each image's listed classes carry the mean errors that decided their place (runtime.algorithm.ranking):
 the classes of the final decision share their samples, so their means compare; a class pruned
 before it has probability 0. The probabilities are a temperature-scaled softmax of the negative
 means over the listed classes of the final decision:
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 from diffcls.errors import DiffclsError, missing_extra
-from diffcls.runtime.ranking import softmax_neg  # noqa: F401 - the softmax behind every probability
-from diffcls.runtime.results import atomic_write_text, normalised_settings
+from diffcls.runtime.algorithm.ranking import softmax_neg  # noqa: F401 - the softmax behind every probability
+from diffcls.runtime.results.writer import atomic_write_text, normalised_settings
 
 ECE_BINS = 15
 UNCALIBRATED = 1.0
@@ -157,7 +157,7 @@ def plot_reliability(confidence: Sequence[float], correct: Sequence[bool], path:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    from diffcls.runtime.outputs import save_figure
+    from diffcls.runtime.results.outputs import save_figure
 
     try:
         save_figure(fig, path)
@@ -178,7 +178,7 @@ class Calibration:
     schedule: dict | str | None = None  # the schedule the scores were computed with (its to_dict; a description in older files)
     top_k: int = 5
     model: str | None = None  # the fingerprint of the model it was fitted with
-    prompts: str | None = None  # the digest of the prompts (runtime.prompts.PromptSet.digest)
+    prompts: str | None = None  # the digest of the prompts (runtime.data.prompts.PromptSet.digest)
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not saved)
 
     def save(self, path: str | Path) -> None:

@@ -11,7 +11,7 @@ the estimate that decided its place:
   prune that dropped any: `--to-keep 3 1`'s last round has three; `--adaptive`: the prompts
   still undecided when the image stopped, else the survivor and the last ones eliminated):
   each one's mean error over the samples they all share. The prediction has the lowest.
-  Probabilities are a softmax of those means (runtime.calibration) over the listed ones.
+  Probabilities are a softmax of those means (runtime.evaluation.calibration) over the listed ones.
 - a class **pruned before** the final decision: its mean error over the samples it was scored
   on (these compare only with the others pruned at the same point), `pruned_after` = the
   number of timesteps it had then, and probability 0: the schedule ruled it out.

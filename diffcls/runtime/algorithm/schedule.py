@@ -169,7 +169,7 @@ class AdaptiveSchedule:
     timestep evaluated uses noise bank[k * n_trials + j], as in the fixed schedule); every
     prompt still alive is evaluated at every timestep taken (paired samples). After the first
     `min_samples` timesteps, prompts are eliminated by paired sequential tests with overall
-    error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.policy`).
+    error probability <= `error_rate` (see docs/adaptive.md and `diffcls.runtime.algorithm.policy`).
     """
 
     # defaults chosen with bench/policy_replay.py on 500-timestep tables and run live

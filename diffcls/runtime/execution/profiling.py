@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from diffcls.errors import missing_extra
-from diffcls.runtime.timing import per_second
+from diffcls.runtime.execution.timing import per_second
 
 # stage names in report order; "unet_round_N" rows are inserted where "unet_round" stands
 STAGE_ORDER = ("load", "preprocess", "text_encode", "vae_encode", "unet_round", "unet_call")
@@ -80,7 +80,7 @@ def plot_stages(report: dict, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    from diffcls.runtime.outputs import save_figure
+    from diffcls.runtime.results.outputs import save_figure
 
     try:
         save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG

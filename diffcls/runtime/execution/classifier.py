@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from diffcls.errors import DiffclsError
-from diffcls.runtime.cache import DiskCache
-from diffcls.runtime.calibration import UNCALIBRATED, Calibration
-from diffcls.runtime.preprocess import (
+from diffcls.runtime.data.cache import DiskCache
+from diffcls.runtime.evaluation.calibration import UNCALIBRATED, Calibration
+from diffcls.runtime.data.preprocess import (
     BadImage,
     Interpolation,
     image_to_tensor,
@@ -33,12 +33,12 @@ from diffcls.runtime.preprocess import (
     resize_center_crop,
     to_rgb,
 )
-from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.ranking import TOP_K, RankedClass, probabilities, rank_classes
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
-from diffcls.runtime.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
-from diffcls.runtime.spec import JobSpec, build_schedule, resolve_prompts
-from diffcls.runtime.timing import StageTimer
+from diffcls.runtime.data.prompts import PromptSet
+from diffcls.runtime.algorithm.ranking import TOP_K, RankedClass, probabilities, rank_classes
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.algorithm.scoring import ImageScore, NonFiniteError, Scorer, make_noise_bank
+from diffcls.runtime.execution.spec import JobSpec, build_schedule, resolve_prompts
+from diffcls.runtime.execution.timing import StageTimer
 
 
 @dataclass
@@ -54,12 +54,12 @@ class ImageResult:
     n_evals: int
     _prompts: PromptSet | None = None
     sha256: str | None = None  # of the file's bytes (in-memory images: of the preprocessed pixels)
-    final: list[int] = field(default_factory=list)  # prompts of the final decision (runtime.ranking)
+    final: list[int] = field(default_factory=list)  # prompts of the final decision (runtime.algorithm.ranking)
     temperature: float | None = None  # from a calibration file: `probabilities()` uses it
 
     def ranked(self, k: int = TOP_K) -> list[RankedClass]:
         """The best k classes, the prediction first, each with the mean error that decided its
-        place and, if it was pruned before the final decision, when (runtime.ranking)."""
+        place and, if it was pruned before the final decision, when (runtime.algorithm.ranking)."""
         return self._ranked(k)[0]
 
     def _ranked(self, k: int) -> tuple[list[RankedClass], int]:

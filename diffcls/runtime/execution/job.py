@@ -26,20 +26,20 @@ from typing import Callable, Iterator, Sequence
 
 from diffcls.config import Precision
 from diffcls.errors import DiffclsError
-from diffcls.runtime import resolve
-from diffcls.runtime.evaluation import LABEL_COLUMNS, LabelKind, label_ids
-from diffcls.runtime.inputs import Inputs, collect_inputs
-from diffcls.runtime.preprocess import file_digest
-from diffcls.runtime.ranking import TOP_K, probabilities, rows_from_cells
-from diffcls.runtime.results import BackgroundWriter, ResultsWriter
-from diffcls.runtime.shards import shard_of
-from diffcls.runtime.spec import JobSpec
-from diffcls.runtime.timing import rate
+from diffcls.runtime.execution import resolve
+from diffcls.runtime.evaluation.evaluate import LABEL_COLUMNS, LabelKind, label_ids
+from diffcls.runtime.data.inputs import Inputs, collect_inputs
+from diffcls.runtime.data.preprocess import file_digest
+from diffcls.runtime.algorithm.ranking import TOP_K, probabilities, rows_from_cells
+from diffcls.runtime.results.writer import BackgroundWriter, ResultsWriter
+from diffcls.runtime.results.shards import shard_of
+from diffcls.runtime.execution.spec import JobSpec
+from diffcls.runtime.execution.timing import rate
 
 
 @dataclass
 class RayOptions:
-    """Where Ray workers run (`runtime.distributed.RayRunner`); None: its defaults."""
+    """Where Ray workers run (`runtime.execution.distributed.RayRunner`); None: its defaults."""
 
     address: str | None = None
     workers: int | None = None
@@ -54,12 +54,12 @@ class Outcome:
     prediction: str
     n_evals: int | None
     row: dict | None = None  # the results-file row this outcome was resumed from
-    result: object | None = None  # runtime.classifier.ImageResult, when scored in this run
+    result: object | None = None  # runtime.execution.classifier.ImageResult, when scored in this run
     _ranked: list | None = field(default=None, repr=False)
 
     @property
     def ranked(self) -> list | None:
-        """Its best classes (runtime.ranking.RankedClass), the prediction first; computed when
+        """Its best classes (runtime.algorithm.ranking.RankedClass), the prediction first; computed when
         first asked for, off the scoring loop."""
         if self._ranked is None and self.result is not None:
             self._ranked = self.result.ranked(TOP_K)
@@ -123,7 +123,7 @@ class ClassifyJob:
     `out`: the results CSV (resumed when it exists); `save_errors`: the JSONL of every error;
     `shard=(I, N)`: only shard I of N; `labels`: evaluate's truth ("name": subfolders / list
     labels are class names, "index": class indices); `calibration` (a
-    runtime.calibration.Calibration, checked against this run's model, prompts and schedule)
+    runtime.evaluation.calibration.Calibration, checked against this run's model, prompts and schedule)
     adds probabilities; `exclude`: other files the run writes, never taken as inputs;
     `ray`: run on Ray workers. `notes` collects what a user should be told (dropped rows,
     resumption, folders that could not be read); `skipped` the images that could not be read.
@@ -203,7 +203,7 @@ class ClassifyJob:
             self.schedule.validate(len(self.prompts), clf.engines.num_train_timesteps)  # a no-op when T was known
             self.executor = LocalExecutor(clf, self)
             return
-        from diffcls.runtime.distributed import RayRunner, WorkerSpec
+        from diffcls.runtime.execution.distributed import RayRunner, WorkerSpec
 
         s = self.spec
         spec = WorkerSpec(

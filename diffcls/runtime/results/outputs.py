@@ -113,7 +113,7 @@ def csv_starting_with(columns) -> "Callable[[Path], bool]":
     return lambda path: _head(path).startswith(",".join(columns).encode())
 
 
-# the first columns of every results CSV diffcls has written (runtime.results builds on them)
+# the first columns of every results CSV diffcls has written (runtime.results.writer builds on them)
 RESULTS_KEY_COLUMNS = ("path", "prediction", "classidx")
 
 

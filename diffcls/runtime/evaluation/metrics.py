@@ -87,7 +87,7 @@ def plot_confusion(confusion: list[list[int]], names: list[str], path: str | Pat
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    from diffcls.runtime.outputs import save_figure
+    from diffcls.runtime.results.outputs import save_figure
 
     try:
         save_figure(fig, path)

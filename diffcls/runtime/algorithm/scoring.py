@@ -10,7 +10,7 @@ For one image with latent x0 and prompts c (docs/design.md, "The scoring loop"):
              a schedule's timestep weighting multiplies err by w_t)
              score(c) = mean of all of c's errors so far; keep the k_i lowest scores.
 
-Which samples an image needs is its policy's business (`diffcls.runtime.policy`): the fixed
+Which samples an image needs is its policy's business (`diffcls.runtime.algorithm.policy`): the fixed
 schedule above (`FixedPolicy`) or sequential elimination (`SequentialPolicy`, `AdaptiveSchedule`).
 Each policy hands out a block of (prompt, k, trial) items at a time and receives their errors.
 Every (image, prompt, t, trial) is independent given x0, so the `Scorer` keeps a FIFO queue of
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from diffcls.errors import DiffclsError
 from diffcls.models.noising import noising_coefficients, timestep_weights
-from diffcls.runtime.policy import make_policy
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule
+from diffcls.runtime.algorithm.policy import make_policy
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting
 from diffcls.errors import DiffclsError
-from diffcls.runtime.prompts import PromptSet
-from diffcls.runtime.schedule import AdaptiveSchedule, Schedule, default_schedule
+from diffcls.runtime.data.prompts import PromptSet
+from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, default_schedule
 
 # the adaptive schedule's settings -> their flags (None in a spec: AdaptiveSchedule's default)
 ADAPTIVE_FLAGS = {
@@ -45,7 +45,7 @@ class JobSpec:
     template: str = "a photo of a {}."
     list_file: Path | None = None  # --list: more images, from a text file or a CSV
     limit: int | None = None  # only the first N images (of the sample, with `sample`)
-    sample: int | None = None  # only N images drawn at random, seeded by `seed` (runtime.inputs.Inputs.select)
+    sample: int | None = None  # only N images drawn at random, seeded by `seed` (runtime.data.inputs.Inputs.select)
     image_size: int | None = None  # None: the model's
     interpolation: Interpolation = Interpolation.bicubic
     n_samples: tuple[int, ...] | None = None  # None: the model's default schedule
@@ -145,7 +145,7 @@ class JobSpec:
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
             raise DiffclsError("give either --prompts or --classes, not both")
-        from diffcls.runtime.inputs import check_run_numbers
+        from diffcls.runtime.data.inputs import check_run_numbers
 
         check_run_numbers(self.seed, self.image_size)
         return self

@@ -62,7 +62,7 @@ def scored_truth(job) -> dict[str, int]:
 
 
 def top_ids(outcome) -> list[int]:
-    """The class ids of an outcome's ranking (runtime.ranking), best first."""
+    """The class ids of an outcome's ranking (runtime.algorithm.ranking), best first."""
     return [c.classidx for c in outcome.ranked or []]
 
 
@@ -74,7 +74,7 @@ def evals_per_image(results: dict, keys=None) -> float | None:
 
 def accuracy_metrics(job) -> dict:
     """top-1/top-5, per-class precision/recall/f1, the confusion matrix, evaluations per image."""
-    from diffcls.runtime.metrics import confusion_metrics
+    from diffcls.runtime.evaluation.metrics import confusion_metrics
 
     truth = scored_truth(job)
     m = confusion_metrics(
@@ -100,9 +100,9 @@ def decisions(results: dict, truth: dict):
 
 
 def calibration_metrics(results: dict, truth: dict, temperature: float | None) -> dict | None:
-    """NLL of the true class and ECE of the predicted class's probability (runtime.ranking: the
+    """NLL of the true class and ECE of the predicted class's probability (runtime.algorithm.ranking: the
     prediction's is the highest), over the images whose ranking is known."""
-    from diffcls.runtime.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
+    from diffcls.runtime.evaluation.calibration import UNCALIBRATED, expected_calibration_error, nll, softmax_neg
 
     t = UNCALIBRATED if temperature is None else temperature
     keys, lists, pos = [], [], []
@@ -118,7 +118,7 @@ def calibration_metrics(results: dict, truth: dict, temperature: float | None) -
 
 def fit_calibration(job):
     """The temperature of minimum NLL on the job's labeled images (`diffcls calibrate`)."""
-    from diffcls.runtime.calibration import UNCALIBRATED, Calibration, fit_temperature, nll
+    from diffcls.runtime.evaluation.calibration import UNCALIBRATED, Calibration, fit_temperature, nll
 
     truth = scored_truth(job)
     before = calibration_metrics(job.results, truth, None)

@@ -1,0 +1,1 @@
+"""Evaluation: labels -> classes and accuracy, the metrics, probability calibration, image-text matching."""
