@@ -454,6 +454,12 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
             f"checkpoints have the same tensors; pass --config {a} or --config {b} (a diffusers directory "
             f"or a cached model id; get the configs with: hf download {a} {include})"
         )
+    if str(kind).startswith(("xl", "sd3", "sd35", "flux")):
+        pipe = "StableDiffusionXLPipeline" if str(kind).startswith("xl") else "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
+        raise DiffclsError(
+            f"{path} is a single-file {kind} checkpoint; diffcls reads SDXL and SD3 from diffusers directories only: "
+            f"convert it once with diffusers ({pipe}.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
+        )
     if kind != "v1":
         raise DiffclsError(
             f"{path} is not a Stable Diffusion 1.x/2.x checkpoint (diffusers reads it as {kind!r}); "

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="timestep weighting (default: the model's diffcls.json)")
+    p.add_argument("--record", action="store_true", help="with --eval: keep the result in the model's training.json")
     args = p.parse_args(argv)
     start_trainer(args.threads)
     if not args.eval:
@@ -69,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         res.pop("predictions")
         res["weighting"] = weighting
         print(json.dumps(res, indent=2))
-        if not args.eval:
-            record_evaluation(args.out, args.split if weighting == default else f"{args.split}_{weighting}", res)
+        if not args.eval or args.record:
+            where = Path(model.source)
+            record_evaluation(where, args.split if weighting == default else f"{args.split}_{weighting}", res)
 
 
 if __name__ == "__main__":
