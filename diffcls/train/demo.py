@@ -207,15 +207,6 @@ class FlowObjective:
         return (1 - s) * x0 + s * eps, eps - x0, self.sigmas[t] * self.T
 
 
-def objective_for(model) -> EpsilonObjective | FlowObjective:
-    """The training/scoring objective of a loaded model (epsilon or flow; the demos train no v)."""
-    if model.prediction_type == "flow":
-        return FlowObjective(model.sigmas)
-    if model.prediction_type != "epsilon":
-        raise ValueError(f"the demo trainers score epsilon or flow models, not {model.prediction_type}")
-    return EpsilonObjective(model.alphas_cumprod)
-
-
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
                cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, extra_loss=None, objective=None):
     """Train on scaled latents; returns EMA copies (unet, text_encoder).
@@ -274,68 +265,15 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
 
 
-# --- evaluation: the scoring loop of docs/design.md, in plain torch -------------------------------
-# The runtime (`diffcls evaluate`, `Classifier`) implements the same loop with batching across
-# images; tests/test_demo_model.py checks that both predict the same.
+# --- evaluation: the library's scoring loop (classify_in_chunks, below) --------------------------
 def timestep_grid(T: int, M: int) -> list[int]:
+    """The paper's grid of M timesteps out of T (docs/design.md); the shapes trainer's paired errors use it."""
     return list(range(T // M // 2, T, T // M))[:M]
 
 
-@torch.no_grad()
-def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch.Tensor,
-                     n_samples: list[int], to_keep: list[int], n_trials: int = 1, seed: int = 0,
-                     batch_size: int = 512, objective=None, weights: torch.Tensor | None = None) -> tuple[list[int], int]:
-    """Adaptive Diffusion-Classifier scoring (l2 loss) for N latents; returns (predictions, unet evals).
-    `objective`: the noising and target (default: epsilon under ᾱ = `alphas`); `weights`: (T,)
-    per-timestep factors on the errors (a timestep weighting; default none)."""
-    objective = objective or EpsilonObjective(alphas)
-    N, (C, h, w), K = x0.shape[0], x0.shape[1:], embeds.shape[0]
-    T, M = alphas.shape[0], max(n_samples)
-    grid = timestep_grid(T, M)
-    bank = torch.randn((M * n_trials, C, h, w), generator=torch.Generator().manual_seed(seed))
-    remaining = [list(range(K)) for _ in range(N)]
-    err_sum = torch.zeros(N, K, dtype=torch.float64)
-    err_cnt = torch.zeros(N, K, dtype=torch.float64)
-    evaluated: list[int] = []
-    n_evals = 0
-    for n_i, k_i in zip(n_samples, to_keep):
-        step = len(grid) // n_i
-        ts = [t for t in grid[step // 2 :: step][:n_i] if t not in evaluated]
-        first = len(evaluated)
-        evaluated += ts
-        jobs = [  # (image, class, t, noise index)
-            (i, c, t, (first + ti) * n_trials + j)
-            for i in range(N)
-            for c in remaining[i]
-            for ti, t in enumerate(ts)
-            for j in range(n_trials)
-        ]
-        for s in range(0, len(jobs), batch_size):
-            chunk = jobs[s : s + batch_size]
-            ii = torch.tensor([j[0] for j in chunk])
-            cc = torch.tensor([j[1] for j in chunk])
-            tt = torch.tensor([j[2] for j in chunk])
-            eps = bank[torch.tensor([j[3] for j in chunk])]
-            xt, target, model_t = objective.noise(x0[ii], tt, eps)
-            pred = unet(xt, model_t, encoder_hidden_states=embeds[cc], return_dict=False)[0]
-            err = ((target - pred) ** 2).mean(dim=(1, 2, 3)).double()
-            if weights is not None:
-                err = err * weights[tt]
-            err_sum.index_put_((ii, cc), err, accumulate=True)
-            err_cnt.index_put_((ii, cc), torch.ones_like(err), accumulate=True)
-            n_evals += len(chunk)
-        for i in range(N):
-            scores = err_sum[i, remaining[i]] / err_cnt[i, remaining[i]]
-            best = torch.topk(-scores, k=k_i).indices.tolist()
-            remaining[i] = [remaining[i][b] for b in best]
-    return [r[0] for r in remaining], n_evals
-
-
 def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=(20, 100), to_keep=(3, 1),
-             n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True, objective=None,
-             weights: torch.Tensor | None = None) -> dict:
-    """Top-1 accuracy of `model` (an SDModel) on a digits split with the adaptive schedule
-    (`objective`, `weights`: as in `classify_latents`)."""
+             n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True, weighting: str = "none") -> dict:
+    """Top-1 accuracy of `model` (an SDModel) on a digits split with the adaptive schedule."""
     x, y = split_tensors(split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
@@ -344,8 +282,8 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
         enc = VaeEncoderWrapper(model.vae, model.scaling_factor)
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
         embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = classify_in_chunks(model.unet, lat, embeds, y, model.alphas_cumprod, n_samples, to_keep,
-                                      n_trials, seed, chunk, t0 if verbose else None, objective=objective, weights=weights)
+    preds, evals = classify_in_chunks(model, lat, embeds, y, n_samples, to_keep, n_trials, seed, chunk, t0 if verbose else None,
+                                      weighting=weighting)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {
@@ -436,20 +374,32 @@ def write_training_record(out: Path, info: dict, t0: float) -> Path:
     return out
 
 
-def classify_in_chunks(unet, lat, cond, y, alphas, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
-                       t0: float | None = None, objective=None, weights=None) -> tuple[list[int], int]:
-    """`classify_latents` over `lat` in chunks of `chunk` images; with `t0` (the start time) a line of
-    running accuracy against the labels `y` after each chunk. Returns (predictions, UNet evaluations)."""
-    preds, evals = [], 0
-    for s in range(0, len(lat), chunk):
-        p, e = classify_latents(unet, lat[s : s + chunk], cond, alphas, list(n_samples), list(to_keep), n_trials, seed,
-                                objective=objective, weights=weights)
-        preds += p
-        evals += e
-        if t0 is not None:
-            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
+def classify_in_chunks(model, lat, cond, y, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
+                       t0: float | None = None, batch_size: int = 512, weighting: str = "none") -> tuple[list[int], int]:
+    """Classify the latents `lat` with the library's scoring loop (`runtime.algorithm.scoring.Scorer`,
+    what `diffcls classify` runs) on `model`'s denoiser in torch fp32, conditioned on `cond` (one row
+    per prompt: text embeddings, or a DiT's class ids), the fixed schedule (`n_samples`, `to_keep`,
+    `n_trials`) and the noise bank of `seed`. With `t0` (the start time) a line of running accuracy
+    against the labels `y` every `chunk` images. Returns (predictions in `lat`'s order, UNet evaluations)."""
+    from diffcls.engines.torch_backend import TorchEngine
+    from diffcls.models.wrappers import wrap
+    from diffcls.runtime.algorithm.schedule import Schedule
+    from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
+
+    schedule = Schedule(tuple(n_samples), tuple(to_keep), n_trials, weighting=weighting)
+    spec = model.component_specs(model.default_image_size)["unet"]
+    unet = TorchEngine(wrap(model, "unet"), spec, torch.device("cpu"), torch.float32)
+    bank = make_noise_bank(schedule, tuple(lat.shape[1:]), seed)
+    scorer = Scorer(unet, cond, model.alphas_cumprod, schedule, bank, batch_size, prediction_type=model.prediction_type,
+                    sigmas=getattr(model, "sigmas", None))
+    preds: dict[int, int] = {}
+    evals, truth = 0, y.tolist()
+    for i, score in scorer.run((i, lat[i]) for i in range(len(lat))):
+        preds[i], evals = score.prediction, evals + score.n_evals
+        if t0 is not None and (len(preds) % chunk == 0 or len(preds) == len(lat)):
+            acc = sum(int(p == truth[k]) for k, p in preds.items()) / len(preds)
             print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
-    return preds, evals
+    return [preds[i] for i in range(len(lat))], evals
 
 
 def record_evaluation(out: Path, split: str, res: dict) -> None:

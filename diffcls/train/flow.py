@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffcls.models.loading import load_model
-from diffcls.models.noising import WEIGHTINGS, timestep_weights
+from diffcls.models.noising import WEIGHTINGS
 from diffcls.models.tiny import flow_scheduler_config
-from diffcls.train.demo import DemoConfig, evaluate, objective_for, record_evaluation, start_trainer, train, trainer_arguments
+from diffcls.train.demo import DemoConfig, evaluate, record_evaluation, start_trainer, train, trainer_arguments
 
 SHIFT = 3.0  # SD3's
 WEIGHTING = "logit-normal"  # the default written to diffcls.json
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     weightings = [args.weighting or default] if args.eval else [default, *(w for w in WEIGHTINGS if w != default)]
     for weighting in weightings:
         res = evaluate(model, args.split, args.limit, args.n_samples or defaults["n_samples"], args.to_keep or defaults["to_keep"],
-                       args.n_trials, seed=args.noise_seed, objective=objective_for(model),
-                       weights=timestep_weights(weighting, model.num_train_timesteps))
+                       args.n_trials, seed=args.noise_seed, weighting=weighting)
         res.pop("predictions")
         res["weighting"] = weighting
         print(json.dumps(res, indent=2))
