@@ -225,8 +225,8 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes
-BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes"}
+# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes / demo-flow
+BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes", "demo-flow": "demo-flow"}
 
 
 def bundled_model_path(name: str = "demo") -> Path:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_eval:
             return
         args.model = args.out
-    model = load_model(args.model or "diffcls/models/demo-flow")
+    model = load_model(args.model or "demo-flow")
     defaults = json.loads((Path(model.source) / "diffcls.json").read_text())
     default = defaults.get("weighting", "none")
     # after training: the default weighting and, side by side, the other (eval_<split>_<weighting>)
