@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
+from diffcls.cli.common import app, console, out, progress_bar, rate, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
 from diffcls.runtime.evaluation.evaluate import LabelKind
@@ -39,32 +39,6 @@ def join_list_flags(args: list[str]) -> list[str]:
             if vals:
                 out_args.append(",".join(vals))
     return out_args
-
-
-def _progress():
-    """A progress bar on a terminal; plain progress lines every few seconds in a log or pipe."""
-    if not interactive(console):
-        return LineProgress(console)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 _SCALE = "Many GPUs"
@@ -104,7 +78,7 @@ def _run(job) -> dict:
     for note in job.notes:
         console.print(escape(note))
     start = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("classify", total=len(job.todo), rate="-")
 
         def on_skip(path, msg):
