@@ -35,7 +35,7 @@ SUBSTITUTIONS = [
     (r"\./stable-diffusion-3\.5-medium", "{tmp}/sd3", "no real SD3 weights offline: a tiny random SD3 directory (models.tiny.tiny_sd3) stands in"),
     (r"\./sdxl-base", "{tmp}/sdxl", "no real SDXL weights offline: a tiny random SDXL directory (models.tiny.tiny_sdxl) stands in"),
     (r"--image-size 1024", "--image-size 16", "the tiny SDXL stand-in takes 16 px images"),
-    (r'(--model (?:\{tmp\}/sd3|\S*sd3|stabilityai/stable-diffusion-xl-base-1\.0) --classes "cat,dog")', r"\1 --n-samples 2 4 --to-keep 2 1",
+    (r"(--model (?:\S*/sd3|stabilityai/stable-diffusion-xl-base-1\.0) --classes \S+)", r"\1 --n-samples 2 4 --to-keep 2 1",
      "the default 550 timesteps per image on two more families; 6 run the same code"),
     (r"(diffcls evaluate examples/digits --model demo-flow)", r"\1 --n-samples 2 4 --to-keep 2 1",
      "the flow demo's default is 220 UNet calls per image; 6 timesteps run the same code"),
