@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, parse_device
+from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting, parse_device
 from diffcls.errors import DiffclsError
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 from diffcls.runtime.execution.spec import JobSpec
@@ -39,10 +39,10 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> annotation, in --help order; the default is JobSpec's (device: "auto" for None)
 OPTIONS: dict[str, Any] = {
-    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD), demo-dit or demo-shapes.", _MODEL)],
+    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.", _MODEL)],
     "config": Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)],
     "engines": Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)],
-    "backend": Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit, demo-shapes) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)],
+    "backend": Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit, demo-shapes, demo-flow) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)],
     "device": Annotated[str, _opt("--device", "auto, cpu, cuda or cuda:N.", _MODEL)],
     "precision": Annotated[Precision, _opt("--precision", "auto = fp16 on a GPU, fp32 on a CPU; bf16 only with the torch backend on a GPU.", _MODEL)],
     "compile": Annotated[bool, _opt("--compile/--no-compile", "torch.compile the UNet (torch backend; CUDA graphs on GPU; once per batch size).", _MODEL)],
@@ -58,6 +58,7 @@ OPTIONS: dict[str, Any] = {
     "to_keep": Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. 5 1; the last must be 1 (default: the model's, else 5 1 with 5 capped at the number of prompts).", _SCHEDULE, metavar="K K..")],
     "n_trials": Annotated[int, _opt("--n-trials", "Noise draws per timestep.", _SCHEDULE, min=1)],
     "loss": Annotated[Loss, _opt("--loss", "Error between true and predicted noise.", _SCHEDULE)],
+    "weighting": Annotated[Optional[Weighting], _opt("--weighting", "Timestep weighting of the errors: none (the paper's plain mean) or logit-normal (SD3's training density of timesteps, for flow-matching models; Esser et al. 2024). Default: the model's diffcls.json, else logit-normal for a flow-matching model and none for the others.", _SCHEDULE)],
     "seed": Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)],
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)],

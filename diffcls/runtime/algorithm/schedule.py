@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from diffcls.config import Loss
 from diffcls.errors import DiffclsError
+from diffcls.models.noising import WEIGHTINGS
 
 LOSSES = tuple(loss.value for loss in Loss)
 
@@ -69,9 +70,11 @@ class Schedule(_BandWeights):
     n_trials: int = 1  # noise draws per timestep
     loss: str = "l2"  # l2 (the paper's), l1 or huber
     band_weights: tuple[float, ...] | None = None  # timestep weights by band (a calibration file's); None: uniform
+    weighting: str = "none"  # each error times w_t (models.noising.timestep_weights): none or logit-normal
 
     def __post_init__(self):
         _norm_weights(self)
+        object.__setattr__(self, "weighting", str(getattr(self.weighting, "value", self.weighting)))
         object.__setattr__(self, "n_samples", tuple(int(n) for n in self.n_samples))
         object.__setattr__(self, "to_keep", tuple(int(k) for k in self.to_keep))
         if isinstance(self.loss, Loss):  # plain strings in describe(), results and caches
@@ -114,8 +117,7 @@ class Schedule(_BandWeights):
             )
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
-        if self.loss not in LOSSES:
-            raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        check_loss_and_weighting(self)
         self._check_weights(max(ns), T)
         object.__setattr__(self, "_valid_for", (n_prompts, num_train_timesteps))
         return self
@@ -160,14 +162,32 @@ class Schedule(_BandWeights):
         d = {"kind": "fixed", "n_samples": list(self.n_samples), "to_keep": list(self.to_keep), "n_trials": self.n_trials, "loss": self.loss}
         if self.band_weights is not None:  # only then: unweighted results files stay comparable
             d["band_weights"] = list(self.band_weights)
-        return d
+        return with_weighting(d, self.weighting)
 
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
         return (
             f"n_samples={list(self.n_samples)} to_keep={list(self.to_keep)} "
             f"n_trials={self.n_trials} loss={self.loss}" + (" timestep-weighted" if self.band_weights is not None else "")
+            + weighting_words(self.weighting)
         )
+
+
+def check_loss_and_weighting(schedule) -> None:
+    if schedule.loss not in LOSSES:
+        raise DiffclsError(f"unknown --loss {schedule.loss!r}; choose one of {', '.join(LOSSES)}")
+    if schedule.weighting not in WEIGHTINGS:
+        raise DiffclsError(f"unknown --weighting {schedule.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def with_weighting(d: dict, weighting: str) -> dict:
+    """A schedule's plain values with its weighting, which is left out when it is "none" (so the
+    results files written before weightings existed stay bound to the same values)."""
+    return d if weighting == "none" else {**d, "weighting": weighting}
+
+
+def weighting_words(weighting: str) -> str:
+    return "" if weighting == "none" else f" weighting={weighting}"
 
 
 def default_schedule(n_prompts: int, n_samples=(50, 500), to_keep=(5, 1), **kw) -> Schedule:
@@ -250,8 +270,10 @@ class AdaptiveSchedule(_BandWeights):
     final_error_rate: float | None = None  # the final stage's share of alpha (None: half)
     look_every: int = 1  # g: each stage tests at its n0-th sample and every g samples after (and at its end)
     band_weights: tuple[float, ...] | None = None  # timestep weights by band (a calibration file's); None: uniform
+    weighting: str = "none"  # each error times w_t (models.noising.timestep_weights)
 
     def __post_init__(self):
+        object.__setattr__(self, "weighting", str(getattr(self.weighting, "value", self.weighting)))
         object.__setattr__(self, "final_samples", int(self.final_samples))
         object.__setattr__(self, "final_keep", int(self.final_keep))
         object.__setattr__(self, "error_rate", float(self.error_rate))
@@ -314,8 +336,7 @@ class AdaptiveSchedule(_BandWeights):
         self._check_weights(self.grid_size, T)
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
-        if self.loss not in LOSSES:
-            raise DiffclsError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        check_loss_and_weighting(self)
         if n_prompts < 1:
             raise DiffclsError("no prompts to score; give at least one")
         return self
@@ -368,7 +389,8 @@ class AdaptiveSchedule(_BandWeights):
 
     def to_dict(self) -> dict:
         """The schedule as plain values (what a results file is bound to; `schedule_from_dict`)."""
-        return {"kind": "adaptive", **{f.name: getattr(self, f.name) for f in fields(self)}}
+        d = {"kind": "adaptive", **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "weighting"}}
+        return with_weighting(d, self.weighting)
 
     def describe(self) -> str:
         """For people (logs, --json); never compared: `to_dict` is what is stored and compared."""
@@ -382,6 +404,7 @@ class AdaptiveSchedule(_BandWeights):
         return (
             f"adaptive rule={self.rule} {knob}alpha={self.resolved_alpha:g} min_samples={self.min_samples} "
             f"max_samples={self.max_samples}{delta}{final}{look} n_trials={self.n_trials} loss={self.loss}"
+            + weighting_words(self.weighting)
         )
 
 

@@ -530,7 +530,7 @@ def iter_match(
             policies[key] = ItemPolicy(arms, order, schedule, skip, _item_offset(it))
             return policies[key]
 
-        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type, policy_factory=factory)
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type, sigmas=e.sigmas, policy_factory=factory)
         units = ((it.key, torch.stack([latents[(it.key, 0)], latents[(it.key, 1)]])) for it in good)
         try:
             for key, score in scorer.run(units):

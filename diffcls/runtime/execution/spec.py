@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 
-from diffcls.config import Backend, Interpolation, Loss, Precision, Rule
+from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting
 from diffcls.errors import DiffclsError
 from diffcls.runtime.data.prompts import PromptSet
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, default_schedule
@@ -52,6 +52,7 @@ class JobSpec:
     to_keep: tuple[int, ...] | None = None
     n_trials: int = 1
     loss: Loss = Loss.l2
+    weighting: Weighting | None = None  # None: the model's (its diffcls.json), else none
     seed: int = 0
     noise: Path | None = None  # a noise bank file instead of the seed's
     adaptive: bool = False
@@ -180,17 +181,18 @@ def build_schedule(s: JobSpec, n_prompts: int, defaults: dict) -> Schedule | Ada
     """The user's schedule as given; else the model's default (the paper's where it names none)
     with the first keep capped at the prompt count (a cap the user's own --to-keep never gets:
     that is an error to report)."""
+    weighting = s.weighting.value if s.weighting is not None else str(defaults.get("weighting", "none"))
     if s.adaptive:
-        return s.adaptive_schedule()
+        return replace(s.adaptive_schedule(), weighting=weighting)
     if s.n_samples is None:
         ns = tuple(defaults.get("n_samples", Schedule.n_samples))
         ks = tuple(defaults.get("to_keep", Schedule.to_keep))
-        return default_schedule(n_prompts, ns, ks, n_trials=s.n_trials, loss=s.loss.value)
-    return Schedule(n_samples=s.n_samples, to_keep=s.to_keep, n_trials=s.n_trials, loss=s.loss.value)
+        return default_schedule(n_prompts, ns, ks, n_trials=s.n_trials, loss=s.loss.value, weighting=weighting)
+    return Schedule(n_samples=s.n_samples, to_keep=s.to_keep, n_trials=s.n_trials, loss=s.loss.value, weighting=weighting)
 
 
 _KINDS = {
     "model": Path, "config": Path, "engines": Path, "prompts": Path, "list_file": Path, "noise": Path, "cache_dir": Path,
-    "backend": Backend, "precision": Precision, "interpolation": Interpolation, "loss": Loss, "rule": Rule,
+    "backend": Backend, "precision": Precision, "interpolation": Interpolation, "loss": Loss, "rule": Rule, "weighting": Weighting,
     "n_samples": "ints", "to_keep": "ints",
 }
