@@ -65,6 +65,7 @@ class ShapesConfig(DemoConfig):
     # between a two-object scene's caption and a swapped one; 0 trains on denoising alone
     negative_weight: float = 0.02
     negative_rows: int = 24  # at most this many rows of a batch get a hard negative (an extra UNet pass each)
+    negative_mix: list[int] = field(default_factory=lambda: [1, 1, 1])  # relative odds of an attribute, object, relation swap
     text_lr: float = 3e-4  # the text encoder learns word order from scratch: faster than the digits' 1e-4
     # default classification schedule: 10 timesteps for all 30 classes, then 50 (40 new) for
     # the best 3 -> 420 UNet evaluations per image
@@ -124,12 +125,12 @@ def hard_negatives(tokenizer, scenes: list, cfg: ShapesConfig, condition):
     squared noise-prediction error: the two-way cross-entropy of the diffusion classifier's
     own decision at that timestep (the hard-negative training of DiffusionITM, Krojer et al.
     2023). Swaps that would be a novel scene are never used, so no novel colour-shape pair or
-    arrangement is named in training."""
+    arrangement is named in training. `negative_mix` weights the three kinds of swap."""
     table: list[list[str]] = []
     for s in scenes:
         own = set(s.captions())
-        swaps = [swap(s, tag) for tag in TAGS] if s.relation is not None else []
-        table.append([c for s1 in swaps if not s1.is_novel() for c in s1.captions() if c not in own])
+        swaps = [(swap(s, tag), w) for tag, w in zip(TAGS, cfg.negative_mix)] if s.relation is not None else []
+        table.append([c for s1, w in swaps if not s1.is_novel() for c in s1.captions() if c not in own for _ in range(w)])
     captions = sorted({c for cands in table for c in cands})
     row = {c: i for i, c in enumerate(captions)}
     rows = [[row[c] for c in cands] for cands in table]
@@ -259,12 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=None, help="two-object training scenes")
     p.add_argument("--single-per-class", type=int, default=None)
     p.add_argument("--negative-weight", type=float, default=None, help="hard-negative loss weight (0: denoising only)")
+    p.add_argument("--negative-rows", type=int, default=None, help="at most this many hard negatives per batch")
+    p.add_argument("--negative-mix", type=int, nargs=3, default=None, metavar=("ATTR", "OBJ", "REL"),
+                   help="relative odds of attribute, object and relation swaps as hard negatives")
     args = p.parse_args(argv)
 
     start_trainer(args.threads)
     if not args.eval:
         cfg = ShapesConfig(seed=args.seed)
-        for name in ("unet_steps", "vae_steps", "pairs", "single_per_class", "negative_weight"):
+        for name in ("unet_steps", "vae_steps", "pairs", "single_per_class", "negative_weight", "negative_rows", "negative_mix"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         train(args.out, cfg, "python -m diffcls.train.shapes " + shlex.join(sys.argv[1:] if argv is None else argv))
