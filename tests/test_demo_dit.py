@@ -59,8 +59,7 @@ def test_demo_dit_runtime_matches_trainer_loop_and_is_accurate(heldout_pngs):
     from diffcls.runtime.data.preprocess import load_and_preprocess
     from diffcls.runtime.data.prompts import PromptSet
     from diffcls.runtime.algorithm.schedule import Schedule
-    from diffcls.train.dit import _AsUnet
-    from diffcls.train.demo import classify_latents
+    from plain_loop import AsUnet, classify_latents
 
     d = model_defaults("demo-dit")
     schedule = dict(n_samples=tuple(d["n_samples"]), to_keep=tuple(d["to_keep"]))
@@ -71,9 +70,12 @@ def test_demo_dit_runtime_matches_trainer_loop_and_is_accurate(heldout_pngs):
     with torch.no_grad():
         x = torch.stack([load_and_preprocess(p, 32, "bicubic") for p in heldout_pngs])
         lat = model.wrap("vae_encoder")(x)
-    plain, _ = classify_latents(_AsUnet(model), lat, torch.arange(10), model.alphas_cumprod,
+    plain, _ = classify_latents(AsUnet(model), lat, torch.arange(10), model.alphas_cumprod,
                                 **{k: list(v) for k, v in schedule.items()})
     assert plain == runtime
+    from diffcls.train.demo import classify_in_chunks  # the trainers' evaluation: the library's loop
+
+    assert classify_in_chunks(model, lat, torch.arange(10), torch.zeros(len(lat)), *schedule.values(), 1, 0, chunk=8)[0] == plain
     truth = [CLASSNAMES.index(p.parent.name) for p in heldout_pngs]
     correct = sum(p == t for p, t in zip(runtime, truth))
     assert correct / TEST_IMAGES >= ACCURACY_FLOOR, f"{correct}/{TEST_IMAGES} held-out digits correct"

@@ -153,8 +153,10 @@ def test_demo_accuracy_on_heldout_digits(heldout_pngs):
 
 
 def test_train_demo_eval_loop_matches_runtime(heldout_pngs):
-    """train_demo's plain re-implementation of the scoring loop predicts what the runtime does."""
-    from diffcls.train.demo import classify_latents, prompts, text_embeddings
+    """The plain re-implementation of the scoring loop (tests/plain_loop.py) predicts what the runtime does."""
+    from plain_loop import classify_latents
+
+    from diffcls.train.demo import prompts, text_embeddings
     from diffcls.models.wrappers import VaeEncoderWrapper
     from diffcls.runtime.execution.classifier import Classifier
     from diffcls.runtime.data.preprocess import load_and_preprocess
@@ -175,3 +177,7 @@ def test_train_demo_eval_loop_matches_runtime(heldout_pngs):
     plain, evals = classify_latents(model.unet, lat, emb, model.alphas_cumprod, **{k: list(v) for k, v in schedule.items()})
     assert plain == runtime
     assert evals == 10 * (10 * 4 + 2 * 8)
+    # the trainers' evaluation runs the library's loop on the model's own modules: the same answers
+    from diffcls.train.demo import classify_in_chunks
+
+    assert classify_in_chunks(model, lat, emb, torch.zeros(10), *schedule.values(), 1, 0, chunk=4) == (plain, evals)

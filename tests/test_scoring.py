@@ -242,3 +242,38 @@ def test_the_error_reduction_does_not_depend_on_the_batch():
         alone = torch.cat([per_sample_loss(eps[i : i + 1], pred[i : i + 1], loss) for i in range(13)])
         assert torch.equal(batched, alone)
         assert torch.equal(per_sample_loss(eps[3:9], pred[3:9], loss), batched[3:9])
+
+
+def test_one_batch_of_lookahead_launches_the_next_batch_before_reading_this_one(tiny_engines, inputs):
+    """With a full batch queued the Scorer launches it before it reads the errors of the batch in
+    flight (what keeps a GPU busy while the host feeds the policies); the answers are those of a
+    Scorer that waits for every batch, and only the last batch is padded."""
+    latents, emb = inputs
+    schedule = Schedule((4, 12), (3, 1), n_trials=2)
+    bank = make_noise_bank(schedule, tiny_engines.latent_shape, seed=0)
+
+    class Recording(Scorer):
+        def _launch(self, items):
+            events.append("launch")
+            return super()._launch(items)
+
+        def _collect(self, launched):
+            events.append("collect")
+            return super()._collect(launched)
+
+    runs = {}
+    for lookahead in (True, False):
+        events: list[str] = []
+        scorer = Recording(tiny_engines.unet, emb, tiny_engines.alphas_cumprod, schedule, bank, 8, lookahead=lookahead)
+        runs[lookahead] = (dict(scorer.run((i, latents[i]) for i in range(3))), scorer.stats, events)
+    (ahead, stats, events), (waited, stats_waited, events_waited) = runs[True], runs[False]
+    assert events_waited == ["launch", "collect"] * stats_waited.unet_calls
+    assert stats.launched_ahead > 0 and events.count("launch") == events.count("collect") == stats.unet_calls
+    pairs = ["".join(e[0] for e in events[i : i + 3]) for i in range(len(events) - 2)]
+    assert "llc" in pairs  # two batches launched, the first read back after the second went out
+    assert stats.unet_evals == stats_waited.unet_evals == 3 * (6 * 4 * 2 + 3 * 8 * 2) and stats.padded == stats_waited.padded
+    for i in waited:
+        assert ahead[i].prediction == waited[i].prediction and ahead[i].ranking == waited[i].ranking
+        a = {(c, t, j): e for c, t, j, e in ahead[i].errors}
+        b = {(c, t, j): e for c, t, j, e in waited[i].errors}
+        assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-5

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import LineProgress, app, console, interactive, out, rate, user_errors
+from diffcls.cli.common import app, console, out, progress_bar, rate, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
 from diffcls.runtime.evaluation.evaluate import LabelKind
@@ -41,32 +41,6 @@ def join_list_flags(args: list[str]) -> list[str]:
     return out_args
 
 
-def _progress():
-    """A progress bar on a terminal; plain progress lines every few seconds in a log or pipe."""
-    if not interactive(console):
-        return LineProgress(console)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 _SCALE = "Many GPUs"
 PathsArg = Annotated[Optional[list[str]], typer.Argument(help="Images, folders (searched recursively) or globs such as 'photos/*.jpg'. Result keys are paths relative to the folder given, or to the deepest folder holding all inputs.", show_default=False, metavar="PATH")]
 LabeledArg = Annotated[Optional[list[str]], typer.Argument(help="Labeled folders: one subfolder of images per class (or --list a CSV with path,label).", show_default=False, metavar="FOLDER")]
@@ -79,25 +53,6 @@ RayOpt = Annotated[bool, typer.Option("--ray", help="Run on Ray workers (needs t
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 (default: a local cluster).", rich_help_panel=_SCALE)]
 RayWorkersOpt = Annotated[Optional[int], typer.Option("--ray-workers", help="Ray workers, each opening the engines once (default: one per GPU, else 1).", rich_help_panel=_SCALE, min=1)]
 GpusOpt = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="GPUs per Ray worker, may be a fraction (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE, min=0)]
-
-
-def _ray(ray: bool, address, workers, gpus_per_worker):
-    """RayOptions for --ray (None without it); the Ray flags without --ray are an error."""
-    from diffcls.runtime.execution.job import RayOptions
-
-    if not ray:
-        given = [f for f, v in (("--ray-address", address), ("--ray-workers", workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
-        if given:
-            raise DiffclsError(f"{', '.join(given)} only apply with --ray; add --ray or drop {given[0]}")
-        return None
-    return RayOptions(address, workers, gpus_per_worker)
-
-
-def _calibration(path: Path | None):
-    """The Calibration of --calibration (the job checks it against the run), or None."""
-    from diffcls.runtime.evaluation.calibration import Calibration
-
-    return None if path is None else Calibration.load(path)
 
 
 def _duration(seconds: float) -> str:
@@ -123,7 +78,7 @@ def _run(job) -> dict:
     for note in job.notes:
         console.print(escape(note))
     start = time.perf_counter()
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("classify", total=len(job.todo), rate="-")
 
         def on_skip(path, msg):
@@ -162,14 +117,11 @@ def classify(
     settings: RunSettings,
 ) -> None:
     """Classify images zero-shot: the class whose prompt best predicts the added noise wins."""
-    from diffcls.runtime.execution.job import ClassifyJob
-    from diffcls.runtime.results.shards import parse_shard
+    from diffcls.runtime.execution.job import ClassifyJob, RayOptions
 
     with user_errors():
-        rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
-        cal = _calibration(calibration)
-        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, shard=None if shard is None else parse_shard(shard),
-                         calibration=cal, ray=rayopts) as job, _quiet(quiet):
+        rayopts = RayOptions.from_flags(ray, ray_address, ray_workers, gpus_per_worker)
+        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, shard=shard, calibration=calibration, ray=rayopts) as job, _quiet(quiet):
             results = _run(job)
         if not results:
             raise DiffclsError(f"no image of {job.describe_inputs()} could be classified; see the skipped files above")
@@ -181,7 +133,7 @@ def classify(
             _print_top(next(iter(results.items())), temperature, top_k)
         elif not quiet and (out_csv is None or len(results) <= 20):
             _print_predictions(results, temperature)
-        console.print(_summary(results, job.skipped) + (f"; results in {out_csv}" if out_csv is not None else "")
+        console.print(job.predictions_line() + (f"; results in {out_csv}" if out_csv is not None else "")
                       + (f", errors in {save_errors}" if save_errors else ""))
 
 
@@ -194,16 +146,6 @@ def _quiet(on: bool):
         yield
     finally:
         console.quiet = old
-
-
-def _summary(results: dict, skipped) -> str:
-    """'10 images: 3 eight, 2 one, ...' (most frequent prediction first) and what was skipped."""
-    counts: dict[str, int] = {}
-    for r in results.values():
-        counts[r.prediction] = counts.get(r.prediction, 0) + 1
-    parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    n = len(results)
-    return f"{n} image{'s' if n != 1 else ''}: {parts}" + (f"; {len(skipped)} skipped" if skipped else "")
 
 
 def _print_top(item, temperature: float | None, k: int) -> None:
@@ -278,74 +220,36 @@ def evaluate(
 ) -> None:
     """Accuracy on labeled images: top-1/top-5, per-class precision/recall, a confusion matrix,
     and the calibration of the class probabilities (NLL, expected calibration error)."""
-    from diffcls.runtime.evaluation.evaluate import accuracy_metrics, calibration_metrics, scored_truth
-    from diffcls.runtime.execution.job import ClassifyJob
+    from diffcls.runtime.evaluation.evaluate import evaluation, evaluation_report, reliability_path, write_plots
+    from diffcls.runtime.execution.job import ClassifyJob, RayOptions
     from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
     from diffcls.runtime.results.writer import atomic_write_text
 
     with user_errors():
-        rayopts = _ray(ray, ray_address, ray_workers, gpus_per_worker)
-        outputs = (("--out", out_csv), ("--save-errors", save_errors), ("--json", json_out), ("--plot", plot), ("--plot's reliability diagram", _reliability_path(plot)))
+        rayopts = RayOptions.from_flags(ray, ray_address, ray_workers, gpus_per_worker)
+        rel = reliability_path(plot)
+        outputs = (("--out", out_csv), ("--save-errors", save_errors), ("--json", json_out), ("--plot", plot), ("--plot's reliability diagram", rel))
         check_output(json_out, "--json", "metrics")  # before the run, not after it finished
         check_output(plot, "--plot", "png")
-        check_output(_reliability_path(plot), "--plot (its -reliability.png)", "png")
+        check_output(rel, "--plot (its -reliability.png)", "png")
         check_distinct(*outputs)
-        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, labels=labels, calibration=_calibration(calibration),
+        with ClassifyJob(settings, paths or [], out=out_csv, save_errors=save_errors, labels=labels, calibration=calibration,
                          ray=rayopts, exclude=[p for _, p in outputs]) as job:
             _run(job)
-        temperature = job.temperature
-        m = accuracy_metrics(job)
-        classes = job.prompts.classes
-        _print_metrics(m, classes)
-        cal = calibration_metrics(job.results, scored_truth(job), temperature)
+        m, cal = evaluation(job)
+        t = job.temperature
+        _print_metrics(m, job.prompts.classes)
         if cal is not None:
-            out.print(
-                f"probabilities ({'temperature %.4g from %s' % (temperature, calibration) if temperature is not None else 'uncalibrated, temperature 1; fit one with diffcls calibrate'}): "
-                f"NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)"
-            )
+            how = f"temperature {t:.4g} from {calibration}" if t is not None else "uncalibrated, temperature 1; fit one with diffcls calibrate"
+            out.print(f"probabilities ({how}): NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)")
         if json_out is not None:
-            report = {**m, "schedule": job.schedule.describe(), "classes": classes, "n_skipped": len(job.skipped),
-                      "n_unlabeled": job.n_unlabeled, "settings": job.record()}
-            if cal is not None:
-                report["calibration"] = {k: v for k, v in cal.items() if k not in ("confidence", "correct")}
             with output_errors("--json", json_out):
-                atomic_write_text(json_out, json.dumps(report, indent=2))
+                atomic_write_text(json_out, json.dumps(evaluation_report(job, m, cal), indent=2))
         if plot is not None:
-            _plots(plot, m, cal, classes, temperature, f"{_model_name(settings)} on {job.describe_inputs()}")
-
-
-def _model_name(s: RunSettings) -> str:
-    """The model as the user named it (for plot titles)."""
-    return str(s.engines) if s.engines is not None else str(s.model) if s.model is not None else "demo"
-
-
-def _plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None, what: str) -> None:
-    """The confusion matrix and (with probabilities) the reliability diagram at its height;
-    `what`: 'MODEL on IMAGES' for the titles."""
-    from diffcls.runtime.evaluation.metrics import confusion_figsize, plot_confusion
-    from diffcls.runtime.results.outputs import output_errors
-
-    with output_errors("--plot", plot):
-        plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"{what}: top-1 {100 * m['top1']:.1f}% ({m['correct']}/{m['n']})")
-    console.print(f"confusion matrix plot in {plot}")
-    rel = _reliability_path(plot)
-    if cal is not None and rel is not None:
-        from diffcls.runtime.evaluation.calibration import plot_reliability
-
-        label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
-        with output_errors("--plot", rel):
-            plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{what}, {label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}",
-                             height=confusion_figsize(len(m["class_ids"]))[1])
-        console.print(f"reliability diagram in {rel}")
-
-
-def _reliability_path(plot: Path | None) -> Path | None:
-    """The reliability diagram beside --plot (none beside a device or pipe such as /dev/stdout)."""
-    from diffcls.runtime.results.outputs import target_kind
-
-    if plot is None or target_kind(plot) == "stream":
-        return None
-    return plot.with_name(plot.stem + "-reliability.png")
+            model = settings.engines or settings.model or "demo"  # as the user named it
+            written = write_plots(plot, m, cal, job.prompts.classes, t, f"{model} on {job.describe_inputs()}")
+            for what, path in zip(("confusion matrix plot", "reliability diagram"), written):
+                console.print(f"{what} in {path}")
 
 
 @app.command()

@@ -172,3 +172,13 @@ def interactive(con: Console | None = None) -> bool:
     """Whether live displays (progress bars, spinners) show: a terminal or a notebook."""
     con = con or console
     return con.is_interactive or con.is_jupyter
+
+
+def progress_bar(unit: str = "images"):
+    """A progress bar on a terminal; plain progress lines every few seconds in a log or pipe."""
+    if not interactive(console):
+        return LineProgress(console, unit=unit)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)

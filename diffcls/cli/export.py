@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,17 +9,14 @@ from typing import Annotated, Optional
 import typer
 
 from diffcls.cli.common import app, console, out, user_errors
+from diffcls.cli.settings import parse_ints
 from diffcls.config import Backend, Precision, parse_device
 from diffcls.errors import DiffclsError
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise DiffclsError(f"--batch-sizes {text!r} must be integers, e.g. --batch-sizes 8,16,32") from None
-    if not sizes or min(sizes) < 1:
+    sizes = parse_ints(text, "--batch-sizes", example="8,16,32")
+    if min(sizes) < 1:
         raise DiffclsError(f"--batch-sizes {text!r} must be positive integers, e.g. --batch-sizes 8,16,32")
     return sizes
 
@@ -79,7 +75,6 @@ def export_cmd(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from diffcls.export import ExportConfig, export_model
-    from diffcls.export.pipeline import human_size
 
     with user_errors():
         if config is not None:
@@ -107,17 +102,5 @@ def export_cmd(
 
         with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
             result = export_model(cfg, _Reporter(progress))
-        m = result.manifest
-        total = sum(
-            (result.engine_dir / f).stat().st_size for c in m["components"].values() for f in c["files"]
-        )
-        comps = m["components"]
-        out.print(
-            f"engines in '{result.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
-            f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
-            # a class-conditional model (DiT) exports no text encoder: its prompts are class ids
-            + (f"text encoder {comps['text_encoder']['batch_sizes'][0]}, " if "text_encoder" in comps else "")
-            + f"image size {m['image_size']}; "
-            f"built {len(result.built)}, cached {len(result.cached)}"
-        )
+        out.print(result.summary())
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

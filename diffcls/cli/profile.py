@@ -89,20 +89,7 @@ def profile(
         from diffcls.runtime.execution.job import ClassifyJob
 
         job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
-        s = settings
-        images = [str(p) for p in job.inputs.images]  # --limit / --sample: the job selected them
-        kw = dict(seed=s.seed, noise=job.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
-        report = _profile(job, images, warmup, kw)
-        report["settings"].update(
-            {
-                "folder": ", ".join(paths or []),
-                "list": str(s.list_file) if s.list_file is not None else None,
-                "model": str(s.model) if s.model is not None else None,
-                "engines": str(s.engines) if s.engines is not None else None,
-                "interpolation": s.interpolation.value,
-                "workers": s.workers,
-            }
-        )
+        report = _profile(job, warmup)
         _print_report(report)
         if json_out is not None:
             from diffcls.runtime.results.writer import atomic_write_text
@@ -115,16 +102,16 @@ def profile(
                 plot_stages(report, plot)
             console.print(f"stage plot in {plot}")
         if not report["n_images"]:
-            raise DiffclsError(f"no image of {', '.join(paths or [str(s.list_file)])} could be classified; see the skipped files above")
+            raise DiffclsError(f"no image of {', '.join(paths or [str(settings.list_file)])} could be classified; see the skipped files above")
 
 
-def _profile(job, images: list, warmup: bool, kw: dict) -> dict:
-    """profile_run with a spinner on a terminal; in a log or pipe, a line every few seconds."""
-    from diffcls.runtime.execution.profiling import profile_run
+def _profile(job, warmup: bool) -> dict:
+    """profile_job with a spinner on a terminal; in a log or pipe, a line every few seconds."""
+    from diffcls.runtime.execution.profiling import profile_job
 
+    n = len(job.inputs.images)
     lines = None if interactive(console) else LineProgress(console)
-    task = lines.add_task("profile", total=len(images)) if lines is not None else None
-    with console.status(f"profiling {len(images)} images ...") if lines is None else contextlib.nullcontext():
-        return profile_run(job.classifier, images, job.prompts, job.schedule, warmup=warmup,
-                           on_skip=lambda path, msg: console.print(f"[yellow]skipped[/] {msg}"),
-                           on_image=(lambda: lines.advance(task)) if lines is not None else None, **kw)
+    task = lines.add_task("profile", total=n) if lines is not None else None
+    with console.status(f"profiling {n} images ...") if lines is None else contextlib.nullcontext():
+        return profile_job(job, warmup=warmup, on_skip=lambda path, msg: console.print(f"[yellow]skipped[/] {msg}"),
+                           on_image=(lambda: lines.advance(task)) if lines is not None else None)

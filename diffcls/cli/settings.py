@@ -83,16 +83,16 @@ def default(name: str) -> Any:
     return _CLI_DEFAULTS.get(name, JobSpec.__dataclass_fields__[name].default)
 
 
-def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+def parse_ints(text: str | None, flag: str, example: str = "50 500") -> tuple[int, ...] | None:
     if text is None:
         return None
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
-        raise DiffclsError(f"{flag} {text!r} must be integers, e.g. {flag} 50 500") from None
+        raise DiffclsError(f"{flag} {text!r} must be integers, e.g. {flag} {example}") from None
     if not values:
-        raise DiffclsError(f"{flag} is empty; give integers, e.g. {flag} 50 500")
+        raise DiffclsError(f"{flag} is empty; give integers, e.g. {flag} {example}")
     return values
 
 

@@ -83,6 +83,16 @@ class ExportResult:
     built: list[str] = field(default_factory=list)  # steps that ran
     cached: list[str] = field(default_factory=list)  # steps found cached
 
+    def summary(self) -> str:
+        """'engines in 'DIR' (12.3 MB): onnxruntime fp32, UNet batch sizes 8,16, VAE 8, ...'."""
+        m, comps = self.manifest, self.manifest["components"]
+        total = sum((self.engine_dir / f).stat().st_size for c in comps.values() for f in c["files"])
+        # a class-conditional model (DiT) exports no text encoder: its prompts are class ids
+        text = f"text encoder {comps['text_encoder']['batch_sizes'][0]}, " if "text_encoder" in comps else ""
+        return (f"engines in '{self.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
+                f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
+                f"{text}image size {m['image_size']}; built {len(self.built)}, cached {len(self.cached)}")
+
 
 def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):

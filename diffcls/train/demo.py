@@ -229,57 +229,10 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
 
 
-# --- evaluation: the scoring loop of docs/design.md, in plain torch -------------------------------
-# The runtime (`diffcls evaluate`, `Classifier`) implements the same loop with batching across
-# images; tests/test_demo_model.py checks that both predict the same.
+# --- evaluation: the library's scoring loop (classify_in_chunks, below) --------------------------
 def timestep_grid(T: int, M: int) -> list[int]:
+    """The paper's grid of M timesteps out of T (docs/design.md); the shapes trainer's paired errors use it."""
     return list(range(T // M // 2, T, T // M))[:M]
-
-
-@torch.no_grad()
-def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch.Tensor,
-                     n_samples: list[int], to_keep: list[int], n_trials: int = 1, seed: int = 0,
-                     batch_size: int = 512) -> tuple[list[int], int]:
-    """Adaptive Diffusion-Classifier scoring (l2 loss) for N latents; returns (predictions, unet evals)."""
-    N, (C, h, w), K = x0.shape[0], x0.shape[1:], embeds.shape[0]
-    T, M = alphas.shape[0], max(n_samples)
-    grid = timestep_grid(T, M)
-    bank = torch.randn((M * n_trials, C, h, w), generator=torch.Generator().manual_seed(seed))
-    remaining = [list(range(K)) for _ in range(N)]
-    err_sum = torch.zeros(N, K, dtype=torch.float64)
-    err_cnt = torch.zeros(N, K, dtype=torch.float64)
-    evaluated: list[int] = []
-    n_evals = 0
-    for n_i, k_i in zip(n_samples, to_keep):
-        step = len(grid) // n_i
-        ts = [t for t in grid[step // 2 :: step][:n_i] if t not in evaluated]
-        first = len(evaluated)
-        evaluated += ts
-        jobs = [  # (image, class, t, noise index)
-            (i, c, t, (first + ti) * n_trials + j)
-            for i in range(N)
-            for c in remaining[i]
-            for ti, t in enumerate(ts)
-            for j in range(n_trials)
-        ]
-        for s in range(0, len(jobs), batch_size):
-            chunk = jobs[s : s + batch_size]
-            ii = torch.tensor([j[0] for j in chunk])
-            cc = torch.tensor([j[1] for j in chunk])
-            tt = torch.tensor([j[2] for j in chunk])
-            eps = bank[torch.tensor([j[3] for j in chunk])]
-            a = alphas[tt].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0[ii] + (1 - a).sqrt() * eps
-            pred = unet(xt, tt, encoder_hidden_states=embeds[cc], return_dict=False)[0]
-            err = ((eps - pred) ** 2).mean(dim=(1, 2, 3)).double()
-            err_sum.index_put_((ii, cc), err, accumulate=True)
-            err_cnt.index_put_((ii, cc), torch.ones_like(err), accumulate=True)
-            n_evals += len(chunk)
-        for i in range(N):
-            scores = err_sum[i, remaining[i]] / err_cnt[i, remaining[i]]
-            best = torch.topk(-scores, k=k_i).indices.tolist()
-            remaining[i] = [remaining[i][b] for b in best]
-    return [r[0] for r in remaining], n_evals
 
 
 def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=(20, 100), to_keep=(3, 1),
@@ -293,8 +246,7 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
         enc = VaeEncoderWrapper(model.vae, model.scaling_factor)
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
         embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = classify_in_chunks(model.unet, lat, embeds, y, model.alphas_cumprod, n_samples, to_keep,
-                                      n_trials, seed, chunk, t0 if verbose else None)
+    preds, evals = classify_in_chunks(model, lat, embeds, y, n_samples, to_keep, n_trials, seed, chunk, t0 if verbose else None)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {
@@ -378,19 +330,31 @@ def write_training_record(out: Path, info: dict, t0: float) -> Path:
     return out
 
 
-def classify_in_chunks(unet, lat, cond, y, alphas, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
-                       t0: float | None = None) -> tuple[list[int], int]:
-    """`classify_latents` over `lat` in chunks of `chunk` images; with `t0` (the start time) a line of
-    running accuracy against the labels `y` after each chunk. Returns (predictions, UNet evaluations)."""
-    preds, evals = [], 0
-    for s in range(0, len(lat), chunk):
-        p, e = classify_latents(unet, lat[s : s + chunk], cond, alphas, list(n_samples), list(to_keep), n_trials, seed)
-        preds += p
-        evals += e
-        if t0 is not None:
-            acc = sum(int(a == b) for a, b in zip(preds, y.tolist())) / len(preds)
+def classify_in_chunks(model, lat, cond, y, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
+                       t0: float | None = None, batch_size: int = 512) -> tuple[list[int], int]:
+    """Classify the latents `lat` with the library's scoring loop (`runtime.algorithm.scoring.Scorer`,
+    what `diffcls classify` runs) on `model`'s denoiser in torch fp32, conditioned on `cond` (one row
+    per prompt: text embeddings, or a DiT's class ids), the fixed schedule (`n_samples`, `to_keep`,
+    `n_trials`) and the noise bank of `seed`. With `t0` (the start time) a line of running accuracy
+    against the labels `y` every `chunk` images. Returns (predictions in `lat`'s order, UNet evaluations)."""
+    from diffcls.engines.torch_backend import TorchEngine
+    from diffcls.models.wrappers import wrap
+    from diffcls.runtime.algorithm.schedule import Schedule
+    from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
+
+    schedule = Schedule(tuple(n_samples), tuple(to_keep), n_trials)
+    spec = model.component_specs(model.default_image_size)["unet"]
+    unet = TorchEngine(wrap(model, "unet"), spec, torch.device("cpu"), torch.float32)
+    bank = make_noise_bank(schedule, tuple(lat.shape[1:]), seed)
+    scorer = Scorer(unet, cond, model.alphas_cumprod, schedule, bank, batch_size, prediction_type=model.prediction_type)
+    preds: dict[int, int] = {}
+    evals, truth = 0, y.tolist()
+    for i, score in scorer.run((i, lat[i]) for i in range(len(lat))):
+        preds[i], evals = score.prediction, evals + score.n_evals
+        if t0 is not None and (len(preds) % chunk == 0 or len(preds) == len(lat)):
+            acc = sum(int(p == truth[k]) for k, p in preds.items()) / len(preds)
             print(f"  {len(preds):4d}/{len(lat)} images  acc {acc:.4f}  {time.time() - t0:6.1f}s", flush=True)
-    return preds, evals
+    return [preds[i] for i in range(len(lat))], evals
 
 
 def record_evaluation(out: Path, split: str, res: dict) -> None:

@@ -158,17 +158,6 @@ def train_transformer(model, lat: torch.Tensor, labels: torch.Tensor, alphas: to
     return ema.requires_grad_(False)
 
 
-class _AsUnet(torch.nn.Module):
-    """The DiT behind the UNet call `classify_latents` makes; "embeddings" are class ids."""
-
-    def __init__(self, model: DiTModel):
-        super().__init__()
-        self.denoiser = model.wrap("unet")  # learned sigma: only the first C channels (the noise)
-
-    def forward(self, xt, t, encoder_hidden_states, return_dict=False):
-        return (self.denoiser(xt, t, encoder_hidden_states),)
-
-
 def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, n_samples=(10, 50), to_keep=(3, 1),
              n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
     """Top-1 accuracy of the DiT directory on a digits split (plain-torch loop of docs/design.md)."""
@@ -180,9 +169,8 @@ def evaluate(model_dir: Path, split: str = "heldout", limit: int | None = None, 
     with torch.no_grad():
         enc = model.wrap("vae_encoder")
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
-    unet = _AsUnet(model)
-    preds, evals = classify_in_chunks(unet, lat, torch.arange(model.num_classes), y, model.alphas_cumprod, n_samples, to_keep,
-                                      n_trials, seed, chunk, t0 if verbose else None)
+    preds, evals = classify_in_chunks(model, lat, torch.arange(model.num_classes), y, n_samples, to_keep, n_trials, seed, chunk,
+                                      t0 if verbose else None)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {

@@ -166,8 +166,7 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
     t0 = time.time()
     lat = encode(model, x)
     embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = classify_in_chunks(model.unet, lat, embeds, y, model.alphas_cumprod, n_samples, to_keep,
-                                      n_trials, seed, chunk, t0 if verbose else None)
+    preds, evals = classify_in_chunks(model, lat, embeds, y, n_samples, to_keep, n_trials, seed, chunk, t0 if verbose else None)
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {"split": split, "images": len(preds), "correct": correct, "accuracy": correct / len(preds),
             "n_samples": list(n_samples), "to_keep": list(to_keep), "n_trials": n_trials, "seed": seed,

@@ -155,6 +155,7 @@ class ScoreStats:
     padded: int = 0  # padding samples in the last batch(es)
     unet_seconds: list[float] = field(default_factory=list)  # per call, device-synchronized
     round_seconds: dict[int, float] = field(default_factory=dict)  # UNet time by round index
+    launched_ahead: int = 0  # batches launched while another's errors were still on the device
 
     @property
     def padding_fraction(self) -> float:
@@ -189,6 +190,7 @@ class Scorer:
         prediction_type: str = "epsilon",
         grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
         policy_factory: Callable[[Hashable, torch.Tensor], object] | None = None,
+        lookahead: bool = True,
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise DiffclsError(
@@ -224,6 +226,7 @@ class Scorer:
         # policy_factory(key, x0): the unit's policy instead of the schedule's (`make_policy`); x0 of a
         # unit whose policy has `arms` is (L, C, h, w), its L latents
         self.policy_factory = policy_factory
+        self.lookahead = lookahead  # launch a full next batch before reading this one's errors back
         self._table: torch.Tensor | None = None  # (capacity, C, h, w) latents of images in flight
         self._free: list[int] = []
 
@@ -251,7 +254,10 @@ class Scorer:
         self._table[slot] = x0
         return slot
 
-    def _run_batch(self, items: list) -> tuple[list[float], float]:
+    def _launch(self, items: list) -> tuple:
+        """Queue one UNet batch and its loss on the device; nothing waits for the result here (on a
+        GPU). Returns what `_collect` reads back: the errors, and last whether every one is finite,
+        in one host tensor (a pinned buffer filled by an asynchronous copy on CUDA)."""
         n = len(items)
         size = self._padded_size(n)
         padded = items + [items[0]] * (size - n)
@@ -276,18 +282,34 @@ class Scorer:
         target = a * eps - s * x0 if self.v_prediction else eps
         err = per_sample_loss(target, pred, self.schedule.loss)[:n]  # (n,)
         # -----------------------------------------------------------------------------------------
-        # one transfer, the only host sync: the errors and, last, whether every one is finite
-        host = torch.cat([err, torch.isfinite(err).all().to(err.dtype).view(1)]).tolist()
-        elapsed = time.perf_counter() - start
+        host = torch.cat([err, torch.isfinite(err).all().to(err.dtype).view(1)])
+        done = None
+        if host.device.type == "cuda":  # copied back through a pinned buffer, without waiting
+            buffer = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            host = buffer.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return items, host, done, time.perf_counter() - start
+
+    def _collect(self, launched: tuple) -> tuple[list[float], float]:
+        """Wait for a launched batch (the only host sync) and return its errors and seconds."""
+        items, host, done, seconds = launched
+        start = time.perf_counter()
+        if done is not None:
+            done.synchronize()
+        values = host.tolist()
+        elapsed = seconds + time.perf_counter() - start
+        n = len(items)
+        size = self._padded_size(n)
         self.stats.unet_calls += 1
         self.stats.unet_evals += n
         self.stats.padded += size - n
         self.stats.unet_seconds.append(elapsed)
-        if host[n] != 1.0:
-            bad = next(i for i, e in enumerate(host[:n]) if not math.isfinite(e))
+        if values[n] != 1.0:
+            bad = next(i for i, e in enumerate(values[:n]) if not math.isfinite(e))
             image, c, _k, t, _j = items[bad]
             raise NonFiniteError(image.key, c, t)
-        return host[:n], elapsed
+        return values[:n], elapsed
 
     def _padded_size(self, n: int) -> int:
         sizes = self.unet.batch_sizes
@@ -304,43 +326,65 @@ class Scorer:
         """
         source = iter(latents)
         queue: deque = deque()
-        exhausted = False
         B = self.batch_size
+        inflight = None  # the launched batch whose errors are not read back yet
         while True:
-            while len(queue) < B and not exhausted:
-                try:
-                    key, x0 = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                if self.policy_factory is not None:
-                    policy = self.policy_factory(key, x0)
-                else:
-                    policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps, self._offset(key, x0))
-                latents = x0 if getattr(policy, "arms", None) is not None else x0.unsqueeze(0)
-                image = _Image(key, [self._store(x) for x in latents], policy)
-                queue.extend(image.next_items())
-            if not queue:
-                return
-            batch = [queue.popleft() for _ in range(min(B, len(queue)))]
-            errors, elapsed = self._run_batch(batch)
-            per_round = self.stats.round_seconds
-            for image, *_ in batch:
-                per_round[image.phase] = per_round.get(image.phase, 0.0) + elapsed / len(batch)
-            by_image: dict[int, tuple] = {}  # the batch's items and errors per image, in batch order
-            for it, err in zip(batch, errors):
-                entry = by_image.get(id(it[0]))
-                if entry is None:
-                    entry = by_image[id(it[0])] = (it[0], [], [])
-                entry[1].append(it)
-                entry[2].append(err)
-            for image, its, errs in by_image.values():
-                image.record(its, errs)
-            done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
-            for image in done_block.values():
-                items = image.next_items()
-                if items:
-                    queue.extend(items)
-                else:
-                    self._free.extend(image.slots)
-                    yield image.key, image.result()
+            source = self._admit(source, queue)
+            if inflight is None:
+                if not queue:
+                    return
+                inflight = self._launch([queue.popleft() for _ in range(min(B, len(queue)))])
+                source = self._admit(source, queue)
+            # one batch of lookahead: queued items never wait on the batch in flight, so a full
+            # next batch is launched before this one's errors are read back (on a GPU the host
+            # then feeds the policies while the device works); a partial one waits for the
+            # follow-ups this batch brings, so only the run's last batch is padded
+            ahead = None
+            if self.lookahead and len(queue) >= B:
+                ahead = self._launch([queue.popleft() for _ in range(B)])
+                self.stats.launched_ahead += 1
+            yield from self._finish(inflight, queue)
+            inflight = ahead
+
+    def _admit(self, source, queue: deque):
+        """Start new images (their policies, their latents' slots) while the queue cannot fill a
+        batch; returns the source, or None once it is exhausted."""
+        while len(queue) < self.batch_size and source is not None:
+            try:
+                key, x0 = next(source)
+            except StopIteration:
+                return None
+            if self.policy_factory is not None:
+                policy = self.policy_factory(key, x0)
+            else:
+                policy = make_policy(self.schedule, self.n_prompts, self.num_train_timesteps, self._offset(key, x0))
+            latents = x0 if getattr(policy, "arms", None) is not None else x0.unsqueeze(0)
+            image = _Image(key, [self._store(x) for x in latents], policy)
+            queue.extend(image.next_items())
+        return source
+
+    def _finish(self, launched: tuple, queue: deque) -> Iterator[tuple[Hashable, ImageScore]]:
+        """Read a batch's errors back, feed each image's share to its policy in one block, queue
+        the follow-ups, and yield the images that are done."""
+        batch = launched[0]
+        errors, elapsed = self._collect(launched)
+        per_round = self.stats.round_seconds
+        for image, *_ in batch:
+            per_round[image.phase] = per_round.get(image.phase, 0.0) + elapsed / len(batch)
+        by_image: dict[int, tuple] = {}  # the batch's items and errors per image, in batch order
+        for it, err in zip(batch, errors):
+            entry = by_image.get(id(it[0]))
+            if entry is None:
+                entry = by_image[id(it[0])] = (it[0], [], [])
+            entry[1].append(it)
+            entry[2].append(err)
+        for image, its, errs in by_image.values():
+            image.record(its, errs)
+        done_block = {id(it[0]): it[0] for it in batch if it[0].pending == 0}
+        for image in done_block.values():
+            items = image.next_items()
+            if items:
+                queue.extend(items)
+            else:
+                self._free.extend(image.slots)
+                yield image.key, image.result()

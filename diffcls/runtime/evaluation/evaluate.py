@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from pathlib import Path
 
 from diffcls.errors import DiffclsError
 
@@ -139,3 +140,46 @@ def fit_calibration(job):
         model=job.executor.info["fingerprint"],
         prompts=job.prompts.digest(),
     )
+
+
+def evaluation(job) -> tuple[dict, dict | None]:
+    """(accuracy metrics, calibration metrics or None) of a finished labelled job."""
+    return accuracy_metrics(job), calibration_metrics(job.results, scored_truth(job), job.temperature)
+
+
+def evaluation_report(job, m: dict, cal: dict | None) -> dict:
+    """`evaluate --json`: the metrics, the schedule, the classes, what was skipped, the settings."""
+    report = {**m, "schedule": job.schedule.describe(), "classes": job.prompts.classes, "n_skipped": len(job.skipped),
+              "n_unlabeled": job.n_unlabeled, "settings": job.record()}
+    if cal is not None:
+        report["calibration"] = {k: v for k, v in cal.items() if k not in ("confidence", "correct")}
+    return report
+
+
+def reliability_path(plot: Path | None) -> Path | None:
+    """The reliability diagram beside a confusion-matrix PNG (none beside a device or pipe such as /dev/stdout)."""
+    from diffcls.runtime.results.outputs import target_kind
+
+    if plot is None or target_kind(plot) == "stream":
+        return None
+    return plot.with_name(plot.stem + "-reliability.png")
+
+
+def write_plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperature: float | None, what: str) -> list[Path]:
+    """The confusion matrix at `plot` and (with probabilities) the reliability diagram beside it, at
+    its height; `what`: 'MODEL on IMAGES' for the titles. Returns the files written."""
+    from diffcls.runtime.evaluation.metrics import confusion_figsize, plot_confusion
+    from diffcls.runtime.results.outputs import output_errors
+
+    with output_errors("--plot", plot):
+        plot_confusion(m["confusion"], [classes[i] for i in m["class_ids"]], plot, title=f"{what}: top-1 {100 * m['top1']:.1f}% ({m['correct']}/{m['n']})")
+    rel = reliability_path(plot)
+    if cal is None or rel is None:
+        return [plot]
+    from diffcls.runtime.evaluation.calibration import plot_reliability
+
+    label = f"T={temperature:.4g}" if temperature is not None else "uncalibrated (T=1)"
+    with output_errors("--plot", rel):
+        plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{what}, {label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}",
+                         height=confusion_figsize(len(m["class_ids"]))[1])
+    return [plot, rel]

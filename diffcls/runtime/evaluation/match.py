@@ -668,3 +668,16 @@ def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
         save_figure(fig, path)  # in one piece: a full disk leaves no empty PNG
     finally:
         plt.close(fig)
+
+
+def read_results(path: Path) -> dict:
+    """{item: ItemResult} of a match results CSV (`match --compare`)."""
+    import csv
+
+    try:
+        rows = list(csv.DictReader(path.open(encoding="utf-8", errors="surrogateescape", newline="")))
+    except OSError as e:
+        raise DiffclsError(f"--compare {path} cannot be read ({e.strerror or e}); pass a match --out file") from None
+    if rows and list(rows[0])[: len(MATCH_COLUMNS)] != list(MATCH_COLUMNS):
+        raise DiffclsError(f"--compare {path} is not a match results file (unexpected columns); pass a match --out file")
+    return {r["item"]: ItemResult.from_row(r) for r in rows if MatchResultsWriter.valid_row(r)}

@@ -32,7 +32,7 @@ from diffcls.runtime.data.inputs import Inputs, collect_inputs
 from diffcls.runtime.data.preprocess import file_digest
 from diffcls.runtime.algorithm.ranking import TOP_K, probabilities, rows_from_cells
 from diffcls.runtime.results.writer import BackgroundWriter, ResultsWriter
-from diffcls.runtime.results.shards import shard_of
+from diffcls.runtime.results.shards import parse_shard, shard_of
 from diffcls.runtime.execution.spec import JobSpec
 from diffcls.runtime.execution.timing import rate
 
@@ -44,6 +44,16 @@ class RayOptions:
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float | None = None
+
+    @classmethod
+    def from_flags(cls, ray: bool, address=None, workers=None, gpus_per_worker=None) -> "RayOptions | None":
+        """--ray and its flags -> RayOptions (None without --ray); a Ray flag without --ray is an error."""
+        if not ray:
+            given = [f for f, v in (("--ray-address", address), ("--ray-workers", workers), ("--gpus-per-worker", gpus_per_worker)) if v is not None]
+            if given:
+                raise DiffclsError(f"{', '.join(given)} only apply with --ray; add --ray or drop {given[0]}")
+            return None
+        return cls(address, workers, gpus_per_worker)
 
 
 @dataclass
@@ -121,16 +131,16 @@ class ClassifyJob:
     """A run over `inputs` (paths, folders, globs, or collected `Inputs`) with `spec`.
 
     `out`: the results CSV (resumed when it exists); `save_errors`: the JSONL of every error;
-    `shard=(I, N)`: only shard I of N; `labels`: evaluate's truth ("name": subfolders / list
+    `shard=(I, N)` or "I/N": only shard I of N; `labels`: evaluate's truth ("name": subfolders / list
     labels are class names, "index": class indices); `calibration` (a
-    runtime.evaluation.calibration.Calibration, checked against this run's model, prompts and schedule)
-    adds probabilities; `exclude`: other files the run writes, never taken as inputs;
+    runtime.evaluation.calibration.Calibration or the path of its file, checked against this
+    run's model, prompts and schedule) adds probabilities; `exclude`: other files the run writes, never taken as inputs;
     `ray`: run on Ray workers. `notes` collects what a user should be told (dropped rows,
     resumption, folders that could not be read); `skipped` the images that could not be read.
     """
 
     def __init__(self, spec: JobSpec, inputs: Inputs | Sequence[str | Path] | str | Path = (), *, out=None, save_errors=None,
-                 shard: tuple[int, int] | None = None, labels: LabelKind | str | None = None,
+                 shard: tuple[int, int] | str | None = None, labels: LabelKind | str | None = None,
                  calibration=None, ray: RayOptions | bool | None = None, exclude: Sequence = ()):
         self.spec = spec.check()
         if save_errors is not None and out is None:
@@ -143,7 +153,12 @@ class ClassifyJob:
         if spec.limit is not None or spec.sample is not None:  # --limit / --sample
             self.inputs = self.inputs.select(spec.limit, spec.sample, spec.seed)
         self.out, self.save_errors = (None if out is None else Path(out)), (None if save_errors is None else Path(save_errors))
-        self.shard, self.calibration = shard, calibration
+        if isinstance(calibration, (str, Path)):
+            from diffcls.runtime.evaluation.calibration import Calibration
+
+            calibration = Calibration.load(Path(calibration))
+        self.shard = parse_shard(shard) if isinstance(shard, str) else shard
+        self.calibration = calibration
         self.temperature = None if calibration is None else calibration.temperature
         self.labels = None if labels is None else LabelKind(labels)
         self.ray = RayOptions() if ray is True else (ray or None)
@@ -355,6 +370,15 @@ class ClassifyJob:
     def describe_inputs(self) -> str:
         """The inputs as the user named them, for messages."""
         return ", ".join(self.inputs.named) or str(self.inputs.root)
+
+    def predictions_line(self) -> str:
+        """'10 images: 3 eight, 2 one, ...' (the most frequent prediction first) and what was skipped."""
+        counts: dict[str, int] = {}
+        for r in self.results.values():
+            counts[r.prediction] = counts.get(r.prediction, 0) + 1
+        parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        n = len(self.results)
+        return f"{n} image{'s' if n != 1 else ''}: {parts}" + (f"; {len(self.skipped)} skipped" if self.skipped else "")
 
     def summary(self) -> list[str]:
         """What the run did, in a line or two (images/s, UNet evaluations, per-stage speed)."""

@@ -198,3 +198,20 @@ def _warm_up(clf, images: list, pset, schedule, kw: dict) -> dict:
     if load:
         clf.timer.calls["load"] = load
     return warm
+
+
+def profile_job(job, *, warmup: bool = False, on_skip=None, on_image=None) -> dict:
+    """`profile_run` over an opened `ClassifyJob`'s images (its --limit / --sample taken), with
+    the job's classifier, prompts, schedule and noise; the report's settings name what ran."""
+    s = job.spec
+    images = [str(p) for p in job.inputs.images]
+    report = profile_run(job.classifier, images, job.prompts, job.schedule, warmup=warmup, on_skip=on_skip, on_image=on_image,
+                         seed=s.seed, noise=job.noise, batch_size=s.batch_size, interpolation=s.interpolation.value, workers=s.workers)
+
+    def text(p):
+        return str(p) if p is not None else None
+
+    report["settings"].update({"folder": ", ".join(a for a in job.inputs.named if not a.startswith("--list ")),
+                               "list": text(s.list_file), "model": text(s.model), "engines": text(s.engines),
+                               "interpolation": s.interpolation.value, "workers": s.workers})
+    return report
