@@ -63,9 +63,9 @@ class ShapesConfig(DemoConfig):
     uncond_prob: float = 0.05
     # hard negatives (see `hard_negatives`): weight of the two-way diffusion-classifier loss
     # between a two-object scene's caption and a swapped one; 0 trains on denoising alone
-    negative_weight: float = 0.02
-    negative_rows: int = 24  # at most this many rows of a batch get a hard negative (an extra UNet pass each)
-    negative_mix: list[int] = field(default_factory=lambda: [1, 1, 1])  # relative odds of an attribute, object, relation swap
+    negative_weight: float = 0.05
+    negative_rows: int = 40  # at most this many rows of a batch get a hard negative (an extra UNet pass each)
+    negative_mix: list[int] = field(default_factory=lambda: [1, 1, 2])  # relative odds of an attribute, object, relation swap
     text_lr: float = 3e-4  # the text encoder learns word order from scratch: faster than the digits' 1e-4
     # default classification schedule: 10 timesteps for all 30 classes, then 50 (40 new) for
     # the best 3 -> 420 UNet evaluations per image
