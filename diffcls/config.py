@@ -31,6 +31,13 @@ class Loss(str, Enum):
     huber = "huber"
 
 
+class Weighting(str, Enum):
+    """Timestep weighting of the errors (models.noising.timestep_weights)."""
+
+    none = "none"  # the paper's plain mean
+    logit_normal = "logit-normal"  # SD3's training density of timesteps (Esser et al. 2024)
+
+
 class Interpolation(str, Enum):
     """Resize filter of preprocessing (shorter side to S, then a center crop)."""
 

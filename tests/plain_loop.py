@@ -27,8 +27,11 @@ class AsUnet(torch.nn.Module):
 @torch.no_grad()
 def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch.Tensor,
                      n_samples: list[int], to_keep: list[int], n_trials: int = 1, seed: int = 0,
-                     batch_size: int = 512) -> tuple[list[int], int]:
-    """The fixed schedule's rounds (l2 loss) for N latents; returns (predictions, UNet evaluations)."""
+                     batch_size: int = 512, sigmas: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> tuple[list[int], int]:
+    """The fixed schedule's rounds (l2 loss) for N latents; returns (predictions, UNet evaluations).
+    With `sigmas` (a flow model's σ_t, ascending): x_t = (1 - σ_t) x0 + σ_t eps, the model fed
+    σ_t * T, target eps - x0. `weights`: (T,) factors on the errors (a timestep weighting)."""
     N, (C, h, w), K = x0.shape[0], x0.shape[1:], embeds.shape[0]
     T, M = alphas.shape[0], max(n_samples)
     grid = timestep_grid(T, M)
@@ -56,10 +59,16 @@ def classify_latents(unet, x0: torch.Tensor, embeds: torch.Tensor, alphas: torch
             cc = torch.tensor([j[1] for j in chunk])
             tt = torch.tensor([j[2] for j in chunk])
             eps = bank[torch.tensor([j[3] for j in chunk])]
-            a = alphas[tt].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0[ii] + (1 - a).sqrt() * eps
-            pred = unet(xt, tt, encoder_hidden_states=embeds[cc], return_dict=False)[0]
-            err = ((eps - pred) ** 2).mean(dim=(1, 2, 3)).double()
+            if sigmas is None:
+                a = alphas[tt].view(-1, 1, 1, 1)
+                xt, target, model_t = a.sqrt() * x0[ii] + (1 - a).sqrt() * eps, eps, tt
+            else:
+                s = sigmas[tt].view(-1, 1, 1, 1)
+                xt, target, model_t = (1 - s) * x0[ii] + s * eps, eps - x0[ii], sigmas[tt] * T
+            pred = unet(xt, model_t, encoder_hidden_states=embeds[cc], return_dict=False)[0]
+            err = ((target - pred) ** 2).mean(dim=(1, 2, 3)).double()
+            if weights is not None:
+                err = err * weights[tt]
             err_sum.index_put_((ii, cc), err, accumulate=True)
             err_cnt.index_put_((ii, cc), torch.ones_like(err), accumulate=True)
             n_evals += len(chunk)

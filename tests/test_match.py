@@ -141,7 +141,7 @@ def test_swapping_mirrors_every_decision(tiny_engines, items_dir, swap, adaptive
     else:
         swapped = [{**r, "image_0": r["image_1"], "image_1": r["image_0"]} for r in rows]
     write_items(folder, swapped, "swapped.csv")
-    params = AdaptiveSchedule(error_rate=0.5, min_samples=3, max_samples=10, final_samples=0) if adaptive else None
+    params = AdaptiveSchedule(alpha=0.5, min_samples=3, max_samples=10, final_samples=0) if adaptive else None
     schedule = MatchSchedule(t_interval=100, adaptive=params)
     clf = Classifier(tiny_engines)
 
@@ -340,7 +340,7 @@ def test_adaptive_cli_reports_agreement_with_the_full_grid(tmp_path, tiny_dir, i
     assert a["n_items"] == len(rows) and a["comparisons"] == 6 * len(rows)
     assert a["reference_evals_per_item"] == 6 * 10 and 6 * 3 <= a["evals_per_item"] <= 6 * 10
     assert m["overall"]["evals_per_item"] == a["evals_per_item"]
-    assert "adaptive rule=mixture error_rate=0.5 min_samples=3 max_samples=10" in m["schedule"]
+    assert "adaptive rule=mixture alpha=0.5 min_samples=3 max_samples=10" in m["schedule"]
     assert_one_line_error(invoke(*base, "--error-rate", "0.1"), "--error-rate applies to --adaptive only")
     assert_one_line_error(invoke(*base, "--adaptive", "--max-samples", "11"), "--max-samples 11 exceeds the 10 timesteps")
 
@@ -366,6 +366,6 @@ def test_results_are_bound_to_the_schedule_values_not_its_wording():
 
     a, b = MatchSchedule(t_interval=5), MatchSchedule(t_interval=20)
     assert a.to_dict() == MatchSchedule(t_interval=5).to_dict() != b.to_dict()
-    adaptive = MatchSchedule(adaptive=AdaptiveSchedule(error_rate=0.05, final_samples=0)).to_dict()
-    assert adaptive["adaptive"]["error_rate"] == 0.05 and json.loads(json.dumps(adaptive)) == adaptive
+    adaptive = MatchSchedule(adaptive=AdaptiveSchedule(alpha=0.05, final_samples=0)).to_dict()
+    assert adaptive["adaptive"]["alpha"] == 0.05 and json.loads(json.dumps(adaptive)) == adaptive
 

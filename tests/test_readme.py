@@ -32,6 +32,13 @@ README = ROOT / "README.md"
 SUBSTITUTIONS = [
     (r"\./stable-diffusion-2-1-base|\./sd21", "{model}", "no real Stable Diffusion weights offline: the tiny SD-shaped test model stands in"),
     (r"\./DiT-XL-2-256", "{dit}", "no real DiT weights offline: a tiny random DiTTransformer2DModel directory stands in"),
+    (r"\./stable-diffusion-3\.5-medium", "{tmp}/sd3", "no real SD3 weights offline: a tiny random SD3 directory (models.tiny.tiny_sd3) stands in"),
+    (r"\./sdxl-base", "{tmp}/sdxl", "no real SDXL weights offline: a tiny random SDXL directory (models.tiny.tiny_sdxl) stands in"),
+    (r"--image-size 1024", "--image-size 16", "the tiny SDXL stand-in takes 16 px images"),
+    (r"(--model (?:\S*/sd3|stabilityai/stable-diffusion-xl-base-1\.0) --classes \S+)", r"\1 --n-samples 2 4 --to-keep 2 1",
+     "the default 550 timesteps per image on two more families; 6 run the same code"),
+    (r"(diffcls evaluate examples/digits --model demo-flow)", r"\1 --n-samples 2 4 --to-keep 2 1",
+     "the flow demo's default is 220 UNet calls per image; 6 timesteps run the same code"),
     (r"--n-samples 50 500", "--n-samples 4 8", "the paper's 550 timesteps per image take minutes on a CPU; 12 run the same code"),
     (r"(diffcls digits --out digits/ --split heldout)", r"\1 --limit 20", "20 of the 359 held-out digits (2 per class) keep the later commands short"),
     (r"(diffcls profile .*)--limit 20", r"\1--limit 2", "2 images profile every stage"),
@@ -120,6 +127,13 @@ def _models_users_have(tmp: Path, tiny, tiny_dir, monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     for repo in ("stabilityai/stable-diffusion-2-1-base", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
         cache_model(hub, repo, tiny_dir)
+    from diffcls.models.sd3 import save_sd3_directory
+    from diffcls.models.sdxl import save_sdxl_directory
+    from diffcls.models.tiny import TinyConfig, flow_scheduler_config, scheduler_config, tiny_sd3, tiny_sdxl
+
+    save_sd3_directory(tiny_sd3(seed=0), tmp / "sd3", flow_scheduler_config(1000, 3.0))
+    save_sdxl_directory(tiny_sdxl(seed=0), tmp / "sdxl", {**scheduler_config(TinyConfig()), "_class_name": "EulerDiscreteScheduler"})
+    cache_model(hub, "stabilityai/stable-diffusion-xl-base-1.0", tmp / "sdxl")
     for name in ("v1-5-pruned-emaonly.safetensors", "v2-1_512-ema-pruned.safetensors"):
         write_ldm_checkpoint(tiny, tmp / name)
 

@@ -23,7 +23,8 @@ def print_model(path: Path) -> None:
     else:
         out.print(
             f"\nmodel directory {d['path']} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
-            f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']})"
+            f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}"
+            + (f", shift {d['shift']:g})" if d.get("shift") is not None else ")")
         )
     table = Table()
     for col in ("component", "class", "parameters", "size"):

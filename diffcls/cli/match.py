@@ -17,7 +17,7 @@ from diffcls.errors import DiffclsError
 # adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
 # up to the whole grid, no final stage)
 EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
-            "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate")
+            "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate", "alpha", "look_every")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"
 MATCH_ALPHA, MATCH_N0 = 0.05, 8  # runtime.evaluation.match.adaptive_for_match's defaults

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, parse_device
+from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting, parse_device
 from diffcls.errors import DiffclsError
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 from diffcls.runtime.execution.spec import JobSpec
@@ -39,10 +39,10 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> annotation, in --help order; the default is JobSpec's (device: "auto" for None)
 OPTIONS: dict[str, Any] = {
-    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion or DiT), Hugging Face model id from the local cache (org/name), checkpoint file, or a bundled model: demo (the default, SD), demo-dit or demo-shapes.", _MODEL)],
+    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.", _MODEL)],
     "config": Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).", _MODEL)],
     "engines": Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)],
-    "backend": Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit, demo-shapes) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)],
+    "backend": Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit, demo-shapes, demo-flow) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)],
     "device": Annotated[str, _opt("--device", "auto, cpu, cuda or cuda:N.", _MODEL)],
     "precision": Annotated[Precision, _opt("--precision", "auto = fp16 on a GPU, fp32 on a CPU; bf16 only with the torch backend on a GPU.", _MODEL)],
     "compile": Annotated[bool, _opt("--compile/--no-compile", "torch.compile the UNet (torch backend; CUDA graphs on GPU; once per batch size).", _MODEL)],
@@ -58,18 +58,21 @@ OPTIONS: dict[str, Any] = {
     "to_keep": Annotated[Optional[str], _opt("--to-keep", "Prompts kept after each round, e.g. 5 1; the last must be 1 (default: the model's, else 5 1 with 5 capped at the number of prompts).", _SCHEDULE, metavar="K K..")],
     "n_trials": Annotated[int, _opt("--n-trials", "Noise draws per timestep.", _SCHEDULE, min=1)],
     "loss": Annotated[Loss, _opt("--loss", "Error between true and predicted noise.", _SCHEDULE)],
+    "weighting": Annotated[Optional[Weighting], _opt("--weighting", "Timestep weighting of the errors: none (the paper's plain mean) or logit-normal (SD3's training density of timesteps, for flow-matching models; Esser et al. 2024). Default: the model's diffcls.json, else logit-normal for a flow-matching model and none for the others.", _SCHEDULE)],
     "seed": Annotated[int, _opt("--seed", "Seed of the noise bank.", _SCHEDULE)],
     # escape the brackets: Rich markup would swallow [max(n_samples)*n_trials, C, h, w]
     "noise": Annotated[Optional[Path], _opt("--noise", r"Noise bank file (torch .pt or .npy), a tensor of shape \[max(n_samples)*n_trials, C, h, w].", _SCHEDULE)],
-    "adaptive": Annotated[bool, _opt("--adaptive", "Stop each image once its answer is settled (sequential elimination; docs/adaptive.md) instead of the fixed --n-samples/--to-keep rounds. What it trades, measured on the demo model's held-out digits: the accuracy of the paper's 50 500 schedule at 1/8 to 1/16 of its UNet evaluations; against the demo's own default (220 per image) fewer on clean digits (165, same accuracy) but more on hard ones (339 corrupted, for 5 of 359 more right). --max-samples 20 --final-samples 50 costs about the demo default (217) at its accuracy.", _ADAPTIVE)],
-    "error_rate": Annotated[Optional[float], _opt("--error-rate", f"--adaptive: alpha, the error budget of the elimination test: a bound on P(a test drops the best prompt) under docs/adaptive.md's assumptions, loose in practice (default {ADAPTIVE_DEFAULTS.error_rate:g}; about 11% dropped measured at 0.9 in the worst case, near-ties).", _ADAPTIVE)],
+    "adaptive": Annotated[bool, _opt("--adaptive", "Stop each image once a paired sequential test has settled its answer (docs/adaptive.md) instead of the fixed --n-samples/--to-keep rounds. --error-rate is the measured chance the answer differs from the full-budget one; --calibration with timestep weights (diffcls calibrate --timestep-weights) makes it much cheaper (BENCHMARKS.md, Round 4).", _ADAPTIVE)],
+    "error_rate": Annotated[Optional[float], _opt("--error-rate", f"--adaptive: the chance the answer differs from the full-budget answer (every prompt at every grid timestep), as measured by replay on the digits train split; it picks the test's --alpha from a measured table (default {ADAPTIVE_DEFAULTS.error_rate:g}; docs/adaptive.md).", _ADAPTIVE)],
+    "alpha": Annotated[Optional[float], _opt("--alpha", "--adaptive: the test's own bound, P(a test eliminates the best prompt) <= alpha under docs/adaptive.md's assumptions, split between the two stages (default: from --error-rate's measured table).", _ADAPTIVE)],
     "min_samples": Annotated[Optional[int], _opt("--min-samples", f"--adaptive: timesteps every prompt gets before any is eliminated, n0 (default {ADAPTIVE_DEFAULTS.min_samples}).", _ADAPTIVE)],
     "max_samples": Annotated[Optional[int], _opt("--max-samples", f"--adaptive: timesteps per prompt at most; then the lowest mean error wins (default {ADAPTIVE_DEFAULTS.max_samples}).", _ADAPTIVE)],
     "rule": Annotated[Optional[Rule], _opt("--rule", f"--adaptive: the elimination boundary (default {ADAPTIVE_DEFAULTS.rule}; kim-nelson needs an indifference zone, --rel-delta).", _ADAPTIVE)],
     "rel_delta": Annotated[Optional[float], _opt("--rel-delta", f"--adaptive --rule kim-nelson: the indifference zone as a fraction of the mean error (default {ADAPTIVE_DEFAULTS.rel_delta:g}).", _ADAPTIVE)],
-    "final_samples": Annotated[Optional[int], _opt("--final-samples", f"--adaptive: an image still undecided at --max-samples gives its best --final-keep prompts up to this many more timesteps, eliminating as it goes (default {ADAPTIVE_DEFAULTS.final_samples}; 0: no final stage, the lowest mean at --max-samples wins; docs/adaptive.md).", _ADAPTIVE)],
-    "final_keep": Annotated[Optional[int], _opt("--final-keep", f"--adaptive --final-samples: how many prompts the final stage keeps (default {ADAPTIVE_DEFAULTS.final_keep}).", _ADAPTIVE)],
-    "final_error_rate": Annotated[Optional[float], _opt("--final-error-rate", f"--adaptive --final-samples: alpha of the final stage's own elimination test among its prompts (default: the --error-rate).", _ADAPTIVE)],
+    "final_samples": Annotated[Optional[int], _opt("--final-samples", f"--adaptive: the prompts no test has eliminated by --max-samples go on for up to this many more timesteps under a fresh test (default {ADAPTIVE_DEFAULTS.final_samples}; 0: no final stage, the lowest mean at --max-samples wins; docs/adaptive.md).", _ADAPTIVE)],
+    "final_keep": Annotated[Optional[int], _opt("--final-keep", "--adaptive --final-samples: keep only this many survivors (lowest means) for the final stage: a bare cut, outside the --alpha bound (default 0: every survivor).", _ADAPTIVE)],
+    "final_error_rate": Annotated[Optional[float], _opt("--final-error-rate", "--adaptive --final-samples: the final stage's share of --alpha (default: half).", _ADAPTIVE)],
+    "look_every": Annotated[Optional[int], _opt("--look-every", f"--adaptive: test every this many timesteps (group-sequential; default {ADAPTIVE_DEFAULTS.look_every}).", _ADAPTIVE)],
     "batch_size": Annotated[int, _opt("--batch-size", "UNet batch size (images share batches).", _RUNTIME, min=1)],
     "workers": Annotated[int, _opt("--workers", "Threads that decode and resize images while the UNet runs.", _RUNTIME, min=1)],
     "threads": Annotated[Optional[int], _opt("--threads", "CPU threads of torch and ONNX Runtime (default: $OMP_NUM_THREADS if set, else the free cores: the cores this process may use minus the load average, at least 1).", _RUNTIME, min=1)],

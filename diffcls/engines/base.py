@@ -86,7 +86,8 @@ class EngineSet:
     precision: str  # "fp32" or "fp16"
     device: torch.device
     info: dict = field(default_factory=dict)  # backend details for `info` / `profile`
-    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction"
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon", "v_prediction" or "flow"
+    sigmas: torch.Tensor | None = None  # (T,) float32 σ_t of a flow-matching model, on CPU (models.noising)
 
     @property
     def num_train_timesteps(self) -> int:

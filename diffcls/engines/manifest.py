@@ -24,7 +24,8 @@ from pathlib import Path
 from diffcls.engines.base import EngineSet, PassThroughEngine
 from diffcls.errors import DiffclsError
 from diffcls.models.filehash import file_sha256
-from diffcls.models.loading import MODEL_TYPES, PREDICTION_TYPES, cached_fingerprint, load_model
+from diffcls.models.loading import MODEL_TYPES, cached_fingerprint, load_model
+from diffcls.models.noising import PREDICTION_TYPES
 from diffcls.models.spec import ComponentSpec, component_specs, exported_components
 from diffcls.models.tokenizer import load_tokenizer
 
@@ -329,20 +330,21 @@ def manifest_specs(manifest: dict) -> dict[str, ComponentSpec]:
 
 
 def load_runtime_files(engine_dir: str | Path):
-    """(tokenizer, alphas_cumprod) copied into the engine directory by export."""
+    """(tokenizer, alphas_cumprod, sigmas or None) copied into the engine directory by export."""
     import torch
 
     engine_dir = Path(engine_dir)
     try:
         data = json.loads((engine_dir / ALPHAS_FILE).read_text())
         alphas = torch.tensor(data["alphas_cumprod"], dtype=torch.float32)
+        sigmas = torch.tensor(data["sigmas"], dtype=torch.float32) if data.get("sigmas") is not None else None
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise DiffclsError(f"{engine_dir / ALPHAS_FILE} is unreadable ({type(e).__name__}); re-export the engine directory") from e
     try:
         tokenizer = load_tokenizer(engine_dir / TOKENIZER_DIR)
     except Exception as e:  # noqa: BLE001 - any loader failure is a broken copy
         raise DiffclsError(f"cannot load the tokenizer copy in {engine_dir / TOKENIZER_DIR}; re-export the engine directory") from e
-    return tokenizer, alphas
+    return tokenizer, alphas, sigmas
 
 
 def check_batch_sizes(engine_dir: str | Path, manifest: dict, component: str, requested) -> tuple[int, ...]:
@@ -364,7 +366,7 @@ def check_batch_sizes(engine_dir: str | Path, manifest: dict, component: str, re
 def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend: str, device, info: dict):
     """An EngineSet over one engine per exported component (a pass-through for the others), with
     the directory's tokenizer and schedule."""
-    tokenizer, alphas = load_runtime_files(engine_dir)
+    tokenizer, alphas, sigmas = load_runtime_files(engine_dir)
     specs = manifest_specs(manifest)
     engines = {**{c: PassThroughEngine(s, device) for c, s in specs.items() if not s.exported}, **engines}
     precisions = {manifest["components"][c]["precision"] for c in exported_components(specs)}
@@ -383,6 +385,7 @@ def engine_set(engine_dir: str | Path, manifest: dict, engines: dict, *, backend
         device=device,
         info={"engine_dir": str(engine_dir), "manifest_digest": manifest_digest(manifest), **info},
         prediction_type=manifest_prediction_type(engine_dir, manifest),
+        sigmas=sigmas,
     )
 
 

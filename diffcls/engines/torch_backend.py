@@ -246,6 +246,7 @@ def open_engines(
         info={"source": model.source, "compile": compile, "kind": model.kind,
               "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
         prediction_type=model.prediction_type,
+        sigmas=None if getattr(model, "sigmas", None) is None else model.sigmas.detach().to("cpu", torch.float32),
     )
 
 

@@ -49,7 +49,8 @@ def random_feed(model, spec: ComponentSpec, batch: int, seed: int = 0) -> dict[s
     for t in spec.inputs:
         shape = t.concrete(batch)
         if t.name == "input_ids":
-            vocab = int(model.text_encoder.config.vocab_size)
+            # several text encoders (SD3): ids every one of them takes
+            vocab = int(getattr(model, "min_vocab_size", None) or model.text_encoder.config.vocab_size)
             feed[t.name] = torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
         elif t.name == "image":
             feed[t.name] = torch.rand(shape, generator=g) * 2 - 1

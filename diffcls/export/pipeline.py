@@ -507,7 +507,10 @@ def _write_runtime_files(model, out: Path) -> set[str]:
     model.tokenizer.save_pretrained(str(tok))
     alphas = [float(a) for a in model.alphas_cumprod.detach().cpu().float().tolist()]
     tmp = out / (mf.ALPHAS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"alphas_cumprod": alphas, "max_length": model.max_length}))
+    data = {"alphas_cumprod": alphas, "max_length": model.max_length}
+    if getattr(model, "sigmas", None) is not None:  # a flow-matching model scores with its σ_t
+        data["sigmas"] = [float(x) for x in model.sigmas.detach().cpu().float().tolist()]
+    tmp.write_text(json.dumps(data))
     tmp.replace(out / mf.ALPHAS_FILE)
     root = Path(str(model.source)) if not str(model.source).startswith("<") else None
     if root is None or not root.is_dir():

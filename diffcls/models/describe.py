@@ -12,9 +12,13 @@ from pathlib import Path
 
 from diffcls.errors import DiffclsError
 from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes, is_dit_directory, weight_shapes
+from diffcls.models.sd3 import is_sd3_directory
+from diffcls.models.sdxl import is_sdxl_directory
 
 COMPONENT_DIRS = ("text_encoder", "vae", "unet")
 DIT_COMPONENT_DIRS = ("vae", "transformer")  # class-conditional: no text encoder
+SD3_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")  # T5 optional
+SDXL_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "vae", "unet")
 
 
 def _read_json(path: Path) -> dict:
@@ -56,9 +60,13 @@ def describe_model(model: str | Path | None) -> dict:
     root = check_model_path(model)
     if root.is_file():
         return _describe_checkpoint(root)
-    dit = is_dit_directory(root)
+    dit, sd3, sdxl = is_dit_directory(root), is_sd3_directory(root), is_sdxl_directory(root)
+    kind = "dit" if dit else "sd3" if sd3 else "sdxl" if sdxl else "stable-diffusion"
+    names = {"dit": DIT_COMPONENT_DIRS, "sd3": SD3_COMPONENT_DIRS, "sdxl": SDXL_COMPONENT_DIRS}.get(kind, COMPONENT_DIRS)
     components = {}
-    for name in DIT_COMPONENT_DIRS if dit else COMPONENT_DIRS:
+    for name in names:
+        if kind == "sd3" and not (root / name).is_dir():
+            continue  # no T5: zeros in its place (models.sd3)
         cfg = _read_json(root / name / "config.json")
         files = weight_files(root / name)
         params = sum(_numel(s) for f in files for s in tensor_shapes(f).values())
@@ -68,18 +76,20 @@ def describe_model(model: str | Path | None) -> dict:
             "files": [f.relative_to(root).as_posix() for f in files],
             "bytes": sum(f.stat().st_size for f in files),
         }
-    unet = _read_json(root / ("transformer" if dit else "unet") / "config.json")
+    unet = _read_json(root / ("unet" if kind in ("stable-diffusion", "sdxl") else "transformer") / "config.json")
     vae = _read_json(root / "vae" / "config.json")
     text = {} if dit else _read_json(root / "text_encoder" / "config.json")
     sched = _read_json(root / "scheduler" / "scheduler_config.json")
     factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1)
     out = {
         "kind": "directory",
-        "model_kind": "dit" if dit else "stable-diffusion",
+        "model_kind": kind,
         "path": str(root),
         "components": components,
         "scheduler": sched.get("_class_name"),
-        "prediction_type": sched.get("prediction_type", "epsilon"),
+        # a flow-matching scheduler's target is the velocity (models.noising)
+        "prediction_type": "flow" if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler" else sched.get("prediction_type", "epsilon"),
+        "shift": sched.get("shift") if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler" else None,
         "num_train_timesteps": sched.get("num_train_timesteps", 1000),
         "default_image_size": int(unet.get("sample_size", 0)) * factor or None,
         "latent_channels": unet.get("in_channels"),

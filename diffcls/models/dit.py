@@ -211,7 +211,8 @@ def is_dit_directory(path: str | Path) -> bool:
     index = read_model_index(path)
     if index.get("_class_name") == PIPELINE_CLASS:
         return True
-    return (path / "transformer").is_dir() and not (path / "unet").is_dir()
+    # a text-conditioned transformer (SD3, Flux) has text encoders; a DiT has none
+    return (path / "transformer").is_dir() and not (path / "unet").is_dir() and not (path / "text_encoder").is_dir()
 
 
 def read_model_index(path: Path) -> dict:

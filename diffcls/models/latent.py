@@ -39,6 +39,12 @@ class LatentDiffusionModel:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     @property
+    def shift_factor(self) -> float | None:
+        """The VAE config's `shift_factor` (SD3 and Flux: latents are (mean - shift) * scale), else None."""
+        value = getattr(self.vae.config, "shift_factor", None)
+        return None if value is None else float(value)
+
+    @property
     def vae_force_upcast(self) -> bool:
         """The VAE config asks to run in fp32 (`force_upcast`, true for SD's VAE: it overflows in fp16)."""
         return bool(getattr(self.vae.config, "force_upcast", False))

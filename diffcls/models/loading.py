@@ -26,11 +26,13 @@ from diffcls.models import spec as specs
 from diffcls.models.latent import LatentDiffusionModel, hash_module
 from diffcls.models import wrappers
 from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
-from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory
+from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory, read_model_index
+from diffcls.models.sd3 import SD3Model, is_sd3_directory, load_sd3_directory
+from diffcls.models.sdxl import SDXLModel, is_sdxl_directory, load_sdxl_directory
+# the noise table and what the denoiser predicts, from the scheduler config (models.noising)
+from diffcls.models.noising import FLOW_DEFAULT_WEIGHTING, is_flow_config, noise_from_scheduler_config
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
-# what the UNet predicts (the scheduler config's `prediction_type`); the scorer knows these targets
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # "org/name" as the Hugging Face Hub spells model ids
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -49,7 +51,8 @@ class SDModel(LatentDiffusionModel):
     unet: torch.nn.Module  # diffusers UNet2DConditionModel
     alphas_cumprod: torch.Tensor  # (T,) float32, ᾱ_t of the training noise schedule
     source: str = "<memory>"  # where it was loaded from, for messages and manifests
-    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (noise) or "v_prediction"
+    prediction_type: str = "epsilon"  # the UNet's target: "epsilon" (noise), "v_prediction" or "flow"
+    sigmas: torch.Tensor | None = None  # (T,) float32 σ_t of a flow-matching model (models.noising), else None
     _fingerprint: str | None = field(default=None, repr=False)
     # (directory, its files' sizes and mtimes, library versions): where fingerprint() remembers itself
     _fingerprint_record: tuple | None = field(default=None, repr=False)
@@ -119,8 +122,30 @@ class SDModel(LatentDiffusionModel):
         return wrappers.sd_module(self, component)
 
 
-# what `load_model` returns: engines and export take either
-MODEL_TYPES = (SDModel, DiTModel)
+# what `load_model` returns: engines and export take any of them
+MODEL_TYPES = (SDModel, DiTModel, SD3Model, SDXLModel)
+# diffusers pipelines (model_index.json's _class_name) diffcls classifies with, and what it says of the rest
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL and SDXL-Turbo",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3/3.5",
+    "DiTPipeline": "class-conditional DiT",
+}
+# families refused with a reason of their own
+REFUSED_PIPELINES = {
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (trained only on the low-noise end of the schedule, conditioned on an aesthetic score); classify with the SDXL base model",
+    "FluxPipeline": "a Flux model (guidance-distilled rectified flow with CLIP + T5 and packed 2x2 latents), not supported yet",
+}
+
+
+def check_pipeline_family(path: Path) -> None:
+    """Refuse, in one line naming what is supported, a directory of a pipeline diffcls cannot score."""
+    name = read_model_index(path).get("_class_name")
+    if name is None or name in SUPPORTED_PIPELINES:
+        return
+    supported = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_PIPELINES.items())
+    what = REFUSED_PIPELINES.get(name, f"a {name} model, which diffcls does not classify with")
+    raise DiffclsError(f"{path} is {what}; supported: {supported}")
 
 
 def hash_weights(model: SDModel) -> str:
@@ -132,6 +157,8 @@ def hash_weights(model: SDModel) -> str:
     h.update(model.alphas_cumprod.detach().cpu().float().numpy().tobytes())
     if model.prediction_type != "epsilon":  # same weights, other target: another model
         h.update(f"prediction_type={model.prediction_type}".encode())
+    if model.sigmas is not None:
+        h.update(model.sigmas.detach().cpu().float().numpy().tobytes())
     vocab = model.tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items())).encode())
     return h.hexdigest()[:16]
@@ -175,17 +202,6 @@ def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
     return scheduler.alphas_cumprod.to(torch.float32).clone()
 
 
-def prediction_type_from_scheduler_config(config: dict, where) -> str:
-    """The scheduler config's `prediction_type` (absent: epsilon); one the scorer cannot score is refused."""
-    value = config.get("prediction_type") or "epsilon"
-    if value not in PREDICTION_TYPES:
-        raise DiffclsError(
-            f"{where}: prediction_type {value!r} is not supported; diffcls scores models that predict "
-            f"{' or '.join(PREDICTION_TYPES)} (set it in the scheduler config if that is what the UNet was trained for)"
-        )
-    return value
-
-
 def default_model_path() -> Path:
     """The bundled demo model (trained on scikit-learn digits), shipped inside the package."""
     return Path(__file__).resolve().parent / "demo"
@@ -209,8 +225,8 @@ def hub_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes
-BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes"}
+# the models that ship inside the package, addressable by name: --model demo / demo-dit / demo-shapes / demo-flow
+BUNDLED = {"demo": "demo", "demo-dit": "demo-dit", "demo-shapes": "demo-shapes", "demo-flow": "demo-flow"}
 
 
 def bundled_model_path(name: str = "demo") -> Path:
@@ -256,7 +272,8 @@ def check_model_path(path: str | Path | None = None) -> Path:
                 f"the bundled model is missing at {path}; reinstall diffcls or pass --model DIR"
             )
     if path.is_dir():
-        if is_dit_directory(path):
+        check_pipeline_family(path)
+        if is_dit_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path):
             return path  # its components are checked when it loads
         missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
         if missing:
@@ -267,7 +284,7 @@ def check_model_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel | DiTModel:
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel | DiTModel | SD3Model | SDXLModel:
     """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
     Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
     or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
@@ -303,20 +320,25 @@ def _quiet_libraries():
                 lib.enable_progress_bar()
 
 
-def _load_model(path, config) -> SDModel | DiTModel:
+def _load_model(path, config) -> SDModel | DiTModel | SD3Model | SDXLModel:
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
-    if is_dit_directory(path):
+    family = next((load for test, load in FAMILIES if test(path)), None)
+    if family is not None:
         # as in _load_directory: the files' state before reading them, and a remembered fingerprint
         state, versions = filehash.directory_state(path), _library_versions()
-        model = load_dit_directory(path)
+        model = family(path)
         model._fingerprint = filehash.lookup_fingerprint(path, versions, state)
         model._fingerprint_record = (path, state, versions)
         return model
     return _load_directory(path)
+
+
+# directory families other than SD 1.x/2.x: (is it one, its loader)
+FAMILIES = ((is_dit_directory, load_dit_directory), (is_sd3_directory, load_sd3_directory), (is_sdxl_directory, load_sdxl_directory))
 
 
 def _first_line(e: BaseException) -> str:
@@ -353,14 +375,16 @@ def _load_directory(path: Path) -> SDModel:
         sched_cfg = json.loads(sched_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
+    alphas, prediction_type, sigmas = noise_from_scheduler_config(sched_cfg, sched_file)
     model = SDModel(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,
-        alphas_cumprod=alphas_cumprod_from_scheduler_config(sched_cfg),
+        alphas_cumprod=alphas,
         source=str(path),
-        prediction_type=prediction_type_from_scheduler_config(sched_cfg, sched_file),
+        prediction_type=prediction_type,
+        sigmas=sigmas,
         _fingerprint=remembered,
         _fingerprint_record=(path, state, versions),
     )
@@ -430,6 +454,12 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
             f"checkpoints have the same tensors; pass --config {a} or --config {b} (a diffusers directory "
             f"or a cached model id; get the configs with: hf download {a} {include})"
         )
+    if str(kind).startswith(("xl", "sd3", "sd35", "flux")):
+        pipe = "StableDiffusionXLPipeline" if str(kind).startswith("xl") else "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
+        raise DiffclsError(
+            f"{path} is a single-file {kind} checkpoint; diffcls reads SDXL and SD3 from diffusers directories only: "
+            f"convert it once with diffusers ({pipe}.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
+        )
     if kind != "v1":
         raise DiffclsError(
             f"{path} is not a Stable Diffusion 1.x/2.x checkpoint (diffusers reads it as {kind!r}); "
@@ -468,14 +498,16 @@ def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel:
             f"cannot load checkpoint {path} with the configs in {root}: {_first_line(e)}; check that --config "
             "matches the checkpoint, or convert it to a diffusers directory and pass --model DIR"
         ) from e
+    alphas, prediction_type, sigmas = noise_from_scheduler_config(dict(pipe.scheduler.config), path)
     model = SDModel(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
         vae=pipe.vae,
         unet=pipe.unet,
-        alphas_cumprod=alphas_cumprod_from_scheduler_config(dict(pipe.scheduler.config)),
+        alphas_cumprod=alphas,
         source=str(path),
-        prediction_type=prediction_type_from_scheduler_config(dict(pipe.scheduler.config), path),
+        prediction_type=prediction_type,
+        sigmas=sigmas,
     )
     return model.eval()
 
@@ -485,6 +517,9 @@ def model_defaults(path: str | Path | None) -> dict:
 
     A class-conditional model (a DiT directory, or an engine directory exported from one) also
     gives `labels` (class id -> name) and the DiT protocol's schedule unless diffcls.json has one.
+    A flow-matching model (its scheduler config, or the engine directory's copy, is
+    FlowMatchEulerDiscreteScheduler) defaults to the logit-normal timestep weighting
+    (`models.noising`) unless diffcls.json names one.
 
     The bundled demo model ships one so that `diffcls classify DIR` needs no other flags.
     Paths inside it are relative to the model directory.
@@ -494,6 +529,8 @@ def model_defaults(path: str | Path | None) -> dict:
     labels = class_labels(root) if root.is_dir() else None
     # a class-conditional model: every class is a prompt, scored with the official DiT protocol
     base = {"labels": labels, **DIT_DEFAULT_SCHEDULE} if labels else {}
+    if root.is_dir() and _is_flow_directory(root):
+        base["weighting"] = FLOW_DEFAULT_WEIGHTING
     if not root.is_dir() or not f.exists():
         return base
     try:
@@ -503,3 +540,10 @@ def model_defaults(path: str | Path | None) -> dict:
     if "prompts" in d:
         d["prompts"] = str(root / d["prompts"])
     return {**base, **d}
+
+
+def _is_flow_directory(root: Path) -> bool:
+    try:
+        return is_flow_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -111,6 +111,20 @@ def component_specs(
     }
 
 
+def packed_component_specs(
+    *, ids_length: int, emb_length: int, hidden_size: int, image_size: int, latent_shape: tuple[int, int, int]
+) -> dict[str, ComponentSpec]:
+    """Models whose prompt encoder packs more than one tensor into its output (SD3: the text
+    embeddings and, as one more row, the pooled projection): `ids_length` token ids in,
+    `emb_length` rows of width `hidden_size` out; otherwise the Stable Diffusion roles."""
+    out = component_specs(max_length=ids_length, hidden_size=hidden_size, image_size=image_size, latent_shape=latent_shape)
+    te, unet = out["text_encoder"], out["unet"]
+    emb = TensorSpec("encoder_hidden_states", "float", ("B", emb_length, hidden_size))
+    out["text_encoder"] = ComponentSpec("text_encoder", te.inputs, (TensorSpec("last_hidden_state", "float", emb.shape),))
+    out["unet"] = ComponentSpec("unet", (unet.inputs[0], unet.inputs[1], emb), unet.outputs, condition=unet.condition)
+    return out
+
+
 def dit_component_specs(*, image_size: int, latent_shape: tuple[int, int, int]) -> dict[str, ComponentSpec]:
     """A class-conditional DiT: prompts are class ids; the denoiser takes them as `class_labels`.
 

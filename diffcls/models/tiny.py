@@ -27,10 +27,18 @@ class TinyConfig:
     beta_schedule: str = "scaled_linear"  # SD's schedule
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    prediction_type: str = "epsilon"  # the scheduler config's; "v_prediction" as in SD 2.x 768-v
+    prediction_type: str = "epsilon"  # the scheduler config's; "v_prediction" as in SD 2.x 768-v; "flow": SD3's scheduler
+    shift: float = 3.0  # "flow" only: the FlowMatchEulerDiscreteScheduler's shift (SD3's value)
+
+
+def flow_scheduler_config(num_train_timesteps: int = 1000, shift: float = 3.0) -> dict:
+    """SD3's scheduler config (FlowMatchEulerDiscreteScheduler; SD3 and SD3.5 ship shift 3.0)."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": num_train_timesteps, "shift": shift}
 
 
 def scheduler_config(cfg: TinyConfig) -> dict:
+    if cfg.prediction_type == "flow":
+        return flow_scheduler_config(cfg.num_train_timesteps, cfg.shift)
     return {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": cfg.num_train_timesteps,
@@ -106,7 +114,7 @@ def build_components(cfg: TinyConfig):
 
 def tiny_model(seed: int = 0, cfg: TinyConfig | None = None, words: list[str] = ()) -> SDModel:
     """A deterministic tiny SD model in memory."""
-    from diffcls.models.loading import alphas_cumprod_from_scheduler_config
+    from diffcls.models.noising import noise_from_scheduler_config
     from diffcls.models.tokenizer import build_tokenizer
 
     cfg = cfg or TinyConfig()
@@ -120,14 +128,16 @@ def tiny_model(seed: int = 0, cfg: TinyConfig | None = None, words: list[str] = 
                 p.add_(torch.randn_like(p) * 0.02)
     finally:
         torch.random.set_rng_state(state)
+    alphas, prediction_type, sigmas = noise_from_scheduler_config(scheduler_config(cfg), "tiny model")
     model = SDModel(
         tokenizer=build_tokenizer(words, cfg.max_length),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,
-        alphas_cumprod=alphas_cumprod_from_scheduler_config(scheduler_config(cfg)),
+        alphas_cumprod=alphas,
         source=f"<tiny seed={seed}>",
-        prediction_type=cfg.prediction_type,
+        prediction_type=prediction_type,
+        sigmas=sigmas,
     )
     return model.eval()
 
@@ -143,6 +153,8 @@ def save_model(model: SDModel, out_dir: str | Path, sched_cfg: dict | None = Non
     model.vae.save_pretrained(str(out / "vae"), safe_serialization=True)
     model.unet.save_pretrained(str(out / "unet"), safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
+    if sched_cfg is None and model.prediction_type == "flow":
+        raise ValueError("a flow model's scheduler config (its shift) cannot be inferred; pass sched_cfg")
     cfg = sched_cfg or scheduler_config(
         TinyConfig(num_train_timesteps=model.num_train_timesteps, prediction_type=model.prediction_type)
     )
@@ -151,7 +163,7 @@ def save_model(model: SDModel, out_dir: str | Path, sched_cfg: dict | None = Non
         json.dumps(
             {
                 "_class_name": "StableDiffusionPipeline",
-                "scheduler": ["diffusers", "DDPMScheduler"],
+                "scheduler": ["diffusers", cfg.get("_class_name", "DDPMScheduler")],
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"],
                 "unet": ["diffusers", "UNet2DConditionModel"],
@@ -161,3 +173,86 @@ def save_model(model: SDModel, out_dir: str | Path, sched_cfg: dict | None = Non
         )
     )
     return out
+
+
+def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_length: int = 256, shift: float = 3.0):
+    """A deterministic tiny SD3 from configs (random weights; CLIP-L/G widths 16, joint width 32),
+    for tests. Its T5 slot has a byte-level CLIP-style tokenizer (no T5 vocabulary is available
+    offline); the T5EncoderModel only sees ids."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffcls.models.noising import noise_from_scheduler_config
+    from diffcls.models.packed import MultiTokenizer
+    from diffcls.models.sd3 import SD3Model
+    from diffcls.models.tokenizer import build_tokenizer
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=1024, hidden_size=16, projection_dim=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        te1, te2 = clip(), clip()
+        te3 = T5EncoderModel(T5Config(vocab_size=1024, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2)) if with_t5 else None
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=2 * sample_size)
+        vae = sd_vae((32, 64), 4, sample_size * 2)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE values
+        with torch.no_grad():  # adaLN-Zero and the VAE's init give near-constant outputs: spread them
+            for p in [*transformer.parameters(), *vae.parameters()]:
+                p.add_(torch.randn_like(p) * 0.02)
+    finally:
+        torch.random.set_rng_state(state)
+    parts = {"tokenizer": build_tokenizer([], 77), "tokenizer_2": build_tokenizer([], 77)}
+    lengths = {"tokenizer": 77, "tokenizer_2": 77}
+    if with_t5:
+        parts["tokenizer_3"], lengths["tokenizer_3"] = build_tokenizer([], t5_length), t5_length
+    alphas, _, sigmas = noise_from_scheduler_config(flow_scheduler_config(1000, shift), "tiny SD3")
+    model = SD3Model(MultiTokenizer(parts, lengths), te1, te2, te3, transformer, vae, alphas, sigmas,
+                     source=f"<tiny sd3 seed={seed}>", t5_length=t5_length)
+    return model.eval()
+
+
+def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
+    """A deterministic tiny SDXL from configs (random weights), laid out like SDXL base: CLIP-L
+    width 16 + CLIP-G width 16 (projection 16) -> cross-attention 32, `text_time` additions."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffcls.models.noising import noise_from_scheduler_config
+    from diffcls.models.packed import MultiTokenizer
+    from diffcls.models.sdxl import SDXLModel
+    from diffcls.models.tokenizer import build_tokenizer
+
+    def clip_config():
+        return CLIPTextConfig(vocab_size=1024, hidden_size=16, projection_dim=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        te1, te2 = CLIPTextModel(clip_config()), CLIPTextModelWithProjection(clip_config())
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+            norm_num_groups=32)
+        vae = sd_vae((32, 64), 4, sample_size * 2)
+        vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE values
+        with torch.no_grad():
+            for p in vae.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    finally:
+        torch.random.set_rng_state(state)
+    sched = {**scheduler_config(TinyConfig()), "_class_name": "EulerDiscreteScheduler"}
+    alphas, prediction_type, _ = noise_from_scheduler_config(sched, "tiny SDXL")
+    parts = {"tokenizer": build_tokenizer([], 77), "tokenizer_2": build_tokenizer([], 77)}
+    model = SDXLModel(MultiTokenizer(parts, {"tokenizer": 77, "tokenizer_2": 77}), te1, te2, unet, vae, alphas,
+                      source=f"<tiny sdxl seed={seed}>", prediction_type=prediction_type)
+    return model.eval()

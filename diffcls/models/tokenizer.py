@@ -98,6 +98,10 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if (path / LABELS_FILE).is_file():
         return LabelTokenizer.from_pretrained(path)
+    from diffcls.models.packed import MULTI_FILE, MultiTokenizer
+
+    if (path / MULTI_FILE).is_file():  # SDXL's two, SD3's three tokenizers
+        return MultiTokenizer.from_pretrained(path)
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(path))

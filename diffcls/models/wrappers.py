@@ -22,14 +22,20 @@ class TextEncoderWrapper(torch.nn.Module):
 
 
 class VaeEncoderWrapper(torch.nn.Module):
-    def __init__(self, vae, scaling_factor: float):
+    """Image -> the scaled latent mean, `(mean - shift_factor) * scaling_factor` (SD3's VAE has a
+    shift; SD's and DiT's have none)."""
+
+    def __init__(self, vae, scaling_factor: float, shift_factor: float | None = None):
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C, h, w)
         moments = self.vae.quant_conv(self.vae.encoder(image)) if self.vae.quant_conv is not None else self.vae.encoder(image)
         mean = moments[:, : moments.shape[1] // 2]  # DiagonalGaussian: first half is the mean
+        if self.shift_factor:
+            mean = mean - self.shift_factor
         return mean * self.scaling_factor
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcls.models.digits import CLASSNAMES, IMAGE_SIZE, load_split, render_digit
-from diffcls.models.loading import SDModel, alphas_cumprod_from_scheduler_config, load_model
+from diffcls.models.loading import SDModel, load_model
 from diffcls.models.tiny import TinyConfig, save_model, sd_unet, sd_vae
 from diffcls.models.tiny import scheduler_config as sd_scheduler_config
 from diffcls.models.tokenizer import build_tokenizer_files
@@ -171,13 +171,51 @@ def text_embeddings(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
     return text_encoder(input_ids=ids, return_dict=False)[0]  # (K, 77, D)
 
 
+class EpsilonObjective:
+    """DDPM noising with the epsilon target: t ~ U{0..T-1}, x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) eps.
+    (`diffcls.train.flow.FlowObjective` is the rectified-flow counterpart.)"""
+
+    def __init__(self, alphas: torch.Tensor):
+        self.alphas = alphas
+        self.T = int(alphas.shape[0])
+
+    def sample_t(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.T, (batch,), generator=gen)
+
+    def noise(self, x0, t, eps):
+        """(x_t, the target, the timestep the model sees)."""
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps, t
+
+
+class FlowObjective:
+    """Rectified flow as SD3 trains it: u ~ logit-normal(0, 1), the index i = floor(u T) into the
+    scheduler's descending sigmas (here t = T-1-i, ascending), x_t = (1 - σ_t) x0 + σ_t eps,
+    target v = eps - x0, the model sees σ_t * T (the scheduler's timestep)."""
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.to(torch.float32)  # ascending (models.noising.flow_sigmas)
+        self.T = int(sigmas.shape[0])
+
+    def sample_t(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        u = torch.sigmoid(torch.randn((batch,), generator=gen))
+        i = (u * self.T).long().clamp(max=self.T - 1)
+        return self.T - 1 - i
+
+    def noise(self, x0, t, eps):
+        s = self.sigmas[t].view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * eps, eps - x0, self.sigmas[t] * self.T
+
+
 def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.Tensor, alphas: torch.Tensor,
-               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, extra_loss=None):
+               cfg: DemoConfig, gen: torch.Generator, t0: float, condition=None, extra_loss=None, objective=None):
     """Train on scaled latents; returns EMA copies (unet, text_encoder).
 
     `condition(text_encoder, idx)` -> (B, 77, D): the text embeddings of the training rows `idx`
     (default: the digit prompts, indexed by `labels`). `extra_loss(unet, text_encoder, idx, xt, t,
-    eps, pred)`, if given, is added to the denoising loss (the shapes demo's hard negatives)."""
+    eps, pred)`, if given, is added to the denoising loss (the shapes demo's hard negatives).
+    `objective`: the noising and target (default: `EpsilonObjective(alphas)`)."""
+    objective = objective or EpsilonObjective(alphas)
     if condition is None:
         texts = [p for p, _, _ in prompts()]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -199,7 +237,6 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
     ]
     unet.train()
     text_encoder.train()
-    T = alphas.shape[0]
     n = lat.shape[0]
     running = None
     for step in range(cfg.unet_steps):
@@ -208,12 +245,11 @@ def train_unet(unet, text_encoder, tokenizer, lat: torch.Tensor, labels: torch.T
             g["lr"] = g["base"] * f
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         x0 = lat[idx]  # (B, C, h, w)
-        t = torch.randint(0, T, (cfg.unet_batch,), generator=gen)
+        t = objective.sample_t(cfg.unet_batch, gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = unet(xt, t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
-        loss = F.mse_loss(pred, eps)
+        xt, target, model_t = objective.noise(x0, t, eps)
+        pred = unet(xt, model_t, encoder_hidden_states=condition(text_encoder, idx), return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
         if extra_loss is not None:
             loss = loss + extra_loss(unet, text_encoder, idx, xt, t, eps, pred)
         opt.zero_grad(set_to_none=True)
@@ -236,7 +272,7 @@ def timestep_grid(T: int, M: int) -> list[int]:
 
 
 def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=(20, 100), to_keep=(3, 1),
-             n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True) -> dict:
+             n_trials: int = 1, seed: int = 0, chunk: int = 32, verbose: bool = True, weighting: str = "none") -> dict:
     """Top-1 accuracy of `model` (an SDModel) on a digits split with the adaptive schedule."""
     x, y = split_tensors(split)
     if limit is not None:
@@ -246,7 +282,8 @@ def evaluate(model, split: str = "heldout", limit: int | None = None, n_samples=
         enc = VaeEncoderWrapper(model.vae, model.scaling_factor)
         lat = torch.cat([enc(x[i : i + 256]) for i in range(0, len(x), 256)])
         embeds = text_embeddings(model.tokenizer, model.text_encoder, [p for p, _, _ in prompts()])
-    preds, evals = classify_in_chunks(model, lat, embeds, y, n_samples, to_keep, n_trials, seed, chunk, t0 if verbose else None)
+    preds, evals = classify_in_chunks(model, lat, embeds, y, n_samples, to_keep, n_trials, seed, chunk, t0 if verbose else None,
+                                      weighting=weighting)
     dt = time.time() - t0
     correct = sum(int(a == b) for a, b in zip(preds, y.tolist()))
     return {
@@ -278,8 +315,12 @@ def train_vae_and_scale(vae, x: torch.Tensor, cfg, gen, t0: float) -> tuple[torc
     return lat, scaling
 
 
-def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
+def train(out: Path, cfg: DemoConfig, command: str = "", sched: dict | None = None, defaults: dict | None = None) -> Path:
+    """Train and save the demo; `sched` (default: SD's DDPM config) decides the objective (a
+    FlowMatchEulerDiscreteScheduler config: rectified flow), `defaults` go into diffcls.json."""
     from transformers import CLIPTokenizer
+
+    from diffcls.models.noising import noise_from_scheduler_config
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -287,17 +328,19 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(str(build_tokenizer_files(out / "tokenizer", PROMPT_WORDS, cfg.max_length)))
     text_encoder, vae, unet = build_components(cfg, tokenizer)
-    sched = scheduler_config()
-    alphas = alphas_cumprod_from_scheduler_config(sched)
+    sched = sched or scheduler_config()
+    alphas, prediction_type, sigmas = noise_from_scheduler_config(sched, "the demo's scheduler config")
 
     x, y = split_tensors("train")
     _log(f"train split: {len(x)} images {tuple(x.shape[1:])}", t0)
     lat, scaling = train_vae_and_scale(vae, x, cfg, gen, t0)
     t_vae = time.time() - t0
 
-    ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, lat, y, alphas, cfg, gen, t0)
+    objective = FlowObjective(sigmas) if prediction_type == "flow" else EpsilonObjective(alphas)
+    ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, lat, y, alphas, cfg, gen, t0, objective=objective)
     t_total = time.time() - t0
-    model = SDModel(tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet, alphas_cumprod=alphas)
+    model = SDModel(tokenizer=tokenizer, text_encoder=ema_text, vae=vae, unet=ema_unet, alphas_cumprod=alphas,
+                    prediction_type=prediction_type, sigmas=sigmas)
     save_model(model, out, sched)
     with open(out / "prompts.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -305,7 +348,8 @@ def train(out: Path, cfg: DemoConfig, command: str = "") -> Path:
         w.writerows(prompts())
     (out / "diffcls.json").write_text(
         json.dumps(
-            {"image_size": cfg.image_size, "prompts": "prompts.csv", "n_samples": cfg.n_samples, "to_keep": cfg.to_keep},
+            {"image_size": cfg.image_size, "prompts": "prompts.csv", "n_samples": cfg.n_samples, "to_keep": cfg.to_keep,
+             **(defaults or {})},
             indent=2,
         )
         + "\n"
@@ -331,7 +375,7 @@ def write_training_record(out: Path, info: dict, t0: float) -> Path:
 
 
 def classify_in_chunks(model, lat, cond, y, n_samples, to_keep, n_trials: int, seed: int, chunk: int,
-                       t0: float | None = None, batch_size: int = 512) -> tuple[list[int], int]:
+                       t0: float | None = None, batch_size: int = 512, weighting: str = "none") -> tuple[list[int], int]:
     """Classify the latents `lat` with the library's scoring loop (`runtime.algorithm.scoring.Scorer`,
     what `diffcls classify` runs) on `model`'s denoiser in torch fp32, conditioned on `cond` (one row
     per prompt: text embeddings, or a DiT's class ids), the fixed schedule (`n_samples`, `to_keep`,
@@ -342,11 +386,12 @@ def classify_in_chunks(model, lat, cond, y, n_samples, to_keep, n_trials: int, s
     from diffcls.runtime.algorithm.schedule import Schedule
     from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
 
-    schedule = Schedule(tuple(n_samples), tuple(to_keep), n_trials)
+    schedule = Schedule(tuple(n_samples), tuple(to_keep), n_trials, weighting=weighting)
     spec = model.component_specs(model.default_image_size)["unet"]
     unet = TorchEngine(wrap(model, "unet"), spec, torch.device("cpu"), torch.float32)
     bank = make_noise_bank(schedule, tuple(lat.shape[1:]), seed)
-    scorer = Scorer(unet, cond, model.alphas_cumprod, schedule, bank, batch_size, prediction_type=model.prediction_type)
+    scorer = Scorer(unet, cond, model.alphas_cumprod, schedule, bank, batch_size, prediction_type=model.prediction_type,
+                    sigmas=getattr(model, "sigmas", None))
     preds: dict[int, int] = {}
     evals, truth = 0, y.tolist()
     for i, score in scorer.run((i, lat[i]) for i in range(len(lat))):

@@ -6,6 +6,8 @@ For one image with latent x0 and prompts c (docs/design.md, "The scoring loop"):
              (t, trial j), with eps = bank[k * n_trials + j] (k = the t's evaluation index):
              x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) eps
              err = mean_{C,H,W} loss(eps, unet(x_t, t, E[c]))
+             (v-prediction and flow models: their noising and target, `diffcls.models.noising`;
+             a schedule's timestep weighting multiplies err by w_t)
              score(c) = mean of all of c's errors so far; keep the k_i lowest scores.
 
 Which samples an image needs is its policy's business (`diffcls.runtime.algorithm.policy`): the fixed
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcls.errors import DiffclsError
+from diffcls.models.noising import noising_coefficients, timestep_weights
 from diffcls.runtime.algorithm.policy import make_policy
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule
 
@@ -134,10 +137,13 @@ class _Image:
     def result(self) -> ImageScore:
         res = self.policy.result()
         sums: dict[int, float] = {}
-        counts: dict[int, int] = {}
-        for c, _t, _j, e in self.errors:  # in evaluation order, as the policy summed them
-            sums[c] = sums.get(c, 0.0) + e
-            counts[c] = counts.get(c, 0) + 1
+        counts: dict[int, float] = {}
+        sched = getattr(self.policy, "schedule", None) or getattr(self.policy, "params", None)
+        weighted = getattr(sched, "band_weights", None) is not None  # timestep weights: weighted means
+        for c, t, _j, e in self.errors:  # in evaluation order, as the policy summed them
+            w = sched.weight(t) if weighted else 1
+            sums[c] = sums.get(c, 0.0) + w * e
+            counts[c] = counts.get(c, 0) + w
         return ImageScore(
             prediction=res.prediction,
             scores={c: sums[c] / counts[c] for c in sorted(sums)},
@@ -188,16 +194,11 @@ class Scorer:
         batch_size: int,
         *,
         prediction_type: str = "epsilon",
+        sigmas: torch.Tensor | None = None,
         grid_offset: Callable[[Hashable, torch.Tensor], int | None] | None = None,
         policy_factory: Callable[[Hashable, torch.Tensor], object] | None = None,
         lookahead: bool = True,
     ):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise DiffclsError(
-                f"prediction_type {prediction_type!r} cannot be scored; the UNet must predict the noise "
-                "(epsilon) or v (v_prediction), as set in the model's scheduler config"
-            )
-        self.v_prediction = prediction_type == "v_prediction"  # target v = sqrt(ᾱ) eps - sqrt(1-ᾱ) x0
         self.unet = unet
         self.device = unet.device
         self.schedule = schedule
@@ -214,9 +215,11 @@ class Scorer:
         self.condition = unet.spec.condition
         cond_dtype = torch.int64 if unet.spec.input(self.condition).dtype == "int64" else unet.dtype
         self.emb = embeddings.to(self.device, cond_dtype)
-        ac = alphas_cumprod.to(self.device, torch.float32)
-        self.sqrt_a = ac.sqrt()
-        self.sqrt_1ma = (1.0 - ac).sqrt()
+        # per timestep: x_t = a x0 + s eps, target = p eps + q x0, the model sees model_t (models.noising)
+        tables = noising_coefficients(prediction_type, alphas_cumprod, sigmas)
+        self.a, self.s, self.p, self.q, self.model_t = (x.to(self.device) for x in tables)
+        w = timestep_weights(getattr(schedule, "weighting", "none"), int(alphas_cumprod.shape[0]))
+        self.weights = None if w is None else w.to(self.device)  # (T,) float64, mean 1
         self.bank = noise_bank.to(self.device, torch.float32)
         self.num_train_timesteps = int(alphas_cumprod.shape[0])
         self.stats = ScoreStats()
@@ -269,18 +272,20 @@ class Scorer:
         x0 = self._table.index_select(0, slots)  # (B, C, h, w)
         eps = self.bank.index_select(0, noise_idx)  # (B, C, h, w)
         # --- noising, UNet, loss against the target (epsilon prediction: the noise itself) -------
-        a = self.sqrt_a.index_select(0, ts).view(-1, 1, 1, 1)
-        s = self.sqrt_1ma.index_select(0, ts).view(-1, 1, 1, 1)
+        a, s, p, q = (c.index_select(0, ts).view(-1, 1, 1, 1) for c in (self.a, self.s, self.p, self.q))
         x_t = a * x0 + s * eps
         feed = {
             "sample": x_t.to(self.unet.dtype),
-            "timestep": ts.to(torch.float32),
+            "timestep": self.model_t.index_select(0, ts),
             self.condition: self.emb.index_select(0, prompts),
         }
         start = time.perf_counter()
         pred = self.unet(feed)["out_sample"]
-        target = a * eps - s * x0 if self.v_prediction else eps
-        err = per_sample_loss(target, pred, self.schedule.loss)[:n]  # (n,)
+        target = p * eps + q * x0
+        err = per_sample_loss(target, pred, self.schedule.loss)  # (size,)
+        if self.weights is not None:  # the timestep weighting (schedule.weighting)
+            err = err * self.weights.index_select(0, ts)
+        err = err[:n]
         # -----------------------------------------------------------------------------------------
         host = torch.cat([err, torch.isfinite(err).all().to(err.dtype).view(1)])
         done = None

@@ -265,7 +265,10 @@ class MatchSchedule:
 def adaptive_for_match(grid_size: int, **given) -> AdaptiveSchedule:
     """The sequential test of `match --adaptive`: `given` flags over match's defaults (at most the
     whole grid, no final stage: a comparison undecided at the end is the full-grid decision)."""
-    params = {"error_rate": 0.05, "min_samples": 8, "max_samples": grid_size, "final_samples": 0, **given}
+    given = dict(given)
+    if "error_rate" in given:  # match's --error-rate is the comparison's test level: the test's alpha
+        given["alpha"] = given.pop("error_rate")
+    params = {"alpha": 0.05, "min_samples": 8, "max_samples": grid_size, "final_samples": 0, **given}
     return AdaptiveSchedule(**params)
 
 
@@ -527,7 +530,7 @@ def iter_match(
             policies[key] = ItemPolicy(arms, order, schedule, skip, _item_offset(it))
             return policies[key]
 
-        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type, policy_factory=factory)
+        scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type, sigmas=e.sigmas, policy_factory=factory)
         units = ((it.key, torch.stack([latents[(it.key, 0)], latents[(it.key, 1)]])) for it in good)
         try:
             for key, score in scorer.run(units):

@@ -11,6 +11,7 @@ latents (cached, VAE in batches) -> the interleaved scoring loop (`scoring.Score
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 from collections import deque
@@ -402,6 +403,8 @@ class Classifier:
             calibration = Calibration.load(calibration)
         if calibration is not None:
             calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.to_dict())
+            if calibration.timestep_weights is not None:  # its timestep weights apply to this schedule
+                schedule = dataclasses.replace(schedule, band_weights=tuple(calibration.timestep_weights))
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)
@@ -410,7 +413,7 @@ class Classifier:
         # --adaptive: each image's rotation of the timestep grid comes from its file's sha256 (the
         # same on every device and in every run; in-memory images: their preprocessed pixels')
         scorer = Scorer(e.unet, emb, e.alphas_cumprod, schedule, bank, batch_size, prediction_type=e.prediction_type,
-                        grid_offset=lambda key, x0: int(digests[key][:16], 16) if digests.get(key) else None)
+                        sigmas=e.sigmas, grid_offset=lambda key, x0: int(digests[key][:16], 16) if digests.get(key) else None)
         self.last_stats = scorer.stats
         window = max(4, 2 * vae_batch_size)
         prepared = self._prepared_stream(images, e.image_size, self._interp, workers, window)

@@ -16,16 +16,16 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 
-from diffcls.config import Backend, Interpolation, Loss, Precision, Rule
+from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting
 from diffcls.errors import DiffclsError
 from diffcls.runtime.data.prompts import PromptSet
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, default_schedule
 
 # the adaptive schedule's settings -> their flags (None in a spec: AdaptiveSchedule's default)
 ADAPTIVE_FLAGS = {
-    "error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule",
+    "error_rate": "--error-rate", "alpha": "--alpha", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule",
     "rel_delta": "--rel-delta", "final_samples": "--final-samples", "final_keep": "--final-keep",
-    "final_error_rate": "--final-error-rate",
+    "final_error_rate": "--final-error-rate", "look_every": "--look-every",
 }
 
 
@@ -52,10 +52,12 @@ class JobSpec:
     to_keep: tuple[int, ...] | None = None
     n_trials: int = 1
     loss: Loss = Loss.l2
+    weighting: Weighting | None = None  # None: the model's (its diffcls.json), else none
     seed: int = 0
     noise: Path | None = None  # a noise bank file instead of the seed's
     adaptive: bool = False
     error_rate: float | None = None  # the adaptive flags: None is AdaptiveSchedule's default
+    alpha: float | None = None
     min_samples: int | None = None
     max_samples: int | None = None
     rule: Rule | None = None
@@ -63,6 +65,7 @@ class JobSpec:
     final_samples: int | None = None
     final_keep: int | None = None
     final_error_rate: float | None = None
+    look_every: int | None = None
     batch_size: int = 32  # UNet batch (images share batches)
     workers: int = 2  # threads that decode images while the UNet runs
     threads: int | None = None  # None: torch.get_num_threads(); the CLI fills in engines.fastpath.choose_threads (the free cores)
@@ -178,17 +181,18 @@ def build_schedule(s: JobSpec, n_prompts: int, defaults: dict) -> Schedule | Ada
     """The user's schedule as given; else the model's default (the paper's where it names none)
     with the first keep capped at the prompt count (a cap the user's own --to-keep never gets:
     that is an error to report)."""
+    weighting = s.weighting.value if s.weighting is not None else str(defaults.get("weighting", "none"))
     if s.adaptive:
-        return s.adaptive_schedule()
+        return replace(s.adaptive_schedule(), weighting=weighting)
     if s.n_samples is None:
         ns = tuple(defaults.get("n_samples", Schedule.n_samples))
         ks = tuple(defaults.get("to_keep", Schedule.to_keep))
-        return default_schedule(n_prompts, ns, ks, n_trials=s.n_trials, loss=s.loss.value)
-    return Schedule(n_samples=s.n_samples, to_keep=s.to_keep, n_trials=s.n_trials, loss=s.loss.value)
+        return default_schedule(n_prompts, ns, ks, n_trials=s.n_trials, loss=s.loss.value, weighting=weighting)
+    return Schedule(n_samples=s.n_samples, to_keep=s.to_keep, n_trials=s.n_trials, loss=s.loss.value, weighting=weighting)
 
 
 _KINDS = {
     "model": Path, "config": Path, "engines": Path, "prompts": Path, "list_file": Path, "noise": Path, "cache_dir": Path,
-    "backend": Backend, "precision": Precision, "interpolation": Interpolation, "loss": Loss, "rule": Rule,
+    "backend": Backend, "precision": Precision, "interpolation": Interpolation, "loss": Loss, "rule": Rule, "weighting": Weighting,
     "n_samples": "ints", "to_keep": "ints",
 }

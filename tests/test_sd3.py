@@ -1,0 +1,138 @@
+"""Stable Diffusion 3 (`StableDiffusion3Pipeline` directories): a tiny random SD3 built from configs.
+
+Its prompt embeddings must be diffusers' own (`StableDiffusion3Pipeline.encode_prompt`, with and
+without T5), its errors those of a plain re-implementation of rectified-flow noising and loss
+that calls the transformer directly, and its exported engines must classify as torch does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcls.errors import DiffclsError
+from diffcls.models.sd3 import save_sd3_directory
+from diffcls.models.tiny import tiny_sd3
+from diffcls.models.tiny import flow_scheduler_config
+from diffcls.runtime.algorithm.schedule import Schedule
+from diffcls.runtime.algorithm.scoring import Scorer, make_noise_bank
+
+PROMPTS = ["a photo of a cat", "a photo of a dog", "a red car"]
+T5_LENGTH = 24  # tiny: SD3 itself uses 256
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_sd3(seed=0, t5_length=T5_LENGTH)
+
+
+def pipeline(model):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    parts = model.tokenizer.parts
+    return StableDiffusion3Pipeline(
+        transformer=model.transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=model.vae,
+        text_encoder=model.text_encoder, tokenizer=parts["tokenizer"], text_encoder_2=model.text_encoder_2,
+        tokenizer_2=parts["tokenizer_2"], text_encoder_3=model.text_encoder_3, tokenizer_3=parts.get("tokenizer_3"),
+    )
+
+
+def diffusers_embeddings(model):
+    """(prompt_embeds, pooled) as diffusers' SD3 pipeline computes them."""
+    with torch.no_grad():
+        emb, _, pooled, _ = pipeline(model).encode_prompt(
+            PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=model.t5_length)
+    return emb, pooled
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_prompt_embeddings_are_the_pipelines(with_t5):
+    model = tiny_sd3(seed=0, with_t5=with_t5, t5_length=T5_LENGTH)
+    emb, pooled = diffusers_embeddings(model)
+    with torch.no_grad():
+        packed = model.wrap("text_encoder")(model.tokenizer(PROMPTS).input_ids)
+    assert packed.shape == (3, 77 + T5_LENGTH + 1, 32)
+    assert torch.allclose(packed[:, :-1], emb, atol=1e-6)
+    assert torch.allclose(packed[:, -1, : pooled.shape[1]], pooled, atol=1e-6)
+    if not with_t5:  # diffusers' zeros in T5's place
+        assert not packed[:, 77:-1].any()
+
+
+def test_sd3_scoring_matches_a_plain_reimplementation(sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffcls.engines import open_engines
+
+    engines = open_engines("torch", model=sd3, device="cpu")
+    assert engines.prediction_type == "flow"
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    emb, pooled = diffusers_embeddings(sd3)
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        packed = engines.text_encoder({"input_ids": engines.tokenize(PROMPTS)})["last_hidden_state"]
+        x0 = engines.vae_encoder({"image": image})["latent"][0]
+        ref_x0 = (sd3.vae.encode(image).latent_dist.mean[0] - 0.0609) * 1.5305  # SD3's VAE shift and scale
+    assert torch.allclose(x0, ref_x0, atol=1e-6)
+    schedule = Schedule((3, 6), (2, 1))
+    bank = make_noise_bank(schedule, engines.latent_shape, seed=1)
+    scorer = Scorer(engines.unet, packed, engines.alphas_cumprod, schedule, bank, 4, prediction_type="flow", sigmas=engines.sigmas)
+    (_, got), = scorer.run([(0, x0)])
+    T, seen = 1000, []
+    for c, t, j, err in got.errors:
+        k = seen.index(t) if t in seen else len(seen)
+        seen += [] if t in seen else [t]
+        eps = bank[k]
+        sigma, timestep = sched.sigmas[T - 1 - t], sched.timesteps[T - 1 - t]
+        with torch.no_grad():
+            pred = sd3.transformer(hidden_states=((1 - sigma) * x0 + sigma * eps)[None], encoder_hidden_states=emb[c][None],
+                                   pooled_projections=pooled[c][None], timestep=timestep[None]).sample[0]
+        assert err == pytest.approx(float(F.mse_loss(pred, eps - x0)), rel=1e-5, abs=1e-6), (c, t)
+    assert len(got.errors) == 3 * 3 + 2 * 3
+
+
+def test_sd3_directory_info_export_and_engines(tmp_path, sd3):
+    pytest.importorskip("onnxruntime")
+    from conftest import random_image
+
+    from diffcls.engines import open_engines
+    from diffcls.export import ExportConfig, export_model
+    from diffcls.models.describe import describe_model
+    from diffcls.models.loading import load_model
+    from diffcls.runtime.execution.classifier import Classifier
+
+    model = tiny_sd3(seed=0)  # T5's length as SD3's, 256: what a loaded directory uses
+    d = save_sd3_directory(model, tmp_path / "sd3", flow_scheduler_config(1000, 3.0))
+    loaded = load_model(d)
+    assert loaded.kind == "sd3" and loaded.fingerprint() == model.fingerprint()
+    info = describe_model(d)
+    assert info["model_kind"] == "sd3" and info["prediction_type"] == "flow" and info["default_image_size"] == 16
+    assert set(info["components"]) == {"text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"}
+    res = export_model(ExportConfig(out=tmp_path / "e", model=d, batch_sizes=(4,), image_size=16, device="cpu"))
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["kind"] == "sd3" and manifest["prediction_type"] == "flow"
+    assert all(manifest["components"][c]["max_abs_err"] is not None for c in ("text_encoder", "vae_encoder", "unet")), res
+    ort = open_engines("onnxruntime", engine_dir=tmp_path / "e", device="cpu")
+    images = [random_image(i) for i in range(3)]
+    schedule = Schedule((4, 8), (2, 1), weighting="logit-normal")
+    out = {name: Classifier(e, cache=None).classify(images, PROMPTS, schedule, batch_size=4)
+           for name, e in (("torch", open_engines("torch", model=loaded, device="cpu")), ("ort", ort))}
+    assert [r.prompt for r in out["torch"]] == [r.prompt for r in out["ort"]]
+    for a, b in zip(out["torch"], out["ort"]):
+        ea, eb = ({(c, t, j): e for c, t, j, e in r.errors} for r in (a, b))
+        assert ea.keys() == eb.keys() and max(abs(ea[k] - eb[k]) for k in ea) < 1e-4
+
+
+def test_unsupported_pipelines_are_refused_in_one_line(tmp_path):
+    from diffcls.models.loading import load_model
+
+    d = tmp_path / "kandinsky"
+    (d / "unet").mkdir(parents=True)
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(DiffclsError) as e:
+        load_model(d)
+    msg = str(e.value)
+    assert "KandinskyV22Pipeline" in msg and "StableDiffusion3Pipeline" in msg and "StableDiffusionPipeline" in msg and "\n" not in msg
