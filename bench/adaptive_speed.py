@@ -5,7 +5,7 @@ hits both alike) and prints, per run: evaluations per image, padding fraction, U
 the wall time and over the UNet calls alone.
 
     python bench/adaptive_speed.py FOLDER --engines /tmp/eng --reps 3 \\
-        --fixed 10 50 --to-keep 3 1 --error-rate 0.05 --min-samples 6 --max-samples 50
+        --fixed 10 50 --to-keep 3 1 --alpha 0.05 --min-samples 6 --max-samples 50
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--to-keep", type=int, nargs="+", default=[3, 1])
     # the sequential policy: AdaptiveSchedule's defaults for whatever is not given
     ap.add_argument("--error-rate", type=float, default=None)
+    ap.add_argument("--alpha", type=float, default=None)
+    ap.add_argument("--look-every", type=int, default=None)
     ap.add_argument("--min-samples", type=int, default=None)
     ap.add_argument("--max-samples", type=int, default=None)
     ap.add_argument("--final-samples", type=int, default=None)
@@ -44,7 +46,7 @@ def main(argv=None) -> dict:
     run = ClassifyJob(s, [args.folder], labels="name").open()  # prompts from the class folders (or the model's)
     clf = run.classifier
     paths = sorted(str(p) for p in args.folder.rglob("*.png"))
-    given = {k: getattr(args, k) for k in ("error_rate", "min_samples", "max_samples", "final_samples", "final_keep") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("error_rate", "alpha", "min_samples", "max_samples", "final_samples", "final_keep", "look_every") if getattr(args, k) is not None}
     adaptive = AdaptiveSchedule(**given)
     policies = {
         f"fixed {args.fixed} -> {args.to_keep}": Schedule(tuple(args.fixed), tuple(args.to_keep)),

@@ -118,6 +118,21 @@ def test_python_api_resumes_a_killed_run_and_writes_what_the_cli_writes(tmp_path
     assert r.exit_code == 0 and "10 of 10 images already done" in r.output, r.output
 
 
+@pytest.mark.parametrize(
+    "name, command, args",
+    [
+        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache", *TORCH]),
+        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache", *TORCH]),
+    ],
+)
+def test_adaptive_results_of_the_old_rule_are_not_mixed_with_todays(tmp_path, digits, name, command, args):
+    """--adaptive's rule changed in round 4 (no bare cut, restarted final stage, one-sided): an
+    older adaptive results file is refused with the reason, not resumed under another rule."""
+    out = _legacy_copy(tmp_path, name, digits)
+    r = invoke(command, digits, *args, "--out", out)
+    assert r.exit_code == 2 and "was written with other settings" in r.output and "(before round 4)" in r.output
+
+
 def _legacy_copy(tmp_path: Path, name: str, root: Path) -> Path:
     """The fixture files of `name`, with the input folder they record moved to `root`."""
     for f in LEGACY.glob(f"{name}.*"):
@@ -133,8 +148,6 @@ def _legacy_copy(tmp_path: Path, name: str, root: Path) -> Path:
     "name, command, args",
     [
         ("fixed", "classify", FAST),
-        ("adaptive", "classify", ["--adaptive", "--min-samples", "2", "--max-samples", "4", "--final-samples", "2", "--final-keep", "2", "--no-cache", *TORCH]),
-        ("evaluate", "evaluate", ["--adaptive", "--rule", "kim-nelson", "--rel-delta", "0.1", "--min-samples", "2", "--max-samples", "4", "--final-samples", "0", "--no-cache", *TORCH]),
         ("calibrated", "classify", [*FAST, "--calibration", LEGACY / "calibration.json"]),
     ],
 )

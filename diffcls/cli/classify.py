@@ -215,6 +215,7 @@ def evaluate(
     ray_workers: RayWorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
     calibration: CalibrationOpt = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another results CSV of the same images, e.g. the full-budget answer (--n-samples G --to-keep 1, G = the adaptive grid): report how many answers differ from it, with a 95% interval (docs/adaptive.md).")] = None,
     *,
     settings: RunSettings,
 ) -> None:
@@ -239,6 +240,7 @@ def evaluate(
         m, cal = evaluation(job)
         t = job.temperature
         _print_metrics(m, job.prompts.classes)
+        _print_disagreement(m, job, compare)
         if cal is not None:
             how = f"temperature {t:.4g} from {calibration}" if t is not None else "uncalibrated, temperature 1; fit one with diffcls calibrate"
             out.print(f"probabilities ({how}): NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)")
@@ -259,19 +261,33 @@ def calibrate(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the temperature (JSON), for classify/evaluate --calibration.")] = Path("calibration.json"),
     results_csv: Annotated[Optional[Path], typer.Option("--results", help="Results CSV of this run (resumable; an evaluate --out CSV with the same settings is reused).")] = None,
     labels: LabelsOpt = LabelKind.name,
+    timestep_weights: Annotated[Optional[int], typer.Option("--timestep-weights", help="Instead of a temperature, fit timestep weights in this many equal bands of t (mean over variance of the paired difference to the true class; bands that point away dropped) from a full grid, e.g. --n-samples 100 --to-keep 1; classify/evaluate --calibration then weight every schedule's timesteps with them (docs/adaptive.md).", min=1)] = None,
     *,
     settings: RunSettings,
 ) -> None:
-    """Fit the temperature of the class probabilities on labeled images (minimum NLL)."""
-    from diffcls.runtime.evaluation.evaluate import fit_calibration
+    """Fit the temperature of the class probabilities on labeled images (minimum NLL), or timestep weights."""
+    import tempfile
+
+    from diffcls.runtime.evaluation.evaluate import fit_calibration, fit_weights_calibration
     from diffcls.runtime.execution.job import ClassifyJob
     from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
 
-    with user_errors():
+    with user_errors(), tempfile.TemporaryDirectory() as tmp:
         check_output(out_path, "--out", "calibration")  # before the run, not after it finished
         check_distinct(("--results", results_csv), ("--out", out_path))
-        with ClassifyJob(settings, paths or [], out=results_csv, labels=labels) as job:
+        errors = None
+        if timestep_weights is not None:  # the fit needs every error: beside the results CSV
+            results_csv = results_csv or Path(tmp) / "calibrate.csv"
+            errors = results_csv.with_name(results_csv.name + ".errors.jsonl")
+        with ClassifyJob(settings, paths or [], out=results_csv, save_errors=errors, labels=labels) as job:
             _run(job)
+        if timestep_weights is not None:
+            cal = fit_weights_calibration(job, errors, timestep_weights)
+            with output_errors("--out", out_path):
+                cal.save(out_path)
+            out.print(f"timestep weights by band of {1000 // timestep_weights} t, fitted on {cal.n_images} images: "
+                      f"{' '.join(f'{w:.2g}' for w in cal.timestep_weights)}; written to {out_path}")
+            return
         cal = fit_calibration(job)
         with output_errors("--out", out_path):
             cal.save(out_path)
@@ -279,6 +295,21 @@ def calibrate(
             f"temperature {cal.temperature:.4g} fitted on {cal.n_images} images: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}, "
             f"ECE {100 * cal.ece_before:.2f}% -> {100 * cal.ece_after:.2f}% (on the fitting images); written to {out_path}"
         )
+
+
+def _print_disagreement(m: dict, job, compare: Path | None) -> None:
+    """--adaptive: the knob's measured meaning; --compare: answers that differ from another run's."""
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
+    from diffcls.runtime.evaluation.evaluate import disagreement
+
+    sched = job.schedule
+    if isinstance(sched, AdaptiveSchedule) and sched.alpha is None:
+        out.print(f"--error-rate {sched.error_rate:g}: the test runs at alpha {sched.resolved_alpha:g}; measured on digits train replays, "
+                  f"P(answer differs from the full-budget answer) <= {sched.error_rate:g} at the default settings (docs/adaptive.md)")
+    if compare is not None:
+        d = disagreement(job, compare)
+        m["disagreement"] = d
+        out.print(f"answers that differ from {compare}: {d['differ']} of {d['n']} ({100 * d['rate']:.2f}%, 95% {100 * d['ci95'][0]:.2f}-{100 * d['ci95'][1]:.2f}%)")
 
 
 def _print_metrics(m: dict, classes: dict[int, str]) -> None:

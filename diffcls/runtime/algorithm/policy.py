@@ -18,33 +18,33 @@ Every item of a block must be fed before `next_block` is called again.
 `FixedPolicy` is the paper's schedule (`Schedule`): rounds of new timesteps, keep the k_i lowest
 mean errors after each round; a round without new timesteps still prunes (docs/design.md).
 
-`SequentialPolicy` (`AdaptiveSchedule`) takes the grid's timesteps in van der Corput order, one
-at a time after a first stage of n0, evaluates every surviving prompt at each (paired samples:
-same t, same noise), and eliminates prompt i as soon as a paired sequential test says another
-surviving prompt j has a lower mean error. One sample X_c(r) is prompt c's error at the r-th
-timestep (the mean over its n_trials noise draws). With D_ij(r) = sum_{s<=r} X_i(s) - X_j(s) and
-S_ij^2 the sample variance of X_i - X_j over the first n0 samples, i is eliminated at r >= n0 if
-D_ij(r) > B_ij(r) for some surviving j, where (K = number of prompts, alpha = error_rate):
+`SequentialPolicy` (`AdaptiveSchedule`) takes the grid's timesteps in van der Corput order and
+evaluates every surviving prompt at each (paired samples: same t, same noise). One sample X_c(r)
+is prompt c's error at the r-th timestep (the mean over its n_trials noise draws). It runs in
+stages; each stage restarts its sums, estimates its own pair variances from its own first n0
+samples, and looks every g = look_every samples (and at its last):
 
-  rule "mixture" (indifference-zone free; Robbins' normal-mixture boundary + Bonferroni):
-      B_ij(r) = S_ij * sqrt((r + 1/rho2) * (c + log(1 + rho2 * r))),
-      rho2 = c0 / sqrt(n0 * max_samples),  c0 = 2 log((K - 1) / alpha)  (tightest near r = sqrt(n0 M)),
-      c >= c0 from `mixture_constants`: it pays for S_ij being an estimate from n0 samples
-  rule "kim-nelson" (Kim & Nelson 2001, fully sequential, indifference zone delta):
-      B_ij(r) = max(0, h2 * S_ij^2 / (2 delta) - delta * r / 2),
-      h2 = 2 eta (n0 - 1),  eta = ((2 alpha / (K - 1)) ** (-2 / (n0 - 1)) - 1) / 2,
-      delta = rel_delta * (mean of all first-stage samples of all prompts)
+  stage 1: all K prompts, samples 1..M (M = max_samples), level alpha_1;
+  stage 2 (final_samples F > 0, several prompts left at M): the survivors, samples M+1..M+F,
+           level alpha_2 (alpha_1 + alpha_2 = alpha, the test's bound; `AdaptiveSchedule.stage_alphas`).
 
-It stops when one prompt survives or after max_samples timesteps; the lowest mean wins (ties:
-lower index). With a final stage (`final_samples` F > 0), an image still undecided at
-max_samples M keeps its `final_keep` best prompts (lowest means; the rest are eliminated there)
-and evaluates them at up to F more timesteps of the order: close calls get the long look the
-paper's second round gives its top 5. Under the mixture rule the final stage goes on
-eliminating with a fresh test among the k kept prompts: S_ij from all their M samples,
-(c, rho2) = mixture_constants(k, final_error_rate, M, M + F), the sums still from r = 1; the
-image stops when one prompt survives or after M + F timesteps, and the lowest mean over all
-their samples wins. (Under kim-nelson the final stage has no test.) docs/adaptive.md gives the
-guarantees and their assumptions.
+Within a stage of k prompts, with D_ij(q) = the sum of X_i - X_j over the stage's first q samples
+and S_ij^2 the sample variance of X_i - X_j over its first n0, prompt i is eliminated at a look q
+if D_ij(q) > S_ij * g(q) for some surviving j, where (rule "mixture", the default)
+
+  g(q) = sqrt(q + 1/rho2) * z(q),   log(2 Phi(z)) + z^2 / 2 = (c + log(1 + rho2 q)) / 2
+
+the one-sided normal-mixture boundary; rho2 = c0 / sqrt(n0 L) (L the stage's length,
+c0 = 2 log((k - 1) / alpha_s)) and c >= c0 from `one_sided_constants` (it pays for S_ij being an
+estimate from n0 samples, over the stage's looks). Rule "kim-nelson" (Kim & Nelson 2001,
+indifference zone delta) is kept for its first stage only:
+B_ij(q) = max(0, h2 * S_ij^2 / (2 delta) - delta * q / 2), h2 = 2 eta (n0 - 1),
+eta = ((2 alpha_1 / (K - 1)) ** (-2 / (n0 - 1)) - 1) / 2, delta = rel_delta * (mean first-stage sample).
+
+An image stops when one prompt survives or at the end of its last stage; then the lowest mean over
+all the samples of the survivors wins (ties: lower index). `final_keep` > 0 cuts the survivors at
+M to that many by mean: a bare cut, outside the guarantee. docs/adaptive.md gives the guarantee
+(P(a test eliminates the best prompt) <= alpha under its assumptions) and what is only measured.
 """
 
 from __future__ import annotations
@@ -68,40 +68,77 @@ class PolicyResult:
     final: list[int] = field(default_factory=list)
 
 
-@functools.lru_cache(maxsize=256)
-def mixture_constants(n_prompts: int, error_rate: float, min_samples: int, max_samples: int) -> tuple[float, float]:
-    """(c, rho2) of the mixture boundary, with c corrected for the first-stage variance estimate.
+# --- the one-sided normal-mixture boundary ---------------------------------------------------------
+# h(z) = log(2 Phi(z)) + z^2 / 2 (z >= 0): the log of the one-sided mixture martingale at a
+# standardized sum W = z sqrt(r + 1/rho2), plus log(1 + rho2 r) / 2 (docs/adaptive.md)
+_ZGRID = np.linspace(0.0, 40.0, 40001)
+_LOG2PHI = np.log(2.0 - np.array([math.erfc(z / math.sqrt(2.0)) for z in _ZGRID]))
+_HGRID = _LOG2PHI + _ZGRID**2 / 2.0
 
-    rho2 = c0 / sqrt(n0 * M) with c0 = 2 log((K - 1) / alpha) (the known-variance constant).
-    With s^2 = S^2 / sigma^2 ~ chi2_f / f (f = n0 - 1), a path crosses S * g_c(r) for some
-    n0 <= r <= M with probability <= exp(-c''(s) / 2), c''(s) = s^2 c + min over r of
-    (s^2 - 1) log(1 + rho2 r) (Ville's inequality for Robbins' normal-mixture martingale);
-    c solves E_s[min(1, exp(-c''(s) / 2))] = alpha / (K - 1) (docs/adaptive.md).
+
+def _h(z: np.ndarray) -> np.ndarray:
+    z = np.maximum(z, 0.0)
+    return np.interp(z, _ZGRID, _LOG2PHI) + z * z / 2.0
+
+
+def _h_inverse(level: np.ndarray) -> np.ndarray:
+    """z >= 0 with h(z) = level (h is increasing from h(0) = 0)."""
+    level = np.maximum(np.asarray(level, dtype=np.float64), 0.0)
+    far = np.sqrt(2.0 * np.maximum(level - math.log(2.0), 0.0))  # beyond the table 2 Phi(z) = 2
+    return np.where(level <= _HGRID[-1], np.interp(level, _HGRID, _ZGRID), far)
+
+
+def boundary_factors(c: float, rho2: float, looks) -> np.ndarray:
+    """g(r) for r in `looks`: the stage eliminates i by j at a look r when D_ij(r) > S_ij g(r),
+    g(r) = sqrt(r + 1/rho2) z(r), h(z(r)) = (c + log(1 + rho2 r)) / 2."""
+    r = np.asarray(looks, dtype=np.float64)
+    return np.sqrt(r + 1.0 / rho2) * _h_inverse((c + np.log1p(rho2 * r)) / 2.0)
+
+
+def stage_looks(n0: int, length: int, every: int) -> tuple[int, ...]:
+    """The looks of a stage of `length` samples: r = n0, n0 + g, n0 + 2g, ... and its last sample."""
+    looks = list(range(n0, length + 1, max(1, every)))
+    if looks[-1] != length:
+        looks.append(length)
+    return tuple(looks)
+
+
+@functools.lru_cache(maxsize=256)
+def one_sided_constants(n_prompts: int, alpha: float, n0: int, looks: tuple[int, ...]) -> tuple[float, float]:
+    """(c, rho2) of a stage's one-sided mixture test among `n_prompts`, variance from its first n0.
+
+    Per pair, level a = alpha / (n_prompts - 1) (Bonferroni over the best's rivals);
+    rho2 = c0 / sqrt(n0 * looks[-1]) with c0 = 2 log(1 / a) (the known-variance constant). With
+    s^2 = S^2 / sigma^2 ~ chi2_f / f (f = n0 - 1, independent of the sums), a path that crosses
+    S g_c(r) at a look crosses the one-sided mixture martingale at exp(m(s)),
+    m(s) = min over the looks of h(s z_c(r)) - log(1 + rho2 r) / 2, so (Ville's inequality) with
+    probability <= exp(-m(s)); c solves E_s[min(1, exp(-m(s)))] = a (docs/adaptive.md).
     """
-    m = max(n_prompts - 1, 1)
-    target = error_rate / m
-    c0 = 2.0 * math.log(m / error_rate)
-    rho2 = c0 / math.sqrt(min_samples * max_samples)
-    lmin, lmax = math.log1p(rho2 * min_samples), math.log1p(rho2 * max_samples)
-    f = min_samples - 1
+    a = alpha / max(n_prompts - 1, 1)
+    c0 = 2.0 * math.log(1.0 / a)
+    rho2 = c0 / math.sqrt(n0 * looks[-1])
+    lg = np.log1p(rho2 * np.asarray(looks, dtype=np.float64))
+    f = n0 - 1
     lo = 1e-12
-    logx = np.linspace(math.log(lo), math.log(80.0), 8001)
+    logx = np.linspace(math.log(lo), math.log(60.0), 1501)
     x = np.exp(logx)  # values of s^2
-    a = f / 2.0  # s^2 ~ Gamma(shape a, rate a)
-    dens = np.exp(a * math.log(a) - math.lgamma(a) + a * logx - a * x)  # density * x (per d log x)
-    below = math.exp(a * math.log(a * lo) - math.lgamma(a + 1.0))  # >= P(s^2 < lo), counted as crossing
+    k = f / 2.0  # s^2 ~ Gamma(shape k, rate k)
+    dens = np.exp(k * math.log(k) - math.lgamma(k) + k * logx - k * x)  # density * x (per d log x)
+    below = math.exp(k * math.log(k * lo) - math.lgamma(k + 1.0))  # >= P(s^2 < lo), counted as crossing
+    s = np.sqrt(x)[:, None]
 
     def bound(c: float) -> float:
-        cpp = x * c + np.minimum((x - 1.0) * lmin, (x - 1.0) * lmax)
-        y = np.minimum(1.0, np.exp(-cpp / 2.0)) * dens
+        z = _h_inverse((c + lg) / 2.0)[None, :]
+        m = (_h(s * z) - lg[None, :] / 2.0).min(axis=1)
+        y = np.minimum(1.0, np.exp(-m)) * dens
         return below + float(np.sum((y[1:] + y[:-1]) * np.diff(logx)) / 2.0)
 
-    lo_c, hi_c = 0.0, 2.0 * c0 + 50.0
-    while bound(hi_c) > target:
+    lo_c, hi_c = c0, 2.0 * c0 + 50.0
+    while bound(hi_c) > a:
         hi_c *= 2.0
-    for _ in range(60):
+    for _ in range(40):
         mid = (lo_c + hi_c) / 2.0
-        if bound(mid) > target:
+        if bound(mid) > a:
             lo_c = mid
         else:
             hi_c = mid
@@ -152,6 +189,8 @@ class FixedPolicy(_BlockHandout):
         self.counts = [0] * n_prompts
         self.eliminated: list[list[int]] = []  # prompts pruned after each round, best first
         self.round = -1
+        # timestep weights (a calibration's): the score is the weighted mean of the errors
+        self._w = None if schedule.band_weights is None else [schedule.weight(t, num_train_timesteps) for t in self.timesteps]
         self.n_evals = 0
         self.done = False
         self._block: list[tuple[int, int, int]] = []
@@ -187,17 +226,19 @@ class FixedPolicy(_BlockHandout):
         return self.sums[c] / self.counts[c] if self.counts[c] else float("inf")
 
     def feed(self, prompt: int, k: int, trial: int, error: float) -> None:
-        self.sums[prompt] += error
-        self.counts[prompt] += 1
+        w = 1 if self._w is None else self._w[k]
+        self.sums[prompt] += w * error
+        self.counts[prompt] += w
         self._pending -= 1
         if self._pending == 0:
             self._advance()
 
     def feed_block(self, prompts, ks, trials, errors) -> None:
-        sums, counts = self.sums, self.counts
-        for c, e in zip(prompts, errors):
-            sums[c] += e
-            counts[c] += 1
+        sums, counts, w = self.sums, self.counts, self._w
+        for c, k, e in zip(prompts, ks, errors):
+            wk = 1 if w is None else w[k]
+            sums[c] += wk * e
+            counts[c] += wk
         self._pending -= len(errors)
         if self._pending == 0:
             self._advance()
@@ -222,22 +263,34 @@ class SequentialPolicy(_BlockHandout):
         self.timesteps = params.timestep_order(num_train_timesteps, offset)  # k -> t (this image's rotation of the grid)
         self.n0, self.M, self.n_trials = params.min_samples, params.max_samples, params.n_trials
         self.F = params.final_samples  # final-stage timesteps (0: none)
+        self.g = params.look_every
+        # timestep weights (a calibration's, fixed before the image): a sample is weight x error
+        self._w = None if params.band_weights is None else np.array([params.weight(t, num_train_timesteps) for t in self.timesteps])
         self.final = False  # in the final stage
         self.alive = np.ones(self.K, dtype=bool)
-        self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date)
+        self.sums = np.zeros(self.K)  # sum of samples X_c(1..r) (alive prompts are up to date): means, the pick
         self.r = 0  # timesteps every alive prompt has
-        # the final stage goes on eliminating (mixture rule) with its own constants, whose
-        # variances come from the first-stage samples X_c(1..M); the rule's own from X_c(1..n0)
-        self._sequential_final = bool(self.F) and params.rule == "mixture"
-        self._x = np.zeros((self.M if self._sequential_final else self.n0, self.K))  # samples (alive prompts' rows are filled)
         self.eliminated: list[list[int]] = []  # groups in elimination order, each best first
         self.eliminated_at: dict[int, int] = {}  # prompt -> r at which it was eliminated
         self.n_evals = 0
         self.done = False
-        self._scale: np.ndarray | None = None  # per-pair constants fixed after the first stage
-        self._open(range(self.n0))
+        self._start_stage(0, self.M, self.K, params.stage_alphas[0])
+        self._open(range(min(self.n0, self.M)))
 
-    # --- blocks ---------------------------------------------------------------------------------
+    # --- stages: each restarts its sums and estimates its own variances -----------------------
+    def _start_stage(self, start: int, length: int, n_compare: int, alpha: float) -> None:
+        self._stage_start, self._stage_len = start, length  # samples start+1 .. start+length
+        self._stage_sums = np.zeros(self.K)  # D_ij = stage_sums[i] - stage_sums[j]
+        self._x = np.zeros((self.n0, self.K))  # the stage's first n0 samples (its variances)
+        self._scale: np.ndarray | None = None  # per-pair S_ij (mixture) or h2 S^2 / (2 delta) (kim-nelson)
+        self._testing = n_compare > 1 and length >= self.n0 and (self.params.rule == "mixture" or not self.final)
+        if self._testing and self.params.rule == "mixture":
+            looks = stage_looks(self.n0, length, self.g)
+            c, rho2 = one_sided_constants(n_compare, alpha, self.n0, looks)
+            self._looks = dict(zip(looks, boundary_factors(c, rho2, looks)))
+        elif self._testing:
+            self._looks = dict.fromkeys(stage_looks(self.n0, length, self.g))
+
     @property
     def phase(self) -> int:
         return 2 if self.final else (0 if self.r < self.n0 else 1)
@@ -266,80 +319,83 @@ class SequentialPolicy(_BlockHandout):
 
     def _close(self) -> None:
         alive = self.alive
-        for row in self._acc:
+        for i, row in enumerate(self._acc):
             x = row / self.n_trials if self.n_trials > 1 else row
-            if self.r < len(self._x):
-                self._x[self.r] = x
+            if self._w is not None:
+                x = x * self._w[self._k0 + i]
+            q = self.r - self._stage_start  # samples of this stage so far
+            if q < self.n0:
+                self._x[q] = x
             self.sums[alive] += x[alive]
+            self._stage_sums[alive] += x[alive]
             self.r += 1
-            if self.r == self.n0:
+            if q + 1 == self.n0 and self._testing:
                 self._fix_constants()
-            if self.r >= self.n0 and (self._sequential_final or not self.final):
-                self._eliminate()
+        q = self.r - self._stage_start
+        if self._testing and q in self._looks:
+            self._eliminate(self._looks[q], q)
         n_alive = int(self.alive.sum())
         if n_alive > 1 and self.r == self.M and self.F and not self.final:
             self._enter_final()
-        if n_alive == 1 or self.r >= self.M + (self.F if self.final else 0):
+        if n_alive == 1 or self.r >= self._stage_start + self._stage_len:
             self.done, self._block = True, []
+            return
+        # the next block: to the end of the stage's first n0 samples, then to its next look
+        q = self.r - self._stage_start
+        if q < self.n0:
+            nxt = min(self.n0, self._stage_len)
+        elif self._testing:
+            nxt = min(lk for lk in self._looks if lk > q)
         else:
-            self._open([self.r])
+            nxt = self._stage_len
+        self._open(range(self.r, self._stage_start + nxt))
 
     def _enter_final(self) -> None:
-        """Keep the best final_keep prompts (all have r samples, so by sums) for F more timesteps,
-        and (mixture rule) fix the constants of the final stage's own test among them."""
+        """Every survivor (or, with final_keep, the best final_keep of them by mean: a cut outside
+        the guarantee) goes on for F more timesteps under a fresh test that restarts its sums and
+        estimates its variances from its own first n0 samples."""
         self.final = True
         alive = sorted(np.flatnonzero(self.alive).tolist(), key=lambda c: (self.sums[c], c))
-        gone = alive[self.params.final_keep:]
+        keep = self.params.final_keep or len(alive)
+        gone = alive[keep:]
         if gone:
             self.alive[gone] = False
             self.eliminated.append(gone)
             for c in gone:
                 self.eliminated_at[c] = self.r
-        kept = alive[: self.params.final_keep]
-        if self._sequential_final and len(kept) > 1:
-            # a fresh paired test among the kept prompts: variances from all their r samples so
-            # far (r - 1 degrees of freedom), Bonferroni over their number, tightest near the
-            # geometric middle of [r, M + F]
-            scale = np.zeros((self.K, self.K))
-            scale[np.ix_(kept, kept)] = np.sqrt(pair_variances(self._x[: self.r][:, kept]))
-            self._scale = scale
-            self._c, self._rho2 = mixture_constants(len(kept), self.params.final_error_rate, self.r, self.M + self.F)
+        self._start_stage(self.M, self.F, min(keep, len(alive)), self.params.stage_alphas[1])
 
     # --- the rule -------------------------------------------------------------------------------
     def _fix_constants(self) -> None:
-        p, K, n0 = self.params, self.K, self.n0
-        x = self._x[:n0]  # (n0, K) first-stage samples
-        s2 = pair_variances(x)
-        m = max(K - 1, 1)
+        p = self.params
+        s2 = pair_variances(self._x)
         if p.rule == "mixture":
-            self._c, self._rho2 = mixture_constants(K, p.error_rate, n0, self.M)
             self._scale = np.sqrt(s2)
-        else:  # kim-nelson
-            eta = 0.5 * ((2.0 * p.error_rate / m) ** (-2.0 / (n0 - 1)) - 1.0)
-            h2 = 2.0 * eta * (n0 - 1)
-            self._delta = p.rel_delta * float(x.mean())
+        else:  # kim-nelson (first stage only)
+            m = max(self.K - 1, 1)
+            eta = 0.5 * ((2.0 * p.stage_alphas[0] / m) ** (-2.0 / (self.n0 - 1)) - 1.0)
+            h2 = 2.0 * eta * (self.n0 - 1)
+            self._delta = p.rel_delta * float(self._x.mean())
             with np.errstate(divide="ignore", invalid="ignore"):
                 self._scale = h2 * s2 / (2.0 * self._delta)  # the boundary at r = 0
 
-    def boundary(self, r: int, idx: np.ndarray | None = None) -> np.ndarray:
-        """B_ij(r) for i, j in `idx` (default: all prompts): i is eliminated by j when
-        D_ij(r) = sum X_i - sum X_j exceeds it."""
-        scale = self._scale if idx is None else self._scale[np.ix_(idx, idx)]
+    def boundary(self, factor, q: int, idx: np.ndarray) -> np.ndarray:
+        """B_ij at the stage's q-th sample for i, j in `idx`: i is eliminated by j when the
+        stage's D_ij exceeds it."""
+        scale = self._scale[np.ix_(idx, idx)]
         if self.params.rule == "mixture":
-            rho2, c = self._rho2, self._c
-            return scale * math.sqrt((r + 1.0 / rho2) * (c + math.log1p(rho2 * r)))
-        return np.maximum(scale - self._delta * r / 2.0, 0.0)
+            return scale * factor
+        return np.maximum(scale - self._delta * q / 2.0, 0.0)
 
-    def _eliminate(self) -> None:
+    def _eliminate(self, factor, q: int) -> None:
         idx = np.flatnonzero(self.alive)
         if len(idx) < 2:
             return
-        s = self.sums[idx]
-        d = s[:, None] - s[None, :]  # D_ij for surviving i, j
-        out = (d > self.boundary(self.r, idx)).any(axis=1)
+        s = self._stage_sums[idx]
+        d = s[:, None] - s[None, :]  # D_ij for surviving i, j (this stage's samples)
+        out = (d > self.boundary(factor, q, idx)).any(axis=1)
         if out.any():
-            gone = idx[out]
-            gone = sorted(gone.tolist(), key=lambda c: (self.sums[c], c))
+            gone = sorted(idx[out].tolist(), key=lambda c: (self.sums[c], c))
             self.alive[gone] = False
             self.eliminated.append(gone)
             for c in gone:
@@ -352,8 +408,8 @@ class SequentialPolicy(_BlockHandout):
 
     def result(self) -> PolicyResult:
         """The final decision: the prompts still alive when the image stopped, if several
-        (the lowest mean wins); else the survivor and the last prompts the test eliminated
-        (at that point the survivor had the lowest sum of them all)."""
+        (the lowest mean over all their samples wins); else the survivor and the last prompts a
+        test eliminated."""
         alive = sorted(np.flatnonzero(self.alive).tolist(), key=lambda c: (self.sums[c], c))
         ranking = list(alive)
         for group in reversed(self.eliminated):

@@ -137,10 +137,13 @@ class _Image:
     def result(self) -> ImageScore:
         res = self.policy.result()
         sums: dict[int, float] = {}
-        counts: dict[int, int] = {}
-        for c, _t, _j, e in self.errors:  # in evaluation order, as the policy summed them
-            sums[c] = sums.get(c, 0.0) + e
-            counts[c] = counts.get(c, 0) + 1
+        counts: dict[int, float] = {}
+        sched = getattr(self.policy, "schedule", None) or getattr(self.policy, "params", None)
+        weighted = getattr(sched, "band_weights", None) is not None  # timestep weights: weighted means
+        for c, t, _j, e in self.errors:  # in evaluation order, as the policy summed them
+            w = sched.weight(t) if weighted else 1
+            sums[c] = sums.get(c, 0.0) + w * e
+            counts[c] = counts.get(c, 0) + w
         return ImageScore(
             prediction=res.prediction,
             scores={c: sums[c] / counts[c] for c in sorted(sums)},

@@ -179,6 +179,10 @@ class Calibration:
     top_k: int = 5
     model: str | None = None  # the fingerprint of the model it was fitted with
     prompts: str | None = None  # the digest of the prompts (runtime.data.prompts.PromptSet.digest)
+    # timestep weights by band (`calibrate --timestep-weights`): bound to the model and prompts,
+    # applied to any schedule of a run given this file; such a file carries no temperature (T 1)
+    timestep_weights: list[float] | None = None
+    weights_fit: dict | None = None  # per band: mean and variance of the paired difference, images
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not saved)
 
     def save(self, path: str | Path) -> None:
@@ -207,6 +211,12 @@ class Calibration:
         errors, and so the temperature, differ between them."""
         path = self.path or "calibration.json"
         fix = f"fit one for this run: diffcls calibrate FOLDER --out {path} with this run's --model, prompts and schedule"
+        if self.timestep_weights is not None:  # weights: bound to the model and prompts, any schedule
+            for what, mine, theirs in (("model", self.model, model), ("prompts", self.prompts, prompts)):
+                if mine != theirs:
+                    raise DiffclsError(f"--calibration {path}'s timestep weights were fitted with another {what} ({str(mine)[:12]}; this run: {str(theirs)[:12]}); "
+                                       f"refit them: diffcls calibrate FOLDER --timestep-weights 10 --out {path}")
+            return
         if self.model is None or self.prompts is None or self.schedule is None:
             raise DiffclsError(f"--calibration {path} does not say which model, prompts and schedule it was fitted on (an earlier diffcls wrote it); {fix}")
         mine_schedule = normalised_settings({"schedule": self.schedule})["schedule"]  # an older file's description
@@ -214,3 +224,59 @@ class Calibration:
             if mine != theirs:
                 shown = (mine, theirs) if what == "schedule" else (mine[:12], theirs[:12])
                 raise DiffclsError(f"--calibration {path} was fitted with another {what} ({shown[0]}; this run: {shown[1]}); {fix}")
+
+
+def fit_timestep_weights(images, n_bands: int = 10, num_train_timesteps: int = 1000, drop_below: float = 0.25) -> tuple[list[float], dict]:
+    """Timestep weights by band from labelled full-grid errors (`diffcls calibrate --timestep-weights`).
+
+    `images`: (errors, true prompts) per image: errors as (prompt, t, trial, error), the true
+    prompts the indices of the true class's prompts. Per image the paired difference
+    d_c(t) = X_c(t) - X_true(t) (X: the trial mean; the true class's best prompt) for every wrong
+    prompt c; per band b of [0, T): m_b = the mean of d, v_b = the mean over (image, c) of the
+    variance of d along the band's timesteps (what a paired test sees). w_b = m_b / v_b (the
+    weights that maximise the mean of a weighted sum over its standard deviation for independent
+    samples); a band is dropped (w_b = 0, its timesteps leave the grid) where m_b <= 0 (it points
+    away from the true class) or where one evaluation there carries under `drop_below` of the
+    information m_b^2 / v_b of one in the best band. Normalised to mean 1 over the kept bands.
+    """
+    import numpy as np
+
+    T = num_train_timesteps
+    sums = np.zeros(n_bands)
+    counts = np.zeros(n_bands)
+    var_sum = np.zeros(n_bands)
+    var_n = np.zeros(n_bands)
+    for errors, true in images:
+        table: dict[tuple[int, int], list[float]] = {}
+        for c, t, _j, e in errors:
+            table.setdefault((c, t), []).append(e)
+        x = {key: sum(v) / len(v) for key, v in table.items()}
+        prompts = sorted({c for c, _ in x})
+        ts = sorted({t for _, t in x})
+        full = [c for c in prompts if all((c, t) in x for t in ts)]
+        truth = [c for c in full if c in set(true)]
+        if not truth or len(full) < 2:
+            continue
+        best = min(truth, key=lambda c: sum(x[c, t] for t in ts))
+        for c in full:
+            if c in set(true):
+                continue
+            d = np.array([x[c, t] - x[best, t] for t in ts])
+            band = np.array(ts) * n_bands // T
+            for b in range(n_bands):
+                db = d[band == b]
+                sums[b] += db.sum()
+                counts[b] += len(db)
+                if len(db) > 1:
+                    var_sum[b] += db.var(ddof=1)
+                    var_n[b] += 1
+    if not counts.any() or not var_n.any():
+        raise DiffclsError("no labelled image has every prompt at two or more timesteps of a band; fit the weights on a full grid, e.g. --n-samples 100 --to-keep 1")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        v = np.where(var_n > 0, var_sum / np.maximum(var_n, 1), np.inf)
+        w = np.where((m > 0) & np.isfinite(v) & (v > 0), m / v, 0.0)
+        info = np.where(w > 0, m * m / v, 0.0)
+    w[info < drop_below * info.max()] = 0.0
+    w = w / w[w > 0].mean()
+    return [float(round(v, 6)) for v in w], {"mean": m.tolist(), "variance": [float(u) if math.isfinite(u) else None for u in v], "n_bands": n_bands}

@@ -183,3 +183,50 @@ def write_plots(plot: Path, m: dict, cal: dict | None, classes: dict, temperatur
         plot_reliability(cal["confidence"], cal["correct"], rel, title=f"{what}, {label}: ECE {100 * cal['ece']:.2f}%, NLL {cal['nll']:.3f}",
                          height=confusion_figsize(len(m["class_ids"]))[1])
     return [plot, rel]
+
+
+def fit_weights_calibration(job, errors_jsonl, n_bands: int):
+    """Timestep weights (`diffcls calibrate --timestep-weights`) from the job's labelled images'
+    errors (its --save-errors JSONL), bound to the model and prompts."""
+    import json
+    from pathlib import Path
+
+    from diffcls.runtime.evaluation.calibration import UNCALIBRATED, Calibration, fit_timestep_weights
+
+    truth = scored_truth(job)
+    ids = list(job.prompts.classidx)
+    images = []
+    for line in Path(errors_jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        key = rec.get("key", rec.get("path"))
+        if key in truth:
+            images.append(([tuple(e) for e in rec["errors"]], [i for i, c in enumerate(ids) if c == truth[key]]))
+    T = job.executor.info.get("num_train_timesteps", 1000) if hasattr(job, "executor") else 1000
+    weights, fit = fit_timestep_weights(images, n_bands, T)
+    return Calibration(temperature=UNCALIBRATED, n_images=len(images), schedule=job.schedule.to_dict(), model=job.executor.info["fingerprint"],
+                       prompts=job.prompts.digest(), timestep_weights=weights, weights_fit=fit)
+
+
+def disagreement(job, other_csv) -> dict:
+    """How many of the job's answers differ from another results CSV's for the same images
+    (`evaluate --compare`), with a 95% Wilson interval; images missing there are left out."""
+    import csv
+    import math
+
+    from diffcls.runtime.results.writer import ENCODING
+
+    try:
+        with open(other_csv, newline="", **ENCODING) as f:
+            theirs = {row["path"]: row["prediction"] for row in csv.DictReader(f)}
+    except (OSError, KeyError, csv.Error) as e:
+        raise DiffclsError(f"--compare {other_csv} is not a results CSV ({type(e).__name__}); give the --out CSV of another run on these images") from None
+    both = [k for k in job.results if k in theirs]
+    if not both:
+        raise DiffclsError(f"--compare {other_csv} shares no image with this run; give the --out CSV of a run on the same images")
+    k = sum(job.results[key].prediction != theirs[key] for key in both)
+    n, z = len(both), 1.96
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"n": n, "differ": k, "rate": p, "ci95": [max(0.0, centre - half), min(1.0, centre + half)], "reference": str(other_csv)}

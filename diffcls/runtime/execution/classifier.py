@@ -11,6 +11,7 @@ latents (cached, VAE in batches) -> the interleaved scoring loop (`scoring.Score
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 from collections import deque
@@ -402,6 +403,8 @@ class Classifier:
             calibration = Calibration.load(calibration)
         if calibration is not None:
             calibration.check(model=e.fingerprint, prompts=prompts.digest(), schedule=schedule.to_dict())
+            if calibration.timestep_weights is not None:  # its timestep weights apply to this schedule
+                schedule = dataclasses.replace(schedule, band_weights=tuple(calibration.timestep_weights))
         bank = self.noise_bank(schedule, seed, noise)
         self._interp = Interpolation(interpolation)
         emb = self.encode_prompts(prompts)

@@ -17,6 +17,8 @@ finished image. The CLI only turns options into a `JobSpec` and prints.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 import time
@@ -197,6 +199,9 @@ class ClassifyJob:
         self.defaults = resolve.model_defaults_of(s)
         self.prompts = resolve.resolve_prompts(s, self.defaults, names if self.labels == LabelKind.name else None)
         self.schedule = resolve.build_schedule(s, len(self.prompts), self.defaults)
+        weights = getattr(self.calibration, "timestep_weights", None)
+        if weights is not None:  # a calibration's timestep weights, fixed before any image is seen
+            self.schedule = dataclasses.replace(self.schedule, band_weights=tuple(weights))
         T = resolve.known_train_timesteps(s)
         if T is not None:
             self.schedule.validate(len(self.prompts), T)

@@ -23,9 +23,9 @@ from diffcls.runtime.algorithm.schedule import AdaptiveSchedule, Schedule, defau
 
 # the adaptive schedule's settings -> their flags (None in a spec: AdaptiveSchedule's default)
 ADAPTIVE_FLAGS = {
-    "error_rate": "--error-rate", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule",
+    "error_rate": "--error-rate", "alpha": "--alpha", "min_samples": "--min-samples", "max_samples": "--max-samples", "rule": "--rule",
     "rel_delta": "--rel-delta", "final_samples": "--final-samples", "final_keep": "--final-keep",
-    "final_error_rate": "--final-error-rate",
+    "final_error_rate": "--final-error-rate", "look_every": "--look-every",
 }
 
 
@@ -57,6 +57,7 @@ class JobSpec:
     noise: Path | None = None  # a noise bank file instead of the seed's
     adaptive: bool = False
     error_rate: float | None = None  # the adaptive flags: None is AdaptiveSchedule's default
+    alpha: float | None = None
     min_samples: int | None = None
     max_samples: int | None = None
     rule: Rule | None = None
@@ -64,6 +65,7 @@ class JobSpec:
     final_samples: int | None = None
     final_keep: int | None = None
     final_error_rate: float | None = None
+    look_every: int | None = None
     batch_size: int = 32  # UNet batch (images share batches)
     workers: int = 2  # threads that decode images while the UNet runs
     threads: int | None = None  # None: torch.get_num_threads(); the CLI fills in engines.fastpath.choose_threads (the free cores)

@@ -558,7 +558,9 @@ def legacy_schedule(text: str) -> dict | None:
                        "final_samples": int, "final_keep": int, "final_error_rate": float}
             kw = {k: numbers[k](v) for k, v in values.items() if k in numbers}
             kw.setdefault("final_samples", 0)  # described only when there was a final stage
-            return AdaptiveSchedule(rule=values["rule"], loss=values["loss"], **kw).to_dict()
+            # the rule of these files (a bare cut, sums not restarted, two-sided) is gone: its
+            # results must not be mixed with today's, so the stored rule names the old one
+            return AdaptiveSchedule(rule=f"{values['rule']} (before round 4)", loss=values["loss"], **kw).to_dict()
         return Schedule(values["n_samples"], values["to_keep"], int(values["n_trials"]), values["loss"]).to_dict()
     except (KeyError, ValueError, TypeError):
         return None
