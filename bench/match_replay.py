@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import json
 
 from diffcls.runtime.evaluation.match import COMPARISONS, ItemPolicy, MatchSchedule, adaptive_for_match
@@ -51,8 +52,11 @@ def main() -> None:
     ap.add_argument("--error-rate", type=float, nargs="+", default=[0.05])
     ap.add_argument("--min-samples", type=int, nargs="+", default=[8])
     ap.add_argument("--max-samples", type=int, nargs="+", default=[None])
+    ap.add_argument("--separation", action="store_true", help="also print how clearly the full grid decides each kind of comparison")
     args = ap.parse_args()
     records, interval, n_trials = load(args.errors)
+    if args.separation:
+        separation(records)
     full_schedule = MatchSchedule(t_interval=interval, n_trials=n_trials)
     G = len(full_schedule.grid())
     full = [replay(r, full_schedule) for r in records]
@@ -70,6 +74,29 @@ def main() -> None:
         print(f"{alpha:10g} {n0:11d} {m or G:11d} | {100 * same / total:6.2f}% of {total} | "
               + " ".join(f"{100 * x:.1f}%" for x in outcome)
               + f" | {ev / len(runs):.0f} ({100 * ev / ev_full:.1f}%)")
+
+
+def separation(records: list[dict]) -> None:
+    """How clearly the full grid decides each comparison: |z| = |mean paired difference| / its
+    standard error over the grid's timesteps. A comparison with |z| < 2 is a near-tie that no
+    stopping rule can call from a quarter of the grid and still agree with the full grid 99% of
+    the time (a random quarter's sum has the full sum's sign with probability about
+    Phi(|z| sqrt(n / (G - n))): 0.71 at |z| = 1, n = G / 4)."""
+    from diffcls.runtime.evaluation.match import _SIDES
+
+    table: dict[tuple[str, str], list[float]] = {}
+    for rec in records:
+        ts = sorted({t for _, t, _ in rec["table"]})
+        for name, (s0, s1) in _SIDES.items():
+            d = [sum(c * rec["table"][(a, t, 0)] for a, c in s1.items()) - sum(c * rec["table"][(a, t, 0)] for a, c in s0.items()) for t in ts]
+            mean = sum(d) / len(d)
+            sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+            table.setdefault((name.rsplit("_", 1)[0], rec.get("tag", "")), []).append(abs(mean) / sd * len(d) ** 0.5 if sd else math.inf)
+    print("comparison tag | n | share with |z| < 2 | |z| < 4 | median |z|")
+    for (kind, tag), zs in sorted(table.items()):
+        zs.sort()
+        print(f"{kind:16s} {tag:9s} | {len(zs):4d} | {100 * sum(z < 2 for z in zs) / len(zs):5.1f}% | "
+              f"{100 * sum(z < 4 for z in zs) / len(zs):5.1f}% | {zs[len(zs) // 2]:.1f}")
 
 
 def _score(pol: ItemPolicy, name: str) -> bool:

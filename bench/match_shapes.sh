@@ -7,7 +7,8 @@
 #   STEPS="data full replay" bash bench/match_shapes.sh
 #   INTERVAL=20 bash bench/match_shapes.sh     # a coarser grid (50 timesteps) when time is short
 #
-# Steps: data (600 heldout and 600 novel quadruples), engines (ONNX Runtime fp32 export: ~3x the
+# Steps: data (600 train, heldout and novel quadruples), train (300 train-split items, full grid,
+# errors saved: where match --adaptive's constants are chosen, with tune), engines (ONNX Runtime fp32 export: ~3x the
 # torch backend's UNet evaluations/s on the project's CPU), full (heldout, full grid, errors saved),
 # replay (bench/match_replay.py on them: agreement and cost of --adaptive settings), adaptive (a
 # live match --adaptive run compared with the full grid), novel (the novel split, full grid).
@@ -15,7 +16,7 @@ set -euo pipefail
 DIR=${DIR:-${TMPDIR:-/tmp}/diffcls-match}
 INTERVAL=${INTERVAL:-5}
 N=${N:-500}
-STEPS=${STEPS:-"data engines full replay adaptive novel"}
+STEPS=${STEPS:-"data engines train tune full replay adaptive novel"}
 PY=${PY:-python}
 mkdir -p "$DIR"
 run() { echo "+ $*" | tee -a "$DIR/commands.txt"; "$@"; }
@@ -23,7 +24,14 @@ for step in $STEPS; do
   case $step in
     data)
       run $PY -m diffcls shapes "$DIR/heldout" --split heldout > "$DIR/data.log" 2>&1
-      run $PY -m diffcls shapes "$DIR/novel" --split novel >> "$DIR/data.log" 2>&1 ;;
+      run $PY -m diffcls shapes "$DIR/novel" --split novel >> "$DIR/data.log" 2>&1
+      run $PY -m diffcls shapes "$DIR/train" --split train >> "$DIR/data.log" 2>&1 ;;
+    train)
+      run $PY -m diffcls match "$DIR/train/quadruples.csv" --engines "$DIR/engines" --limit 300 --t-interval "$INTERVAL" \
+        --threads 1 --out "$DIR/train-full-$INTERVAL.csv" --save-errors "$DIR/train-full-$INTERVAL.jsonl" > "$DIR/train-$INTERVAL.log" 2>&1 ;;
+    tune)
+      run $PY bench/match_replay.py "$DIR/train-full-$INTERVAL.jsonl" --separation --error-rate 0.9 0.8 0.7 0.5 0.2 0.05 \
+        --min-samples 5 6 8 10 12 > "$DIR/tune-$INTERVAL.log" 2>&1 ;;
     engines)
       run $PY -m diffcls export --model demo-shapes --out "$DIR/engines" --batch-sizes 32 > "$DIR/engines.log" 2>&1 ;;
     full)
@@ -31,7 +39,7 @@ for step in $STEPS; do
         --threads 1 --out "$DIR/heldout-full-$INTERVAL.csv" --save-errors "$DIR/heldout-full-$INTERVAL.jsonl" \
         --json "$DIR/heldout-full-$INTERVAL.json" --plot "$DIR/heldout-full-$INTERVAL.png" > "$DIR/full-$INTERVAL.log" 2>&1 ;;
     replay)
-      run $PY bench/match_replay.py "$DIR/heldout-full-$INTERVAL.jsonl" --error-rate 0.2 0.05 0.01 0.001 --min-samples 4 6 8 12 \
+      run $PY bench/match_replay.py "$DIR/heldout-full-$INTERVAL.jsonl" --separation --error-rate 0.8 0.05 --min-samples 6 8 \
         > "$DIR/replay-$INTERVAL.log" 2>&1 ;;
     adaptive)
       run $PY -m diffcls match "$DIR/heldout/quadruples.csv" --engines "$DIR/engines" --limit "$N" --t-interval "$INTERVAL" \

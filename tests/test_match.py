@@ -239,14 +239,15 @@ def test_resume_after_an_interrupted_run(tmp_path, tiny_dir, items_dir, monkeypa
 
 def test_adaptive_policy_stops_early_and_agrees_when_clear():
     """ItemPolicy with synthetic errors: clear comparisons stop soon after the first stage; level
-    ones run the whole grid and are then the full-grid decision."""
+    ones run the whole grid and are then the full-grid decision (at a strict alpha: the default
+    0.8 is a constant tuned for cost and may stop a level comparison early)."""
     rng = np.random.default_rng(3)
     G = 50  # t_interval 20
     base = [1.0, 1.0, 1.1, 1.3, 1.0, 1.1]  # per arm: text_0, image_1 and image_normalised_1 are level
     common = rng.standard_normal(G)  # a shared per-timestep level, as real errors have
     table = {(a, k): base[a] + common[k] + 0.05 * rng.standard_normal() for a in range(6) for k in range(G)}
     full = ItemPolicy(list(range(6)), list(range(6)), MatchSchedule(t_interval=20), set())
-    policy = ItemPolicy(list(range(6)), list(range(6)), MatchSchedule(t_interval=20, adaptive=adaptive_for_match(G)), set())
+    policy = ItemPolicy(list(range(6)), list(range(6)), MatchSchedule(t_interval=20, adaptive=adaptive_for_match(G, error_rate=0.05, min_samples=8)), set())
     for pol in (full, policy):
         while not pol.done:
             for a, k, j in pol.next_block():
@@ -369,3 +370,14 @@ def test_results_are_bound_to_the_schedule_values_not_its_wording():
     adaptive = MatchSchedule(adaptive=AdaptiveSchedule(alpha=0.05, final_samples=0)).to_dict()
     assert adaptive["adaptive"]["alpha"] == 0.05 and json.loads(json.dumps(adaptive)) == adaptive
 
+
+
+def test_match_help_states_the_runtime_defaults():
+    """The CLI spells match --adaptive's defaults in its help (it does not import the runtime to
+    start fast); they must be the ones `adaptive_for_match` uses."""
+    from diffcls.runtime.evaluation.match import MATCH_ALPHA, MATCH_N0, adaptive_for_match
+
+    r = CliRunner().invoke(app, ["match", "--help"], env={"COLUMNS": "300"})
+    assert f"default {MATCH_ALPHA:g}," in r.output and f"(default {MATCH_N0})" in r.output
+    a = adaptive_for_match(50)
+    assert (a.alpha, a.min_samples) == (MATCH_ALPHA, MATCH_N0)

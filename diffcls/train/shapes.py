@@ -18,6 +18,10 @@ step a scene's caption is drawn from its true captions ("a small red circle" or 
 "a red circle left of a blue square" or its converse "a blue square right of a red circle"),
 and with probability `uncond_prob` the empty caption (SD's caption dropout: the empty prompt
 then means "any scene", which image-text matching uses to normalise an image's error).
+Hard negatives (`hard_negatives`): up to `negative_rows` captioned two-object rows per batch
+are also denoised under a swapped caption, and a two-way classification loss on the two
+errors is added; without it this recipe learnt colours and shapes but not relations (text
+score on relation swaps 19%, with it 100%: BENCHMARKS.md).
 
 The prompts file lists all 30 colour-shape pairs ("a red circle"), the 6 novel ones included,
 so a heldout image is classified among every pair and a novel one can be classified at all.
@@ -63,8 +67,9 @@ class ShapesConfig(DemoConfig):
     uncond_prob: float = 0.05
     # hard negatives (see `hard_negatives`): weight of the two-way diffusion-classifier loss
     # between a two-object scene's caption and a swapped one; 0 trains on denoising alone
-    negative_weight: float = 0.02
-    negative_rows: int = 24  # at most this many rows of a batch get a hard negative (an extra UNet pass each)
+    negative_weight: float = 0.05
+    negative_rows: int = 40  # at most this many rows of a batch get a hard negative (an extra UNet pass each)
+    negative_mix: list[int] = field(default_factory=lambda: [1, 1, 2])  # relative odds of an attribute, object, relation swap
     text_lr: float = 3e-4  # the text encoder learns word order from scratch: faster than the digits' 1e-4
     # default classification schedule: 10 timesteps for all 30 classes, then 50 (40 new) for
     # the best 3 -> 420 UNet evaluations per image
@@ -124,12 +129,12 @@ def hard_negatives(tokenizer, scenes: list, cfg: ShapesConfig, condition):
     squared noise-prediction error: the two-way cross-entropy of the diffusion classifier's
     own decision at that timestep (the hard-negative training of DiffusionITM, Krojer et al.
     2023). Swaps that would be a novel scene are never used, so no novel colour-shape pair or
-    arrangement is named in training."""
+    arrangement is named in training. `negative_mix` weights the three kinds of swap."""
     table: list[list[str]] = []
     for s in scenes:
         own = set(s.captions())
-        swaps = [swap(s, tag) for tag in TAGS] if s.relation is not None else []
-        table.append([c for s1 in swaps if not s1.is_novel() for c in s1.captions() if c not in own])
+        swaps = [(swap(s, tag), w) for tag, w in zip(TAGS, cfg.negative_mix)] if s.relation is not None else []
+        table.append([c for s1, w in swaps if not s1.is_novel() for c in s1.captions() if c not in own for _ in range(w)])
     captions = sorted({c for cands in table for c in cands})
     row = {c: i for i, c in enumerate(captions)}
     rows = [[row[c] for c in cands] for cands in table]
@@ -258,12 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=None, help="two-object training scenes")
     p.add_argument("--single-per-class", type=int, default=None)
     p.add_argument("--negative-weight", type=float, default=None, help="hard-negative loss weight (0: denoising only)")
+    p.add_argument("--negative-rows", type=int, default=None, help="at most this many hard negatives per batch")
+    p.add_argument("--negative-mix", type=int, nargs=3, default=None, metavar=("ATTR", "OBJ", "REL"),
+                   help="relative odds of attribute, object and relation swaps as hard negatives")
     args = p.parse_args(argv)
 
     start_trainer(args.threads)
     if not args.eval:
         cfg = ShapesConfig(seed=args.seed)
-        for name in ("unet_steps", "vae_steps", "pairs", "single_per_class", "negative_weight"):
+        for name in ("unet_steps", "vae_steps", "pairs", "single_per_class", "negative_weight", "negative_rows", "negative_mix"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         train(args.out, cfg, "python -m diffcls.train.shapes " + shlex.join(sys.argv[1:] if argv is None else argv))
