@@ -183,6 +183,9 @@ def fixed_policy(n_samples, to_keep, n_prompts, n_trials=1):
 
 
 def sequential_policy(n_prompts, **params):
+    # this bench's sweeps name the test's level error_rate (the rounds 1-3 meaning): today's alpha
+    if "error_rate" in params and "alpha" not in params:
+        params["alpha"] = params.pop("error_rate")
     sched = AdaptiveSchedule(**params)
     return lambda offset=0: SequentialPolicy(n_prompts, sched, T_TRAIN, offset)
 
@@ -355,7 +358,7 @@ def plot(report: dict, path: str | Path) -> None:
 
 
 def parse_policy(spec: str, n_prompts: int):
-    """'fixed:50,500:5,1' or 'adaptive:error_rate=0.9,max_samples=30' -> a policy factory."""
+    """'fixed:50,500:5,1' or 'adaptive:alpha=0.9,max_samples=30' -> a policy factory (error_rate= is read as alpha)."""
     kind, _, rest = spec.partition(":")
     if kind == "fixed":
         ns, _, ks = rest.partition(":")
