@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from diffcls.errors import DiffclsError
 from diffcls.models import filehash
 from diffcls.models.latent import LatentDiffusionModel, hash_module
 
@@ -72,6 +73,24 @@ class _Encoded:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def component_loader(path: Path, pipeline: str, required: tuple[str, ...], note: str = ""):
+    """Check that a pipeline directory has its `required` component folders (one line naming the
+    missing ones otherwise) and return `load(kind, loader)`: `loader(path/kind, local_files_only=True)`
+    with any failure turned into one line naming the folder."""
+    missing = [d for d in required if not (path / d).is_dir()]
+    if missing:
+        raise DiffclsError(f"{pipeline.replace('Pipeline', '').replace('StableDiffusion', 'SD')} directory {path} lacks "
+                           f"{', '.join(d + '/' for d in missing)}; a {pipeline} directory has {', '.join(d + '/' for d in required)}{note}")
+
+    def load(kind: str, loader):
+        try:
+            return loader(str(path / kind), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any loader failure is a broken component dir
+            raise DiffclsError(f"cannot load {path / kind}: {first_line(e)}; re-save that component with diffusers/transformers") from e
+
+    return load
 
 
 def config_json(module) -> str:

@@ -28,7 +28,7 @@ import torch
 
 from diffcls.errors import DiffclsError
 from diffcls.models import spec as specs
-from diffcls.models.packed import MultiTokenizer, PackedModel, first_line, save_parts
+from diffcls.models.packed import MultiTokenizer, PackedModel, component_loader, save_parts
 
 KIND = "sd3"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -161,16 +161,7 @@ def load_sd3_directory(path) -> SD3Model:
     from diffcls.models.noising import noise_from_scheduler_config
 
     path = Path(path)
-    missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
-    if missing:
-        raise DiffclsError(f"SD3 directory {path} lacks {', '.join(d + '/' for d in missing)}; a StableDiffusion3Pipeline "
-                           f"directory has {', '.join(d + '/' for d in REQUIRED_DIRS)} (text_encoder_3/, tokenizer_3/: optional)")
-
-    def load(kind: str, loader):
-        try:
-            return loader(str(path / kind), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - any loader failure is a broken component dir
-            raise DiffclsError(f"cannot load {path / kind}: {first_line(e)}; re-save that component with diffusers/transformers") from e
+    load = component_loader(path, "StableDiffusion3Pipeline", REQUIRED_DIRS, " (text_encoder_3/, tokenizer_3/: optional)")
 
     use_t5 = (path / "text_encoder_3").is_dir() and (path / "tokenizer_3").is_dir()
     parts = {"tokenizer": load("tokenizer", AutoTokenizer.from_pretrained), "tokenizer_2": load("tokenizer_2", AutoTokenizer.from_pretrained)}

@@ -27,7 +27,7 @@ import torch
 
 from diffcls.errors import DiffclsError
 from diffcls.models import spec as specs
-from diffcls.models.packed import MultiTokenizer, PackedModel, first_line, save_parts
+from diffcls.models.packed import MultiTokenizer, PackedModel, component_loader, save_parts
 
 KIND = "sdxl"
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
@@ -141,16 +141,7 @@ def load_sdxl_directory(path) -> SDXLModel:
     if not (path / "text_encoder").is_dir() and (path / "text_encoder_2").is_dir():
         raise DiffclsError(f"{path} is an SDXL refiner (no text_encoder/): it denoises only the low-noise end and "
                            "conditions on an aesthetic score; classify with the SDXL base model")
-    missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
-    if missing:
-        raise DiffclsError(f"SDXL directory {path} lacks {', '.join(d + '/' for d in missing)}; a StableDiffusionXLPipeline "
-                           f"directory has {', '.join(d + '/' for d in REQUIRED_DIRS)}")
-
-    def load(kind: str, loader):
-        try:
-            return loader(str(path / kind), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - any loader failure is a broken component dir
-            raise DiffclsError(f"cannot load {path / kind}: {first_line(e)}; re-save that component with diffusers/transformers") from e
+    load = component_loader(path, "StableDiffusionXLPipeline", REQUIRED_DIRS, "")
 
     parts = {"tokenizer": load("tokenizer", AutoTokenizer.from_pretrained), "tokenizer_2": load("tokenizer_2", AutoTokenizer.from_pretrained)}
     sched_file = path / "scheduler" / "scheduler_config.json"
