@@ -133,7 +133,7 @@ def test_help_text_reads_right():
     assert "pip install -e" in text and "[ray]" in text  # the extra's brackets survive the markup
     flat = " ".join(text.replace("│", " ").split())
     assert re.search(r"--to-keep .*default: the model's", flat)
-    assert "error budget" in flat
+    assert "differs from the full-budget answer" in flat  # --error-rate says what it measures
     from diffcls.cli.export import ExportBackend, ExportPrecision
 
     assert [b.value for b in ExportBackend] == ["onnxruntime", "tensorrt"] and "bf16" not in [p.value for p in ExportPrecision]
