@@ -107,6 +107,19 @@ class PackedModel(LatentDiffusionModel):
     torch modules' attribute names (None-valued ones are absent parts, e.g. SD3 without T5)."""
 
     module_names: tuple[str, ...] = ()
+    denoiser_name: str = "unet"  # the attribute holding the noise predictor ("transformer" for SD3)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(getattr(self, self.denoiser_name).config.in_channels)
+
+    @property
+    def default_image_size(self) -> int:
+        return int(getattr(self, self.denoiser_name).config.sample_size) * self.vae_scale_factor
+
+    @property
+    def max_length(self) -> int:  # token ids per prompt (every tokenizer's together)
+        return self.tokenizer.model_max_length
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:

@@ -93,6 +93,7 @@ class SD3Model(PackedModel):
     _fingerprint_record: tuple | None = field(default=None, repr=False)
 
     module_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+    denoiser_name = "transformer"
 
     @property
     def clip_lengths(self) -> tuple[int, int]:
@@ -102,17 +103,8 @@ class SD3Model(PackedModel):
     def joint_dim(self) -> int:
         return int(self.transformer.config.joint_attention_dim)
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels)
 
-    @property
-    def default_image_size(self) -> int:
-        return int(self.transformer.config.sample_size) * self.vae_scale_factor
 
-    @property
-    def max_length(self) -> int:  # token ids per prompt (the three tokenizers' together)
-        return self.tokenizer.model_max_length
 
     @property
     def hidden_size(self) -> int:

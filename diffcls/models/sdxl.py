@@ -84,17 +84,8 @@ class SDXLModel(PackedModel):
     _fingerprint_record: tuple | None = field(default=None, repr=False)
     module_names = ("text_encoder", "text_encoder_2", "unet", "vae")
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
 
-    @property
-    def default_image_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    @property
-    def max_length(self) -> int:
-        return self.tokenizer.model_max_length
 
     @property
     def hidden_size(self) -> int:
