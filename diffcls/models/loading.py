@@ -30,7 +30,7 @@ from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_di
 from diffcls.models.sd3 import SD3Model, is_sd3_directory, load_sd3_directory
 from diffcls.models.sdxl import SDXLModel, is_sdxl_directory, load_sdxl_directory
 # the noise table and what the denoiser predicts, from the scheduler config (models.noising)
-from diffcls.models.noising import FLOW_DEFAULT_WEIGHTING, is_flow_config, noise_from_scheduler_config
+from diffcls.models.noising import FLOW_DEFAULT_WEIGHTING, is_flow_config, noise_from_scheduler_config, noise_from_scheduler_dir
 
 REQUIRED_DIRS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -370,12 +370,7 @@ def _load_directory(path: Path) -> SDModel:
     text_encoder = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, **local))
     vae = load("vae", lambda p: AutoencoderKL.from_pretrained(p, **local))
     unet = load("unet", lambda p: UNet2DConditionModel.from_pretrained(p, **local))
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    try:
-        sched_cfg = json.loads(sched_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
-    alphas, prediction_type, sigmas = noise_from_scheduler_config(sched_cfg, sched_file)
+    alphas, prediction_type, sigmas, _ = noise_from_scheduler_dir(path)
     model = SDModel(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

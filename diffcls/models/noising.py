@@ -24,7 +24,9 @@ index, their best setting), evaluated at the grid point u = (t + 1/2) / T and no
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -92,6 +94,17 @@ def noise_from_scheduler_config(config: dict, where) -> tuple[torch.Tensor, str,
         )
     alphas = DDPMScheduler.from_config(_known(config)).alphas_cumprod.to(torch.float32).clone()
     return alphas, value, None
+
+
+def noise_from_scheduler_dir(model_dir: Path) -> tuple[torch.Tensor, str, torch.Tensor | None, Path]:
+    """`noise_from_scheduler_config` of a pipeline directory's scheduler/scheduler_config.json,
+    plus that file's path (for the caller's messages); an unreadable file is refused in one line."""
+    sched_file = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(sched_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
+    return (*noise_from_scheduler_config(config, sched_file), sched_file)
 
 
 def check_prediction_type(value: str, sigmas) -> None:

@@ -159,10 +159,16 @@ class PackedModel(LatentDiffusionModel):
         return min(int(m.config.vocab_size) for n, m in self.modules.items() if n.startswith("text_encoder"))
 
 
-def save_parts(model: PackedModel, out: Path) -> None:
-    """Every tokenizer and module of `model` into its diffusers subfolder of `out`."""
+def save_parts(model: PackedModel, out: Path, sched_cfg: dict, index: dict) -> Path:
+    """A pipeline directory as `save_pretrained` writes it: every tokenizer and module of `model`
+    in its diffusers subfolder (safetensors weights), the scheduler config and `index` as
+    model_index.json."""
     out.mkdir(parents=True, exist_ok=True)
     for name, tok in model.tokenizer.parts.items():
         tok.save_pretrained(str(out / name))
     for name, module in model.modules.items():
         module.save_pretrained(str(out / name), safe_serialization=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

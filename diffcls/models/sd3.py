@@ -20,7 +20,6 @@ VAE latents are `(mean - shift_factor) * scaling_factor`, SD3's VAE config havin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,7 +149,7 @@ def load_sd3_directory(path) -> SD3Model:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    from diffcls.models.noising import noise_from_scheduler_config
+    from diffcls.models.noising import noise_from_scheduler_dir
 
     path = Path(path)
     load = component_loader(path, "StableDiffusion3Pipeline", REQUIRED_DIRS, " (text_encoder_3/, tokenizer_3/: optional)")
@@ -161,12 +160,7 @@ def load_sd3_directory(path) -> SD3Model:
     if use_t5:
         parts["tokenizer_3"] = load("tokenizer_3", AutoTokenizer.from_pretrained)
         lengths["tokenizer_3"] = T5_LENGTH
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    try:
-        sched = json.loads(sched_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
-    alphas, prediction_type, sigmas = noise_from_scheduler_config(sched, sched_file)
+    alphas, prediction_type, sigmas, sched_file = noise_from_scheduler_dir(path)
     if prediction_type != "flow":
         raise DiffclsError(f"{sched_file}: an SD3 model is a flow-matching model; its scheduler must be FlowMatchEulerDiscreteScheduler")
     model = SD3Model(
@@ -183,15 +177,10 @@ def load_sd3_directory(path) -> SD3Model:
 
 def save_sd3_directory(model: SD3Model, out_dir, sched_cfg: dict) -> Path:
     """The layout `StableDiffusion3Pipeline.save_pretrained` writes (safetensors weights)."""
-    out = Path(out_dir)
-    save_parts(model, out)
-    (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     index = {"_class_name": PIPELINE_CLASS, "scheduler": ["diffusers", sched_cfg["_class_name"]],
              "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
              "text_encoder_3": ["transformers", "T5EncoderModel"] if model.text_encoder_3 is not None else [None, None],
              "tokenizer_3": ["transformers", type(model.tokenizer.parts["tokenizer_3"]).__name__] if "tokenizer_3" in model.tokenizer.parts else [None, None]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return save_parts(model, Path(out_dir), sched_cfg, index)

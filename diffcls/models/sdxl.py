@@ -19,7 +19,6 @@ the schedule with an aesthetic score in `time_ids`) is refused.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +125,7 @@ def load_sdxl_directory(path) -> SDXLModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffcls.models.noising import noise_from_scheduler_config
+    from diffcls.models.noising import noise_from_scheduler_dir
 
     path = Path(path)
     if not (path / "text_encoder").is_dir() and (path / "text_encoder_2").is_dir():
@@ -135,12 +134,7 @@ def load_sdxl_directory(path) -> SDXLModel:
     load = component_loader(path, "StableDiffusionXLPipeline", REQUIRED_DIRS, "")
 
     parts = {"tokenizer": load("tokenizer", AutoTokenizer.from_pretrained), "tokenizer_2": load("tokenizer_2", AutoTokenizer.from_pretrained)}
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    try:
-        sched = json.loads(sched_file.read_text())
-    except (OSError, ValueError) as e:
-        raise DiffclsError(f"cannot read {sched_file}: {e}; it must be a diffusers scheduler config") from e
-    alphas, prediction_type, sigmas = noise_from_scheduler_config(sched, sched_file)
+    alphas, prediction_type, sigmas, sched_file = noise_from_scheduler_dir(path)
     if sigmas is not None:
         raise DiffclsError(f"{sched_file}: an SDXL UNet with a flow-matching scheduler is not supported; use its DDPM-type scheduler config")
     unet = load("unet", UNet2DConditionModel.from_pretrained)
@@ -158,13 +152,8 @@ def load_sdxl_directory(path) -> SDXLModel:
 
 def save_sdxl_directory(model: SDXLModel, out_dir, sched_cfg: dict) -> Path:
     """The layout `StableDiffusionXLPipeline.save_pretrained` writes (safetensors weights)."""
-    out = Path(out_dir)
-    save_parts(model, out)
-    (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
     index = {"_class_name": PIPELINE_CLASS, "scheduler": ["diffusers", sched_cfg.get("_class_name", "EulerDiscreteScheduler")],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
              "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return save_parts(model, Path(out_dir), sched_cfg, index)
