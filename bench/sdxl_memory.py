@@ -21,6 +21,7 @@ second run pays for the UNet after the export: no fingerprinting, see bench/star
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -70,6 +71,9 @@ def build(out: Path, deep_layers: int, seed: int = 0) -> None:
                       clip(768, CLIPTextModel), clip(1280, CLIPTextModelWithProjection), unet,
                       AutoencoderKL(**{**SD21_VAE, "sample_size": 1024, "scaling_factor": 0.13025}), alphas,
                       prediction_type=prediction_type)
+    # in 1 GB shards: safetensors serialises a shard in memory before writing it (one 10 GB shard
+    # beside SDXL's 10 GB of fp32 weights would not fit the shared machine)
+    unet.save_pretrained = functools.partial(unet.save_pretrained, max_shard_size="1GB")
     save_sdxl_directory(model, out, sched)
     n = sum(p.numel() for p in unet.parameters())
     print(json.dumps({"out": str(out), "deep_layers": deep_layers, "unet_parameters": n, "unet_fp32_gb": round(4 * n / 1e9, 3)}))
