@@ -122,13 +122,14 @@ def test_sigmas_follow_the_image_size(flux_dev):
         noise_from_scheduler_config(cfg, "scheduler_config.json")
 
 
-def test_flux_directory_info_export_and_engines(tmp_path, flux_dev):
+def test_flux_directory_info_export_and_engines(tmp_path, flux_dev, monkeypatch):
     pytest.importorskip("onnxruntime")
     from conftest import random_image
 
     from diffcls.cli.app import app
     from diffcls.engines import open_engines
     from diffcls.export import ExportConfig, export_model
+    from diffcls.export import onnx_export as ox
     from diffcls.models.flux import save_flux_directory
     from diffcls.models.loading import load_model
     from diffcls.runtime.execution.classifier import Classifier
@@ -140,7 +141,9 @@ def test_flux_directory_info_export_and_engines(tmp_path, flux_dev):
     assert r.exit_code == 0, r.output
     assert "(flux): prediction type flow, default image size 256" in r.output and "FluxTransformer2DModel" in r.output
     assert "guidance embedding: fed 3.5" in r.output and "mu 0.5 at 256 to 1.15 at 4096 image tokens" in r.output
+    monkeypatch.setattr(ox, "LARGE_BYTES", 0)  # weights in <file>.data, the path a 12 B transformer takes
     export_model(ExportConfig(out=tmp_path / "e", model=d, batch_sizes=(4,), image_size=SIZE, device="cpu"))
+    assert (tmp_path / "e" / "unet.onnx.data").is_file()
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["kind"] == "flux" and manifest["prediction_type"] == "flow"
     assert manifest["specs"]["unet"]["inputs"][2] == ["encoder_hidden_states", "float", ["B", flux_dev.t5_length + 1, 32]]
