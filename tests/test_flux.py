@@ -186,3 +186,15 @@ def test_flux_variants_are_refused_in_one_line(tmp_path, index, fragment):
     assert fragment in msg and "(FluxPipeline)" in msg and "\n" not in msg
     r = CliRunner().invoke(app, ["info", str(d)])
     assert r.exit_code != 0 and fragment in r.output
+
+
+def test_no_t5_is_refused_for_flux(tmp_path):
+    """--no-t5 is SD3's (T5 optional there); a Flux directory has the same folders, and is refused."""
+    from diffcls.models.loading import check_no_t5
+
+    d = tmp_path / "flux"
+    for sub in ("transformer", "text_encoder_2"):
+        (d / sub).mkdir(parents=True)
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(DiffclsError, match="is a Flux directory, not an SD3/3.5 model"):
+        check_no_t5(d)

@@ -287,14 +287,36 @@ def check_model_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
     Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
     or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
-    model. Never touches the network. Quiet: diffusers' and transformers' advice and progress
+    model. `no_t5`: an SD3 directory without its T5 encoder (`models.sd3`; other models refuse
+    it). Never touches the network. Quiet: diffusers' and transformers' advice and progress
     bars are off while it loads (their settings are restored after; DIFFCLS_VERBOSE=1 keeps them)."""
+    if no_t5:
+        check_no_t5(path)
     with _quiet_libraries():
-        return _load_model(path, config)
+        return _load_model(path, config, no_t5)
+
+
+def check_no_t5(model) -> None:
+    """Refuse `--no-t5` (one line) for anything but an SD3 model (directory, cached id or object)."""
+    if isinstance(model, SD3Model):
+        return
+    if isinstance(model, MODEL_TYPES):
+        what = f"a {model.kind} model"
+    else:
+        path = check_model_path(model)
+        if path.is_dir() and is_sd3_directory(path):
+            return
+        what = "a checkpoint file" if path.is_file() else f"a {_directory_kind(path)} directory"
+    name = "the demo model" if model is None else model.source if isinstance(model, MODEL_TYPES) else model
+    raise DiffclsError(f"--no-t5 skips SD3's T5 text encoder; {name} is {what}, not an SD3/3.5 model: drop --no-t5")
+
+
+def _directory_kind(path: Path) -> str:
+    return "DiT" if is_dit_directory(path) else "Flux" if is_flux_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
 
 
 @contextlib.contextmanager
@@ -323,12 +345,14 @@ def _quiet_libraries():
                 lib.enable_progress_bar()
 
 
-def _load_model(path, config) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
+def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
+    if no_t5:  # another model than the directory's full one: its fingerprint is computed, not remembered
+        return load_sd3_directory(path, t5=False)
     family = next((load for test, load in FAMILIES if test(path)), None)
     if family is not None:
         # as in _load_directory: the files' state before reading them, and a remembered fingerprint
