@@ -316,7 +316,7 @@ def check_no_t5(model) -> None:
 
 
 def _directory_kind(path: Path) -> str:
-    return "DiT" if is_dit_directory(path) else "Flux" if is_flux_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
+    return "Flux" if is_flux_directory(path) else "DiT" if is_dit_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
 
 
 @contextlib.contextmanager
