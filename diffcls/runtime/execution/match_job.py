@@ -116,6 +116,13 @@ class MatchJob:
         elapsed = max(self.elapsed, 1e-9)
         return [f"scored {n} items in {elapsed:.1f} s ({rate(n, elapsed, 'items', 'item')}, {evals / n:.0f} UNet evals/item)"]
 
+    def report(self, summary: dict, agreement: dict | None = None, excluded=(), **settings) -> dict:
+        """match --json: the summary, the schedule, the items counted, the settings (`record`
+        and `settings`), the agreement with a reference run."""
+        report = {**summary, "schedule": self.schedule.describe(), "n_items": len(self.items), "n_skipped": len(self.skipped),
+                  "settings": {**self.record(excluded), **settings}}
+        return report if agreement is None else {**report, "agreement": agreement}
+
     def record(self, excluded=()) -> dict:
         """What ran, as plain values (match --json's "settings"): the items, the grid, the spec
         (less `excluded` fields) and what the engines resolved to."""
