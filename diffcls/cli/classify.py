@@ -87,8 +87,7 @@ def classify(
             raise DiffclsError(f"no image of {job.describe_inputs()} could be classified; see the skipped files above")
         temperature = job.temperature
         if json_stdout:
-            recs = [results[k].to_json(k, temperature, top_k) for k in sorted(results)]
-            print(json.dumps(recs[0] if len(job.inputs) == 1 else recs, indent=2))
+            print(json.dumps(job.to_json(top_k), indent=2))
         elif len(job.inputs) == 1:
             _print_top(next(iter(results.items())), temperature, top_k)
         elif not quiet and (out_csv is None or len(results) <= 20):

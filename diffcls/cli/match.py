@@ -10,18 +10,14 @@ import typer
 from diffcls.cli.common import app, console, out, run_job, table, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
+from diffcls.runtime.execution.match_job import MatchJob
 
-# the shared options that do not apply (class prompts, image lists, the fixed rounds) and the
-# adaptive ones, which match declares with its own defaults (one two-sided test per comparison,
-# up to the whole grid, no final stage)
-EXCLUDED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate", "min_samples",
-            "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate", "alpha", "look_every")
 _MATCH = "Matching"
 _ADAPTIVE = "Adaptive evaluation"
 
 
 @app.command()
-@run_options(exclude=EXCLUDED)
+@run_options(exclude=MatchJob.UNUSED)  # match declares its adaptive options with its own defaults
 def match(
     items_file: Annotated[Path, typer.Argument(help="CSV or JSONL with image_0,image_1,caption_0,caption_1[,tag] (paths relative to it), or a local Winoground-format Hugging Face data set (save_to_disk folder or parquet; needs the datasets extra).", metavar="ITEMS", show_default=False)],
     out_csv: Annotated[Optional[Path], typer.Option("--out", help="Results CSV, one row per item (errors, decisions, scores); rerunning resumes it.")] = None,
@@ -43,7 +39,6 @@ def match(
     and group scores, overall and per tag, with 95% Wilson intervals."""
     with user_errors():
         from diffcls.runtime.evaluation import match as M
-        from diffcls.runtime.execution.match_job import MatchJob
         from diffcls.runtime.results.outputs import check_outputs, output_errors, write_json
 
         check_outputs(("ITEMS", items_file, None), ("--out", out_csv, None), ("--json", json_out, "match"), ("--plot", plot, "png"),
@@ -62,7 +57,7 @@ def match(
         if agree is not None:
             out.print(M.agreement_line(agree, compare), markup=False)
         if json_out is not None:
-            write_json(json_out, job.report(summary, agree, EXCLUDED, adaptive=adaptive, **given))
+            write_json(json_out, job.report(summary, agree, adaptive=adaptive, **given))
         if plot is not None:
             with output_errors("--plot", plot):
                 M.plot_scores(summary, plot, title=f"{items_file.name}: {job.schedule.describe()}")
