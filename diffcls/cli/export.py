@@ -39,6 +39,7 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
     model: ModelOpt = None,
     config: ConfigOpt = None,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3=None); classify with these engines as with `--no-t5`.")] = False,
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for (torch runs a model itself and needs no export).")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 runs only on the torch backend).")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
@@ -58,7 +59,7 @@ def export_cmd(
 
     with user_errors():
         cfg = ExportConfig(
-            out=out_dir, model=model, config=config, backend=backend.value, device=parse_device(device),
+            out=out_dir, model=model, config=config, no_t5=no_t5, backend=backend.value, device=parse_device(device),
             precision=None if precision == ExportPrecision.auto else precision.value, optimize=optimize, workspace_gb=workspace_gb,
             batch_sizes=parse_ints(batch_sizes, "--batch-sizes", example="8,16,32"), vae_batch_size=vae_batch_size,
             text_batch_size=text_batch_size, image_size=image_size, force=force,

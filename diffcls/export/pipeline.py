@@ -52,6 +52,7 @@ class ExportConfig:
     out: Path  # the engine directory
     model: str | Path | SDModel | None = None  # a loaded model (SDModel/DiTModel), a path or bundled name; None: the SD demo
     config: str | Path | None = None  # a checkpoint file model's configs: a diffusers directory or cached model id (load_model)
+    no_t5: bool = False  # SD3/3.5 without its T5-XXL text encoder (load_model)
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
@@ -190,7 +191,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
-    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model, config=cfg.config)
+    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model, config=cfg.config, no_t5=cfg.no_t5)
     check_out_dir(out, model.source)  # a model id or bundled name resolved to its folder
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))

@@ -218,9 +218,10 @@ def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_le
     return model.eval()
 
 
-def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
+def tiny_sdxl(seed: int = 0, *, sample_size: int = 8, widths: tuple[int, int] = (16, 16)):
     """A deterministic tiny SDXL from configs (random weights), laid out like SDXL base: CLIP-L
-    width 16 + CLIP-G width 16 (projection 16) -> cross-attention 32, `text_time` additions."""
+    width 16 + CLIP-G width 16 (projection 16) -> cross-attention 32, `text_time` additions.
+    `widths`: other CLIP-L / CLIP-G widths (a single-file checkpoint tells its encoders apart by width)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -229,19 +230,19 @@ def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
     from diffcls.models.sdxl import SDXLModel
     from diffcls.models.tokenizer import build_tokenizer
 
-    def clip_config():
-        return CLIPTextConfig(vocab_size=1024, hidden_size=16, projection_dim=16, intermediate_size=32, num_hidden_layers=2,
+    def clip_config(width: int):
+        return CLIPTextConfig(vocab_size=1024, hidden_size=width, projection_dim=width, intermediate_size=2 * width, num_hidden_layers=2,
                               num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
 
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        te1, te2 = CLIPTextModel(clip_config()), CLIPTextModelWithProjection(clip_config())
+        te1, te2 = CLIPTextModel(clip_config(widths[0])), CLIPTextModelWithProjection(clip_config(widths[1]))
         unet = UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+            cross_attention_dim=sum(widths), attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=widths[1] + 6 * 8,
             norm_num_groups=32)
         vae = sd_vae((32, 64), 4, sample_size * 2)
         vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE values
