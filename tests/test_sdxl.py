@@ -104,7 +104,7 @@ def test_sdxl_directory_info_export_and_engines(tmp_path, sdxl):
         assert ea.keys() == eb.keys() and max(abs(ea[k] - eb[k]) for k in ea) < 1e-4
 
 
-@pytest.mark.parametrize("index, fragment", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"), ("FluxPipeline", "Flux model")])
+@pytest.mark.parametrize("index, fragment", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"), ("FluxFillPipeline", "Flux Fill model")])
 def test_refiner_and_flux_are_refused_in_one_line(tmp_path, index, fragment):
     from diffcls.models.loading import load_model
 

@@ -13,7 +13,7 @@ from diffcls.cli.common import app, out, table, user_errors
 
 def print_model(path: Path) -> None:
     from diffcls.export.pipeline import human_size
-    from diffcls.models.describe import describe_model
+    from diffcls.models.describe import describe_model, model_notes
 
     d = describe_model(path)
     if d["kind"] == "checkpoint":
@@ -24,6 +24,8 @@ def print_model(path: Path) -> None:
             f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}"
             + (f", shift {d['shift']:g})" if d.get("shift") is not None else ")")
         )
+        for line in model_notes(d):
+            out.print(line)
     rows = [(name, str(c["class"] or "-"), f"{c['parameters'] / 1e6:,.1f} M", human_size(c["bytes"]) if c["bytes"] is not None else "-")
             for name, c in d["components"].items()]
     out.print(table(("component", "class", "parameters", "size"), rows, left=("component", "class")))

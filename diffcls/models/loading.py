@@ -27,6 +27,8 @@ from diffcls.models.latent import LatentDiffusionModel, hash_module
 from diffcls.models import wrappers
 from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
 from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory, read_model_index
+from diffcls.models import flux
+from diffcls.models.flux import FluxModel, is_flux_directory, load_flux_directory
 from diffcls.models.sd3 import SD3Model, is_sd3_directory, load_sd3_directory
 from diffcls.models.sdxl import SDXLModel, is_sdxl_directory, load_sdxl_directory
 # the noise table and what the denoiser predicts, from the scheduler config (models.noising)
@@ -127,18 +129,19 @@ class SDModel(LatentDiffusionModel):
 
 
 # what `load_model` returns: engines and export take any of them
-MODEL_TYPES = (SDModel, DiTModel, SD3Model, SDXLModel)
+MODEL_TYPES = (SDModel, DiTModel, SD3Model, SDXLModel, FluxModel)
 # diffusers pipelines (model_index.json's _class_name) diffcls classifies with, and what it says of the rest
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
     "StableDiffusionXLPipeline": "SDXL and SDXL-Turbo",
     "StableDiffusion3Pipeline": "Stable Diffusion 3/3.5",
+    "FluxPipeline": "Flux text-to-image (FLUX.1-dev, FLUX.1-schnell)",
     "DiTPipeline": "class-conditional DiT",
 }
 # families refused with a reason of their own
 REFUSED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (trained only on the low-noise end of the schedule, conditioned on an aesthetic score); classify with the SDXL base model",
-    "FluxPipeline": "a Flux model (guidance-distilled rectified flow with CLIP + T5 and packed 2x2 latents), not supported yet",
+    **flux.REFUSED,
 }
 
 
@@ -277,7 +280,7 @@ def check_model_path(path: str | Path | None = None) -> Path:
             )
     if path.is_dir():
         check_pipeline_family(path)
-        if is_dit_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path):
+        if is_dit_directory(path) or is_flux_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path):
             return path  # its components are checked when it loads
         missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
         if missing:
@@ -288,7 +291,7 @@ def check_model_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, *, config: str | Path | None = None, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel:
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
     Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
     or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
@@ -317,7 +320,7 @@ def check_no_t5(model) -> None:
 
 
 def _directory_kind(path: Path) -> str:
-    return "DiT" if is_dit_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
+    return "Flux" if is_flux_directory(path) else "DiT" if is_dit_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
 
 
 @contextlib.contextmanager
@@ -346,7 +349,7 @@ def _quiet_libraries():
                 lib.enable_progress_bar()
 
 
-def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel:
+def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)
@@ -366,7 +369,9 @@ def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Mo
 
 
 # directory families other than SD 1.x/2.x: (is it one, its loader)
-FAMILIES = ((is_dit_directory, load_dit_directory), (is_sd3_directory, load_sd3_directory), (is_sdxl_directory, load_sdxl_directory))
+# (Flux before SD3: both have transformer/ and text_encoder_2/)
+FAMILIES = ((is_dit_directory, load_dit_directory), (is_flux_directory, load_flux_directory), (is_sd3_directory, load_sd3_directory),
+            (is_sdxl_directory, load_sdxl_directory))
 
 
 def _first_line(e: BaseException) -> str:
@@ -474,7 +479,7 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
     if str(kind).startswith(("sd3", "sd35", "flux")):
         pipe = "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
         raise DiffclsError(
-            f"{path} is a single-file {kind} checkpoint; diffcls reads SD3 from diffusers directories only: "
+            f"{path} is a single-file {kind} checkpoint; diffcls reads SD3 and Flux from diffusers directories only: "
             f"convert it once with diffusers ({pipe}.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
         )
     if kind != "v1":

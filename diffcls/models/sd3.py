@@ -143,7 +143,9 @@ def is_sd3_directory(path) -> bool:
         return False
     if read_model_index(path).get("_class_name") == PIPELINE_CLASS:
         return True
-    return (path / "transformer").is_dir() and (path / "text_encoder_2").is_dir()
+    from diffcls.models.flux import is_flux_directory  # the same folders, another family
+
+    return (path / "transformer").is_dir() and (path / "text_encoder_2").is_dir() and not is_flux_directory(path)
 
 
 def load_sd3_directory(path, *, t5: bool = True) -> SD3Model:
