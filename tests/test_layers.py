@@ -165,7 +165,7 @@ def test_the_cli_does_not_grow_back():
     assert sum(sizes.values()) <= CLI_LINE_CEILING, f"diffcls/cli/ is {sum(sizes.values())} lines (ceiling {CLI_LINE_CEILING}): {sizes}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: cli/ is about 1,060 lines, not yet under 1,000; when this passes, drop the mark and the ceiling")
+@pytest.mark.xfail(strict=True, reason="issue 20: cli/ is 1,062 lines, not yet under 1,000; when this passes, drop the mark and the ceiling")
 def test_the_cli_is_under_its_goal():
     sizes = _cli_lines()
     assert sum(sizes.values()) < CLI_LINE_GOAL, f"diffcls/cli/ is {sum(sizes.values())} lines (goal: under {CLI_LINE_GOAL}): {sizes}"
