@@ -158,8 +158,8 @@ def evaluate(
         m, cal = E.evaluation(job)
         t = job.temperature
         _print_metrics(m, job.prompts.classes)
-        if E.schedule_note(job.schedule):
-            out.print(E.schedule_note(job.schedule), markup=False)
+        if note := E.schedule_note(job.schedule):
+            out.print(note, markup=False)
         if compare is not None:
             m["disagreement"] = E.disagreement(job, compare)
             out.print(E.disagreement_line(m["disagreement"]), markup=False)
