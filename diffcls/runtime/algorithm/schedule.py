@@ -302,8 +302,8 @@ class AdaptiveSchedule(_BandWeights):
         T = num_train_timesteps
         if not 0.0 < self.error_rate < 1.0:
             raise DiffclsError(f"--error-rate {self.error_rate:g} must be between 0 and 1 (exclusive), e.g. --error-rate 0.02")
-        if self.alpha is not None and not 0.0 < self.alpha < 1.0:
-            raise DiffclsError(f"--alpha {self.alpha:g} must be between 0 and 1 (exclusive), e.g. --alpha 0.05")
+        if self.alpha is not None and not 0.0 < self.alpha:
+            raise DiffclsError(f"--alpha {self.alpha:g} must be > 0, e.g. --alpha 0.05")
         if self.max_samples < 2:
             raise DiffclsError(f"--max-samples {self.max_samples} must be >= 2")
         if self.max_samples > T:
@@ -328,6 +328,20 @@ class AdaptiveSchedule(_BandWeights):
             raise DiffclsError(
                 f"--final-error-rate {self.final_error_rate:g} must be between 0 and the test's alpha {alpha:g} "
                 f"(it is the final stage's share of it), e.g. --final-error-rate {alpha / 2:g}"
+            )
+        # each stage tests pairs at level alpha_s / (k - 1) <= alpha_s: a level must be below 1
+        # (alpha >= 1 is allowed: the union bound over the pairs then says nothing, docs/adaptive.md)
+        if any(a >= 1.0 for a in self.stage_alphas):
+            a1, a2 = self.stage_alphas
+            raise DiffclsError(
+                f"--alpha {alpha:g} gives the stages the levels {a1:g} and {a2:g}; each must be below 1 "
+                f"(a stage's pair test at level >= 1 eliminates at once), e.g. --alpha {min(alpha, 1.9):g} with the final stage's default half"
+                if self.final_samples else f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9"
+            )
+        if self.rule == "kim-nelson" and n_prompts > 1 and 2.0 * self.stage_alphas[0] / (n_prompts - 1) >= 1.0:
+            raise DiffclsError(
+                f"--rule kim-nelson needs 2 x alpha_1 / (K - 1) below 1 (alpha_1 {self.stage_alphas[0]:g}, K {n_prompts}); "
+                "use a smaller --alpha"
             )
         if self.final_keep == 1 or self.final_keep < 0:
             raise DiffclsError(f"--final-keep {self.final_keep} must be 0 (every survivor) or >= 2 (the final stage compares prompts)")
