@@ -298,7 +298,9 @@ class AdaptiveSchedule(_BandWeights):
     def noise_bank_size(self) -> int:
         return self.grid_size * self.n_trials
 
-    def validate(self, n_prompts: int, num_train_timesteps: int = 1000) -> "AdaptiveSchedule":
+    def validate(self, n_prompts: int | None, num_train_timesteps: int = 1000) -> "AdaptiveSchedule":
+        """One-line errors for impossible settings; n_prompts None: only the checks that do not
+        depend on the prompt count (before the prompts are known)."""
         T = num_train_timesteps
         if not 0.0 < self.error_rate < 1.0:
             raise DiffclsError(f"--error-rate {self.error_rate:g} must be between 0 and 1 (exclusive), e.g. --error-rate 0.02")
@@ -338,7 +340,7 @@ class AdaptiveSchedule(_BandWeights):
                 f"(a stage's pair test at level >= 1 eliminates at once), e.g. --alpha {min(alpha, 1.9):g} with the final stage's default half"
                 if self.final_samples else f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9"
             )
-        if self.rule == "kim-nelson" and n_prompts > 1 and 2.0 * self.stage_alphas[0] / (n_prompts - 1) >= 1.0:
+        if self.rule == "kim-nelson" and n_prompts is not None and n_prompts > 1 and 2.0 * self.stage_alphas[0] / (n_prompts - 1) >= 1.0:
             raise DiffclsError(
                 f"--rule kim-nelson needs 2 x alpha_1 / (K - 1) below 1 (alpha_1 {self.stage_alphas[0]:g}, K {n_prompts}); "
                 "use a smaller --alpha"
@@ -351,7 +353,7 @@ class AdaptiveSchedule(_BandWeights):
         if self.n_trials < 1:
             raise DiffclsError(f"--n-trials {self.n_trials} must be >= 1")
         check_loss_and_weighting(self)
-        if n_prompts < 1:
+        if n_prompts is not None and n_prompts < 1:
             raise DiffclsError("no prompts to score; give at least one")
         return self
 
