@@ -71,6 +71,10 @@ class Classifier(_classifier.Classifier):
                         image_size=None, compile: bool = False, config=None, cache_dir=None, threads=None, **kw) -> "Classifier":
         from diffcls.engines.fastpath import choose_threads
 
+        if kw.get("no_t5"):  # before the fast path swaps a model for engines: not an SD3 model, one line
+            from diffcls.models.loading import check_no_t5
+
+            check_no_t5(model)
         plan = _plan(model, engine_dir, backend, device, precision, compile, config, cache_dir)
         if plan.bundled is not None:
             engine_dir = _cached_engines(plan, image_size, None)

@@ -100,6 +100,7 @@ def unet_to_ldm(unet) -> dict:
         ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
         ("middle_block.1.", "mid_block.attentions.0."),
         ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1."),
+        ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),  # SDXL's text_time
     ]
     for i in range(n):
         for j in range(L):
@@ -159,6 +160,41 @@ def write_ldm_checkpoint(model, path) -> None:
     for k, v in model.text_encoder.state_dict().items():
         k = k[len("text_model."):] if k.startswith("text_model.") else k
         sd["cond_stage_model.transformer.text_model." + k] = v
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def _text_model_keys(module) -> dict:
+    """A transformers CLIP text model's state dict with `text_model.` keys (flattened or not)."""
+    sd = module.state_dict()
+    return {(k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k): v for k, v in sd.items()}
+
+
+def clip_to_open_clip(module, prefix: str) -> dict:
+    """transformers CLIPTextModelWithProjection -> OpenCLIP's keys (SDXL's CLIP-G): q/k/v stacked
+    into `in_proj_*`, layers as `resblocks`, the projection as a (width, proj) matrix."""
+    sd = _text_model_keys(module)
+    out = {prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           prefix + "text_projection": sd["text_projection.weight"].T}
+    names = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(module.config.num_hidden_layers):
+        a, b = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for w in ("weight", "bias"):
+            out[f"{b}attn.in_proj_{w}"] = torch.cat([sd[f"{a}self_attn.{q}_proj.{w}"] for q in "qkv"])
+            for hf, oc in names.items():
+                out[f"{b}{oc}.{w}"] = sd[f"{a}{hf}.{w}"]
+    return out
+
+
+def write_sgm_checkpoint(model, path) -> None:
+    """An SDXLModel as one original-format (SGM, as SDXL base ships) .safetensors file."""
+    from safetensors.torch import save_file
+
+    sd = {**unet_to_ldm(model.unet), **vae_to_ldm(model.vae)}
+    sd.update({"conditioner.embedders.0.transformer." + k: v for k, v in _text_model_keys(model.text_encoder).items()})
+    sd.update(clip_to_open_clip(model.text_encoder_2, "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
 

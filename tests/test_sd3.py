@@ -136,3 +136,64 @@ def test_unsupported_pipelines_are_refused_in_one_line(tmp_path):
         load_model(d)
     msg = str(e.value)
     assert "KandinskyV22Pipeline" in msg and "StableDiffusion3Pipeline" in msg and "StableDiffusionPipeline" in msg and "\n" not in msg
+
+
+# --- --no-t5: SD3 without its T5 encoder, as diffusers with text_encoder_3=None ----------------
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    """The tiny SD3 with T5 saved as a pipeline directory (T5's length: SD3's 256)."""
+    return save_sd3_directory(tiny_sd3(seed=0), tmp_path_factory.mktemp("sd3") / "sd3", flow_scheduler_config(1000, 3.0))
+
+
+def test_no_t5_embeddings_are_the_pipelines_without_t5(sd3_dir):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffcls.models.loading import load_model
+
+    full, skipped = load_model(sd3_dir), load_model(sd3_dir, no_t5=True)
+    assert full.text_encoder_3 is not None and skipped.text_encoder_3 is None
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    with torch.no_grad():
+        emb, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
+        packed = skipped.wrap("text_encoder")(skipped.tokenizer(PROMPTS).input_ids)
+        with_t5 = full.wrap("text_encoder")(full.tokenizer(PROMPTS).input_ids)
+    assert emb.shape == packed[:, :-1].shape == (3, 77 + 256, 32)
+    assert torch.allclose(packed[:, :-1], emb, atol=1e-6)
+    assert torch.allclose(packed[:, -1, : pooled.shape[1]], pooled, atol=1e-6)
+    assert not torch.allclose(with_t5[:, 77:-1], packed[:, 77:-1])  # T5 did contribute with it
+    # another model: another fingerprint, hence other cache keys (the remembered one is the full model's)
+    assert skipped.fingerprint() != full.fingerprint()
+    assert load_model(sd3_dir).fingerprint() == full.fingerprint()
+    assert load_model(sd3_dir, no_t5=True).fingerprint() == skipped.fingerprint()
+
+
+def test_no_t5_classify_scores_otherwise_and_never_resumes_a_t5_run(tmp_path, sd3_dir, image_folder):
+    from conftest import assert_one_line_error, csv_rows, invoke_cli
+
+    base = ["classify", image_folder, "--model", sd3_dir, "--classes", "cat,dog,car", "--n-samples", "2,4", "--to-keep", "2,1",
+            "--batch-size", "4", "--image-size", "16", "--threads", "1", "--cache-dir", tmp_path / "cache"]
+    outs = {}
+    for name, extra in (("t5", []), ("no_t5", ["--no-t5"])):
+        out = tmp_path / f"{name}.csv"
+        r = invoke_cli(*base, *extra, "--out", out, "--save-errors", tmp_path / f"{name}.errors.jsonl")
+        assert r.exit_code == 0, r.output
+        outs[name] = out
+    a, b = csv_rows(outs["t5"]), csv_rows(outs["no_t5"])
+    assert len(a) == len(b) == 6
+    errors = {name: (tmp_path / f"{name}.errors.jsonl").read_text() for name in outs}
+    assert errors["t5"] != errors["no_t5"]  # the cached with-T5 embeddings were not reused
+    for name, extra in (("t5", ["--no-t5"]), ("no_t5", [])):  # the other setting on each file: refused
+        r = invoke_cli(*base, *extra, "--out", outs[name])
+        assert_one_line_error(r, f"{name}.csv", "written with other settings (model:")
+    assert csv_rows(outs["t5"]) == a and csv_rows(outs["no_t5"]) == b
+
+
+def test_no_t5_on_other_models_is_one_line(tmp_path, image_folder):
+    from conftest import assert_one_line_error, invoke_cli
+
+    from diffcls.models.loading import load_model
+
+    assert_one_line_error(invoke_cli("classify", image_folder, "--model", "demo", "--no-t5"), "--no-t5", "not an SD3/3.5 model")
+    with pytest.raises(DiffclsError, match="--no-t5 .* DiT directory, not an SD3"):
+        load_model("demo-dit", no_t5=True)
+    assert_one_line_error(invoke_cli("export", "--out", tmp_path / "e", "--model", "demo-shapes", "--no-t5"), "not an SD3/3.5 model")

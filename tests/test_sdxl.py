@@ -104,7 +104,7 @@ def test_sdxl_directory_info_export_and_engines(tmp_path, sdxl):
         assert ea.keys() == eb.keys() and max(abs(ea[k] - eb[k]) for k in ea) < 1e-4
 
 
-@pytest.mark.parametrize("index, fragment", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"), ("FluxPipeline", "Flux model")])
+@pytest.mark.parametrize("index, fragment", [("StableDiffusionXLImg2ImgPipeline", "SDXL refiner"), ("FluxFillPipeline", "Flux Fill model")])
 def test_refiner_and_flux_are_refused_in_one_line(tmp_path, index, fragment):
     from diffcls.models.loading import load_model
 
@@ -127,3 +127,63 @@ def test_tensorrt_profiles_for_sdxl_base_sizes():
     assert [p["encoder_hidden_states"][0] for p in profiles] == [(2, 78, 2048), (8, 78, 2048)]
     assert profiles[1]["sample"] == ((8, 4, 128, 128),) * 3 and profiles[0]["timestep"][2] == (2,)
     assert plan_profiles(specs["text_encoder"], [4])[0]["input_ids"][0] == (4, 154)
+
+
+# --- single-file SDXL checkpoints (SGM layout), read offline with --config DIR -----------------
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    """(the diffusers directory, the same weights as one SGM-layout .safetensors file); CLIP-L and
+    CLIP-G of different widths, as in SDXL (diffusers tells the two apart by width)."""
+    from test_hub import write_sgm_checkpoint
+
+    model = tiny_sdxl(seed=0, widths=(16, 24))
+    root = tmp_path_factory.mktemp("sdxl-file")
+    d = save_sdxl_directory(model, root / "sdxl", {**scheduler_config(TinyConfig()), "_class_name": "EulerDiscreteScheduler"})
+    write_sgm_checkpoint(model, root / "sdxl-base.safetensors")
+    return d, root / "sdxl-base.safetensors"
+
+
+def test_sdxl_single_file_loads_offline_as_its_directory(sdxl_file):
+    from diffcls.models.describe import describe_model
+    from diffcls.models.loading import load_model
+
+    d, f = sdxl_file
+    a, b = load_model(d), load_model(f, config=d)
+    assert b.kind == "sdxl" and b.source == str(f)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert b.fingerprint() == a.fingerprint()
+    info = describe_model(f)
+    assert info["kind"] == "checkpoint" and info["model_type"].startswith("SDXL (pass --config")
+    assert info["components"]["text_encoder_2"]["parameters"] == sum(p.numel() for p in a.text_encoder_2.parameters())
+
+
+def test_sdxl_single_file_classifies_as_its_directory(tmp_path, sdxl_file, image_folder):
+    from conftest import assert_one_line_error, invoke_cli
+
+    d, f = sdxl_file
+    base = ["classify", image_folder, "--classes", "cat,dog,car", "--n-samples", "2,4", "--to-keep", "2,1",
+            "--batch-size", "4", "--image-size", "16", "--threads", "1", "--no-cache"]
+    errors = {}
+    for name, model in (("dir", ["--model", d]), ("file", ["--model", f, "--config", d])):
+        r = invoke_cli(*base, *model, "--out", tmp_path / f"{name}.csv", "--save-errors", tmp_path / f"{name}.jsonl")
+        assert r.exit_code == 0, r.output
+        errors[name] = (tmp_path / f"{name}.jsonl").read_text()
+    assert errors["file"] == errors["dir"]  # same predictions, same errors, to the last digit
+    assert_one_line_error(invoke_cli(*base, "--model", f), "single-file SDXL checkpoint", "--config stabilityai/stable-diffusion-xl-base-1.0")
+
+
+def test_sdxl_single_file_with_the_wrong_configs_is_refused(sdxl_file, tiny_dir, tmp_path):
+    from test_hub import write_ldm_checkpoint
+
+    from diffcls.models.loading import load_model
+    from diffcls.models.tiny import tiny_model
+
+    d, f = sdxl_file
+    with pytest.raises(DiffclsError, match="is an SDXL checkpoint and --config .* is a Stable Diffusion 1.x/2.x directory"):
+        load_model(f, config=tiny_dir)
+    sd1 = tmp_path / "sd1.safetensors"
+    write_ldm_checkpoint(tiny_model(seed=0), sd1)
+    with pytest.raises(DiffclsError, match="is not an SDXL checkpoint and --config .* is an SDXL directory"):
+        load_model(sd1, config=d)

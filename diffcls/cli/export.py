@@ -58,8 +58,9 @@ class ExportPrecision(str, Enum):
 @app.command("export")
 def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
-    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x, SDXL), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x and SDXL).")] = None,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3=None); classify with these engines as with `--no-t5`.")] = False,
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for (torch runs a model itself and needs no export).")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 runs only on the torch backend).")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
@@ -77,12 +78,12 @@ def export_cmd(
     from diffcls.export import ExportConfig, export_model
 
     with user_errors():
-        if config is not None:
-            if model is None:
-                raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+        if config is not None and model is None:
+            raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+        if config is not None or no_t5:
             from diffcls.models.loading import load_model
 
-            model = load_model(model, config=config)
+            model = load_model(model, config=config, no_t5=no_t5)
         cfg = ExportConfig(
             out=out_dir,
             model=model,

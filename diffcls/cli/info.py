@@ -26,6 +26,13 @@ def print_model(path: Path) -> None:
             f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}"
             + (f", shift {d['shift']:g})" if d.get("shift") is not None else ")")
         )
+        if d.get("dynamic_shift"):
+            s = d["dynamic_shift"]
+            out.print(f"sigmas shifted by image size as the pipeline does: mu {s['base_shift']:g} at {s['base_image_seq_len']} to "
+                      f"{s['max_shift']:g} at {s['max_image_seq_len']} image tokens (mu {s['mu_at_default_size']:g} at the default size)")
+        if d.get("model_kind") == "flux":
+            g = d.get("guidance")
+            out.print(f"guidance embedding: fed {g:g} (the pipeline's default)" if g is not None else "guidance embedding: none (not guidance-distilled)")
     table = Table()
     for col in ("component", "class", "parameters", "size"):
         table.add_column(col, no_wrap=True, justify="left" if col in ("component", "class") else "right")

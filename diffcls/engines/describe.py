@@ -34,14 +34,14 @@ def environment() -> dict:
 
 def is_model(path: Path) -> bool:
     """Whether `path` names a model (directory, checkpoint, cached id, bundled name), not engines."""
-    from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory, is_sd3_directory, is_sdxl_directory
+    from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory, is_flux_directory, is_sd3_directory, is_sdxl_directory
 
     if str(path) in BUNDLED and not path.exists():  # `info demo`, `info demo-dit`
         return True
     if path.is_dir():
         if (path / mf.MANIFEST).exists():
             return False
-        return is_dit_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path) or all((path / d).is_dir() for d in REQUIRED_DIRS)
+        return is_dit_directory(path) or is_flux_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path) or all((path / d).is_dir() for d in REQUIRED_DIRS)
     if path.is_file():
         return path.suffix in CHECKPOINT_SUFFIXES
     return bool(REPO_ID.fullmatch(str(path)))

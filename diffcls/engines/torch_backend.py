@@ -219,6 +219,7 @@ def open_engines(
         _use_fast_attention(model)
     # the VAE encoder stays fp32 where its config asks for it (SD's VAE overflows in fp16)
     vae_dtype = torch.float32 if model.vae_force_upcast else dtype
+    alphas, sigmas = model.noise_tables(image_size)  # Flux: shifted for this image size
     engines = {
         name: TorchEngine(
             wrap(model, name),
@@ -235,7 +236,7 @@ def open_engines(
         vae_encoder=engines["vae_encoder"],
         unet=engines["unet"],
         tokenizer=model.tokenizer,
-        alphas_cumprod=model.alphas_cumprod.detach().to("cpu", torch.float32),
+        alphas_cumprod=alphas.detach().to("cpu", torch.float32),
         image_size=image_size,
         latent_shape=model.latent_shape(image_size),
         max_length=model.max_length,
@@ -246,7 +247,7 @@ def open_engines(
         info={"source": model.source, "compile": compile, "kind": model.kind,
               "vae_encoder_dtype": str(vae_dtype).removeprefix("torch.")},
         prediction_type=model.prediction_type,
-        sigmas=None if getattr(model, "sigmas", None) is None else model.sigmas.detach().to("cpu", torch.float32),
+        sigmas=None if sigmas is None else sigmas.detach().to("cpu", torch.float32),
     )
 
 

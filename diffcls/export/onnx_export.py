@@ -85,7 +85,7 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(dir=work_dir or out_path.parent) as tmp:
         raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), plain_rms_norms(module), traceable_unflatten():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -101,6 +101,50 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
         proto = onnx.load(str(raw))  # pulls in external data if torch wrote any
         save_onnx(proto, out_path)
     return out_path
+
+
+@contextlib.contextmanager
+def traceable_unflatten():
+    """`Tensor.unflatten` as a reshape over the tensor's traced sizes while exporting: the
+    TorchScript tracer records unflatten's sizes as constants, which bakes the export's batch
+    size into the graph (Flux's attention splits its heads with unflatten). Restored after."""
+    original = torch.Tensor.unflatten
+
+    def unflatten(self, dim, sizes):
+        if not isinstance(dim, int):  # a named dimension: as torch does it
+            return original(self, dim, sizes)
+        dim = dim % self.dim()
+        shape = list(self.shape)
+        return self.reshape(*shape[:dim], *sizes, *shape[dim + 1 :])
+
+    torch.Tensor.unflatten = unflatten
+    try:
+        yield
+    finally:
+        torch.Tensor.unflatten = original
+
+
+@contextlib.contextmanager
+def plain_rms_norms(module: torch.nn.Module):
+    """Every `torch.nn.RMSNorm` in `module` (Flux's query/key norms) computed from plain ops while
+    it is exported: the TorchScript exporter has no `aten::rms_norm` below opset 23, and a custom
+    symbolic for it loses the dynamic batch axis. x * rsqrt(mean(x², normalized axes) + eps) *
+    weight, eps torch's default (the dtype's machine epsilon) where the module has none."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.RMSNorm)]
+
+    def plain(self, x):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        out = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+        return out if self.weight is None else out * self.weight
+
+    for m in norms:
+        m.forward = plain.__get__(m)
+    try:
+        yield module
+    finally:
+        for m in norms:
+            del m.forward
 
 
 def save_onnx(proto, out_path: Path) -> list[Path]:

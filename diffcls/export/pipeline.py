@@ -278,7 +278,7 @@ def _new_manifest(cfg: ExportConfig, model, fingerprint: str, image_size: int, s
 def _finish(cfg: ExportConfig, model, out: Path, manifest: dict, stale_candidates) -> None:
     """Write the runtime files, remove what an earlier export left and this one did not
     rewrite, and mark the manifest complete (the last step)."""
-    written = _write_runtime_files(model, out)
+    written = _write_runtime_files(model, out, int(manifest["image_size"]))
     manifest["written"] = sorted(written)  # what the next export may remove: only what this one wrote
     manifest["runtime_files"] = mf.runtime_file_hashes(out)  # the schedule and tokenizer, checked on open
     keep = {mf.MANIFEST, *written}
@@ -497,19 +497,21 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
         raise
 
 
-def _write_runtime_files(model, out: Path) -> set[str]:
-    """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ, scheduler config,
-    and the model's classify defaults; returns the paths written (relative to `out`)."""
+def _write_runtime_files(model, out: Path, image_size: int) -> set[str]:
+    """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ (and σ) at the
+    export's image size, scheduler config, and the model's classify defaults; returns the paths
+    written (relative to `out`)."""
     written = {mf.TOKENIZER_DIR, mf.ALPHAS_FILE}
     tok = out / mf.TOKENIZER_DIR
     if tok.exists():
         shutil.rmtree(tok)
     model.tokenizer.save_pretrained(str(tok))
-    alphas = [float(a) for a in model.alphas_cumprod.detach().cpu().float().tolist()]
+    alphas_cumprod, sigmas = model.noise_tables(image_size)  # Flux: shifted for this image size
+    alphas = [float(a) for a in alphas_cumprod.detach().cpu().float().tolist()]
     tmp = out / (mf.ALPHAS_FILE + ".tmp")
     data = {"alphas_cumprod": alphas, "max_length": model.max_length}
-    if getattr(model, "sigmas", None) is not None:  # a flow-matching model scores with its σ_t
-        data["sigmas"] = [float(x) for x in model.sigmas.detach().cpu().float().tolist()]
+    if sigmas is not None:  # a flow-matching model scores with its σ_t
+        data["sigmas"] = [float(x) for x in sigmas.detach().cpu().float().tolist()]
     tmp.write_text(json.dumps(data))
     tmp.replace(out / mf.ALPHAS_FILE)
     root = Path(str(model.source)) if not str(model.source).startswith("<") else None

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_shapes, is_dit_directory, weight_shapes
+from diffcls.models.loading import CHECKPOINT_SUFFIXES, SGM_TEXT_KEYS, check_model_path, checkpoint_shapes, is_dit_directory, weight_shapes
+from diffcls.models import flux
+from diffcls.models.noising import dynamic_shift_mu, is_dynamic_shift
 from diffcls.models.sd3 import is_sd3_directory
 from diffcls.models.sdxl import is_sdxl_directory
 
@@ -19,6 +21,7 @@ COMPONENT_DIRS = ("text_encoder", "vae", "unet")
 DIT_COMPONENT_DIRS = ("vae", "transformer")  # class-conditional: no text encoder
 SD3_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer")  # T5 optional
 SDXL_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "vae", "unet")
+FLUX_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "vae", "transformer")
 
 
 def _read_json(path: Path) -> dict:
@@ -60,9 +63,12 @@ def describe_model(model: str | Path | None) -> dict:
     root = check_model_path(model)
     if root.is_file():
         return _describe_checkpoint(root)
-    dit, sd3, sdxl = is_dit_directory(root), is_sd3_directory(root), is_sdxl_directory(root)
-    kind = "dit" if dit else "sd3" if sd3 else "sdxl" if sdxl else "stable-diffusion"
-    names = {"dit": DIT_COMPONENT_DIRS, "sd3": SD3_COMPONENT_DIRS, "sdxl": SDXL_COMPONENT_DIRS}.get(kind, COMPONENT_DIRS)
+    dit, is_flux = is_dit_directory(root), flux.is_flux_directory(root)
+    sd3, sdxl = not is_flux and is_sd3_directory(root), is_sdxl_directory(root)
+    kind = "dit" if dit else "flux" if is_flux else "sd3" if sd3 else "sdxl" if sdxl else "stable-diffusion"
+    if is_flux:
+        flux.check_flux_configs(root)  # a variant it cannot score is refused here too
+    names = {"dit": DIT_COMPONENT_DIRS, "sd3": SD3_COMPONENT_DIRS, "sdxl": SDXL_COMPONENT_DIRS, "flux": FLUX_COMPONENT_DIRS}.get(kind, COMPONENT_DIRS)
     components = {}
     for name in names:
         if kind == "sd3" and not (root / name).is_dir():
@@ -96,6 +102,8 @@ def describe_model(model: str | Path | None) -> dict:
         "text_hidden_size": text.get("hidden_size"),
         "max_length": text.get("max_position_embeddings"),
     }
+    if is_flux:
+        out.update(_flux_facts(root, unet, sched, factor))
     if dit:
         labels = _read_json(root / "model_index.json").get("id2label") or {}
         out["num_classes"] = unet.get("num_embeds_ada_norm")
@@ -103,24 +111,47 @@ def describe_model(model: str | Path | None) -> dict:
     return out
 
 
+def _flux_facts(root: Path, transformer: dict, sched: dict, factor: int) -> dict:
+    """What a Flux directory is scored with beyond the common facts (`models.flux`): 2x2 packed
+    latents, T5's length, the fixed guidance, and the sigmas' shift at the default image size."""
+    tok = _read_json(root / "tokenizer_2" / "tokenizer_config.json")
+    size = flux.DEFAULT_SAMPLE_SIZE * factor
+    out = {
+        "default_image_size": size,
+        "latent_channels": int(transformer.get("in_channels", 64)) // 4,
+        "max_length": int(min(tok.get("model_max_length", flux.T5_MAX_LENGTH), flux.T5_MAX_LENGTH)),
+        "guidance": flux.GUIDANCE if transformer.get("guidance_embeds") else None,
+    }
+    if is_dynamic_shift(sched):
+        out["shift"] = None  # the static shift is unused: μ depends on the image's token count
+        defaults = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+        out["dynamic_shift"] = {k: sched.get(k, v) for k, v in defaults.items()}
+        out["dynamic_shift"]["mu_at_default_size"] = round(dynamic_shift_mu(sched, (size // factor // 2) ** 2), 6)
+    return out
+
+
 def _describe_checkpoint(path: Path) -> dict:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a model directory")
     shapes = checkpoint_shapes(path)
+    xl = any(k in shapes for k in SGM_TEXT_KEYS)  # SDXL's SGM layout: two text encoders under conditioner.
     prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+    if xl:
+        prefixes = {**prefixes, "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
     components = {
         name: {"class": None, "parameters": sum(_numel(s.shape) for k, s in shapes.items() if k.startswith(p)), "files": [path.name], "bytes": None}
         for name, p in prefixes.items()
     }
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    kind = infer_diffusers_model_type(shapes)
+    kind = "xl" if xl else infer_diffusers_model_type(shapes)
     return {
         "kind": "checkpoint",
         "path": str(path),
         "bytes": path.stat().st_size,
         "components": components,
-        "model_type": {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x (base or 768-v: pass --config)"}.get(kind, kind),
+        "model_type": {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x (base or 768-v: pass --config)",
+                       "xl": "SDXL (pass --config: the SDXL directory or cached id with its configs)"}.get(kind, kind),
         "prediction_type": None,
         "default_image_size": None,
     }

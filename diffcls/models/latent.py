@@ -44,6 +44,11 @@ class LatentDiffusionModel:
         value = getattr(self.vae.config, "shift_factor", None)
         return None if value is None else float(value)
 
+    def noise_tables(self, image_size: int):
+        """(alphas_cumprod, sigmas or None) for images of `image_size` px: the model's own tables,
+        except where the schedule depends on the image size (Flux's dynamic shift, `models.flux`)."""
+        return self.alphas_cumprod, getattr(self, "sigmas", None)
+
     @property
     def vae_force_upcast(self) -> bool:
         """The VAE config asks to run in fp32 (`force_upcast`, true for SD's VAE: it overflows in fp16)."""

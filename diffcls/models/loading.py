@@ -27,6 +27,8 @@ from diffcls.models.latent import LatentDiffusionModel, hash_module
 from diffcls.models import wrappers
 from diffcls.models.dit import DEFAULT_SCHEDULE as DIT_DEFAULT_SCHEDULE
 from diffcls.models.dit import DiTModel, class_labels, is_dit_directory, load_dit_directory, read_model_index
+from diffcls.models import flux
+from diffcls.models.flux import FluxModel, is_flux_directory, load_flux_directory
 from diffcls.models.sd3 import SD3Model, is_sd3_directory, load_sd3_directory
 from diffcls.models.sdxl import SDXLModel, is_sdxl_directory, load_sdxl_directory
 # the noise table and what the denoiser predicts, from the scheduler config (models.noising)
@@ -39,6 +41,10 @@ REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
 # single-file checkpoints: the diffusers repos whose configs describe them (diffusers' model types)
 SD1_CONFIG_REPOS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
 SD2_CONFIG_REPOS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
+SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+# an SDXL (SGM-layout) checkpoint's text encoders: CLIP-L in transformers' layout, CLIP-G in OpenCLIP's
+SGM_TEXT_KEYS = ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+                 "conditioner.embedders.1.model.positional_embedding")
 
 
 @dataclass
@@ -123,18 +129,19 @@ class SDModel(LatentDiffusionModel):
 
 
 # what `load_model` returns: engines and export take any of them
-MODEL_TYPES = (SDModel, DiTModel, SD3Model, SDXLModel)
+MODEL_TYPES = (SDModel, DiTModel, SD3Model, SDXLModel, FluxModel)
 # diffusers pipelines (model_index.json's _class_name) diffcls classifies with, and what it says of the rest
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
     "StableDiffusionXLPipeline": "SDXL and SDXL-Turbo",
     "StableDiffusion3Pipeline": "Stable Diffusion 3/3.5",
+    "FluxPipeline": "Flux text-to-image (FLUX.1-dev, FLUX.1-schnell)",
     "DiTPipeline": "class-conditional DiT",
 }
 # families refused with a reason of their own
 REFUSED_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (trained only on the low-noise end of the schedule, conditioned on an aesthetic score); classify with the SDXL base model",
-    "FluxPipeline": "a Flux model (guidance-distilled rectified flow with CLIP + T5 and packed 2x2 latents), not supported yet",
+    **flux.REFUSED,
 }
 
 
@@ -273,7 +280,7 @@ def check_model_path(path: str | Path | None = None) -> Path:
             )
     if path.is_dir():
         check_pipeline_family(path)
-        if is_dit_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path):
+        if is_dit_directory(path) or is_flux_directory(path) or is_sd3_directory(path) or is_sdxl_directory(path):
             return path  # its components are checked when it loads
         missing = [d for d in REQUIRED_DIRS if not (path / d).is_dir()]
         if missing:
@@ -284,14 +291,36 @@ def check_model_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_model(path: str | Path | None = None, *, config: str | Path | None = None) -> SDModel | DiTModel | SD3Model | SDXLModel:
+def load_model(path: str | Path | None = None, *, config: str | Path | None = None, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     """Load from a diffusers directory (Stable Diffusion or DiT), a bundled model's name, a Hugging
     Face model id in the local cache, a single checkpoint file (`config`: the diffusers directory
     or cached model id whose configs describe it; inferred for SD 1.x), or (None) the SD demo
-    model. Never touches the network. Quiet: diffusers' and transformers' advice and progress
+    model. `no_t5`: an SD3 directory without its T5 encoder (`models.sd3`; other models refuse
+    it). Never touches the network. Quiet: diffusers' and transformers' advice and progress
     bars are off while it loads (their settings are restored after; DIFFCLS_VERBOSE=1 keeps them)."""
+    if no_t5:
+        check_no_t5(path)
     with _quiet_libraries():
-        return _load_model(path, config)
+        return _load_model(path, config, no_t5)
+
+
+def check_no_t5(model) -> None:
+    """Refuse `--no-t5` (one line) for anything but an SD3 model (directory, cached id or object)."""
+    if isinstance(model, SD3Model):
+        return
+    if isinstance(model, MODEL_TYPES):
+        what = f"a {model.kind} model"
+    else:
+        path = check_model_path(model)
+        if path.is_dir() and is_sd3_directory(path):
+            return
+        what = "a checkpoint file" if path.is_file() else f"a {_directory_kind(path)} directory"
+    name = "the demo model" if model is None else model.source if isinstance(model, MODEL_TYPES) else model
+    raise DiffclsError(f"--no-t5 skips SD3's T5 text encoder; {name} is {what}, not an SD3/3.5 model: drop --no-t5")
+
+
+def _directory_kind(path: Path) -> str:
+    return "Flux" if is_flux_directory(path) else "DiT" if is_dit_directory(path) else "SDXL" if is_sdxl_directory(path) else "Stable Diffusion"
 
 
 @contextlib.contextmanager
@@ -320,12 +349,14 @@ def _quiet_libraries():
                 lib.enable_progress_bar()
 
 
-def _load_model(path, config) -> SDModel | DiTModel | SD3Model | SDXLModel:
+def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     path = check_model_path(path)
     if path.is_file():
         return _load_single_file(path, config)
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
+    if no_t5:  # another model than the directory's full one: its fingerprint is computed, not remembered
+        return load_sd3_directory(path, t5=False)
     family = next((load for test, load in FAMILIES if test(path)), None)
     if family is not None:
         # as in _load_directory: the files' state before reading them, and a remembered fingerprint
@@ -338,7 +369,9 @@ def _load_model(path, config) -> SDModel | DiTModel | SD3Model | SDXLModel:
 
 
 # directory families other than SD 1.x/2.x: (is it one, its loader)
-FAMILIES = ((is_dit_directory, load_dit_directory), (is_sd3_directory, load_sd3_directory), (is_sdxl_directory, load_sdxl_directory))
+# (Flux before SD3: both have transformer/ and text_encoder_2/)
+FAMILIES = ((is_dit_directory, load_dit_directory), (is_flux_directory, load_flux_directory), (is_sd3_directory, load_sd3_directory),
+            (is_sdxl_directory, load_sdxl_directory))
 
 
 def _first_line(e: BaseException) -> str:
@@ -425,22 +458,11 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
     `config`: guessing would score with the wrong prediction type.
     """
     if config is not None:
-        try:
-            root = resolve_model_path(config)
-        except DiffclsError as e:
-            raise DiffclsError(f"--config {config}: {e}") from None
-        if not root.is_dir():
-            raise DiffclsError(f"--config {config} must be a diffusers model directory (or a cached model id), not a file")
-        missing = [d for d in REQUIRED_DIRS if not (root / d).is_dir()]
-        if missing:
-            raise DiffclsError(
-                f"--config {config} ({root}) lacks {', '.join(d + '/' for d in missing)}; it must hold a "
-                "diffusers model's configs, e.g. hf download stabilityai/stable-diffusion-2-1-base --include '*.json' --include '*.txt'"
-            )
-        return root
+        return _config_dir(config)
+    shapes = checkpoint_shapes(path)
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    kind = infer_diffusers_model_type(checkpoint_shapes(path))
+    kind = "xl" if any(k in shapes for k in SGM_TEXT_KEYS) else infer_diffusers_model_type(shapes)
     include = "--include '*.json' --include '*.txt'"
     if kind == "v2":
         a, b = SD2_CONFIG_REPOS
@@ -449,15 +471,20 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
             f"checkpoints have the same tensors; pass --config {a} or --config {b} (a diffusers directory "
             f"or a cached model id; get the configs with: hf download {a} {include})"
         )
-    if str(kind).startswith(("xl", "sd3", "sd35", "flux")):
-        pipe = "StableDiffusionXLPipeline" if str(kind).startswith("xl") else "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
+    if str(kind).startswith("xl"):
         raise DiffclsError(
-            f"{path} is a single-file {kind} checkpoint; diffcls reads SDXL and SD3 from diffusers directories only: "
+            f"{path} is a single-file SDXL checkpoint; pass --config with the diffusers SDXL directory or cached model id "
+            f"whose configs describe it, e.g. --config {SDXL_CONFIG_REPO} (get the configs with: hf download {SDXL_CONFIG_REPO} {include})"
+        )
+    if str(kind).startswith(("sd3", "sd35", "flux")):
+        pipe = "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
+        raise DiffclsError(
+            f"{path} is a single-file {kind} checkpoint; diffcls reads SD3 and Flux from diffusers directories only: "
             f"convert it once with diffusers ({pipe}.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
         )
     if kind != "v1":
         raise DiffclsError(
-            f"{path} is not a Stable Diffusion 1.x/2.x checkpoint (diffusers reads it as {kind!r}); "
+            f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint (diffusers reads it as {kind!r}); "
             "pass a diffusers directory, or --config DIR with the configs of the model it was saved from"
         )
     for repo in SD1_CONFIG_REPOS:
@@ -471,39 +498,61 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
     )
 
 
-def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel:
+def _config_dir(config: str | Path) -> Path:
+    """The --config of a single file: a diffusers SD 1.x/2.x or SDXL directory (or cached id)."""
+    try:
+        root = resolve_model_path(config)
+    except DiffclsError as e:
+        raise DiffclsError(f"--config {config}: {e}") from None
+    if not root.is_dir():
+        raise DiffclsError(f"--config {config} must be a diffusers model directory (or a cached model id), not a file")
+    if is_sd3_directory(root):
+        raise DiffclsError(
+            f"--config {config} is an SD3 directory; diffcls reads single-file SD3 checkpoints only once converted: "
+            "StableDiffusion3Pipeline.from_single_file(FILE).save_pretrained(DIR), then --model DIR"
+        )
+    missing = [d for d in REQUIRED_DIRS if not (root / d).is_dir()]
+    if missing:
+        raise DiffclsError(
+            f"--config {config} ({root}) lacks {', '.join(d + '/' for d in missing)}; it must hold a "
+            "diffusers model's configs, e.g. hf download stabilityai/stable-diffusion-2-1-base --include '*.json' --include '*.txt'"
+        )
+    return root
+
+
+def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel | SDXLModel:
+    """A single checkpoint through diffusers' `from_single_file`, offline: the configs, tokenizers
+    and scheduler come from the local directory `single_file_config` names (an SDXL one for an
+    SDXL file, whose text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as OpenCLIP's)."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(
             f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a diffusers directory or a checkpoint file"
         )
     root = single_file_config(path, config)
+    xl_file, xl_config = any(k in checkpoint_shapes(path) for k in SGM_TEXT_KEYS), is_sdxl_directory(root)
+    if xl_file != xl_config:  # diffusers would fill the encoders it cannot find with random weights
+        what = ("an SDXL checkpoint", "a Stable Diffusion 1.x/2.x directory") if xl_file else ("not an SDXL checkpoint", "an SDXL directory")
+        raise DiffclsError(f"{path} is {what[0]} and --config {config} is {what[1]}; pass the configs of the model the file was saved from")
     try:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(root),
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        if xl_config:
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(root), local_files_only=True)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(root), local_files_only=True, safety_checker=None,
+                                                            feature_extractor=None, requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001
         raise DiffclsError(
             f"cannot load checkpoint {path} with the configs in {root}: {_first_line(e)}; check that --config "
             "matches the checkpoint, or convert it to a diffusers directory and pass --model DIR"
         ) from e
     alphas, prediction_type, sigmas = noise_from_scheduler_config(dict(pipe.scheduler.config), path)
-    model = SDModel(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-        unet=pipe.unet,
-        alphas_cumprod=alphas,
-        source=str(path),
-        prediction_type=prediction_type,
-        sigmas=sigmas,
-    )
+    if xl_config:
+        from diffcls.models.sdxl import sdxl_model
+
+        return sdxl_model(pipe, alphas, prediction_type, sigmas, path)
+    model = SDModel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet, alphas_cumprod=alphas,
+                    source=str(path), prediction_type=prediction_type, sigmas=sigmas)
     return model.eval()
 
 

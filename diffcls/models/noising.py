@@ -50,13 +50,38 @@ def _known(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def flow_sigmas(config: dict) -> torch.Tensor:
+def is_dynamic_shift(config: dict) -> bool:
+    """The config shifts its sigmas by the image's token count (Flux: `use_dynamic_shifting`)."""
+    return bool(config.get("use_dynamic_shifting", False))
+
+
+def dynamic_shift_mu(config: dict, image_seq_len: int) -> float:
+    """The shift μ a dynamic-shifting pipeline (Flux) uses for an image of `image_seq_len` latent
+    tokens: linear in the token count, `base_shift` at `base_image_seq_len` tokens and
+    `max_shift` at `max_image_seq_len` (extrapolated beyond), the FluxPipeline's defaults for
+    keys the config lacks."""
+    lo_n, hi_n = float(config.get("base_image_seq_len", 256)), float(config.get("max_image_seq_len", 4096))
+    lo, hi = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    return lo + (hi - lo) * (float(image_seq_len) - lo_n) / (hi_n - lo_n)
+
+
+def flow_sigmas(config: dict, image_seq_len: int | None = None) -> torch.Tensor:
     """σ_t, t = 0..T-1 ascending (T = num_train_timesteps), float32: the training sigmas
-    diffusers' FlowMatchEulerDiscreteScheduler builds from `config` (with its `shift`)."""
+    diffusers' FlowMatchEulerDiscreteScheduler builds from `config` (with its `shift`).
+
+    A dynamic-shifting config (Flux) has no fixed shift: its sigmas are the scheduler's own
+    unshifted t / T, shifted by the scheduler's `time_shift` with the μ the pipeline computes
+    for `image_seq_len` image tokens (`dynamic_shift_mu`); such a config needs the token count."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(_known(config))
-    return scheduler.sigmas.to(torch.float32).flip(0).clone()
+    sigmas = scheduler.sigmas
+    if is_dynamic_shift(config):
+        if image_seq_len is None:
+            raise DiffclsError("a dynamic-shifting flow scheduler (use_dynamic_shifting, as Flux ships) shifts by the image "
+                               "size; only a Flux directory is scored with one: load it as a FluxPipeline directory")
+        sigmas = scheduler.time_shift(dynamic_shift_mu(config, image_seq_len), 1.0, sigmas.double())
+    return sigmas.to(torch.float32).flip(0).clone()
 
 
 def vp_alphas_cumprod(sigmas: torch.Tensor) -> torch.Tensor:
@@ -66,9 +91,10 @@ def vp_alphas_cumprod(sigmas: torch.Tensor) -> torch.Tensor:
     return (a / (a + s**2)).float()
 
 
-def noise_from_scheduler_config(config: dict, where) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+def noise_from_scheduler_config(config: dict, where, image_seq_len: int | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """(alphas_cumprod, prediction_type, sigmas or None) of a diffusers scheduler config; a
-    scheduler or prediction type the scorer cannot score is refused in one line."""
+    scheduler or prediction type the scorer cannot score is refused in one line.
+    `image_seq_len`: the image token count a dynamic-shifting (Flux) config shifts by."""
     name = config.get("_class_name")
     if name in OTHER_FLOW_SCHEDULERS or (isinstance(name, str) and name.startswith("FlowMatch") and name not in FLOW_SCHEDULERS):
         raise DiffclsError(
@@ -81,7 +107,10 @@ def noise_from_scheduler_config(config: dict, where) -> tuple[torch.Tensor, str,
             raise DiffclsError(
                 f"{where}: a {name} model predicts the flow velocity, not {value!r}; drop prediction_type from the config"
             )
-        sigmas = flow_sigmas(config)
+        if is_dynamic_shift(config) and image_seq_len is None:
+            raise DiffclsError(f"{where}: use_dynamic_shifting (Flux's scheduler) shifts the sigmas by the image size; "
+                               "diffcls scores it only in a Flux (FluxPipeline) directory; set use_dynamic_shifting false and a fixed shift otherwise")
+        sigmas = flow_sigmas(config, image_seq_len)
         return vp_alphas_cumprod(sigmas), "flow", sigmas
     from diffusers import DDPMScheduler
 

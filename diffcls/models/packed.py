@@ -136,12 +136,17 @@ class PackedModel(LatentDiffusionModel):
             if self.sigmas is not None:
                 h.update(self.sigmas.detach().cpu().float().numpy().tobytes())
             h.update(f"prediction_type={self.prediction_type} lengths={sorted(self.tokenizer.lengths.items())}".encode())
+            h.update(self.fingerprint_extra().encode())
             h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
             self._fingerprint = h.hexdigest()[:16]
             if self._fingerprint_record is not None:
                 root, state, versions = self._fingerprint_record
                 filehash.remember_fingerprint(root, versions, state, self._fingerprint)
         return self._fingerprint
+
+    def fingerprint_extra(self) -> str:
+        """What else identifies the model beyond modules and tables (Flux: its dynamic shift)."""
+        return ""
 
     def to(self, device, dtype: torch.dtype | None = None):
         for m in self.modules.values():

@@ -9,7 +9,9 @@ on three text encoders, exactly as diffusers' pipeline computes it:
   outputs concatenated, the `pooled_projections`;
 - T5-XXL (`text_encoder_3`), appended on the sequence axis. T5 is optional as in diffusers: a
   directory without `text_encoder_3/` gets zeros of its shape (`t5_length` tokens, 256 as the
-  pipeline's default `max_sequence_length`).
+  pipeline's default `max_sequence_length`), and so does a model loaded with T5 skipped
+  (`--no-t5`: `load_sd3_directory(path, t5=False)`, `without_t5`), which is another model: its
+  fingerprint, hence its cached embeddings and the results files it writes, differ.
 
 The prompt encoder's output is the sequence of text embeddings with one more row holding the
 pooled projection (zero-padded to the joint width); the denoiser splits that row off again
@@ -141,11 +143,15 @@ def is_sd3_directory(path) -> bool:
         return False
     if read_model_index(path).get("_class_name") == PIPELINE_CLASS:
         return True
-    return (path / "transformer").is_dir() and (path / "text_encoder_2").is_dir()
+    from diffcls.models.flux import is_flux_directory  # the same folders, another family
+
+    return (path / "transformer").is_dir() and (path / "text_encoder_2").is_dir() and not is_flux_directory(path)
 
 
-def load_sd3_directory(path) -> SD3Model:
-    """A `StableDiffusion3Pipeline` directory, local files only; T5 when present (and not skipped)."""
+def load_sd3_directory(path, *, t5: bool = True) -> SD3Model:
+    """A `StableDiffusion3Pipeline` directory, local files only; T5 when present and `t5` (False:
+    T5 is not even read, and zeros stand in its place, as diffusers' pipeline with
+    `text_encoder_3=None`)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -154,7 +160,7 @@ def load_sd3_directory(path) -> SD3Model:
     path = Path(path)
     load = component_loader(path, "StableDiffusion3Pipeline", REQUIRED_DIRS, " (text_encoder_3/, tokenizer_3/: optional)")
 
-    use_t5 = (path / "text_encoder_3").is_dir() and (path / "tokenizer_3").is_dir()
+    use_t5 = t5 and (path / "text_encoder_3").is_dir() and (path / "tokenizer_3").is_dir()
     parts = {"tokenizer": load("tokenizer", AutoTokenizer.from_pretrained), "tokenizer_2": load("tokenizer_2", AutoTokenizer.from_pretrained)}
     lengths = {k: int(min(t.model_max_length, 77)) for k, t in parts.items()}
     if use_t5:
@@ -173,6 +179,16 @@ def load_sd3_directory(path) -> SD3Model:
         alphas_cumprod=alphas, sigmas=sigmas, source=str(path),
     )
     return model.eval()
+
+
+def without_t5(model: SD3Model) -> SD3Model:
+    """`model` with T5 dropped (zeros in its place): a new model object sharing the other modules."""
+    from dataclasses import replace
+
+    parts = {k: v for k, v in model.tokenizer.parts.items() if k != "tokenizer_3"}
+    lengths = {k: v for k, v in model.tokenizer.lengths.items() if k != "tokenizer_3"}
+    return replace(model, tokenizer=MultiTokenizer(parts, lengths), text_encoder_3=None,
+                   _fingerprint=None, _fingerprint_record=None)
 
 
 def save_sd3_directory(model: SD3Model, out_dir, sched_cfg: dict) -> Path:

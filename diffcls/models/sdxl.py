@@ -138,8 +138,7 @@ def load_sdxl_directory(path) -> SDXLModel:
     if sigmas is not None:
         raise DiffclsError(f"{sched_file}: an SDXL UNet with a flow-matching scheduler is not supported; use its DDPM-type scheduler config")
     unet = load("unet", UNet2DConditionModel.from_pretrained)
-    if unet.config.addition_embed_type != "text_time":
-        raise DiffclsError(f"{path / 'unet'} is not an SDXL UNet (addition_embed_type {unet.config.addition_embed_type!r}, not 'text_time')")
+    check_sdxl_unet(unet, path / "unet")
     model = SDXLModel(
         tokenizer=MultiTokenizer(parts, {k: int(min(t.model_max_length, 77)) for k, t in parts.items()}),
         text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
@@ -147,6 +146,23 @@ def load_sdxl_directory(path) -> SDXLModel:
         unet=unet, vae=load("vae", AutoencoderKL.from_pretrained), alphas_cumprod=alphas, source=str(path),
         prediction_type=prediction_type,
     )
+    return model.eval()
+
+
+def check_sdxl_unet(unet, where) -> None:
+    if unet.config.addition_embed_type != "text_time":
+        raise DiffclsError(f"{where} is not an SDXL UNet (addition_embed_type {unet.config.addition_embed_type!r}, not 'text_time')")
+
+
+def sdxl_model(pipe, alphas, prediction_type: str, sigmas, source) -> SDXLModel:
+    """The SDXLModel of a loaded `StableDiffusionXLPipeline` (a single-file checkpoint's)."""
+    if sigmas is not None:
+        raise DiffclsError(f"{source}: an SDXL UNet with a flow-matching scheduler is not supported; use its DDPM-type scheduler config")
+    check_sdxl_unet(pipe.unet, source)
+    parts = {"tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2}
+    model = SDXLModel(tokenizer=MultiTokenizer(parts, {k: int(min(t.model_max_length, 77)) for k, t in parts.items()}),
+                      text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2, unet=pipe.unet, vae=pipe.vae,
+                      alphas_cumprod=alphas, source=str(source), prediction_type=prediction_type)
     return model.eval()
 
 

@@ -218,9 +218,10 @@ def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_le
     return model.eval()
 
 
-def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
+def tiny_sdxl(seed: int = 0, *, sample_size: int = 8, widths: tuple[int, int] = (16, 16)):
     """A deterministic tiny SDXL from configs (random weights), laid out like SDXL base: CLIP-L
-    width 16 + CLIP-G width 16 (projection 16) -> cross-attention 32, `text_time` additions."""
+    width 16 + CLIP-G width 16 (projection 16) -> cross-attention 32, `text_time` additions.
+    `widths`: other CLIP-L / CLIP-G widths (a single-file checkpoint tells its encoders apart by width)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -229,19 +230,19 @@ def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
     from diffcls.models.sdxl import SDXLModel
     from diffcls.models.tokenizer import build_tokenizer
 
-    def clip_config():
-        return CLIPTextConfig(vocab_size=1024, hidden_size=16, projection_dim=16, intermediate_size=32, num_hidden_layers=2,
+    def clip_config(width: int):
+        return CLIPTextConfig(vocab_size=1024, hidden_size=width, projection_dim=width, intermediate_size=2 * width, num_hidden_layers=2,
                               num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
 
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        te1, te2 = CLIPTextModel(clip_config()), CLIPTextModelWithProjection(clip_config())
+        te1, te2 = CLIPTextModel(clip_config(widths[0])), CLIPTextModelWithProjection(clip_config(widths[1]))
         unet = UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+            cross_attention_dim=sum(widths), attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=widths[1] + 6 * 8,
             norm_num_groups=32)
         vae = sd_vae((32, 64), 4, sample_size * 2)
         vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE values
@@ -255,4 +256,46 @@ def tiny_sdxl(seed: int = 0, *, sample_size: int = 8):
     parts = {"tokenizer": build_tokenizer([], 77), "tokenizer_2": build_tokenizer([], 77)}
     model = SDXLModel(MultiTokenizer(parts, {"tokenizer": 77, "tokenizer_2": 77}), te1, te2, unet, vae, alphas,
                       source=f"<tiny sdxl seed={seed}>", prediction_type=prediction_type)
+    return model.eval()
+
+
+def flux_scheduler_config(num_train_timesteps: int = 1000) -> dict:
+    """FLUX.1-dev's scheduler config: FlowMatchEulerDiscreteScheduler with dynamic shifting."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": num_train_timesteps, "shift": 3.0,
+            "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def tiny_flux(seed: int = 0, *, guidance: bool = True, t5_length: int = 16):
+    """A deterministic tiny Flux from configs (random weights): CLIP width 16 (pooled 16), T5 width
+    32 = the joint width, a 1+1-layer FluxTransformer2DModel, a 2x VAE with Flux's 16 latent
+    channels, shift and scale. `guidance`: FLUX.1-dev's guidance embedding (schnell: none). Its T5
+    slot has a byte-level CLIP-style tokenizer (no T5 vocabulary offline), as `tiny_sd3`. Its
+    default image size is the pipeline's 128 latent pixels (256 px here): pass a small one."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffcls.models.flux import FluxModel
+    from diffcls.models.packed import MultiTokenizer
+    from diffcls.models.tokenizer import build_tokenizer
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+        t5 = T5EncoderModel(T5Config(vocab_size=1024, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2))
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+        vae = sd_vae((32, 64), 16, 16)
+        vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)  # Flux's VAE values
+        with torch.no_grad():  # adaLN-Zero and the VAE's init give near-constant outputs: spread them
+            for p in [*transformer.parameters(), *vae.parameters()]:
+                p.add_(torch.randn_like(p) * 0.02)
+    finally:
+        torch.random.set_rng_state(state)
+    parts = {"tokenizer": build_tokenizer([], 77), "tokenizer_2": build_tokenizer([], t5_length)}
+    model = FluxModel(MultiTokenizer(parts, {"tokenizer": 77, "tokenizer_2": t5_length}), clip, t5, transformer, vae,
+                      flux_scheduler_config(), source=f"<tiny flux seed={seed}>")
     return model.eval()

@@ -130,6 +130,7 @@ class Classifier:
         model=None,
         *,
         config: str | Path | None = None,
+        no_t5: bool = False,
         backend: str = "torch",
         engine_dir: str | Path | None = None,
         device: str | None = None,
@@ -146,7 +147,8 @@ class Classifier:
         image size; `self.defaults`), as `diffcls classify` does; keywords override them.
 
         `config`: for a single-file checkpoint `model`, the diffusers directory (or cached id)
-        whose configs describe it. `threads`: CPU threads for torch (`torch.set_num_threads`,
+        whose configs describe it. `no_t5`: an SD3 model without its T5 encoder (zeros in its
+        place; `models.sd3`), refused for other models and with `engine_dir`. `threads`: CPU threads for torch (`torch.set_num_threads`,
         process-wide) and for ONNX Runtime's intra-op pool; None keeps torch's setting and gives
         ONNX Runtime the same count.
 
@@ -155,6 +157,7 @@ class Classifier:
         """
         from diffcls.engines import open_engines
         from diffcls.models.loading import load_model, model_defaults
+        from diffcls.models.sd3 import SD3Model, without_t5
 
         if isinstance(model, (str, Path)) or model is None or engine_dir is not None:
             defaults = model_defaults(engine_dir if engine_dir is not None else model)
@@ -164,8 +167,12 @@ class Classifier:
             torch.set_num_threads(int(threads))
         timer = StageTimer()
         with timer.stage("load"):
-            if config is not None and engine_dir is None:
-                model = load_model(model, config=config)
+            if no_t5 and engine_dir is not None:
+                raise DiffclsError("no_t5 chooses how an SD3 model loads, and an engine directory was exported with or without T5; drop one")
+            if no_t5 and isinstance(model, SD3Model):
+                model = without_t5(model)
+            elif (config is not None or no_t5) and engine_dir is None:
+                model = load_model(model, config=config, no_t5=no_t5)
             engines = open_engines(
                 backend,
                 model=model,

@@ -103,6 +103,7 @@ def classifier_kwargs(s: JobSpec, image_size: int | None, absolute: bool = False
     return dict(
         model=path(s.model),
         config=path(s.config),
+        no_t5=s.no_t5,
         backend=name,
         engine_dir=path(s.engines),
         device=s.device,

@@ -35,6 +35,7 @@ class JobSpec:
 
     model: Path | None = None  # directory, checkpoint file, cached hub id or bundled name; None: demo
     config: Path | None = None  # configs for a single-file --model checkpoint
+    no_t5: bool = False  # SD3: skip the T5 text encoder (zeros in its place; another model fingerprint)
     engines: Path | None = None  # an exported engine directory instead of the torch modules
     backend: Backend = Backend.auto  # auto: torch, or what the engine directory was exported for
     device: str | None = None  # None: auto (cuda when there is one)
@@ -122,6 +123,13 @@ class JobSpec:
         engines_backend = self.backend in (Backend.onnxruntime, Backend.tensorrt)
         if self.config is not None and self.model is None:
             raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
+        if self.no_t5 and self.engines is not None:
+            raise DiffclsError("--no-t5 chooses how an SD3 model loads; an --engines directory was exported with or "
+                               "without T5 (diffcls export --no-t5): drop --no-t5, or --engines and pass --model")
+        if self.no_t5:
+            from diffcls.models.loading import check_no_t5
+
+            check_no_t5(self.model)
         if self.engines is not None and self.backend == Backend.torch:
             raise DiffclsError("--backend torch runs a model, not an --engines directory; drop --backend torch or --engines")
         if self.engines is None and engines_backend:
