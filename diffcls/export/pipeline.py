@@ -407,6 +407,9 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
             paths = ox.onnx_files(final)
         else:
             paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra, release)
+        import gc
+
+        gc.collect()  # the converters' graphs hold reference cycles: free them before ONNX Runtime loads the result
         _trim_heap()
         check = ox.check_against_reference(comp, final, precision, device, feed, ref)
         return paths, check, extra
