@@ -70,6 +70,21 @@ class Precision(str, Enum):
     bf16 = "bf16"  # torch backend on a GPU only (exports are fp32 or fp16)
 
 
+class ExportBackend(str, Enum):
+    """The backends an export is for (Backend without auto and torch)."""
+
+    onnxruntime = Backend.onnxruntime.value
+    tensorrt = Backend.tensorrt.value
+
+
+class ExportPrecision(str, Enum):
+    """The precisions an export can have (Precision without bf16)."""
+
+    auto = Precision.auto.value
+    fp32 = Precision.fp32.value
+    fp16 = Precision.fp16.value
+
+
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -80,3 +95,17 @@ def parse_device(text: str | None) -> str | None:
         hint = " (GPUs are named cuda or cuda:N)" if value in ("gpu", "0", "1") or value.isdigit() else ""
         raise DiffclsError(f"--device {text!r} is not a device{hint}; use auto, cpu, cuda or cuda:N")
     return None if value == "auto" else value
+
+
+def parse_ints(text: str | None, flag: str, example: str = "50 500") -> tuple[int, ...] | None:
+    """'50 500' or '50,500' -> (50, 500); None stays None; anything else a one-line error naming `flag`."""
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise DiffclsError(f"{flag} {text!r} must be integers, e.g. {flag} {example}") from None
+    if not values:
+        raise DiffclsError(f"{flag} is empty; give integers, e.g. {flag} {example}")
+    return values

@@ -101,6 +101,67 @@ def test_fp16_export_runs_on_cpu(tiny, tmp_path):
             assert inits[node.input[2]].data_type == onnx.TensorProto.FLOAT
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_fp16_conversion_of_external_weights_streams_them_into_the_same_graph(tiny, tmp_path, monkeypatch, large):
+    """A graph with its weights in a .data file (every model over 2 GB) is converted without
+    loading them (`convert_fp16_streamed`) into the graph the in-memory route writes: same nodes,
+    value types, initializers (names, types, shapes, bytes) and outputs. `large`: the output is
+    written with external weights too (what an SDXL-size UNet gets), else inline."""
+    import onnx
+    import onnxruntime as ort
+
+    spec = model_component_specs(tiny, IMAGE_SIZE)["unet"]
+    fp32 = ox.export_onnx(tiny, "unet", spec, tmp_path / "unet32.onnx")
+    ext = tmp_path / "ext" / "unet32.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(onnx.load(str(fp32)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="unet32.onnx.data", size_threshold=1024)
+    streamed, real = [], ox.convert_fp16_streamed
+    monkeypatch.setattr(ox, "convert_fp16_streamed", lambda *a: streamed.append(a) or real(*a))
+    if large:
+        monkeypatch.setattr(ox, "LARGE_BYTES", 0)
+    ox.convert_fp16(fp32, tmp_path / "mem16.onnx")  # inline weights: the in-memory route
+    ox.convert_fp16(ext, tmp_path / "ext" / "str16.onnx")
+    assert len(streamed) == 1 and (tmp_path / "ext" / "str16.onnx.data").exists() == large
+    a, b = (onnx.load(str(p)) for p in (tmp_path / "mem16.onnx", tmp_path / "ext" / "str16.onnx"))
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert sorted(v.SerializeToString() for v in a.graph.value_info) == sorted(v.SerializeToString() for v in b.graph.value_info)
+    ia, ib = ({t.name: t for t in g.graph.initializer} for g in (a, b))
+    assert ia.keys() == ib.keys()
+    for name in ia:
+        assert (ia[name].data_type, list(ia[name].dims)) == (ib[name].data_type, list(ib[name].dims)), name
+        assert onnx.numpy_helper.to_array(ia[name]).tobytes() == onnx.numpy_helper.to_array(ib[name]).tobytes(), name
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in ib.values()) > 10
+    feed = {k: v.numpy().astype(np.float16) for k, v in ox.random_feed(tiny, spec, 2).items()}
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            for p in (tmp_path / "mem16.onnx", tmp_path / "ext" / "str16.onnx")]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_weights_torch_writes_per_file_are_gathered_into_one(tiny, tmp_path):
+    """Over 2 GB torch writes a file per weight; `gather_external_data` copies them into the one
+    `<name>.data` an engine directory has, without loading them: the same graph and bytes."""
+    import onnx
+
+    spec = model_component_specs(tiny, IMAGE_SIZE)["unet"]
+    fp32 = ox.export_onnx(tiny, "unet", spec, tmp_path / "unet.onnx")
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    original = onnx.load(str(fp32))
+    onnx.save_model(original, str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list(raw.parent.iterdir())) > 10
+    light = onnx.load(str(raw), load_external_data=False)
+    out = tmp_path / "out" / "unet.onnx"
+    out.parent.mkdir()
+    assert ox.gather_external_data(light, raw.parent, out) == [out, out.with_name("unet.onnx.data")]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    got, original = onnx.load(str(out)), onnx.load(str(fp32))  # (saving moved the first copy's weights out)
+    assert [n.SerializeToString() for n in got.graph.node] == [n.SerializeToString() for n in original.graph.node]
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in got.graph.initializer}
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_ort_fusion_on_cpu_matches_torch(engine_dir, tiny, tmp_path):
     """The GPU fusion recipe's portable part (attention, LayerNorm) runs on CPU and is exact."""
     fused = ox.optimize_unet(engine_dir / "unet.onnx", gpu=False)

@@ -1,6 +1,6 @@
 """Summary rates stay readable for slow models: seconds per item below one item per second."""
 
-from diffcls.cli.common import per_second, rate
+from diffcls.runtime.execution.timing import per_second, rate
 
 
 def test_fast_rates_are_per_second():

@@ -17,7 +17,7 @@ def cache(
 ) -> None:
     """Show the text-embedding/latent cache and the bundled models' engines, or clear them with --clear."""
     from diffcls.engines.fastpath import ENGINES_SUBDIR
-    from diffcls.export.cached import cached_engine_dirs, clear_cached_engines
+    from diffcls.export.cached import cached_engines_size, clear_cached_engines
     from diffcls.runtime.data.cache import DiskCache
 
     with user_errors():
@@ -29,6 +29,5 @@ def cache(
             out.print(f"removed {n} cached entries and {k} engine directories from {c.root}")
             return
         files, size = c.size()
-        dirs = cached_engine_dirs(engines)
-        esize = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
-        out.print(f"{c.root}: {files} entries, {size / 1e6:.1f} MB; {len(dirs)} engine directories, {esize / 1e6:.1f} MB")
+        dirs, esize = cached_engines_size(engines)
+        out.print(f"{c.root}: {files} entries, {size / 1e6:.1f} MB; {dirs} engine directories, {esize / 1e6:.1f} MB")

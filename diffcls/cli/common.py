@@ -1,4 +1,4 @@
-"""What every command shares: the app, the error contract, the consoles."""
+"""What every command shares: the app, the error contract, the consoles, running a job with its progress shown."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from diffcls.errors import DiffclsError, DiffclsWarning
-from diffcls.runtime.execution.timing import per_second, rate  # noqa: F401 - the CLI's rate formatting lives in the runtime
+from diffcls.runtime.execution.timing import ProgressLines, about, rate
+from diffcls.runtime.results.writer import printable
 
 _show_warning = warnings.showwarning
 
@@ -24,6 +27,7 @@ app = typer.Typer(
     help="Zero-shot image classification with Stable Diffusion (Diffusion Classifier), made fast.",
     pretty_exceptions_enable=False,
 )
+
 
 def _hide_flag_types() -> None:
     """--help shows no type beside an on/off flag (Typer writes "<bool>" there, which reads as
@@ -49,8 +53,6 @@ out = Console(highlight=False, soft_wrap=True)
 def quiet_third_party_logs() -> None:
     """The CLI's choice, not the library's: diffusers/transformers advice and progress bars off
     (their own loggers; DIFFCLS_VERBOSE=1 keeps them). Nothing else in the process changes."""
-    import os
-
     if os.environ.get("DIFFCLS_VERBOSE"):
         return
     try:
@@ -106,66 +108,15 @@ def progress_interval() -> float:
         return 5.0
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class LineProgress:
-    """Progress for logs and pipes: rich's bar draws nothing there until the end, so this prints
-    one plain line every `interval` seconds instead, e.g.
+class LineProgress(ProgressLines):
+    """Progress lines (`runtime.execution.timing.ProgressLines`) on a console, every
+    $DIFFCLS_PROGRESS_INTERVAL seconds unless `interval` is given, e.g.
 
         classify: 120/1000 images (12%), 3.41 img/s, elapsed 0:00:35, ETA 0:04:18
-
-    It has the part of `rich.progress.Progress`'s interface the commands use (add_task,
-    advance, update, a context manager), so a command picks one or the other and runs the same.
     """
 
     def __init__(self, console: Console, interval: float | None = None, unit: str = "images"):
-        self.console = console
-        self.interval = progress_interval() if interval is None else interval
-        self.unit = unit
-        self.tasks: dict[int, dict] = {}
-
-    def __enter__(self) -> "LineProgress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
-        now = time.monotonic()
-        self.tasks[len(self.tasks)] = {"description": description, "total": total, "done": 0, "start": now, "last": now}
-        return len(self.tasks) - 1
-
-    def advance(self, task: int, advance: float = 1) -> None:
-        self.update(task, advance=advance)
-
-    def update(self, task: int, *, advance: float = 0, completed: float | None = None, total: float | None = None, **fields) -> None:
-        t = self.tasks[task]
-        if total is not None:
-            t["total"] = total
-        t["done"] = completed if completed is not None else t["done"] + advance
-        now = time.monotonic()
-        if now - t["last"] >= self.interval:
-            t["last"] = now
-            self.console.print(self.line(task, now), markup=False, highlight=False)
-
-    def line(self, task: int, now: float | None = None) -> str:
-        t = self.tasks[task]
-        now = time.monotonic() if now is None else now
-        elapsed = now - t["start"]
-        done, total = t["done"], t["total"]
-        text = f"{t['description']}: {done:g}/{total:g} {self.unit}" if total else f"{t['description']}: {done:g} {self.unit}"
-        if total:
-            text += f" ({100 * done / total:.0f}%)"
-        per_s = done / elapsed if elapsed > 0 else 0.0
-        if per_s > 0:
-            text += ", " + per_second(per_s, "img")  # seconds per image below one a second
-        text += f", elapsed {_duration(elapsed)}"
-        if total and per_s > 0:
-            text += f", ETA {_duration((total - done) / per_s)}"
-        return text
+        super().__init__(lambda line: console.print(line, markup=False, highlight=False), progress_interval() if interval is None else interval, unit)
 
 
 def interactive(con: Console | None = None) -> bool:
@@ -182,3 +133,61 @@ def progress_bar(unit: str = "images"):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def say(text: str) -> None:
+    """The library's plain text on stderr (no markup, whatever brackets it holds)."""
+    console.print(text, markup=False)
+
+
+def run_job(job, name: str, unit: str = "images", per: tuple[str, str | None] = ("img", None), *, estimate: bool = True,
+            skipped: Callable[[object, str], str] = lambda key, msg: msg):
+    """Open `job` (a ClassifyJob or MatchJob), run it with a progress bar and print what it says:
+    skipped inputs (`skipped(key, msg)`), notes, once early an `estimate:` of the rest, its summary."""
+    job.open()
+    for key, msg in job.skipped:  # folders that could not be listed or entered
+        console.print("[yellow]skipped[/] " + escape(printable(skipped(key, msg))))
+    for note in job.notes:
+        say(note)
+    start = time.perf_counter()
+    with progress_bar(unit) as progress:
+        task = progress.add_task(name, total=len(job.todo), rate="-")
+
+        def on_skip(key, msg):
+            console.print("[yellow]skipped[/] " + escape(printable(skipped(key, msg))))
+            progress.advance(task)
+
+        for n, _ in enumerate(job.iter_run(on_skip=on_skip), 1):
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=1, rate=rate(n, elapsed, *per))
+            left = len(job.todo) - n
+            if estimate and left > 0 and (elapsed >= 10 or n >= max(3, len(job.todo) // 20)):
+                estimate = False  # once, early: what the whole run will take at this pace
+                console.print(f"estimate: about {about(left * elapsed / n)} more for {left} {unit} at {rate(n, elapsed, *per)}")
+    for line in job.summary():
+        say(line)
+    return job
+
+
+@contextlib.contextmanager
+def quieted(on: bool):
+    """--quiet: the stderr console (progress, speed lines, notices) says nothing meanwhile."""
+    old = console.quiet
+    console.quiet = on or old
+    try:
+        yield
+    finally:
+        console.quiet = old
+
+
+def table(columns, rows, *, left=(), wrap=(), **kw):
+    """A rich Table: the `left` columns left-aligned, the rest (numbers) right-aligned; only the
+    `wrap` columns may wrap."""
+    from rich.table import Table
+
+    t = Table(**kw)
+    for c in columns:
+        t.add_column(c, justify="left" if c in left else "right", no_wrap=c not in wrap)
+    for row in rows:
+        t.add_row(*row)
+    return t

@@ -34,11 +34,9 @@ def digits(
     corrupt: Annotated[int, typer.Option("--corrupt", help="Corruption severity 1-5 (seeded rotation, shift and pixel noise; harder for the classifier); 0: clean.")] = 0,
 ) -> None:
     """Write scikit-learn's handwritten digits as 32x32 PNGs, one folder per class (needs scikit-learn)."""
-    from diffcls.models.digits import write_digits
+    from diffcls.models.digits import write_digits, written_line
 
     with user_errors():
         out_dir = _one_out(out_dir, folder)
         paths = write_digits(out_dir, split.value, limit, severity=corrupt)
-    classes = len({p.parent.name for p in paths})
-    kind = f"{split.value} digits (corruption severity {corrupt})" if corrupt else f"{split.value} digits"
-    out.print(f"wrote {len(paths)} {kind} in {classes} class folders under {out_dir}")
+    out.print(written_line(paths, split.value, corrupt, out_dir))

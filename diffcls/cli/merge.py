@@ -23,28 +23,17 @@ def merge(
     """Merge shard results: same settings, every image exactly once (missing and duplicated images are reported)."""
     from rich.markup import escape
 
+    from diffcls.runtime.results.shards import merge_shards
     from diffcls.runtime.results.writer import printable
-    from diffcls.runtime.results.shards import check_shards, expected_images, read_shard, write_merged
+
+    def say(kind: str, line: str) -> None:
+        text = escape(printable(line)) if kind == "skipped" else escape(line)
+        console.print({"skipped": f"no row, as classify skipped it: {text}", "problem": f"[yellow]{text}[/]", "note": f"[yellow]{text}[/]"}[kind])
 
     with user_errors():
         if out_csv is None:
             if len(shards) < 2:
                 raise DiffclsError("pass the merged file with --out, e.g. diffcls merge --out all.csv part0.csv part1.csv")
             out_csv, shards = shards[0], shards[1:]
-        if (save_errors is None) != (not errors):
-            raise DiffclsError("--save-errors MERGED.jsonl and --errors SHARD.jsonl (once per shard) go together; give both or neither")
-        parts = [read_shard(p) for p in shards]
-        images = expected_images(parts[0].settings, folder)
-        report = check_shards(parts, images)
-        for line in report.skipped:
-            console.print(f"no row, as classify skipped it: {escape(printable(line))}")
-        for line in report.problems:
-            console.print(f"[yellow]{line}[/]")
-        if report.duplicated:
-            raise DiffclsError(f"{len(report.duplicated)} images have more than one row in the shard files (see above); pass each shard's file once; {out_csv} was not written")
-        if report.problems and not allow_missing:
-            raise DiffclsError(f"the shards do not cover every image (see above); finish the missing shards, or pass --allow-missing; {out_csv} was not written")
-        if images is None:
-            console.print("[yellow]the folder is unknown, so coverage was checked by shard only; pass --folder to check every image[/]")
-        n = write_merged(out_csv, parts, save_errors, errors)
-        console.print(f"merged {len(parts)} shards: {n} images" + (f" of {report.n_images}" if report.n_images is not None else "") + f" in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))
+        n, report = merge_shards(shards, out_csv, folder=folder, errors_out=save_errors, shard_errors=errors, allow_missing=allow_missing, say=say)
+        console.print(f"merged {len(shards)} shards: {n} images" + (f" of {report.n_images}" if report.n_images is not None else "") + f" in {out_csv}" + (f", errors in {save_errors}" if save_errors else ""))

@@ -1,18 +1,10 @@
-"""`diffcls profile`: where the time goes, per stage, on a folder of images.
-
-Runs the same pipeline as `classify` (same options) over the first `--limit` images and reports,
-per stage (model/engine load, preprocess, text encode, VAE encode, UNet scoring per round, total),
-the number of calls, total seconds and p50/p90 per call, plus UNet evals/s, images/s, the padding
-fraction of UNet batches, UNet evaluations per image (mean, p50, p90, max: they vary per image
-with --adaptive), cache hits/misses and the peak GPU memory. `--warmup` classifies one
-image first, outside the measurement (with the cache off, so that it warms every stage), so
-compile and first-call costs are reported on their own line.
-"""
+"""`diffcls profile`: where the time goes, per stage, on a folder of images: the same pipeline
+and options as `classify`, measured by `diffcls.runtime.execution.profiling` (what it reports is
+described there); `--warmup` classifies one image first, outside the measurement."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,48 +12,17 @@ import typer
 
 from diffcls.cli.classify import PathsArg
 from diffcls.cli.settings import RunSettings, run_options
-from diffcls.cli.common import LineProgress, app, console, interactive, out, per_second, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, table, user_errors
 from diffcls.errors import DiffclsError
-from diffcls.runtime.execution.profiling import ordered_stages, stage_label
-
-def _cached_note(name: str, stage: dict, cache: dict | None) -> str:
-    """' (cached)' for a text/VAE stage that never ran because the cache held it all."""
-    if name in ("text_encode", "vae_encode") and stage["calls"] == 0 and cache and cache.get("hits"):
-        return " (cached)"
-    return ""
-
 
 def _print_report(report: dict) -> None:
-    from rich.table import Table
+    from diffcls.runtime.execution.profiling import stage_rows, summary_lines
 
-    stages = report["stages"]
-    wall = report["total_s"]
-    table = Table(title=f"diffcls profile ({report['n_images']} images)")
-    table.add_column("stage", no_wrap=True)
-    for col, just in (("calls", "right"), ("total s", "right"), ("p50 ms/call", "right"), ("p90 ms/call", "right"), ("% of run", "right")):
-        table.add_column(col, justify=just)
-    for name in ordered_stages(stages):
-        st = stages[name]
-        share = "-" if name == "load" or not wall else f"{100 * st['total_s'] / wall:.1f}"
-        table.add_row(stage_label(name) + _cached_note(name, st, report["cache"]), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share)
-    if report.get("warmup"):
-        w = report["warmup"]["total_s"]
-        table.add_row("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-")
-    out.print(table)
+    cols = ("stage", "calls", "total s", "p50 ms/call", "p90 ms/call", "% of run")
+    out.print(table(cols, stage_rows(report), left=("stage",), wrap=cols[1:], title=f"diffcls profile ({report['n_images']} images)"))
     out.print("preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call")
-    cache = report["cache"]
-    cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
-    mem = report["peak_gpu_memory_bytes"]
-    ev = report.get("evals_per_image")
-    if ev:
-        out.print(f"UNet evaluations per image: mean {ev['mean']:.1f}, p50 {ev['p50']:.0f}, p90 {ev['p90']:.0f}, max {ev['max']}")
-    out.print(
-        f"{per_second(report['images_per_s'], 'images', 'image', 3)}, "
-        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 1)} "
-        f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
-        f"{100 * report['padding_fraction']:.2f}%, cache {cache_txt}, peak GPU memory "
-        + ("n/a (no GPU)" if mem is None else f"{mem / 2**20:.0f} MiB")
-    )
+    for line in summary_lines(report):
+        out.print(line)
 
 
 @app.command()
@@ -76,26 +37,20 @@ def profile(
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
     from diffcls.runtime.execution.profiling import plot_stages, require_matplotlib
-    from diffcls.runtime.results.outputs import check_distinct, check_output, output_errors
+    from diffcls.runtime.results.outputs import check_outputs, output_errors, write_json
 
     with user_errors():
         if plot is not None:
             require_matplotlib()  # fail before any work
 
-        check_output(json_out, "--json", "profile")  # before the run, not after it finished
-        check_output(plot, "--plot", "png")
-        check_distinct(("--json", json_out), ("--plot", plot))
-
+        check_outputs(("--json", json_out, "profile"), ("--plot", plot, "png"))  # before the run, not after it finished
         from diffcls.runtime.execution.job import ClassifyJob
 
         job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         report = _profile(job, warmup)
         _print_report(report)
         if json_out is not None:
-            from diffcls.runtime.results.writer import atomic_write_text
-
-            with output_errors("--json", json_out):
-                atomic_write_text(json_out, json.dumps(report, indent=2))
+            write_json(json_out, report)
             console.print(f"profile in {json_out}")
         if plot is not None:
             with output_errors("--plot", plot):

@@ -14,17 +14,17 @@ defaults are declared once, in the runtime.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
-import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting, parse_device
-from diffcls.errors import DiffclsError
+from diffcls.config import Backend, Interpolation, Loss, Precision, Rule, Weighting, parse_device, parse_ints
 from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
 from diffcls.runtime.execution.spec import JobSpec
 
@@ -83,21 +83,17 @@ OPTIONS: dict[str, Any] = {
 _CLI_DEFAULTS = {"device": "auto"}  # the text a user would type for JobSpec's None
 
 
+def shared(name: str) -> Any:
+    """OPTIONS[name] for a command without `run_options` (export's --model): the same flag and
+    help, outside the help panels."""
+    kind, info = typing.get_args(OPTIONS[name])
+    info = copy.copy(info)
+    info.rich_help_panel = None
+    return Annotated[kind, info]
+
+
 def default(name: str) -> Any:
     return _CLI_DEFAULTS.get(name, JobSpec.__dataclass_fields__[name].default)
-
-
-def parse_ints(text: str | None, flag: str, example: str = "50 500") -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise DiffclsError(f"{flag} {text!r} must be integers, e.g. {flag} {example}") from None
-    if not values:
-        raise DiffclsError(f"{flag} is empty; give integers, e.g. {flag} {example}")
-    return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +119,18 @@ def run_options(command=None, *, exclude: tuple[str, ...] = ()):
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
     args = [p for p in own if p.default is inspect.Parameter.empty]
     kw = inspect.Parameter.KEYWORD_ONLY
-    shared = [inspect.Parameter(name, kw, default=default(name), annotation=a) for name, a in OPTIONS.items() if name not in exclude]
+    group = [inspect.Parameter(name, kw, default=default(name), annotation=a) for name, a in OPTIONS.items() if name not in exclude]
     rest = [p.replace(kind=kw) for p in own if p.default is not inspect.Parameter.empty]
-    params = args + shared + rest
+    params = args + group + rest
 
     @functools.wraps(command)
     def wrapper(**values):
         raw = {name: values.pop(name) for name in OPTIONS if name not in exclude}
-        from diffcls.cli.common import user_errors
+        from diffcls.api import with_engines  # the fast path's engines and the threads, as the API fills them
+        from diffcls.cli.common import say, user_errors
 
-        with user_errors():
-            settings = with_engines(RunSettings.from_options(**raw))
+        with user_errors():  # prints the plan's note, an export's line and one `running ...` line
+            settings = with_engines(RunSettings.from_options(**raw), say=say)
         return command(**values, settings=settings)
 
     wrapper.__signature__ = inspect.Signature(params)
@@ -141,11 +138,3 @@ def run_options(command=None, *, exclude: tuple[str, ...] = ()):
     del wrapper.__wrapped__  # Typer must read the new signature, not the command's
     return wrapper
 
-
-def with_engines(s: RunSettings) -> RunSettings:
-    """`s` with what will run filled in (`diffcls.api.with_engines`: the fast path's engines and
-    the threads); prints the plan's note, an export's line and one `running ...` line."""
-    from diffcls.api import with_engines as fill
-    from diffcls.cli.common import console
-
-    return fill(s, say=lambda line: console.print(line, markup=False))

@@ -25,21 +25,15 @@ def shapes(
     seed: Annotated[int, typer.Option("--seed", help="Draws the scenes; the splits stay fixed.")] = 0,
 ) -> None:
     """Write seeded 32x32 scenes of coloured shapes: class folders of single objects, Winoground-style quadruples of two."""
-    from diffcls.models.shapes import PER_CLASS, QUADRUPLES, split_classes, write_shapes
+    from diffcls.models.shapes import image_count, write_shapes, written_line
 
-    n_single = len(split_classes(split.value)) * PER_CLASS if limit is None else limit
-    total = n_single + 2 * (QUADRUPLES if limit is None else limit)
     with user_errors():
         if interactive(console):  # a few seconds at the defaults: a bar on a terminal only
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             with Progress(TextColumn("drawing scenes"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
-                task = bar.add_task("shapes", total=total)
+                task = bar.add_task("shapes", total=image_count(split.value, limit))
                 m = write_shapes(out_dir, split.value, limit, seed, progress=lambda n: bar.advance(task, n))
         else:
             m = write_shapes(out_dir, split.value, limit, seed)
-    classes = len(split_classes(split.value))
-    out.print(
-        f"wrote {m['classes']} {split.value} single-object images in {min(classes, m['classes'])} class folders "
-        f"under {out_dir / 'classes'} and {m['quadruples']} quadruples in {out_dir / 'quadruples.csv'}"
-    )
+    out.print(written_line(m, out_dir))

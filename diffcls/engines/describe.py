@@ -32,6 +32,21 @@ def environment() -> dict:
     return env
 
 
+def environment_lines(env: dict) -> list[str]:
+    """`environment()` in a few lines: torch and CUDA, the backends, ONNX Runtime, TensorRT."""
+    lines = [f"torch {env['torch']} (CUDA {env['cuda'] or 'none'}; GPU: {env['gpu'] or 'none'})",
+             "backends: " + ", ".join(f"{b} ({'installed' if ok else 'not installed'})" for b, ok in env["backends"].items())]
+    if env["onnxruntime"]:
+        lines.append(f"onnxruntime {env['onnxruntime']}, providers: {', '.join(env['ort_providers'])}")
+    return lines + [f"tensorrt: {env['tensorrt'] or 'not installed'}"]
+
+
+def engine_dir_line(engine_dir: Path, manifest: dict) -> str:
+    """An engine directory's backend, model, fingerprint and image size."""
+    return (f"engine directory {engine_dir}: backend {manifest.get('backend')}, model {manifest.get('source')} "
+            f"(fingerprint {manifest.get('fingerprint')}), image size {manifest.get('image_size')}")
+
+
 def is_model(path: Path) -> bool:
     """Whether `path` names a model (directory, checkpoint, cached id, bundled name), not engines."""
     from diffcls.models.loading import BUNDLED, CHECKPOINT_SUFFIXES, REPO_ID, REQUIRED_DIRS, is_dit_directory, is_flux_directory, is_sd3_directory, is_sdxl_directory

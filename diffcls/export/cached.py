@@ -119,6 +119,12 @@ def cached_engine_dirs(root: str | Path) -> list[Path]:
     return found
 
 
+def cached_engines_size(root: str | Path) -> tuple[int, int]:
+    """(directories, bytes) of what `cached_engine_dirs` lists under `root`."""
+    dirs = cached_engine_dirs(root)
+    return len(dirs), sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
+
+
 def clear_cached_engines(root: str | Path) -> int:
     """Delete what `cached_engine_dirs` lists (and the lock files); returns how many directories."""
     dirs = cached_engine_dirs(root)

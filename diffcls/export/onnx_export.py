@@ -98,9 +98,47 @@ def export_onnx(model, component: str, spec: ComponentSpec, out_path: Path, opse
                 do_constant_folding=True,
                 dynamo=False,
             )
-        proto = onnx.load(str(raw))  # pulls in external data if torch wrote any
-        save_onnx(proto, out_path)
+        proto = onnx.load(str(raw), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            # over 2 GB torch wrote a file per weight: gather them into one, a weight at a time,
+            # rather than loading them all beside the torch model's own copy
+            gather_external_data(proto, Path(tmp), out_path)
+        else:
+            save_onnx(proto, out_path)
     return out_path
+
+
+def gather_external_data(proto, src_dir: Path, out_path: Path) -> list[Path]:
+    """Save `proto`, whose external initializers live in files under `src_dir`, as `out_path`
+    with every one of them copied (in 64 MB chunks) into the single `<name>.data` file."""
+    import shutil
+
+    import onnx
+
+    out_path = Path(out_path)
+    data = out_path.with_name(out_path.name + ".data")
+    for p in (out_path, data):
+        p.unlink(missing_ok=True)
+    with open(data, "wb") as fout:
+        for t in proto.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+            start = fout.tell()
+            with open(src_dir / info["location"], "rb") as fin:
+                fin.seek(offset)
+                if length is None:
+                    shutil.copyfileobj(fin, fout, 64 << 20)
+                else:
+                    for _ in range(0, length, 64 << 20):
+                        fout.write(fin.read(min(64 << 20, length - (fout.tell() - start))))
+            del t.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(start)), ("length", str(fout.tell() - start))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(proto, str(out_path))
+    return onnx_files(out_path)
 
 
 @contextlib.contextmanager
@@ -258,6 +296,8 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     src = Path(src_or_model)
+    if has_external_data(src):
+        return convert_fp16_streamed(src, out_path, block)
     types = graph_value_types(src)
     proto = onnx.load(str(src))
     known = {vi.name for vi in proto.graph.value_info}
@@ -271,6 +311,82 @@ def convert_fp16(src_or_model, out_path: Path) -> list[Path]:
     m.remove_useless_cast_nodes()
     resize_inputs_fp32(m.model)
     return save_onnx(m.model, out_path)
+
+
+def has_external_data(path: Path) -> bool:
+    return Path(path).with_name(Path(path).name + ".data").exists()
+
+
+def convert_fp16_streamed(src: Path, out_path: Path, block: list[str]) -> list[Path]:
+    """`convert_fp16` for a graph whose weights are in an external-data file, never holding them:
+    ORT's converter decides on the graph alone (which initializers become fp16, where Casts go;
+    it reads a weight's values only to convert them), then each weight is converted (with the
+    converter's own clamping) one at a time from the fp32 file into the fp16 one. The graph
+    written is the in-memory route's (tests/test_export.py); the memory is the graph's, plus one
+    tensor, instead of the fp32 and fp16 weights together."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    types = graph_value_types(src)
+    proto = onnx.load(str(src), load_external_data=False)
+    known = {vi.name for vi in proto.graph.value_info}
+    proto.graph.value_info.extend(vi for vi in types if vi.name not in known)
+    del types
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    original = float16.make_value_info_from_tensor  # reads the values for their shape: dims say it without them
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        fp16 = float16.convert_float_to_float16(proto, disable_shape_infer=True, keep_io_types=False, op_block_list=block)
+    finally:
+        float16.make_value_info_from_tensor = original
+    del proto
+    m = OnnxModel(fp16)
+    m.remove_cascaded_cast_nodes()
+    m.remove_useless_cast_nodes()
+    resize_inputs_fp32(m.model)
+    return _write_streamed(m.model, src, out_path, external)
+
+
+def _write_streamed(proto, src: Path, out_path: Path, external: dict) -> list[Path]:
+    """Save `proto`, whose initializers named in `external` still point into `src`'s fp32 data
+    file: each is read, converted if its type became fp16, and appended to `out_path`'s data file
+    (or, when the weights come to no more than LARGE_BYTES, stored inline as `save_onnx` would)."""
+    import onnx
+    from onnx import TensorProto
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    out_path = Path(out_path)
+    data = out_path.with_name(out_path.name + ".data")
+    for p in (out_path, data):
+        p.unlink(missing_ok=True)
+    inline_all = _initializer_bytes(proto) <= LARGE_BYTES  # save_onnx's rule
+    files: dict[str, object] = {}
+    with contextlib.ExitStack() as stack, open(data, "wb") as fout:
+        for t in (t for t in proto.graph.initializer if t.name in external):
+            info = external[t.name]
+            if info["location"] not in files:
+                files[info["location"]] = stack.enter_context(open(src.parent / info["location"], "rb"))
+            fin = files[info["location"]]
+            fin.seek(int(info.get("offset", 0)))
+            raw = np.frombuffer(fin.read(int(info["length"])), dtype=np.float32)
+            if t.data_type == TensorProto.FLOAT16:
+                raw = convert_np_to_float16(raw)
+            del t.external_data[:]
+            if inline_all or raw.nbytes < 1024:  # save_onnx's size_threshold keeps small tensors inline
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = raw.tobytes()
+                continue
+            offset = fout.tell()
+            fout.write(raw.tobytes())
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(raw.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    if inline_all:
+        data.unlink()
+    onnx.save_model(proto, str(out_path))
+    return onnx_files(out_path)
 
 
 def resize_inputs_fp32(proto) -> int:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from diffcls.config import ExportBackend
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError, install_hint
@@ -40,7 +41,7 @@ from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
 from diffcls.models.spec import COMPONENTS, exported_components, model_component_specs
 
-EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
+EXPORT_BACKENDS = tuple(b.value for b in ExportBackend)
 DEFAULT_BATCH_SIZES = (8, 16, 32)
 DEFAULT_VAE_BATCH_SIZE = 8  # the runtime's VAE batches (Classifier.iter_classify's vae_batch_size)
 DEFAULT_TEXT_BATCH_SIZE = 16  # when the model names no prompts file to count
@@ -50,6 +51,8 @@ DEFAULT_TEXT_BATCH_SIZE = 16  # when the model names no prompts file to count
 class ExportConfig:
     out: Path  # the engine directory
     model: str | Path | SDModel | None = None  # a loaded model (SDModel/DiTModel), a path or bundled name; None: the SD demo
+    config: str | Path | None = None  # a checkpoint file model's configs: a diffusers directory or cached model id (load_model)
+    no_t5: bool = False  # SD3/3.5 without its T5-XXL text encoder (load_model)
     backend: str = "onnxruntime"  # "onnxruntime" or "tensorrt"
     precision: str | None = None  # fp32/fp16; None: fp16 for TensorRT and ORT on CUDA, else fp32
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES  # the UNet batches the runtime will send
@@ -176,6 +179,8 @@ def library_versions(backend: str) -> dict:
 def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None = None) -> ExportResult:
     """Export `cfg.model` into `cfg.out`; see the module docstring."""
     report = report or (lambda e: None)
+    if cfg.config is not None and cfg.model is None:
+        raise DiffclsError("--config describes a checkpoint file; pass it with --model FILE")
     device, precision, optimize = resolve_settings(cfg)
     batch_sizes = tuple(trt_build.normalize_batch_sizes(cfg.batch_sizes))
     out = Path(cfg.out)
@@ -186,7 +191,7 @@ def export_model(cfg: ExportConfig, report: Callable[[StepEvent], None] | None =
 
     t0 = time.perf_counter()
     report(StepEvent("start", "load model"))
-    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model)
+    model = cfg.model if isinstance(cfg.model, MODEL_TYPES) else load_model(cfg.model, config=cfg.config, no_t5=cfg.no_t5)
     check_out_dir(out, model.source)  # a model id or bundled name resolved to its folder
     fingerprint = model.fingerprint()
     report(StepEvent("done", "load model", f"{model.source} (fingerprint {fingerprint})", time.perf_counter() - t0))
@@ -402,6 +407,9 @@ def _export_ort(model, comp, spec, out: Path, settings, old, device, cfg, report
             paths = ox.onnx_files(final)
         else:
             paths = _export_converted(model, comp, spec, out, final, precision, settings["optimize"], device, cfg.opset, extra, release)
+        import gc
+
+        gc.collect()  # the converters' graphs hold reference cycles: free them before ONNX Runtime loads the result
         _trim_heap()
         check = ox.check_against_reference(comp, final, precision, device, feed, ref)
         return paths, check, extra

@@ -130,6 +130,20 @@ def _flux_facts(root: Path, transformer: dict, sched: dict, factor: int) -> dict
     return out
 
 
+def model_notes(d: dict) -> list[str]:
+    """What `describe_model` found beyond the header and the components, a line each: the
+    sigmas' shift by image size, Flux's guidance embedding."""
+    lines = []
+    if d.get("dynamic_shift"):
+        s = d["dynamic_shift"]
+        lines.append(f"sigmas shifted by image size as the pipeline does: mu {s['base_shift']:g} at {s['base_image_seq_len']} to "
+                     f"{s['max_shift']:g} at {s['max_image_seq_len']} image tokens (mu {s['mu_at_default_size']:g} at the default size)")
+    if d.get("model_kind") == "flux":
+        g = d.get("guidance")
+        lines.append(f"guidance embedding: fed {g:g} (the pipeline's default)" if g is not None else "guidance embedding: none (not guidance-distilled)")
+    return lines
+
+
 def _describe_checkpoint(path: Path) -> dict:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a model directory")

@@ -122,6 +122,12 @@ def corrupt_digit(image: Image.Image, severity: int, index: int) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
 
 
+def written_line(paths: list[Path], split: str, severity: int, out_dir: str | Path) -> str:
+    """What `write_digits` wrote (the paths it returned), in a line."""
+    kind = f"{split} digits (corruption severity {severity})" if severity else f"{split} digits"
+    return f"wrote {len(paths)} {kind} in {len({p.parent.name for p in paths})} class folders under {out_dir}"
+
+
 def write_digits(
     out_dir: str | Path, split: str = "heldout", limit: int | None = None, severity: int | None = None
 ) -> list[Path]:

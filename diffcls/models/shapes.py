@@ -325,6 +325,19 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def image_count(split: str = "heldout", limit: int | None = None) -> int:
+    """How many images `write_shapes` draws: the single-object ones and two per quadruple."""
+    n_single = len(split_classes(split)) * PER_CLASS if limit is None else limit
+    return n_single + 2 * (QUADRUPLES if limit is None else limit)
+
+
+def written_line(manifest: dict, out_dir: str | Path) -> str:
+    """What `write_shapes` wrote (its returned manifest), in a line."""
+    m, out = manifest, Path(out_dir)
+    return (f"wrote {m['classes']} {m['split']} single-object images in {min(len(split_classes(m['split'])), m['classes'])} class folders "
+            f"under {out / 'classes'} and {m['quadruples']} quadruples in {out / 'quadruples.csv'}")
+
+
 def write_shapes(out_dir: str | Path, split: str = "heldout", limit: int | None = None, seed: int = 0,
                  progress=None) -> dict:
     """Write a split (see module docstring); `limit` caps both the class images and the items.

@@ -41,6 +41,12 @@ class RankedClass:
     def in_final(self) -> bool:
         return self.pruned_after is None
 
+    def describe(self, probability: float | None = None) -> str:
+        """'four (0.0712, p 0.103)', or 'four (0.0712 over 10 timesteps, pruned)'."""
+        if self.pruned_after is not None:
+            return f"{self.classname} ({self.mean_error:.4g} over {self.pruned_after} timesteps, pruned)"
+        return f"{self.classname} ({self.mean_error:.4g}" + (f", p {probability:.3f})" if probability is not None else ")")
+
 
 def infer_final(errors: Sequence[Sequence], ranking: Sequence[int]) -> list[int]:
     """The final decision of a result that does not record it: the winner and every prompt

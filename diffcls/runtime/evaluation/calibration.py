@@ -185,6 +185,14 @@ class Calibration:
     weights_fit: dict | None = None  # per band: mean and variance of the paired difference, images
     path: str | None = field(default=None, compare=False)  # where it was loaded from (not saved)
 
+    def describe(self) -> str:
+        """What was fitted, on how many images, and (a temperature) how NLL and ECE moved."""
+        if self.timestep_weights is not None:
+            return (f"timestep weights by band of {1000 // len(self.timestep_weights)} t, fitted on {self.n_images} images: "
+                    f"{' '.join(f'{w:.2g}' for w in self.timestep_weights)}")
+        return (f"temperature {self.temperature:.4g} fitted on {self.n_images} images: NLL {self.nll_before:.4f} -> {self.nll_after:.4f}, "
+                f"ECE {100 * self.ece_before:.2f}% -> {100 * self.ece_after:.2f}% (on the fitting images)")
+
     def save(self, path: str | Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "path"}
         atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")

@@ -156,6 +156,47 @@ def evaluation_report(job, m: dict, cal: dict | None) -> dict:
     return report
 
 
+def check_outputs(out: Path | None, save_errors: Path | None, json_out: Path | None, plot: Path | None) -> list[Path]:
+    """`evaluate`'s outputs checked before the run (runtime.results.outputs: whose file, never two
+    in one); returns them, for the job to leave out of its inputs."""
+    from diffcls.runtime.results.outputs import check_distinct, check_output
+
+    rel = reliability_path(plot)
+    outputs = (("--out", out), ("--save-errors", save_errors), ("--json", json_out), ("--plot", plot), ("--plot's reliability diagram", rel))
+    check_output(json_out, "--json", "metrics")
+    check_output(plot, "--plot", "png")
+    check_output(rel, "--plot (its -reliability.png)", "png")
+    check_distinct(*outputs)
+    return [p for _, p in outputs]
+
+
+def metrics_lines(m: dict) -> list[str]:
+    """Accuracy in a few lines: top-1, top-5, mean per class, UNet evaluations per image."""
+    lines = [f"top-1 accuracy: {100 * m['top1']:.2f}% ({m['correct']}/{m['n']})"]
+    if "top5" in m:
+        lines.append(f"top-5 accuracy: {100 * m['top5']:.2f}% ({m['correct_top5']}/{m['n']})")
+    lines.append(f"mean per-class accuracy: {100 * m['mean_per_class']:.2f}%")
+    if m.get("evals_per_image") is not None:
+        lines.append(f"UNet evaluations per image: {m['evals_per_image']:.1f}")
+    return lines
+
+
+def schedule_note(schedule) -> str | None:
+    """An adaptive schedule set by --error-rate: what that number was measured to mean."""
+    from diffcls.runtime.algorithm.schedule import AdaptiveSchedule
+
+    if not isinstance(schedule, AdaptiveSchedule) or schedule.alpha is not None:
+        return None
+    return (f"--error-rate {schedule.error_rate:g}: the test runs at alpha {schedule.resolved_alpha:g}; measured on digits train replays, "
+            f"P(answer differs from the full-budget answer) <= {schedule.error_rate:g} at the default settings (docs/adaptive.md)")
+
+
+def calibration_line(cal: dict, temperature: float | None, source) -> str:
+    """The probabilities' NLL and ECE, and where their temperature came from (`source`)."""
+    how = f"temperature {temperature:.4g} from {source}" if temperature is not None else "uncalibrated, temperature 1; fit one with diffcls calibrate"
+    return f"probabilities ({how}): NLL {cal['nll']:.4f}, ECE {100 * cal['ece']:.2f}% (15 bins, {cal['n']} images)"
+
+
 def reliability_path(plot: Path | None) -> Path | None:
     """The reliability diagram beside a confusion-matrix PNG (none beside a device or pipe such as /dev/stdout)."""
     from diffcls.runtime.results.outputs import target_kind
@@ -230,3 +271,9 @@ def disagreement(job, other_csv) -> dict:
     p = k / n
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return {"n": n, "differ": k, "rate": p, "ci95": [max(0.0, centre - half), min(1.0, centre + half)], "reference": str(other_csv)}
+
+
+def disagreement_line(d: dict) -> str:
+    """`disagreement`'s numbers in a line."""
+    lo, hi = d["ci95"]
+    return f"answers that differ from {d['reference']}: {d['differ']} of {d['n']} ({100 * d['rate']:.2f}%, 95% {100 * lo:.2f}-{100 * hi:.2f}%)"

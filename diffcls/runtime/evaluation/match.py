@@ -643,6 +643,22 @@ def agreement(results: Iterable[ItemResult], reference: dict[str, ItemResult]) -
     }
 
 
+def summary_notes(summary: dict) -> list[str]:
+    """The ties (counted as not correct) and the chance levels, a line each."""
+    o = summary["overall"]
+    ties = [f"ties (counted as not correct): {o['text_ties']} item(s) with identical captions, {o['image_ties']} with identical images"]
+    return (ties if o["text_ties"] or o["image_ties"] else []) + [
+        f"chance: text {100 * CHANCE['text']:.0f}%, image {100 * CHANCE['image']:.0f}%, group {100 * CHANCE['group']:.1f}%"]
+
+
+def agreement_line(a: dict, reference) -> str:
+    """`agreement`'s numbers with the `reference` results file in a line."""
+    if not a["n_items"]:
+        return f"--compare {reference}: no item in common"
+    return (f"agreement with {reference}: {100 * a['agreement']:.2f}% of {a['comparisons']} comparisons on {a['n_items']} items, "
+            f"at {a['evals_per_item']:.0f} vs {a['reference_evals_per_item']:.0f} UNet evals/item ({100 * a['evals_fraction']:.1f}%)")
+
+
 def plot_scores(summary: dict, path: str | Path, title: str = "") -> None:
     """Bar chart of the text, image (raw, normalised) and group scores per tag (and overall),
     with their 95% Wilson intervals and the chance levels (needs matplotlib: the plot extra)."""

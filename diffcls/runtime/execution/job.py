@@ -409,6 +409,12 @@ class ClassifyJob:
             "speed: " + clf.timer.per_item_speed(n),
         ]
 
+    def to_json(self, k: int = TOP_K):
+        """The results as plain JSON data (classify --json), each with its best k classes: one
+        image named alone, its record; else a list by key."""
+        recs = [self.results[key].to_json(key, self.temperature, k) for key in sorted(self.results)]
+        return recs[0] if len(self.inputs) == 1 else recs
+
     def record(self) -> dict:
         """What ran, as plain values (evaluate --json's "settings"): the inputs, the spec, and
         what the engines resolved to, whichever executor ran them."""

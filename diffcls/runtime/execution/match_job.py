@@ -32,6 +32,12 @@ class MatchJob:
     when it exists); `save_errors`: the JSONL of every error. `notes` collects what a user should
     be told (dropped rows, resumption); `skipped` the items that could not be read."""
 
+    # the JobSpec fields a match does not read: class prompts, image lists, the fixed rounds, and
+    # classify's adaptive settings (a match has its own: one two-sided test per comparison, up to
+    # the whole grid, no final stage; `adaptive`)
+    UNUSED = ("prompts", "classes", "template", "list_file", "limit", "sample", "n_samples", "to_keep", "adaptive", "error_rate",
+              "min_samples", "max_samples", "rule", "rel_delta", "final_samples", "final_keep", "final_error_rate", "alpha", "look_every")
+
     def __init__(self, spec: JobSpec, items_file: str | Path, *, t_interval: int = 5, adaptive: dict | None = None,
                  limit: int | None = None, out=None, save_errors=None):
         if save_errors is not None and out is None:
@@ -115,6 +121,13 @@ class MatchJob:
         evals = sum(self.results[it.key].n_evals for it in self.todo if it.key in self.results)
         elapsed = max(self.elapsed, 1e-9)
         return [f"scored {n} items in {elapsed:.1f} s ({rate(n, elapsed, 'items', 'item')}, {evals / n:.0f} UNet evals/item)"]
+
+    def report(self, summary: dict, agreement: dict | None = None, **settings) -> dict:
+        """match --json: the summary, the schedule, the items counted, the settings (`record`
+        less UNUSED, and `settings`), the agreement with a reference run."""
+        report = {**summary, "schedule": self.schedule.describe(), "n_items": len(self.items), "n_skipped": len(self.skipped),
+                  "settings": {**self.record(self.UNUSED), **settings}}
+        return report if agreement is None else {**report, "agreement": agreement}
 
     def record(self, excluded=()) -> dict:
         """What ran, as plain values (match --json's "settings"): the items, the grid, the spec

@@ -44,6 +44,36 @@ def stage_label(name: str) -> str:
     return STAGE_LABELS.get(name, name)
 
 
+def stage_rows(report: dict) -> list[tuple[str, ...]]:
+    """The report's stages as text cells: stage, calls, total s, p50 and p90 ms per call, % of
+    the run; a text/VAE stage the cache answered entirely is '(cached)'; the warm-up last."""
+    stages, wall, cache = report["stages"], report["total_s"], report["cache"]
+    rows = []
+    for name in ordered_stages(stages):
+        st = stages[name]
+        share = "-" if name == "load" or not wall else f"{100 * st['total_s'] / wall:.1f}"
+        cached = name in ("text_encode", "vae_encode") and st["calls"] == 0 and cache and cache.get("hits")
+        rows.append((stage_label(name) + (" (cached)" if cached else ""), str(st["calls"]), f"{st['total_s']:.3f}", f"{st['p50_ms']:.2f}", f"{st['p90_ms']:.2f}", share))
+    if report.get("warmup"):
+        w = report["warmup"]["total_s"]
+        rows.append(("warm-up (not counted)", "1", f"{w:.3f}", f"{1000 * w:.2f}", f"{1000 * w:.2f}", "-"))
+    return rows
+
+
+def summary_lines(report: dict) -> list[str]:
+    """UNet evaluations per image (when they vary) and the rates, padding, cache and GPU memory."""
+    cache, mem, ev = report["cache"], report["peak_gpu_memory_bytes"], report.get("evals_per_image")
+    cache_txt = "off" if cache is None else f"{cache['hits']} hits, {cache['misses']} misses" + (f", {cache['rejected']} rejected" if cache["rejected"] else "")
+    lines = [f"UNet evaluations per image: mean {ev['mean']:.1f}, p50 {ev['p50']:.0f}, p90 {ev['p90']:.0f}, max {ev['max']}"] if ev else []
+    return lines + [
+        f"{per_second(report['images_per_s'], 'images', 'image', 3)}, "
+        f"{per_second(report['unet_evals_per_s'], 'UNet evals', 'UNet eval', 1)} "
+        f"({report['unet_evals']} evals in {report['unet_calls']} calls), padding "
+        f"{100 * report['padding_fraction']:.2f}%, cache {cache_txt}, peak GPU memory "
+        + ("n/a (no GPU)" if mem is None else f"{mem / 2**20:.0f} MiB")
+    ]
+
+
 def require_matplotlib():
     try:
         import matplotlib

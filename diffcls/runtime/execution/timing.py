@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from typing import Callable
 
 
 def synchronize(device) -> None:
@@ -89,3 +90,71 @@ def per_second(value: float, unit: str, per_unit: str | None = None, digits: int
     if value <= 0:
         return f"0 {unit}/s"
     return f"{1 / value:.2f} s/{per_unit or unit}"
+
+
+def hms(seconds: float) -> str:
+    """'0:04:18'."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def about(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_line(description: str, done: float, total: float | None, elapsed: float, unit: str = "images") -> str:
+    """'classify: 120/1000 images (12%), 3.41 img/s, elapsed 0:00:35, ETA 0:04:18' (a progress
+    line for logs and pipes; seconds per image below one a second)."""
+    text = f"{description}: {done:g}/{total:g} {unit} ({100 * done / total:.0f}%)" if total else f"{description}: {done:g} {unit}"
+    per_s = done / elapsed if elapsed > 0 else 0.0
+    if per_s > 0:
+        text += ", " + per_second(per_s, "img")
+    text += f", elapsed {hms(elapsed)}"
+    if total and per_s > 0:
+        text += f", ETA {hms((total - done) / per_s)}"
+    return text
+
+
+class ProgressLines:
+    """Progress for logs and pipes, where a live bar draws nothing until the end: `write` gets one
+    `progress_line` every `interval` seconds. Its interface is the part of
+    `rich.progress.Progress`'s a run loop uses (add_task, advance, update, a context manager),
+    so a caller can pick either and run the same loop."""
+
+    def __init__(self, write: Callable[[str], None], interval: float = 5.0, unit: str = "images"):
+        self.write, self.interval, self.unit = write, interval, unit
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        now = time.monotonic()
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "done": 0, "start": now, "last": now}
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, *, advance: float = 0, completed: float | None = None, total: float | None = None, **fields) -> None:
+        t = self.tasks[task]
+        if total is not None:
+            t["total"] = total
+        t["done"] = completed if completed is not None else t["done"] + advance
+        now = time.monotonic()
+        if now - t["last"] >= self.interval:
+            t["last"] = now
+            self.write(self.line(task, now))
+
+    def line(self, task: int, now: float | None = None) -> str:
+        t = self.tasks[task]
+        elapsed = (time.monotonic() if now is None else now) - t["start"]
+        return progress_line(t["description"], t["done"], t["total"], elapsed, self.unit)

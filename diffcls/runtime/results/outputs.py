@@ -88,6 +88,13 @@ def output_errors(flag: str, path):
         raise cannot_write(flag, path, e) from None
 
 
+def write_json(path, data, flag: str = "--json") -> None:
+    """`data` as indented JSON at `path` in one piece (`write_atomic`); a failed write is the
+    one-line error naming `flag`."""
+    with output_errors(flag, path):
+        write_atomic(path, json.dumps(data, indent=2))
+
+
 def cannot_write(flag: str, path, e: OSError) -> DiffclsError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiffclsError(f"{flag} {path} cannot be written ({e.strerror}); free some space and rerun the same command")
@@ -220,6 +227,15 @@ def check_distinct(*outputs: tuple[str, "str | Path | None"]) -> None:
                 f"{flag} {path} and {other_flag} {other} are the same file; one would overwrite the other: pass two different paths"
             )
         seen[key] = (flag, path)
+
+
+def check_outputs(*outputs: tuple[str, "str | Path | None", "str | None"]) -> None:
+    """One command's (flag, path, kind) outputs, before its run: `check_output` each that has a
+    kind (a None kind: an input or a file checked elsewhere), then `check_distinct` over all."""
+    for flag, path, kind in outputs:
+        if kind is not None:
+            check_output(path, flag, kind)
+    check_distinct(*((flag, path) for flag, path, _ in outputs))
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:

@@ -280,3 +280,28 @@ def write_merged(out: Path, shards: list[Shard], errors_out: Path | None = None,
     atomic_write_text(settings_path(out), json.dumps(settings, indent=2, sort_keys=True))
     atomic_write_text(out, text)
     return len(rows)
+
+
+def merge_shards(shards: list[Path], out: Path, *, folder: Path | None = None, errors_out: Path | None = None,
+                 shard_errors: list[Path] | None = None, allow_missing: bool = False, say=None) -> tuple[int, MergeReport]:
+    """`diffcls merge`: read the shards, check that they cover the images (of `folder`, default
+    the one their settings name) exactly once, and write OUT (`write_merged`); returns (images
+    written, the report). `say(kind, line)` hears each finding first ("skipped", "problem",
+    "note"); duplicates, or gaps without `allow_missing`, are then refused and nothing is written."""
+    say = say or (lambda kind, line: None)
+    if (errors_out is None) != (not shard_errors):
+        raise DiffclsError("--save-errors MERGED.jsonl and --errors SHARD.jsonl (once per shard) go together; give both or neither")
+    parts = [read_shard(p) for p in shards]
+    images = expected_images(parts[0].settings, folder)
+    report = check_shards(parts, images)
+    for line in report.skipped:
+        say("skipped", line)
+    for line in report.problems:
+        say("problem", line)
+    if report.duplicated:
+        raise DiffclsError(f"{len(report.duplicated)} images have more than one row in the shard files (see above); pass each shard's file once; {out} was not written")
+    if report.problems and not allow_missing:
+        raise DiffclsError(f"the shards do not cover every image (see above); finish the missing shards, or pass --allow-missing; {out} was not written")
+    if images is None:
+        say("note", "the folder is unknown, so coverage was checked by shard only; pass --folder to check every image")
+    return write_merged(out, parts, errors_out, shard_errors), report
