@@ -1,4 +1,4 @@
-"""What every command shares: the app, the error contract, the consoles."""
+"""What every command shares: the app, the error contract, the consoles, running a job with its progress shown."""
 
 from __future__ import annotations
 
