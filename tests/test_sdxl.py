@@ -185,5 +185,5 @@ def test_sdxl_single_file_with_the_wrong_configs_is_refused(sdxl_file, tiny_dir,
         load_model(f, config=tiny_dir)
     sd1 = tmp_path / "sd1.safetensors"
     write_ldm_checkpoint(tiny_model(seed=0), sd1)
-    with pytest.raises(DiffclsError, match="is not an SDXL checkpoint and --config .* is an SDXL directory"):
+    with pytest.raises(DiffclsError, match="is a Stable Diffusion 1.x/2.x checkpoint and --config .* is an SDXL directory"):
         load_model(sd1, config=d)

@@ -38,7 +38,7 @@ from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError, install_hint
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
-from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
+from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults, single_file_config
 from diffcls.models.spec import COMPONENTS, exported_components, model_component_specs
 
 EXPORT_BACKENDS = tuple(b.value for b in ExportBackend)
@@ -283,7 +283,7 @@ def _new_manifest(cfg: ExportConfig, model, fingerprint: str, image_size: int, s
 def _finish(cfg: ExportConfig, model, out: Path, manifest: dict, stale_candidates) -> None:
     """Write the runtime files, remove what an earlier export left and this one did not
     rewrite, and mark the manifest complete (the last step)."""
-    written = _write_runtime_files(model, out, int(manifest["image_size"]))
+    written = _write_runtime_files(model, out, int(manifest["image_size"]), cfg.config)
     manifest["written"] = sorted(written)  # what the next export may remove: only what this one wrote
     manifest["runtime_files"] = mf.runtime_file_hashes(out)  # the schedule and tokenizer, checked on open
     keep = {mf.MANIFEST, *written}
@@ -505,10 +505,10 @@ def check_trt_against_torch(model, comp, spec, plan: Path, settings) -> dict:
         raise
 
 
-def _write_runtime_files(model, out: Path, image_size: int) -> set[str]:
+def _write_runtime_files(model, out: Path, image_size: int, config=None) -> set[str]:
     """What `classify --engines DIR` needs besides the engines: tokenizer, ᾱ (and σ) at the
-    export's image size, scheduler config, and the model's classify defaults; returns the paths
-    written (relative to `out`)."""
+    export's image size, scheduler config (a single file's: its `config` directory's), and the
+    model's classify defaults; returns the paths written (relative to `out`)."""
     written = {mf.TOKENIZER_DIR, mf.ALPHAS_FILE}
     tok = out / mf.TOKENIZER_DIR
     if tok.exists():
@@ -523,13 +523,14 @@ def _write_runtime_files(model, out: Path, image_size: int) -> set[str]:
     tmp.write_text(json.dumps(data))
     tmp.replace(out / mf.ALPHAS_FILE)
     root = Path(str(model.source)) if not str(model.source).startswith("<") else None
-    if root is None or not root.is_dir():
-        return written
-    src = root / "scheduler" / "scheduler_config.json"
-    if src.is_file():
+    configs = root if root is None or root.is_dir() or config is None else single_file_config(root, config)
+    src = configs / "scheduler" / "scheduler_config.json" if configs is not None else None
+    if src is not None and src.is_file():  # a flow model's engines then score with its default weighting too
         (out / "scheduler").mkdir(exist_ok=True)
         shutil.copyfile(src, out / "scheduler" / "scheduler_config.json")
         written.add("scheduler")
+    if root is None or not root.is_dir():
+        return written
     # the model's classify defaults (the demo model ships them) and the prompts file they name
     defaults = root / DEFAULTS_FILE
     if defaults.is_file():

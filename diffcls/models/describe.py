@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import CHECKPOINT_SUFFIXES, SGM_TEXT_KEYS, check_model_path, checkpoint_shapes, is_dit_directory, weight_shapes
+from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_family, checkpoint_shapes, is_dit_directory, weight_shapes
 from diffcls.models import flux
 from diffcls.models.noising import dynamic_shift_mu, is_dynamic_shift
 from diffcls.models.sd3 import is_sd3_directory
@@ -148,24 +148,30 @@ def _describe_checkpoint(path: Path) -> dict:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a model directory")
     shapes = checkpoint_shapes(path)
-    xl = any(k in shapes for k in SGM_TEXT_KEYS)  # SDXL's SGM layout: two text encoders under conditioner.
+    family = checkpoint_family(path, shapes)
     prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
-    if xl:
+    if family == "sdxl":  # SDXL's SGM layout: two text encoders under conditioner.
         prefixes = {**prefixes, "text_encoder": "conditioner.embedders.0.", "text_encoder_2": "conditioner.embedders.1."}
+    if family == "sd3":  # the MMDiT, and the text encoders the file carries (the others come from --config)
+        from diffcls.models.sd3 import FILE_ENCODERS
+
+        prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
+                    **{name: p for name, p in FILE_ENCODERS.items() if any(k.startswith(p) for k in shapes)}}
     components = {
         name: {"class": None, "parameters": sum(_numel(s.shape) for k, s in shapes.items() if k.startswith(p)), "files": [path.name], "bytes": None}
         for name, p in prefixes.items()
     }
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    kind = "xl" if xl else infer_diffusers_model_type(shapes)
+    kind = {"sdxl": "xl", "sd3": "sd3"}.get(family) or infer_diffusers_model_type(shapes)
     return {
         "kind": "checkpoint",
         "path": str(path),
         "bytes": path.stat().st_size,
         "components": components,
         "model_type": {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x (base or 768-v: pass --config)",
-                       "xl": "SDXL (pass --config: the SDXL directory or cached id with its configs)"}.get(kind, kind),
+                       "xl": "SDXL (pass --config: the SDXL directory or cached id with its configs)",
+                       "sd3": "SD3/3.5 (pass --config: the SD3 directory or cached id with its configs)"}.get(kind, kind),
         "prediction_type": None,
         "default_image_size": None,
     }

@@ -42,9 +42,16 @@ REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
 SD1_CONFIG_REPOS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
 SD2_CONFIG_REPOS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+SD3_CONFIG_REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
 # an SDXL (SGM-layout) checkpoint's text encoders: CLIP-L in transformers' layout, CLIP-G in OpenCLIP's
 SGM_TEXT_KEYS = ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
                  "conditioner.embedders.1.model.positional_embedding")
+# an SD3/3.5 checkpoint's MMDiT (the original layout), with or without its `model.diffusion_model.` prefix
+MMDIT_KEYS = ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+              "joint_blocks.0.context_block.adaLN_modulation.1.bias")
+# what a single file is, and what a --config directory is, in messages
+FILE_FAMILIES = {"sdxl": ("an SDXL checkpoint", "an SDXL directory"), "sd3": ("an SD3/3.5 checkpoint", "an SD3 directory"),
+                 "stable-diffusion": ("a Stable Diffusion 1.x/2.x checkpoint", "a Stable Diffusion 1.x/2.x directory")}
 
 
 @dataclass
@@ -312,7 +319,7 @@ def check_no_t5(model) -> None:
         what = f"a {model.kind} model"
     else:
         path = check_model_path(model)
-        if path.is_dir() and is_sd3_directory(path):
+        if is_sd3_directory(path) if path.is_dir() else checkpoint_family(path) == "sd3":
             return
         what = "a checkpoint file" if path.is_file() else f"a {_directory_kind(path)} directory"
     name = "the demo model" if model is None else model.source if isinstance(model, MODEL_TYPES) else model
@@ -352,7 +359,7 @@ def _quiet_libraries():
 def _load_model(path, config, no_t5: bool = False) -> SDModel | DiTModel | SD3Model | SDXLModel | FluxModel:
     path = check_model_path(path)
     if path.is_file():
-        return _load_single_file(path, config)
+        return _load_single_file(path, config, no_t5)
     if config is not None:
         raise DiffclsError(f"--config is for single-file checkpoints; {path} is a diffusers directory, drop --config")
     if no_t5:  # another model than the directory's full one: its fingerprint is computed, not remembered
@@ -449,6 +456,15 @@ def checkpoint_shapes(path: Path) -> dict:
     return {k: _Shape(v) for k, v in shapes.items()}
 
 
+def checkpoint_family(path: Path, shapes: dict | None = None) -> str:
+    """"sdxl" (the SGM layout's two text encoders), "sd3" (an MMDiT) or "stable-diffusion" (the
+    rest: what diffusers' own inference then tells apart), from the file's tensor names (`shapes`
+    if read already)."""
+    if shapes is None:
+        shapes = checkpoint_shapes(path) if path.suffix in CHECKPOINT_SUFFIXES else {}
+    return "sdxl" if any(k in shapes for k in SGM_TEXT_KEYS) else "sd3" if any(k in shapes for k in MMDIT_KEYS) else "stable-diffusion"
+
+
 def single_file_config(path: Path, config: str | Path | None = None) -> Path:
     """The local diffusers directory whose configs (and tokenizer, scheduler) describe checkpoint
     `path`: `config` if given (a directory or a cached model id), else inferred from its tensors.
@@ -462,7 +478,8 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
     shapes = checkpoint_shapes(path)
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    kind = "xl" if any(k in shapes for k in SGM_TEXT_KEYS) else infer_diffusers_model_type(shapes)
+    family = checkpoint_family(path, shapes)
+    kind = {"sdxl": "xl", "sd3": "sd3"}.get(family) or infer_diffusers_model_type(shapes)
     include = "--include '*.json' --include '*.txt'"
     if kind == "v2":
         a, b = SD2_CONFIG_REPOS
@@ -476,15 +493,20 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
             f"{path} is a single-file SDXL checkpoint; pass --config with the diffusers SDXL directory or cached model id "
             f"whose configs describe it, e.g. --config {SDXL_CONFIG_REPO} (get the configs with: hf download {SDXL_CONFIG_REPO} {include})"
         )
-    if str(kind).startswith(("sd3", "sd35", "flux")):
-        pipe = "StableDiffusion3Pipeline" if str(kind).startswith("sd3") else "FluxPipeline"
+    if family == "sd3":
         raise DiffclsError(
-            f"{path} is a single-file {kind} checkpoint; diffcls reads SD3 and Flux from diffusers directories only: "
-            f"convert it once with diffusers ({pipe}.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
+            f"{path} is a single-file SD3/3.5 checkpoint; pass --config with the diffusers SD3 directory or cached model id "
+            f"whose configs describe it, e.g. --config {SD3_CONFIG_REPO} (get the configs with: hf download {SD3_CONFIG_REPO} "
+            f"{include} --include '*.model')"
+        )
+    if str(kind).startswith("flux"):
+        raise DiffclsError(
+            f"{path} is a single-file {kind} checkpoint; diffcls reads Flux from diffusers directories only: "
+            "convert it once with diffusers (FluxPipeline.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
         )
     if kind != "v1":
         raise DiffclsError(
-            f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint (diffusers reads it as {kind!r}); "
+            f"{path} is not a Stable Diffusion 1.x/2.x, SDXL or SD3 checkpoint (diffusers reads it as {kind!r}); "
             "pass a diffusers directory, or --config DIR with the configs of the model it was saved from"
         )
     for repo in SD1_CONFIG_REPOS:
@@ -499,19 +521,16 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
 
 
 def _config_dir(config: str | Path) -> Path:
-    """The --config of a single file: a diffusers SD 1.x/2.x or SDXL directory (or cached id)."""
+    """The --config of a single file: a diffusers SD 1.x/2.x, SDXL or SD3 directory (or cached id)."""
     try:
         root = resolve_model_path(config)
     except DiffclsError as e:
         raise DiffclsError(f"--config {config}: {e}") from None
     if not root.is_dir():
         raise DiffclsError(f"--config {config} must be a diffusers model directory (or a cached model id), not a file")
-    if is_sd3_directory(root):
-        raise DiffclsError(
-            f"--config {config} is an SD3 directory; diffcls reads single-file SD3 checkpoints only once converted: "
-            "StableDiffusion3Pipeline.from_single_file(FILE).save_pretrained(DIR), then --model DIR"
-        )
-    missing = [d for d in REQUIRED_DIRS if not (root / d).is_dir()]
+    from diffcls.models import sd3
+
+    missing = [d for d in (sd3.REQUIRED_DIRS if is_sd3_directory(root) else REQUIRED_DIRS) if not (root / d).is_dir()]
     if missing:
         raise DiffclsError(
             f"--config {config} ({root}) lacks {', '.join(d + '/' for d in missing)}; it must hold a "
@@ -520,34 +539,48 @@ def _config_dir(config: str | Path) -> Path:
     return root
 
 
-def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel | SDXLModel:
+def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool = False) -> SDModel | SDXLModel | SD3Model:
     """A single checkpoint through diffusers' `from_single_file`, offline: the configs, tokenizers
-    and scheduler come from the local directory `single_file_config` names (an SDXL one for an
-    SDXL file, whose text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as OpenCLIP's)."""
+    and scheduler come from the local directory `single_file_config` names, of the file's family
+    (an SDXL file's text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as
+    OpenCLIP's; an SD3 file's under `text_encoders.`, those it lacks read from the directory,
+    `models.sd3.single_file_components`).
+    `no_t5`: an SD3 file without its T5 encoder, not even read (as `load_sd3_directory`)."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(
             f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a diffusers directory or a checkpoint file"
         )
     root = single_file_config(path, config)
-    xl_file, xl_config = any(k in checkpoint_shapes(path) for k in SGM_TEXT_KEYS), is_sdxl_directory(root)
-    if xl_file != xl_config:  # diffusers would fill the encoders it cannot find with random weights
-        what = ("an SDXL checkpoint", "a Stable Diffusion 1.x/2.x directory") if xl_file else ("not an SDXL checkpoint", "an SDXL directory")
-        raise DiffclsError(f"{path} is {what[0]} and --config {config} is {what[1]}; pass the configs of the model the file was saved from")
+    family = checkpoint_family(path)
+    configs = "sd3" if is_sd3_directory(root) else "sdxl" if is_sdxl_directory(root) else "stable-diffusion"
+    if family != configs:  # diffusers would fill the parts it cannot find with random weights, or mix families
+        raise DiffclsError(f"{path} is {FILE_FAMILIES[family][0]} and --config {config} is {FILE_FAMILIES[configs][1]}; "
+                           "pass the configs of the model the file was saved from")
     try:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        if xl_config:
-            pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(root), local_files_only=True)
+        local = {"config": str(root), "local_files_only": True}
+        if family == "sd3":
+            from diffcls.models.sd3 import single_file_components
+
+            parts = single_file_components(root, checkpoint_shapes(path), t5=not no_t5)
+            pipe = StableDiffusion3Pipeline.from_single_file(str(path), **local, **parts)
+        elif family == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), **local)
         else:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(root), local_files_only=True, safety_checker=None,
-                                                            feature_extractor=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **local, safety_checker=None, feature_extractor=None,
+                                                            requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001
         raise DiffclsError(
             f"cannot load checkpoint {path} with the configs in {root}: {_first_line(e)}; check that --config "
             "matches the checkpoint, or convert it to a diffusers directory and pass --model DIR"
         ) from e
     alphas, prediction_type, sigmas = noise_from_scheduler_config(dict(pipe.scheduler.config), path)
-    if xl_config:
+    if family == "sd3":
+        from diffcls.models.sd3 import sd3_model
+
+        return sd3_model(pipe, alphas, prediction_type, sigmas, path)
+    if family == "sdxl":
         from diffcls.models.sdxl import sdxl_model
 
         return sdxl_model(pipe, alphas, prediction_type, sigmas, path)
@@ -556,14 +589,15 @@ def _load_single_file(path: Path, config: str | Path | None = None) -> SDModel |
     return model.eval()
 
 
-def model_defaults(path: str | Path | None) -> dict:
+def model_defaults(path: str | Path | None, config: str | Path | None = None) -> dict:
     """Optional `diffcls.json` beside a model: default image_size, prompts file, schedule.
 
     A class-conditional model (a DiT directory, or an engine directory exported from one) also
     gives `labels` (class id -> name) and the DiT protocol's schedule unless diffcls.json has one.
     A flow-matching model (its scheduler config, or the engine directory's copy, is
     FlowMatchEulerDiscreteScheduler) defaults to the logit-normal timestep weighting
-    (`models.noising`) unless diffcls.json names one.
+    (`models.noising`) unless diffcls.json names one; so does a single checkpoint file whose
+    `config` directory's scheduler is (an SD3 file, as its directory would).
 
     The bundled demo model ships one so that `diffcls classify DIR` needs no other flags.
     Paths inside it are relative to the model directory.
@@ -573,7 +607,7 @@ def model_defaults(path: str | Path | None) -> dict:
     labels = class_labels(root) if root.is_dir() else None
     # a class-conditional model: every class is a prompt, scored with the official DiT protocol
     base = {"labels": labels, **DIT_DEFAULT_SCHEDULE} if labels else {}
-    if root.is_dir() and _is_flow_directory(root):
+    if _is_flow_directory(root if root.is_dir() else _config_dir(config) if config is not None else root):
         base["weighting"] = FLOW_DEFAULT_WEIGHTING
     if not root.is_dir() or not f.exists():
         return base

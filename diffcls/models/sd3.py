@@ -181,6 +181,41 @@ def load_sd3_directory(path, *, t5: bool = True) -> SD3Model:
     return model.eval()
 
 
+# an SD3 single file's text encoders, where it carries them (SD3 Medium's `*_incl_clips*` files do)
+FILE_ENCODERS = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.", "text_encoder_3": "text_encoders.t5xxl."}
+
+
+def single_file_components(root: Path, keys, t5: bool = True) -> dict:
+    """The components to hand `StableDiffusion3Pipeline.from_single_file` for a file with tensor
+    names `keys`: each text encoder the file lacks, read from the --config directory `root` (which
+    must then hold its weights: diffusers alone refuses such a file); `t5` False: no T5 at all."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    out = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    for name, prefix in FILE_ENCODERS.items():
+        if name in out or any(k.startswith(prefix) for k in keys) or not (root / name).is_dir():
+            continue  # skipped, in the file, or (T5) in neither: the directory's model_index says none
+        cls = T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
+        out[name] = cls.from_pretrained(str(root / name), local_files_only=True)
+    return out
+
+
+def sd3_model(pipe, alphas, prediction_type: str, sigmas, source) -> SD3Model:
+    """The SD3Model of a loaded `StableDiffusion3Pipeline` (a single-file checkpoint's), built as
+    `load_sd3_directory` builds a directory's: T5 when the pipeline has it (and its tokenizer)."""
+    if prediction_type != "flow":
+        raise DiffclsError(f"{source}: an SD3 model is a flow-matching model; the --config scheduler must be FlowMatchEulerDiscreteScheduler")
+    parts = {"tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2}
+    lengths = {k: int(min(t.model_max_length, 77)) for k, t in parts.items()}
+    t5 = pipe.text_encoder_3 if getattr(pipe, "tokenizer_3", None) is not None else None
+    if t5 is not None:
+        parts["tokenizer_3"], lengths["tokenizer_3"] = pipe.tokenizer_3, T5_LENGTH
+    model = SD3Model(tokenizer=MultiTokenizer(parts, lengths), text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+                     text_encoder_3=t5, transformer=pipe.transformer, vae=pipe.vae, alphas_cumprod=alphas, sigmas=sigmas,
+                     source=str(source))
+    return model.eval()
+
+
 def without_t5(model: SD3Model) -> SD3Model:
     """`model` with T5 dropped (zeros in its place): a new model object sharing the other modules."""
     from dataclasses import replace

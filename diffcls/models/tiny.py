@@ -175,10 +175,12 @@ def save_model(model: SDModel, out_dir: str | Path, sched_cfg: dict | None = Non
     return out
 
 
-def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_length: int = 256, shift: float = 3.0):
+def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_length: int = 256, shift: float = 3.0,
+             widths: tuple[int, int] = (16, 16)):
     """A deterministic tiny SD3 from configs (random weights; CLIP-L/G widths 16, joint width 32),
     for tests. Its T5 slot has a byte-level CLIP-style tokenizer (no T5 vocabulary is available
-    offline); the T5EncoderModel only sees ids."""
+    offline); the T5EncoderModel only sees ids. `widths`: other CLIP-L / CLIP-G widths summing to
+    32 (a single-file checkpoint tells its encoders apart by width)."""
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -187,15 +189,15 @@ def tiny_sd3(seed: int = 0, *, with_t5: bool = True, sample_size: int = 8, t5_le
     from diffcls.models.sd3 import SD3Model
     from diffcls.models.tokenizer import build_tokenizer
 
-    def clip():
+    def clip(width: int):
         return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=1024, hidden_size=16, projection_dim=16, intermediate_size=32, num_hidden_layers=2,
+            vocab_size=1024, hidden_size=width, projection_dim=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513))
 
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        te1, te2 = clip(), clip()
+        te1, te2 = clip(widths[0]), clip(widths[1])
         te3 = T5EncoderModel(T5Config(vocab_size=1024, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2)) if with_t5 else None
         transformer = SD3Transformer2DModel(
             sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,

@@ -160,7 +160,7 @@ class Classifier:
         from diffcls.models.sd3 import SD3Model, without_t5
 
         if isinstance(model, (str, Path)) or model is None or engine_dir is not None:
-            defaults = model_defaults(engine_dir if engine_dir is not None else model)
+            defaults = model_defaults(engine_dir, None) if engine_dir is not None else model_defaults(model, config)
         else:
             defaults = {}  # a model object: no diffcls.json travels with it
         if threads is not None:
