@@ -1,5 +1,5 @@
 """Imports run one way (docs/design.md, "Layers"): cli, then api and train, then runtime and export (siblings that
-never import each other), then engines, then models, then the leaf modules config and errors (config may use errors).
+never import each other), then engines, then models, then the leaf modules config, render and errors (config may use errors).
 Inside the runtime the same rule holds between its concerns: execution, then evaluation, then
 results, then algorithm and data (siblings).
 
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcls"
 
 # higher imports lower; equal ranks are siblings that must not import each other
-RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
+RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "render": 1, "errors": 0}
 # the runtime's subpackages, ranked the same way
 RUNTIME_RANK = {"execution": 4, "evaluation": 3, "results": 2, "algorithm": 1, "data": 1}
 FACADES = {"diffcls", "diffcls.__main__"}  # the package's lazy re-exports and `python -m diffcls`

@@ -36,6 +36,7 @@ from diffcls.config import ExportBackend
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError, install_hint
+from diffcls.render import human_size  # noqa: F401 - export.pipeline.human_size, as before
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults
@@ -95,14 +96,6 @@ class ExportResult:
         return (f"engines in '{self.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
                 f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
                 f"{text}image size {m['image_size']}; built {len(self.built)}, cached {len(self.cached)}")
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def files_size(paths) -> int:
