@@ -39,7 +39,7 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
     model: ModelOpt = None,
     config: ConfigOpt = None,
-    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3=None); classify with these engines as with `--no-t5`.")] = False,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3 set to None); classify with these engines as with `--no-t5`.")] = False,
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for (torch runs a model itself and needs no export).")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 runs only on the torch backend).")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
