@@ -152,9 +152,9 @@ def test_the_check_catches_a_bad_edge(src, dst):
 # formats, validation and summaries the Python API would need too live below it. When cli/ grows,
 # look for library work that crept into it before raising a limit. The goal is under 1,000 lines
 # (issue 20: well under half of its 2.0k); the ceiling, a little above its size when the goal was
-# met (914 lines), keeps it from growing back.
+# met (892 lines), keeps it from growing back.
 CLI_LINE_GOAL = 1000
-CLI_LINE_CEILING = 945
+CLI_LINE_CEILING = 920
 
 
 def _cli_lines() -> dict[str, int]:

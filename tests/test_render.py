@@ -88,3 +88,19 @@ def test_a_model_renders_its_components():
 
     text = shown(model_view("demo"))
     assert "model directory" in text and "unet" in text and "export engines with: diffcls export --model demo" in text
+
+
+def test_an_export_reporter_shows_a_line_per_finished_step():
+    """`export_model`'s events through `SpinnerReporter`: a step's spinner is gone when it ends;
+    finished and cached steps leave one line each, an info event its message."""
+    from diffcls.export import SpinnerReporter, StepEvent
+
+    con = Console(width=120, file=io.StringIO(), record=True)
+    with SpinnerReporter(con) as report:
+        report(StepEvent("start", "unet onnx"))
+        assert [t.description for t in report.progress.tasks] == ["unet onnx"]
+        report(StepEvent("done", "unet onnx", "export success 1.0 s"))
+        report(StepEvent("cached", "vae_encoder onnx", "found cached vae_encoder.onnx"))
+        report(StepEvent("info", "manifest", "written"))
+        assert report.progress.tasks == [] and report.tasks == {}
+    assert con.export_text().strip().splitlines() == ["unet onnx: export success 1.0 s", "vae_encoder onnx: found cached vae_encoder.onnx", "manifest: written"]

@@ -12,25 +12,6 @@ from diffcls.cli.settings import shared
 from diffcls.config import ExportBackend, ExportPrecision, parse_device, parse_ints
 
 
-class _Reporter:
-    """Renders `StepEvent`s: a spinner while a step runs, one line when it ends."""
-
-    def __init__(self, progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, event) -> None:
-        if event.status == "start":
-            self.tasks[event.step] = self.progress.add_task(event.step, total=None)
-            return
-        task = self.tasks.pop(event.step, None)
-        if task is not None:
-            self.progress.remove_task(task)
-        style = {"done": "green", "cached": "cyan"}.get(event.status, "")
-        text = event.message or event.status
-        self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
-
-
 ModelOpt, ConfigOpt, ImageSizeOpt = shared("model"), shared("config"), shared("image_size")  # as classify declares them
 
 
@@ -52,9 +33,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts; also replaces another model's engines in --out.")] = False,
 ) -> None:
     """Export the model's networks to ONNX (and TensorRT), checked against torch: SD's text encoder, VAE encoder and UNet; a DiT's VAE encoder and transformer."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from diffcls.export import ExportConfig, export_model
+    from diffcls.export import ExportConfig, SpinnerReporter, export_model
     from diffcls.runtime.results.outputs import output_errors
 
     with user_errors():
@@ -64,8 +43,7 @@ def export_cmd(
             batch_sizes=parse_ints(batch_sizes, "--batch-sizes", example="8,16,32"), vae_batch_size=vae_batch_size,
             text_batch_size=text_batch_size, image_size=image_size, force=force,
         )
-        progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-        with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
-            result = export_model(cfg, _Reporter(progress))
+        with SpinnerReporter(console) as report, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
+            result = export_model(cfg, report)
         out.print(result.summary())
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

@@ -80,6 +80,39 @@ class StepEvent:
     nbytes: int = 0
 
 
+class SpinnerReporter:
+    """`export_model`'s `report` on a rich console (`diffcls export` shows it): a spinner while a
+    step runs, one line when it ends.
+
+        with SpinnerReporter() as report:
+            result = export_model(ExportConfig(out="engines"), report)
+    """
+
+    def __init__(self, console=None):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "SpinnerReporter":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.status == "start":
+            self.tasks[event.step] = self.progress.add_task(event.step, total=None)
+            return
+        task = self.tasks.pop(event.step, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        style = {"done": "green", "cached": "cyan"}.get(event.status, "")
+        text = event.message or event.status
+        self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
+
+
 @dataclass
 class ExportResult:
     engine_dir: Path
