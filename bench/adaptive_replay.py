@@ -13,6 +13,7 @@ its own), serves each timestep from the table's nearest column, and counts.
         --policy "a05=adaptive:alpha=0.05" --policy "paper=fixed:50,500:5,1" --rotations 4 --json out.json
     python bench/adaptive_replay.py knob --table c4=/tmp/train_c4.npz --table c0=/tmp/train_c0.npz \\
         --alphas 0.01 0.02 0.05 0.1 0.2 0.5      # the knob -> alpha table (KNOB_TO_ALPHA)
+    python bench/adaptive_replay.py weights --table s=/tmp/shapes_train.npz --out w.json   # timestep weights from tables
 
 `--prompts K` (replay) keeps the first K prompts of the table (the shapes world's K curve): the
 images whose class is among them, and their answers over those prompts.
@@ -161,9 +162,15 @@ def main(argv=None):
     k.add_argument("--json", default=None)
     k.add_argument("--weights", default=None)
     k.add_argument("--step", type=int, default=1)
+    w = sub.add_parser("weights", help="fit timestep weights on tables (the library's fit_timestep_weights) into a --weights file")
+    w.add_argument("--table", action="append", required=True)
+    w.add_argument("--bands", type=int, default=10)
+    w.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         return collect(args)
+    if args.cmd == "weights":
+        return fit_weights(args)
     tables = {}
     for spec in args.table:
         name, _, path = spec.partition("=")
@@ -189,6 +196,23 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return out
+
+
+def fit_weights(args) -> list[float]:
+    """`diffcls calibrate --timestep-weights`'s fit, on stored full tables (every image of every
+    table; its label's prompt is the true one)."""
+    from diffcls.runtime.evaluation.calibration import fit_timestep_weights
+
+    images = []
+    for spec in args.table:
+        z = np.load(spec.partition("=")[2])
+        E, ts = z["errors"], z["timesteps"]
+        for x, label in zip(E, z["labels"]):
+            images.append(([(c, int(t), 0, float(x[c, g])) for c in range(x.shape[0]) for g, t in enumerate(ts)], [int(label)]))
+    weights, fit = fit_timestep_weights(images, args.bands, T_TRAIN)
+    Path(args.out).write_text(json.dumps({"timestep_weights": weights, "weights_fit": fit, "n_images": len(images)}, indent=1))
+    print(f"{len(images)} images: weights {' '.join(f'{v:.3g}' for v in weights)} -> {args.out}")
+    return weights
 
 
 def collect(args) -> None:

@@ -139,3 +139,65 @@ def test_negative_control_a_cut_is_not_covered_by_the_bound():
     params = AdaptiveSchedule(alpha=0.2, min_samples=6, max_samples=20, final_samples=40)  # no cut: covered
     _, lost, n, _ = lost_rate(params, 6, seeds=range(4), runs=400)
     assert ref.wilson(lost, n)[0] <= params.resolved_alpha
+
+
+class _SumsKeptFinalStage(SequentialPolicy):
+    """A plausible mistake: the final stage restarts its looks and variances but forgets to
+    restart its sums, so its D_ij carries the first stage's samples (over rivals that the first
+    stage selected)."""
+
+    def _start_stage(self, start, length, n_compare, alpha):
+        kept = getattr(self, "_stage_sums", None)
+        super()._start_stage(start, length, n_compare, alpha)
+        if start and kept is not None:
+            self._stage_sums = kept
+
+
+def _final_stage_decisions(policy_cls, X, params):
+    pol = policy_cls(X.shape[1], params)
+    while not pol.done:
+        block = pol.next_block()
+        pol.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [X[k, c] for c, k, _ in block])
+    return {c: r for c, r in pol.eliminated_at.items() if r > params.max_samples}, pol.n_evals
+
+
+def test_the_final_stage_decides_on_its_own_samples_only():
+    """Restarting the sums at M + 1 makes the final stage a fresh test given everything the first
+    stage saw: moving the first stage's samples (without changing its decisions) leaves every
+    final-stage elimination and evaluation count unchanged. A final stage that keeps the first
+    stage's sums fails the same check."""
+    params = AdaptiveSchedule(alpha=0.2, final_error_rate=0.2 - 1e-9, min_samples=6, max_samples=20, final_samples=40)
+    moved = np.zeros((params.grid_size, 6))
+    moved[: params.max_samples] = np.linspace(-0.06, 0.06, 6)  # per prompt, first stage only
+    differ, decided = 0, 0
+    for seed in range(30):
+        X = gaussian_runs(6, params.grid_size, 1, seed, gap=0.02, spread=0.12)[0]
+        a = _final_stage_decisions(SequentialPolicy, X, params)
+        b = _final_stage_decisions(SequentialPolicy, X + moved, params)
+        assert a == b
+        decided += bool(a[0])
+        differ += _final_stage_decisions(_SumsKeptFinalStage, X + moved, params) != _final_stage_decisions(_SumsKeptFinalStage, X, params)
+    assert decided >= 10, (decided, differ)  # the final stage's test acted in these runs
+    assert differ >= 10  # the mistake is caught
+
+
+def test_negative_control_sums_kept_in_the_final_stage_is_caught():
+    """The same mistake in the error-rate check: at near-ties, after a first stage long enough for
+    its sums to wander (M = 60), the best is eliminated about twice as often as alpha (about 20%
+    at alpha 0.1), while the rule (sums restarted) stays within it (about 1-3%)."""
+    params = AdaptiveSchedule(alpha=0.1, min_samples=6, max_samples=60, final_samples=20)
+    rates = {}
+    for cls in (SequentialPolicy, _SumsKeptFinalStage):
+        tested = n = 0
+        for seed in range(4):
+            X = gaussian_runs(6, params.grid_size, 400, seed)
+            for r in range(400):
+                pol = cls(6, params)
+                while not pol.done:
+                    block = pol.next_block()
+                    pol.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [X[r, k, c] for c, k, _ in block])
+                tested += 0 in pol.eliminated_at  # prompt 0, the best, eliminated by a test (no cut here)
+                n += 1
+        rates[cls.__name__] = (tested, n)
+    assert ref.wilson(*rates["SequentialPolicy"])[0] <= params.resolved_alpha
+    assert ref.wilson(*rates["_SumsKeptFinalStage"])[0] > params.resolved_alpha, rates

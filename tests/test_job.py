@@ -202,3 +202,26 @@ def test_latents_come_ahead_in_order_errors_and_closing_included():
     assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
     stream.close()
     assert closed.is_set()  # the producer closed its generator on its own thread
+
+
+def test_adaptive_takes_the_models_own_timestep_weights(tmp_path, digits):
+    """The demo's diffcls.json carries the timestep weights its --adaptive knob was measured with
+    (fitted on the digits train split): --adaptive with the model's prompts uses them, says so,
+    and binds them; --calibration or other prompts replace them."""
+    from diffcls.models.loading import model_defaults
+
+    want = tuple(model_defaults(None)["timestep_weights"])
+    assert want and want[0] == 0.0  # t < 100 dropped: the fit's signature on the digits
+    small = dict(adaptive=True, min_samples=2, max_samples=4, final_samples=2, no_cache=True)
+    job = ClassifyJob(JobSpec(**small), [digits], out=tmp_path / "a.csv", save_errors=tmp_path / "e.jsonl")
+    results = job.run()
+    assert job.schedule.band_weights == want and len(results) == 10
+    assert any("model's timestep weights" in n for n in job.notes)
+    ts = [t for line in (tmp_path / "e.jsonl").read_text().splitlines() for _, t, *_ in json.loads(line)["errors"]]
+    assert ts and min(ts) >= 300  # the dropped bands (t < 300) get no evaluation
+    other = ClassifyJob(JobSpec(**small, classes=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]), [digits])
+    other.open()
+    assert other.schedule.band_weights is None and not any("timestep weights" in n for n in other.notes)
+    fixed = ClassifyJob(JobSpec(n_samples=(2, 4), to_keep=(2, 1), no_cache=True), [digits])
+    fixed.open()
+    assert fixed.schedule.band_weights is None  # the fixed default keeps the paper's unweighted rounds

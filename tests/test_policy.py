@@ -264,7 +264,10 @@ def test_one_prompt_takes_the_first_stage_only():
         (AdaptiveSchedule(final_samples=-1), "--final-samples -1 must be >= 0"),
         (AdaptiveSchedule(max_samples=600, final_samples=500), "--max-samples 600 + --final-samples 500 exceed"),
         (AdaptiveSchedule(final_samples=10, final_keep=1), "--final-keep 1 must be 0 (every survivor) or >= 2"),
-        (AdaptiveSchedule(alpha=1.0), "--alpha 1 must be between 0 and 1"),
+        (AdaptiveSchedule(alpha=0.0), "--alpha 0 must be > 0"),
+        (AdaptiveSchedule(alpha=1.0, final_samples=0), "--alpha 1 must be below 1 without a final stage"),
+        (AdaptiveSchedule(alpha=2.0), "--alpha 2 gives the stages the levels 1 and 1; each must be below 1"),
+        (AdaptiveSchedule(alpha=1.5, final_error_rate=0.2), "--alpha 1.5 gives the stages the levels 1.3 and 0.2"),
         (AdaptiveSchedule(alpha=0.1, final_error_rate=0.1), "--final-error-rate 0.1 must be between 0 and the test's alpha 0.1"),
         (AdaptiveSchedule(look_every=0), "--look-every 0 must be >= 1"),
         (AdaptiveSchedule(error_rate=0.001), "--error-rate 0.001 is below the smallest measured setting"),
@@ -274,6 +277,22 @@ def test_adaptive_schedule_is_validated_up_front(params, message):
     with pytest.raises(DiffclsError) as e:
         params.validate(10)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_alpha_above_one_is_a_constant_with_levels_below_one():
+    """alpha in [1, 2) (the knob's cheapest rows): each stage's pair level stays below 1, so the
+    constants are finite and the rule still decides; kim-nelson's eta needs 2 alpha_1 / (K - 1) < 1."""
+    params = AdaptiveSchedule(alpha=1.5, min_samples=4, max_samples=12, final_samples=20).validate(2)
+    assert params.stage_alphas == (0.75, 0.75)
+    rng = np.random.default_rng(0)
+    X = 1.0 + rng.normal(0, 0.1, (params.grid_size, 2)) + np.array([0.0, 0.15])
+    policy = SequentialPolicy(2, params)
+    while not policy.done:
+        block = policy.next_block()
+        policy.feed_block(*zip(*[(c, k, j, X[k, c]) for c, k, j in block]))
+    assert policy.result().prediction == 0 and policy.n_evals < params.evals_upper_bound(2)
+    with pytest.raises(DiffclsError, match="kim-nelson needs 2 x alpha_1"):
+        AdaptiveSchedule(alpha=1.2, rule="kim-nelson").validate(2)
 
 
 def test_final_stage_keeps_the_best_and_leaves_defaults_untouched():

@@ -215,6 +215,11 @@ class ClassifyJob:
         self.prompts = resolve.resolve_prompts(s, self.defaults, names if self.labels == LabelKind.name else None)
         self.schedule = resolve.build_schedule(s, len(self.prompts), self.defaults)
         weights = getattr(self.calibration, "timestep_weights", None)
+        if weights is None and s.adaptive and self.defaults.get("timestep_weights") and s.prompts is None and s.classes is None:
+            # the model's own timestep weights (its diffcls.json, fitted on a calibration split for
+            # its own prompts): what the model's --adaptive knob was measured with
+            weights = self.defaults["timestep_weights"]
+            self.notes.append("--adaptive uses the model's timestep weights (its diffcls.json); --calibration FILE replaces them")
         if weights is not None:  # a calibration's timestep weights, fixed before any image is seen
             self.schedule = dataclasses.replace(self.schedule, band_weights=tuple(weights))
         T = resolve.known_train_timesteps(s)

@@ -150,7 +150,7 @@ class JobSpec:
         if given and not self.adaptive:
             raise DiffclsError(f"{given[0]} applies to adaptive evaluation only; add --adaptive or drop {given[0]}")
         if self.adaptive:
-            self.adaptive_schedule().validate(2)  # the prompt-independent checks, before any work
+            self.adaptive_schedule().validate(None)  # the prompt-independent checks, before any work
         if (self.n_samples is None) != (self.to_keep is None):
             raise DiffclsError("give both --n-samples and --to-keep (one value per round each), or neither")
         if self.prompts is not None and self.classes is not None:
