@@ -28,8 +28,8 @@ def main(argv=None) -> None:
     order = ("text_encoder", "vae_encoder", "unet")
     load = pipeline.load_model
 
-    def load_as_the_full_export_has_it(path):
-        model = load(path)
+    def load_as_the_full_export_has_it(path, **kw):
+        model = load(path, **kw)
         model.fingerprint()  # what export_model computes first
         for earlier in order[: order.index(args.component)]:
             pipeline.free_component(model, earlier)
