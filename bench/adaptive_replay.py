@@ -42,9 +42,10 @@ T_TRAIN = 1000
 def load(path: str | Path, n_prompts: int | None = None, band_weights=None, step: int = 1) -> dict:
     """A table; with `band_weights` (a calibration's timestep weights) the full-budget answer is
     the lowest weighted mean over the columns of the kept bands (what a weighted run answers)."""
-    z = np.load(path)
-    E = z["errors"].astype(np.float64)  # (images, prompts, G)
-    labels = z["labels"]
+    parts = [np.load(p) for p in str(path).split("+")]  # a table collected in parts (--skip)
+    z = {"timesteps": parts[0]["timesteps"]}
+    E = np.concatenate([p["errors"] for p in parts]).astype(np.float64)  # (images, prompts, G)
+    labels = np.concatenate([p["labels"] for p in parts])
     ts = z["timesteps"][::step]  # step > 1: a coarser table (every step-th column)
     E = E[:, :, ::step]
     if n_prompts is not None:
@@ -145,9 +146,10 @@ def main(argv=None):
     c.add_argument("--grid", type=int, default=250)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--skip", type=int, default=0, help="leave out the first N images of the order (collect the rest of a table in another process)")
     c.add_argument("--model", default=None)
     r = sub.add_parser("replay")
-    r.add_argument("--table", action="append", required=True, help="NAME=table.npz")
+    r.add_argument("--table", action="append", required=True, help="NAME=table.npz or NAME=part1.npz+part2.npz (parts of one table, in order)")
     r.add_argument("--policy", action="append", required=True, help="NAME=adaptive:key=value,... or NAME=fixed:50,500:5,1")
     r.add_argument("--rotations", type=int, default=4)
     r.add_argument("--prompts", type=int, default=None, help="only the first K prompts (and the images of their classes)")
@@ -228,7 +230,7 @@ def collect(args) -> None:
     ps = clf.default_prompts()
     names = [n.strip().lower() for n in ps.classnames]
     per = [sorted(f.glob("*.png")) for f in sorted(p for p in Path(args.folder).iterdir() if p.is_dir())]
-    paths = [x[i] for i in range(max(map(len, per))) for x in per if i < len(x)][: args.limit]
+    paths = [x[i] for i in range(max(map(len, per))) for x in per if i < len(x)][args.skip : args.limit]
     sched = Schedule((args.grid,), (1,))
     ts = [t for _, t in sched.rounds(T_TRAIN)[0]]
     col = {t: i for i, t in enumerate(ts)}

@@ -44,7 +44,7 @@ def test_info_lists_and_counts_external_data(tiny_dir, tmp_path, monkeypatch):
     r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["info", str(out)])
     assert r.exit_code == 0, r.output
     assert "unet.onnx + unet.onnx.data (external data)" in r.output
-    from diffcls.export.pipeline import human_size
+    from diffcls.render import human_size
 
     total = (out / "unet.onnx").stat().st_size + (out / "unet.onnx.data").stat().st_size
     unet_row = next(line for line in r.output.splitlines() if re.match(r"\W*unet\b", line))

@@ -1,5 +1,5 @@
 """Imports run one way (docs/design.md, "Layers"): cli, then api and train, then runtime and export (siblings that
-never import each other), then engines, then models, then the leaf modules config and errors (config may use errors).
+never import each other), then engines, then models, then the leaf modules config, render and errors (config may use errors).
 Inside the runtime the same rule holds between its concerns: execution, then evaluation, then
 results, then algorithm and data (siblings).
 
@@ -18,7 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "diffcls"
 
 # higher imports lower; equal ranks are siblings that must not import each other
-RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "errors": 0}
+RANK = {"cli": 6, "api": 5, "train": 5, "runtime": 4, "export": 4, "engines": 3, "models": 2, "config": 1, "render": 1, "errors": 0}
 # the runtime's subpackages, ranked the same way
 RUNTIME_RANK = {"execution": 4, "evaluation": 3, "results": 2, "algorithm": 1, "data": 1}
 FACADES = {"diffcls", "diffcls.__main__"}  # the package's lazy re-exports and `python -m diffcls`
@@ -151,9 +151,10 @@ def test_the_check_catches_a_bad_edge(src, dst):
 # prints what the library returns (issue 20: "the run belongs to the library"); computations, file
 # formats, validation and summaries the Python API would need too live below it. When cli/ grows,
 # look for library work that crept into it before raising a limit. The goal is under 1,000 lines
-# (issue 20: well under half of its 2.0k); until it is met the ceiling keeps it from growing back.
+# (issue 20: well under half of its 2.0k); the ceiling, a little above its size when the goal was
+# met (892 lines), keeps it from growing back.
 CLI_LINE_GOAL = 1000
-CLI_LINE_CEILING = 1100
+CLI_LINE_CEILING = 920
 
 
 def _cli_lines() -> dict[str, int]:
@@ -165,7 +166,6 @@ def test_the_cli_does_not_grow_back():
     assert sum(sizes.values()) <= CLI_LINE_CEILING, f"diffcls/cli/ is {sum(sizes.values())} lines (ceiling {CLI_LINE_CEILING}): {sizes}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: cli/ is 1,062 lines, not yet under 1,000; when this passes, drop the mark and the ceiling")
 def test_the_cli_is_under_its_goal():
     sizes = _cli_lines()
     assert sum(sizes.values()) < CLI_LINE_GOAL, f"diffcls/cli/ is {sum(sizes.values())} lines (goal: under {CLI_LINE_GOAL}): {sizes}"

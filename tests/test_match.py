@@ -346,18 +346,24 @@ def test_adaptive_cli_reports_agreement_with_the_full_grid(tmp_path, tiny_dir, i
     assert_one_line_error(invoke(*base, "--adaptive", "--max-samples", "11"), "--max-samples 11 exceeds the 10 timesteps")
 
 
-def test_the_score_table_fits_80_columns_with_its_widest_numbers(capsys):
+def test_the_score_table_fits_80_columns_with_its_widest_numbers():
     """Every cell at its widest ("100.0" with the interval "(51-100)") and a long tag: no number is
-    cut to an ellipsis on an 80-column terminal."""
-    from diffcls.cli import match as M
+    cut to an ellipsis on an 80-column terminal (the Python API's `summary_view`, which match prints)."""
+    import io
+
+    from rich.console import Console
+
+    from diffcls.runtime.evaluation.match import summary_view
 
     widest = {"n": 100, "evals_per_item": 1200, "text_ties": 0, "image_ties": 0}
     for k in ("text", "image", "image_normalised", "group"):
         widest |= {k: 1.0, f"{k}_ci95": (0.51, 1.0)}
     summary = {"overall": widest, "by_tag": {"attribute": widest, "relation": widest}}
-    M._print_summary(summary, MatchSchedule(t_interval=5))
-    shown = capsys.readouterr().out
+    con = Console(width=80, file=io.StringIO(), record=True)
+    con.print(summary_view(summary, MatchSchedule(t_interval=5)))
+    shown = con.export_text()
     assert "100.0" in shown and "(51-100)" in shown and "…" not in shown
+    assert shown.splitlines()[0] == MatchSchedule(t_interval=5).describe() and "chance: text 25%" in shown
 
 
 def test_results_are_bound_to_the_schedule_values_not_its_wording():

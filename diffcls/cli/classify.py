@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from diffcls.cli.common import app, console, out, quieted, run_job, table, user_errors
+from diffcls.cli.common import app, console, out, quieted, run_job, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
-from diffcls.runtime.algorithm.ranking import probabilities
 from diffcls.runtime.evaluation.evaluate import LabelKind
-from diffcls.runtime.results.writer import printable
 
 LIST_FLAGS = ("--n-samples", "--to-keep", "--batch-sizes")
 
@@ -85,44 +81,12 @@ def classify(
             results = run_job(job, "classify").results
         if not results:
             raise DiffclsError(f"no image of {job.describe_inputs()} could be classified; see the skipped files above")
-        temperature = job.temperature
         if json_stdout:
             print(json.dumps(job.to_json(top_k), indent=2))
-        elif len(job.inputs) == 1:
-            _print_top(next(iter(results.items())), temperature, top_k)
-        elif not quiet and (out_csv is None or len(results) <= 20):
-            _print_predictions(results, temperature)
+        elif len(job.inputs) == 1 or not quiet and (out_csv is None or len(results) <= 20):
+            out.print(job.table(top_k))  # one image: its best --top-k classes; more: each one's prediction and runner-up
         console.print(job.predictions_line() + (f"; results in {out_csv}" if out_csv is not None else "")
                       + (f", errors in {save_errors}" if save_errors else ""))
-
-
-def _print_top(item, temperature: float | None, k: int) -> None:
-    """One image: its best k classes in ranking order, with mean errors (and probabilities)."""
-    key, r = item
-    ranked = r.ranked or []
-    probs = probabilities(ranked, temperature) if temperature is not None else None
-    cols = ["#", "class", "mean error"] + (["probability"] if probs is not None else []) + ["decided"]
-    table = Table(*cols, title=escape(printable(key)), caption="mean error: lower is better" + ("" if probs is not None else "; --calibration FILE adds probabilities"))
-    for i, c in enumerate(ranked[:k]):
-        cells = [str(i + 1), escape(c.classname), f"{c.mean_error:.5g}"] + ([f"{probs[i]:.3f}"] if probs is not None else [])
-        table.add_row(*cells, "final decision" if c.in_final else f"pruned after {c.pruned_after} timesteps")
-    out.print(table)
-
-
-def _print_predictions(results: dict, temperature: float | None = None) -> None:
-    """One row per image: the prediction and the runner-up of its ranking (runtime.algorithm.ranking),
-    with the mean errors that decided them and, calibrated, their probabilities."""
-    cols = ["image", "prediction", "mean error"] + (["probability"] if temperature is not None else []) + ["runner-up"]
-    table = Table(*cols, caption="mean error: lower is better; a class pruned before the final decision shows its mean over its own fewer samples")
-    for key in sorted(results):
-        r = results[key]
-        ranked = r.ranked or []
-        probs = probabilities(ranked, temperature) if temperature is not None and ranked else None
-        cells = [escape(printable(key)), escape(r.prediction), f"{ranked[0].mean_error:.4g}" if ranked else ""]
-        if temperature is not None:
-            cells.append(f"{probs[0]:.3f}" if probs else "")
-        table.add_row(*cells, escape(ranked[1].describe(probs[1] if probs else None)) if len(ranked) > 1 else "")
-    out.print(table)
 
 
 @app.command()
@@ -157,7 +121,7 @@ def evaluate(
             run_job(job, "classify")
         m, cal = E.evaluation(job)
         t = job.temperature
-        _print_metrics(m, job.prompts.classes)
+        out.print(E.metrics_view(m, job.prompts.classes))
         if note := E.schedule_note(job.schedule):
             out.print(note, markup=False)
         if compare is not None:
@@ -204,30 +168,3 @@ def calibrate(
         with output_errors("--out", out_path):
             cal.save(out_path)
         out.print(f"{cal.describe()}; written to {out_path}", markup=False)
-
-
-def _print_metrics(m: dict, classes: dict[int, str]) -> None:
-    from diffcls.runtime.evaluation.evaluate import metrics_lines
-
-    names = [classes[i] for i in m["class_ids"]]
-    for line in metrics_lines(m):
-        out.print(line)
-    if len(names) > 30:
-        out.print(f"per-class precision/recall and confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
-        return
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.0f}%"
-
-    out.print(table(("class", "precision", "recall", "f1", "images"), left=("class",),
-                    rows=[(f"{i} {name}", pct(p), pct(r), pct(f), str(n)) for i, name, p, r, f, n in zip(m["class_ids"], names, m["precision"], m["recall"], m["f1"], m["support"])],
-                    title="per class (precision: of the images predicted as the class, recall: of its images)"))
-    # columns are headed by class id so the counts stay readable in an 80-column terminal
-    confusion = Table(title="confusion (rows: true, columns: predicted class id)")
-    confusion.add_column("true class", no_wrap=True)
-    for i in m["class_ids"]:
-        confusion.add_column(str(i), justify="right", no_wrap=True)
-    confusion.add_column("acc", justify="right", no_wrap=True, min_width=4)
-    for i, name, row, acc in zip(m["class_ids"], names, m["confusion"], m["per_class"]):
-        confusion.add_row(f"{i} {name}", *map(str, row), "-" if acc is None else f"{100 * acc:.0f}%")
-    out.print(confusion)

@@ -179,15 +179,3 @@ def quieted(on: bool):
     finally:
         console.quiet = old
 
-
-def table(columns, rows, *, left=(), wrap=(), **kw):
-    """A rich Table: the `left` columns left-aligned, the rest (numbers) right-aligned; only the
-    `wrap` columns may wrap."""
-    from rich.table import Table
-
-    t = Table(**kw)
-    for c in columns:
-        t.add_column(c, justify="left" if c in left else "right", no_wrap=c not in wrap)
-    for row in rows:
-        t.add_row(*row)
-    return t

@@ -12,25 +12,6 @@ from diffcls.cli.settings import shared
 from diffcls.config import ExportBackend, ExportPrecision, parse_device, parse_ints
 
 
-class _Reporter:
-    """Renders `StepEvent`s: a spinner while a step runs, one line when it ends."""
-
-    def __init__(self, progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, event) -> None:
-        if event.status == "start":
-            self.tasks[event.step] = self.progress.add_task(event.step, total=None)
-            return
-        task = self.tasks.pop(event.step, None)
-        if task is not None:
-            self.progress.remove_task(task)
-        style = {"done": "green", "cached": "cyan"}.get(event.status, "")
-        text = event.message or event.status
-        self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
-
-
 ModelOpt, ConfigOpt, ImageSizeOpt = shared("model"), shared("config"), shared("image_size")  # as classify declares them
 
 
@@ -39,7 +20,7 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Engine directory to write (created; stale parts are rebuilt).")] = Path("engines"),
     model: ModelOpt = None,
     config: ConfigOpt = None,
-    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3=None); classify with these engines as with `--no-t5`.")] = False,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/3.5: export without the T5-XXL text encoder (zeros in its place, as diffusers with text_encoder_3 set to None); classify with these engines as with `--no-t5`.")] = False,
     backend: Annotated[ExportBackend, typer.Option("--backend", help="What the engines are for (torch runs a model itself and needs no export).")] = ExportBackend.onnxruntime,
     precision: Annotated[ExportPrecision, typer.Option("--precision", help="auto = fp16 for TensorRT and ONNX Runtime on CUDA, else fp32 (bf16 runs only on the torch backend).")] = ExportPrecision.auto,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes the engines accept (TensorRT: one profile each), e.g. 8,16,32.")] = "8,16,32",
@@ -52,9 +33,7 @@ def export_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rebuild everything, even fresh parts; also replaces another model's engines in --out.")] = False,
 ) -> None:
     """Export the model's networks to ONNX (and TensorRT), checked against torch: SD's text encoder, VAE encoder and UNet; a DiT's VAE encoder and transformer."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from diffcls.export import ExportConfig, export_model
+    from diffcls.export import ExportConfig, SpinnerReporter, export_model
     from diffcls.runtime.results.outputs import output_errors
 
     with user_errors():
@@ -64,8 +43,7 @@ def export_cmd(
             batch_sizes=parse_ints(batch_sizes, "--batch-sizes", example="8,16,32"), vae_batch_size=vae_batch_size,
             text_batch_size=text_batch_size, image_size=image_size, force=force,
         )
-        progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
-        with progress, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
-            result = export_model(cfg, _Reporter(progress))
+        with SpinnerReporter(console) as report, output_errors("--out", out_dir):  # a full disk: one line; finished parts are kept
+            result = export_model(cfg, report)
         out.print(result.summary())
         out.print(f"classify with: diffcls classify FOLDER --engines {result.engine_dir}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from diffcls.cli.common import app, console, out, run_job, table, user_errors
+from diffcls.cli.common import app, console, out, run_job, user_errors
 from diffcls.cli.settings import RunSettings, run_options
 from diffcls.errors import DiffclsError
 from diffcls.runtime.execution.match_job import MatchJob
@@ -52,7 +52,7 @@ def match(
         if not done:
             raise DiffclsError(f"no item of {items_file} could be scored; {len(job.skipped)} skipped")
         summary = M.summarize(done)
-        _print_summary(summary, job.schedule)
+        out.print(M.summary_view(summary, job.schedule))
         agree = M.agreement(done, reference) if reference is not None else None
         if agree is not None:
             out.print(M.agreement_line(agree, compare), markup=False)
@@ -63,24 +63,3 @@ def match(
                 M.plot_scores(summary, plot, title=f"{items_file.name}: {job.schedule.describe()}")
             console.print(f"score chart in {plot}")
 
-
-def _pct(summary: dict, name: str) -> str:
-    v = summary[name]
-    if v is None:
-        return "-"
-    lo, hi = summary[f"{name}_ci95"]
-    return f"{100 * v:.1f}\n({100 * lo:.0f}-{100 * hi:.0f})"  # two lines: 7 columns fit 80
-
-
-def _print_summary(summary: dict, schedule) -> None:
-    from diffcls.runtime.evaluation.match import summary_notes
-
-    out.print(f"{schedule.describe()}")
-    rows = list(summary["by_tag"].items()) if len(summary["by_tag"]) > 1 else []
-    cells = [(tag or "(no tag)", str(s["n"]), *(_pct(s, k) for k in ("text", "image", "image_normalised", "group")), f"{s['evals_per_item']:.0f}")
-             for tag, s in rows + [("overall", summary["overall"])]]
-    out.print(table(("tag", "n", "text", "image", "img norm", "group", "evals"), cells, left=("tag",),
-                    title="% of items correct (95% Wilson interval)", show_lines=True))
-    out.print("img norm: the image score with each image's error under the empty prompt subtracted; evals: UNet evaluations per item")
-    for line in summary_notes(summary):
-        out.print(line)

@@ -12,17 +12,8 @@ import typer
 
 from diffcls.cli.classify import PathsArg
 from diffcls.cli.settings import RunSettings, run_options
-from diffcls.cli.common import LineProgress, app, console, interactive, out, table, user_errors
+from diffcls.cli.common import LineProgress, app, console, interactive, out, user_errors
 from diffcls.errors import DiffclsError
-
-def _print_report(report: dict) -> None:
-    from diffcls.runtime.execution.profiling import stage_rows, summary_lines
-
-    cols = ("stage", "calls", "total s", "p50 ms/call", "p90 ms/call", "% of run")
-    out.print(table(cols, stage_rows(report), left=("stage",), wrap=cols[1:], title=f"diffcls profile ({report['n_images']} images)"))
-    out.print("preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call")
-    for line in summary_lines(report):
-        out.print(line)
 
 
 @app.command()
@@ -36,7 +27,7 @@ def profile(
     settings: RunSettings,
 ) -> None:
     """Per-stage latency of classification: load, preprocess, text/VAE encode, UNet rounds."""
-    from diffcls.runtime.execution.profiling import plot_stages, require_matplotlib
+    from diffcls.runtime.execution.profiling import plot_stages, report_view, require_matplotlib
     from diffcls.runtime.results.outputs import check_outputs, output_errors, write_json
 
     with user_errors():
@@ -48,7 +39,7 @@ def profile(
 
         job = ClassifyJob(settings, paths or []).open()  # prompts, schedule, noise, the opened classifier
         report = _profile(job, warmup)
-        _print_report(report)
+        out.print(report_view(report))
         if json_out is not None:
             write_json(json_out, report)
             console.print(f"profile in {json_out}")

@@ -127,3 +127,22 @@ def files_text(row: dict) -> str:
     first = str(row["file"])
     extra = [f for f in row.get("files") or [] if f != first]
     return first + "".join(" + " + f + (" (external data)" if f.endswith(".data") else "") for f in extra)
+
+
+def engine_dir_view(engine_dir: Path):
+    """An engine directory as rich renderables (`rich.print(engine_dir_view(path))`, `diffcls info
+    DIR`): what it holds, its model, its status, a table of its components, their files."""
+    from diffcls.render import human_size, lines, table
+
+    manifest, rows = engine_dir_rows(engine_dir)
+
+    def err(x):
+        return f"{x:.2g}" if x is not None else "-"
+
+    # short headers and no wrapping: the table fits 80 columns (file names are listed below it);
+    # no batch sizes recorded: dynamic ONNX graphs take any
+    cells = [(r["component"], str(r["precision"]), ",".join(map(str, r["batch_sizes"] or [])) or "any", human_size(r["bytes"]),
+              err(r["max_abs_err"]), err(r["max_rel_err"]), r["status"]) for r in rows]
+    return lines("\n" + engine_dir_line(engine_dir, manifest), model_kind_line(manifest), *status_lines(engine_dir, manifest),
+                 table(("component", "prec", "batches", "size", "abs err", "rel err", "status"), cells, left=("component", "status")),
+                 "files: " + ", ".join(files_text(r) for r in rows) + "; errors: largest difference from torch on random inputs")

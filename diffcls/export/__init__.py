@@ -5,6 +5,6 @@
 """
 
 from diffcls.engines.manifest import read_manifest, verify_engine_dir
-from diffcls.export.pipeline import ExportConfig, ExportResult, StepEvent, export_model
+from diffcls.export.pipeline import ExportConfig, ExportResult, SpinnerReporter, StepEvent, export_model
 
-__all__ = ["ExportConfig", "ExportResult", "StepEvent", "export_model", "read_manifest", "verify_engine_dir"]
+__all__ = ["ExportConfig", "ExportResult", "SpinnerReporter", "StepEvent", "export_model", "read_manifest", "verify_engine_dir"]

@@ -36,6 +36,7 @@ from diffcls.config import ExportBackend
 from diffcls.engines import manifest as mf
 from diffcls.engines.trt_backend import TensorRTEngine
 from diffcls.errors import DiffclsError, install_hint
+from diffcls.render import human_size  # noqa: F401 - export.pipeline.human_size, as before
 from diffcls.export import onnx_export as ox
 from diffcls.export import trt_build
 from diffcls.models.loading import MODEL_TYPES, SDModel, load_model, model_defaults, single_file_config
@@ -79,6 +80,39 @@ class StepEvent:
     nbytes: int = 0
 
 
+class SpinnerReporter:
+    """`export_model`'s `report` on a rich console (`diffcls export` shows it): a spinner while a
+    step runs, one line when it ends.
+
+        with SpinnerReporter() as report:
+            result = export_model(ExportConfig(out="engines"), report)
+    """
+
+    def __init__(self, console=None):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "SpinnerReporter":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.status == "start":
+            self.tasks[event.step] = self.progress.add_task(event.step, total=None)
+            return
+        task = self.tasks.pop(event.step, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        style = {"done": "green", "cached": "cyan"}.get(event.status, "")
+        text = event.message or event.status
+        self.progress.console.print(f"[bold]{event.step}[/bold]: [{style}]{text}[/{style}]" if style else f"{event.step}: {text}")
+
+
 @dataclass
 class ExportResult:
     engine_dir: Path
@@ -95,14 +129,6 @@ class ExportResult:
         return (f"engines in '{self.engine_dir}' ({human_size(total)}): {m['backend']} {comps['unet']['precision']}, "
                 f"UNet batch sizes {','.join(map(str, comps['unet']['batch_sizes']))}, VAE {comps['vae_encoder']['batch_sizes'][0]}, "
                 f"{text}image size {m['image_size']}; built {len(self.built)}, cached {len(self.cached)}")
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def files_size(paths) -> int:

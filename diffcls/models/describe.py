@@ -144,6 +144,25 @@ def model_notes(d: dict) -> list[str]:
     return lines
 
 
+def model_view(path: str | Path):
+    """`describe_model(path)` as rich renderables (`rich.print(model_view("demo"))`, `diffcls info
+    PATH`): the header, `model_notes`, a table of the components, their weight files."""
+    from diffcls.render import human_size, lines, table
+
+    d = describe_model(path)
+    if d["kind"] == "checkpoint":
+        head = [f"\ncheckpoint {d['path']} ({human_size(d['bytes'])}): {d['model_type']}"]
+    else:
+        shift = f", shift {d['shift']:g})" if d.get("shift") is not None else ")"
+        head = [f"\nmodel directory {d['path']} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
+                f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}" + shift, *model_notes(d)]
+    rows = [(name, str(c["class"] or "-"), f"{c['parameters'] / 1e6:,.1f} M", human_size(c["bytes"]) if c["bytes"] is not None else "-")
+            for name, c in d["components"].items()]
+    tail = ["weights: " + ", ".join(f for c in d["components"].values() for f in c["files"]),
+            f"export engines with: diffcls export --model {path} --out ENGINES"] if d["kind"] == "directory" else []
+    return lines(*head, table(("component", "class", "parameters", "size"), rows, left=("component", "class")), *tail)
+
+
 def _describe_checkpoint(path: Path) -> dict:
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a model directory")

@@ -256,7 +256,7 @@ class AdaptiveSchedule(_BandWeights):
       calibration split; it picks `alpha` from `KNOB_TO_ALPHA` when `alpha` is not given.
     """
 
-    # defaults chosen on replays of digits `train`-split tables only (BENCHMARKS.md, "Round 4")
+    # defaults chosen on replays of digits `train`-split tables only (BENCHMARKS.md, "Round 4", "Round 5")
     error_rate: float = 0.02  # knob: P(answer differs from the full-budget answer), measured meaning
     alpha: float | None = None  # the test's bound on P(a test eliminates the best); None: from error_rate
     min_samples: int = 8  # n0: the samples each stage estimates its pair variances from

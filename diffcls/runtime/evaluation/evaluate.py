@@ -181,6 +181,30 @@ def metrics_lines(m: dict) -> list[str]:
     return lines
 
 
+def metrics_view(m: dict, classes: dict[int, str]):
+    """`evaluation(job)`'s metrics as rich renderables (`rich.print(metrics_view(m, job.prompts.classes))`):
+    `metrics_lines`, then per-class precision/recall and the confusion matrix (up to 30 classes)."""
+    from rich.table import Table
+
+    from diffcls.render import lines, pct, table
+
+    names = [classes[i] for i in m["class_ids"]]
+    if len(names) > 30:
+        return lines(*metrics_lines(m), f"per-class precision/recall and confusion matrix: {len(names)} classes, too many to print; see --json / --plot")
+    per_class = table(("class", "precision", "recall", "f1", "images"), left=("class",),
+                      rows=[(f"{i} {name}", pct(p), pct(r), pct(f), str(n)) for i, name, p, r, f, n in zip(m["class_ids"], names, m["precision"], m["recall"], m["f1"], m["support"])],
+                      title="per class (precision: of the images predicted as the class, recall: of its images)")
+    # columns are headed by class id so the counts stay readable in an 80-column terminal
+    confusion = Table(title="confusion (rows: true, columns: predicted class id)")
+    confusion.add_column("true class", no_wrap=True)
+    for i in m["class_ids"]:
+        confusion.add_column(str(i), justify="right", no_wrap=True)
+    confusion.add_column("acc", justify="right", no_wrap=True, min_width=4)
+    for i, name, row, acc in zip(m["class_ids"], names, m["confusion"], m["per_class"]):
+        confusion.add_row(f"{i} {name}", *map(str, row), pct(acc))
+    return lines(*metrics_lines(m), per_class, confusion)
+
+
 def schedule_note(schedule) -> str | None:
     """An adaptive schedule set by --error-rate: what that number was measured to mean."""
     from diffcls.runtime.algorithm.schedule import AdaptiveSchedule

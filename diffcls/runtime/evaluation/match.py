@@ -651,6 +651,28 @@ def summary_notes(summary: dict) -> list[str]:
         f"chance: text {100 * CHANCE['text']:.0f}%, image {100 * CHANCE['image']:.0f}%, group {100 * CHANCE['group']:.1f}%"]
 
 
+def _pct(summary: dict, name: str) -> str:
+    v = summary[name]
+    if v is None:
+        return "-"
+    lo, hi = summary[f"{name}_ci95"]
+    return f"{100 * v:.1f}\n({100 * lo:.0f}-{100 * hi:.0f})"  # two lines: 7 columns fit 80
+
+
+def summary_view(summary: dict, schedule):
+    """`summarize`'s scores as rich renderables (`rich.print(summary_view(summary, job.schedule))`):
+    the schedule, a table per tag and overall with 95% intervals, what the columns mean, `summary_notes`."""
+    from diffcls.render import lines, table
+
+    rows = list(summary["by_tag"].items()) if len(summary["by_tag"]) > 1 else []
+    cells = [(tag or "(no tag)", str(s["n"]), *(_pct(s, k) for k in ("text", "image", "image_normalised", "group")), f"{s['evals_per_item']:.0f}")
+             for tag, s in rows + [("overall", summary["overall"])]]
+    scores = table(("tag", "n", "text", "image", "img norm", "group", "evals"), cells, left=("tag",),
+                   title="% of items correct (95% Wilson interval)", show_lines=True)
+    return lines(schedule.describe(), scores, "img norm: the image score with each image's error under the empty prompt subtracted; evals: UNet evaluations per item",
+                 *summary_notes(summary))
+
+
 def agreement_line(a: dict, reference) -> str:
     """`agreement`'s numbers with the `reference` results file in a line."""
     if not a["n_items"]:

@@ -33,7 +33,7 @@ from diffcls.runtime.evaluation.evaluate import LABEL_COLUMNS, LabelKind, label_
 from diffcls.runtime.data.inputs import Inputs, collect_inputs
 from diffcls.runtime.data.preprocess import file_digest
 from diffcls.runtime.algorithm.ranking import TOP_K, probabilities, rows_from_cells
-from diffcls.runtime.results.writer import BackgroundWriter, ResultsWriter
+from diffcls.runtime.results.writer import BackgroundWriter, ResultsWriter, printable
 from diffcls.runtime.results.shards import parse_shard, shard_of
 from diffcls.runtime.execution.spec import JobSpec
 from diffcls.runtime.execution.timing import rate
@@ -102,6 +102,21 @@ class Outcome:
                 rec["probability"] = probs[i]
             top.append(rec)
         return {"path": key, "prediction": self.prediction, "classidx": self.classidx, "n_evals": self.n_evals, "top": top}
+
+    def table(self, key: str, temperature: float | None = None, k: int = TOP_K):
+        """Its best k classes in ranking order as a rich Table titled `key` (`rich.print(...)`): mean
+        errors, with a temperature the probabilities, and where each class left the race."""
+        from rich.markup import escape
+
+        from diffcls.render import table
+
+        ranked = self.ranked or []
+        probs = probabilities(ranked, temperature) if temperature is not None else None
+        cols = ["#", "class", "mean error"] + (["probability"] if probs is not None else []) + ["decided"]
+        rows = [[str(i + 1), escape(c.classname), f"{c.mean_error:.5g}"] + ([f"{probs[i]:.3f}"] if probs is not None else [])
+                + ["final decision" if c.in_final else f"pruned after {c.pruned_after} timesteps"] for i, c in enumerate(ranked[:k])]
+        return table(cols, rows, left=cols, wrap=cols, title=escape(printable(key)),
+                     caption="mean error: lower is better" + ("" if probs is not None else "; --calibration FILE adds probabilities"))
 
 
 _DROPPED = {  # why ResultsWriter dropped rows on resume -> what the user is told
@@ -414,6 +429,31 @@ class ClassifyJob:
         image named alone, its record; else a list by key."""
         recs = [self.results[key].to_json(key, self.temperature, k) for key in sorted(self.results)]
         return recs[0] if len(self.inputs) == 1 else recs
+
+    def table(self, k: int = TOP_K):
+        """The results as a rich Table (`rich.print(job)` prints it): one image named alone, its best
+        k classes (`Outcome.table`); else one row per image, its prediction and runner-up, with the
+        mean errors that decided them and, calibrated, their probabilities."""
+        from rich.markup import escape
+
+        from diffcls.render import table
+
+        if len(self.inputs) == 1 and self.results:
+            return next(iter(self.results.values())).table(next(iter(self.results)), self.temperature, k)
+        t = self.temperature
+        cols = ["image", "prediction", "mean error"] + (["probability"] if t is not None else []) + ["runner-up"]
+        rows = []
+        for key in sorted(self.results):
+            r = self.results[key]
+            ranked = r.ranked or []
+            probs = probabilities(ranked, t) if t is not None and ranked else None
+            cells = [escape(printable(key)), escape(r.prediction), f"{ranked[0].mean_error:.4g}" if ranked else ""]
+            cells += [f"{probs[0]:.3f}" if probs else ""] if t is not None else []
+            rows.append(cells + [escape(ranked[1].describe(probs[1] if probs else None)) if len(ranked) > 1 else ""])
+        return table(cols, rows, left=cols, wrap=cols,
+                     caption="mean error: lower is better; a class pruned before the final decision shows its mean over its own fewer samples")
+
+    __rich__ = table
 
     def record(self) -> dict:
         """What ran, as plain values (evaluate --json's "settings"): the inputs, the spec, and

@@ -74,6 +74,17 @@ def summary_lines(report: dict) -> list[str]:
     ]
 
 
+def report_view(report: dict):
+    """The report as rich renderables (`rich.print(report_view(profile_job(job.open())))`): the
+    stage table (`stage_rows`), what the stages mean, `summary_lines`."""
+    from diffcls.render import lines, table
+
+    cols = ("stage", "calls", "total s", "p50 ms/call", "p90 ms/call", "% of run")
+    return lines(table(cols, stage_rows(report), left=("stage",), wrap=cols[1:], title=f"diffcls profile ({report['n_images']} images)"),
+                 "preprocess: reading, decoding and resizing images on --workers threads, overlapped with the UNet; cached: the cache held every result, so the stage did not run; p50/p90 are per call",
+                 *summary_lines(report))
+
+
 def require_matplotlib():
     try:
         import matplotlib
