@@ -188,16 +188,11 @@ class FluxModel(PackedModel):
         return specs.packed_component_specs(ids_length=self.max_length, emb_length=self.t5_length + 1, hidden_size=self.joint_dim,
                                             image_size=image_size, latent_shape=self.latent_shape(image_size))
 
-    def wrap(self, component: str) -> torch.nn.Module:
-        from diffcls.models.wrappers import VaeEncoderWrapper
+    def text_encoder_wrapper(self) -> torch.nn.Module:
+        return FluxTextEncoderWrapper(self)
 
-        if component == "text_encoder":
-            return FluxTextEncoderWrapper(self)
-        if component == "vae_encoder":
-            return VaeEncoderWrapper(self.vae, self.scaling_factor, self.shift_factor)
-        if component == "unet":
-            return FluxWrapper(self.transformer, int(self.transformer.config.pooled_projection_dim), self.guidance)
-        raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")
+    def denoiser_wrapper(self) -> torch.nn.Module:
+        return FluxWrapper(self.transformer, int(self.transformer.config.pooled_projection_dim), self.guidance)
 
 
 def _read_json(path: Path) -> dict:

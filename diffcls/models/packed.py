@@ -148,6 +148,19 @@ class PackedModel(LatentDiffusionModel):
         """What else identifies the model beyond modules and tables (Flux: its dynamic shift)."""
         return ""
 
+    def wrap(self, component: str) -> torch.nn.Module:
+        """The exported graph of a component: the family's text-encoder and denoiser wrappers
+        (`text_encoder_wrapper`, `denoiser_wrapper`), the VAE encoder with its scale and shift."""
+        from diffcls.models.wrappers import VaeEncoderWrapper
+
+        if component == "text_encoder":
+            return self.text_encoder_wrapper()
+        if component == "vae_encoder":
+            return VaeEncoderWrapper(self.vae, self.scaling_factor, self.shift_factor)
+        if component == "unet":
+            return self.denoiser_wrapper()
+        raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")
+
     def to(self, device, dtype: torch.dtype | None = None):
         for m in self.modules.values():
             m.to(device=device, dtype=dtype)

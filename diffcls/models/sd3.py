@@ -123,16 +123,11 @@ class SD3Model(PackedModel):
         return specs.packed_component_specs(ids_length=self.max_length, emb_length=L, hidden_size=self.joint_dim,
                                             image_size=image_size, latent_shape=self.latent_shape(image_size))
 
-    def wrap(self, component: str) -> torch.nn.Module:
-        from diffcls.models.wrappers import VaeEncoderWrapper
+    def text_encoder_wrapper(self) -> torch.nn.Module:
+        return SD3TextEncoderWrapper(self)
 
-        if component == "text_encoder":
-            return SD3TextEncoderWrapper(self)
-        if component == "vae_encoder":
-            return VaeEncoderWrapper(self.vae, self.scaling_factor, self.shift_factor)
-        if component == "unet":
-            return SD3Wrapper(self.transformer, int(self.transformer.config.pooled_projection_dim))
-        raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")
+    def denoiser_wrapper(self) -> torch.nn.Module:
+        return SD3Wrapper(self.transformer, int(self.transformer.config.pooled_projection_dim))
 
 
 def is_sd3_directory(path) -> bool:

@@ -101,16 +101,11 @@ class SDXLModel(PackedModel):
         return specs.packed_component_specs(ids_length=self.max_length, emb_length=self.tokenizer.lengths["tokenizer"] + 1,
                                             hidden_size=self.hidden_size, image_size=image_size, latent_shape=self.latent_shape(image_size))
 
-    def wrap(self, component: str) -> torch.nn.Module:
-        from diffcls.models.wrappers import VaeEncoderWrapper
+    def text_encoder_wrapper(self) -> torch.nn.Module:
+        return SDXLTextEncoderWrapper(self)
 
-        if component == "text_encoder":
-            return SDXLTextEncoderWrapper(self)
-        if component == "vae_encoder":
-            return VaeEncoderWrapper(self.vae, self.scaling_factor, self.shift_factor)
-        if component == "unet":
-            return SDXLUNetWrapper(self.unet, int(self.text_encoder_2.config.projection_dim), self.vae_scale_factor)
-        raise DiffclsError(f"unknown component {component!r}; choose text_encoder, vae_encoder or unet")
+    def denoiser_wrapper(self) -> torch.nn.Module:
+        return SDXLUNetWrapper(self.unet, int(self.text_encoder_2.config.projection_dim), self.vae_scale_factor)
 
 
 def is_sdxl_directory(path) -> bool:
