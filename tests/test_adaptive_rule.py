@@ -44,9 +44,9 @@ def gaussian_runs(K, G, runs, seed, gap=1e-4, sd_common=0.5, sd_own=0.1, spread=
     return means + rng.normal(0, sd_common, (runs, G, 1)) + rng.normal(0, sd_own, (runs, G, K))
 
 
-def run_policy(X, params: AdaptiveSchedule):
+def run_policy(X, params: AdaptiveSchedule, policy_cls=SequentialPolicy):
     K = X.shape[1]
-    pol = SequentialPolicy(K, params)
+    pol = policy_cls(K, params)
     while not pol.done:
         block = pol.next_block()
         pol.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [X[k, c] for c, k, _ in block])
@@ -154,10 +154,7 @@ class _SumsKeptFinalStage(SequentialPolicy):
 
 
 def _final_stage_decisions(policy_cls, X, params):
-    pol = policy_cls(X.shape[1], params)
-    while not pol.done:
-        block = pol.next_block()
-        pol.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [X[k, c] for c, k, _ in block])
+    pol = run_policy(X, params, policy_cls)
     return {c: r for c, r in pol.eliminated_at.items() if r > params.max_samples}, pol.n_evals
 
 
@@ -192,10 +189,7 @@ def test_negative_control_sums_kept_in_the_final_stage_is_caught():
         for seed in range(4):
             X = gaussian_runs(6, params.grid_size, 400, seed)
             for r in range(400):
-                pol = cls(6, params)
-                while not pol.done:
-                    block = pol.next_block()
-                    pol.feed_block([c for c, _, _ in block], [k for _, k, _ in block], [j for _, _, j in block], [X[r, k, c] for c, k, _ in block])
+                pol = run_policy(X[r], params, cls)
                 tested += 0 in pol.eliminated_at  # prompt 0, the best, eliminated by a test (no cut here)
                 n += 1
         rates[cls.__name__] = (tested, n)
