@@ -176,13 +176,18 @@ def _describe_checkpoint(path: Path) -> dict:
 
         prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
                     **{name: p for name, p in FILE_ENCODERS.items() if any(k.startswith(p) for k in shapes)}}
+    keys = {name: [k for k in shapes if k.startswith(p)] for name, p in prefixes.items()}
+    if family == "flux":  # the transformer (names bare or prefixed), and the parts an all-in-one file carries
+        keys = flux.file_parts(shapes)
     components = {
-        name: {"class": None, "parameters": sum(_numel(s.shape) for k, s in shapes.items() if k.startswith(p)), "files": [path.name], "bytes": None}
-        for name, p in prefixes.items()
+        name: {"class": None, "parameters": sum(_numel(shapes[k].shape) for k in names), "files": [path.name], "bytes": None}
+        for name, names in keys.items()
     }
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     kind = {"sdxl": "xl", "sd3": "sd3"}.get(family) or infer_diffusers_model_type(shapes)
+    flux_types = {k: f"{name} (pass --config: the Flux directory or cached id with its configs, and the parts the file lacks)"
+                  for k, name in flux.FILE_KINDS.items()}
     return {
         "kind": "checkpoint",
         "path": str(path),
@@ -190,7 +195,7 @@ def _describe_checkpoint(path: Path) -> dict:
         "components": components,
         "model_type": {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x (base or 768-v: pass --config)",
                        "xl": "SDXL (pass --config: the SDXL directory or cached id with its configs)",
-                       "sd3": "SD3/3.5 (pass --config: the SD3 directory or cached id with its configs)"}.get(kind, kind),
+                       "sd3": "SD3/3.5 (pass --config: the SD3 directory or cached id with its configs)", **flux_types}.get(kind, kind),
         "prediction_type": None,
         "default_image_size": None,
     }

@@ -237,24 +237,129 @@ def check_flux_configs(path: Path) -> tuple[dict, dict]:
 def load_flux_directory(path) -> FluxModel:
     """A `FluxPipeline` directory, local files only."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     path = Path(path)
     load = component_loader(path, PIPELINE_CLASS, REQUIRED_DIRS)
     _, sched = check_flux_configs(path)
+    modules = {"text_encoder": load("text_encoder", CLIPTextModel.from_pretrained),
+               "text_encoder_2": load("text_encoder_2", T5EncoderModel.from_pretrained),
+               "transformer": load("transformer", FluxTransformer2DModel.from_pretrained), "vae": load("vae", AutoencoderKL.from_pretrained)}
+    return _flux_model(path, load, sched, modules, path)
+
+
+def _flux_model(root: Path, load, sched: dict, modules: dict, source) -> FluxModel:
+    """The FluxModel of loaded `modules`, with the tokenizers of directory `root` (`load`: its
+    component loader) as the pipeline uses them: CLIP at its tokenizer's length, T5 at
+    max_sequence_length 512 (or less where its tokenizer says so)."""
+    from transformers import AutoTokenizer
+
     parts = {"tokenizer": load("tokenizer", AutoTokenizer.from_pretrained), "tokenizer_2": load("tokenizer_2", AutoTokenizer.from_pretrained)}
-    # as the pipeline: CLIP at its tokenizer's length, T5 at max_sequence_length 512 (or less where its tokenizer says so)
     lengths = {"tokenizer": int(min(parts["tokenizer"].model_max_length, 77)),
                "tokenizer_2": int(min(parts["tokenizer_2"].model_max_length, T5_MAX_LENGTH))}
-    model = FluxModel(
-        tokenizer=MultiTokenizer(parts, lengths),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
-        text_encoder_2=load("text_encoder_2", T5EncoderModel.from_pretrained),
-        transformer=load("transformer", FluxTransformer2DModel.from_pretrained),
-        vae=load("vae", AutoencoderKL.from_pretrained),
-        scheduler_config=sched, source=str(path),
-    )
+    model = FluxModel(tokenizer=MultiTokenizer(parts, lengths), **modules, scheduler_config=sched, source=str(source))
     return model.eval()
+
+
+# --- single-file checkpoints (`loading`: --model FILE --config DIR) ------------------------------
+# BFL's own files (flux1-dev.safetensors) hold the transformer alone, its tensor names bare or
+# under `model.diffusion_model.`; ComfyUI's all-in-one files also carry these parts, under these prefixes
+FILE_PARTS = {"vae": ("vae.", "first_stage_model."), "text_encoder": ("text_encoders.clip_l.",), "text_encoder_2": ("text_encoders.t5xxl.",)}
+# what diffusers' model-type inference calls the files diffcls scores (Fill and Depth take image latents too)
+FILE_KINDS = {"flux-dev": "FLUX.1 [dev]", "flux-schnell": "FLUX.1 [schnell]"}
+CONFIG_REPOS = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+FLUX1_WIDTH = 3072  # FLUX.1's transformer width: diffusers' conversion splits a single block's fused `linear1` at it
+
+
+def file_parts(keys) -> dict[str, list[str]]:
+    """{component: its tensor names} of a Flux single file: the transformer, and each part of
+    `FILE_PARTS` the file carries."""
+    out: dict[str, list[str]] = {"transformer": []}
+    for k in keys:
+        out.setdefault(next((n for n, prefixes in FILE_PARTS.items() if k.startswith(prefixes)), "transformer"), []).append(k)
+    return out
+
+
+def config_hint(kind: str) -> str:
+    """How to get the --config directory of a `kind` file: everything but the transformer's weights."""
+    repo = CONFIG_REPOS.get(kind, CONFIG_REPOS["flux-dev"])
+    single = "flux1-dev" if repo.endswith("dev") else "flux1-schnell"
+    return (f"--config {repo} (its configs, tokenizers, text encoders and VAE: hf download {repo} "
+            f"--exclude 'transformer/*.safetensors' --exclude '{single}.safetensors' --exclude 'ae.safetensors')")
+
+
+def transformer_from_checkpoint(tensors: dict, root: Path, source: Path):
+    """The FluxTransformer2DModel of a BFL-layout transformer's `tensors` (from file `source`),
+    converted by diffusers' own `convert_flux_transformer_checkpoint_to_diffusers` and shaped by
+    `root`'s transformer config; a file that config does not describe is refused in one line.
+
+    That conversion splits each single block's fused `linear1` (q, k, v and MLP rows) at FLUX.1's
+    width; a transformer of another width (the tiny test models) has those rows padded to FLUX.1's
+    split for it and cut back after, so that one conversion serves every width."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    cfg = FluxTransformer2DModel.load_config(str(root / "transformer"), local_files_only=True)
+    width = int(cfg.get("num_attention_heads", 24)) * int(cfg.get("attention_head_dim", 128))
+    sizes, full = (width,) * 3 + (4 * width,), (FLUX1_WIDTH,) * 3 + (4 * FLUX1_WIDTH,)
+    with torch.device("meta"):  # the tensors the config implies, none allocated
+        want = {k: tuple(v.shape) for k, v in FluxTransformer2DModel.from_config(cfg).state_dict().items()}
+
+    def refuse(what: str) -> DiffclsError:
+        return DiffclsError(f"the transformer in {source} does not match {root / 'transformer' / 'config.json'} ({what}); "
+                            "pass the --config of the Flux model the file was saved from")
+
+    fused = [k for k in tensors if k.endswith((".linear1.weight", ".linear1.bias"))] if width != FLUX1_WIDTH else []
+    if fused and width > FLUX1_WIDTH:
+        raise refuse(f"its width {width} is wider than FLUX.1's {FLUX1_WIDTH}, which diffusers' conversion assumes")
+    for k in fused:  # each piece padded with zero rows to FLUX.1's
+        if len(tensors[k]) != sum(sizes):
+            raise refuse(f"{k} has {len(tensors[k])} rows, the config's width {width} makes {sum(sizes)}")
+        pieces = torch.split(tensors[k], sizes, dim=0)
+        tensors[k] = torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 1) + (0, n - len(p))) for p, n in zip(pieces, full)])
+    try:
+        converted = convert_flux_transformer_checkpoint_to_diffusers(tensors)
+    except KeyError as e:
+        raise refuse(f"it lacks {e}") from None
+    if fused:
+        cut = {"attn.to_q.": width, "attn.to_k.": width, "attn.to_v.": width, "proj_mlp.": 4 * width}
+        for k, v in converted.items():
+            n = next((n for p, n in cut.items() if k.startswith("single_transformer_blocks.") and k.split(".", 2)[2].startswith(p)), None)
+            converted[k] = v[:n].clone() if n is not None else v
+    odd = sorted(set(want) ^ set(converted)) or [k for k in want if tuple(converted[k].shape) != want[k]]
+    if odd:
+        raise refuse(f"{len(odd)} tensors differ in name or shape, e.g. {odd[0]}")
+    return FluxTransformer2DModel.from_single_file(converted, config=str(root), subfolder="transformer", local_files_only=True)
+
+
+def load_flux_file(path: Path, root: Path, kind: str = "flux-dev") -> FluxModel:
+    """A Flux single-file checkpoint: its transformer, and the VAE and text encoders it carries
+    (`FILE_PARTS`), read by diffusers' single-file conversions; the configs, tokenizers, scheduler
+    and the parts the file lacks (a transformer-only file: all of them) from the Flux directory `root`.
+    `kind`: what diffusers' inference calls the file ("flux-dev", "flux-schnell"), for messages."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    load = component_loader(root, PIPELINE_CLASS, REQUIRED_DIRS)
+    _, sched = check_flux_configs(root)
+    checkpoint = sf.load_single_file_checkpoint(str(path), local_files_only=True)
+    parts, local = file_parts(checkpoint), {"config": str(root), "local_files_only": True}
+    readers = {"vae": (lambda: AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **local), AutoencoderKL),
+               "text_encoder": (lambda: sf.create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint, subfolder="text_encoder", **local),
+                                CLIPTextModel),
+               "text_encoder_2": (lambda: sf.create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint, subfolder="text_encoder_2",
+                                                                                       **local), T5EncoderModel)}
+    modules = {"transformer": transformer_from_checkpoint({k: checkpoint[k] for k in parts["transformer"]}, root, path)}
+    for name, (read, cls) in readers.items():
+        if name in parts:
+            modules[name] = read()
+            continue
+        if not any(f.suffix in (".safetensors", ".bin") for f in (root / name).iterdir()):
+            raise DiffclsError(f"{path} holds no {name} and the --config directory's {root / name} has no weights; "
+                               f"pass a Flux --config directory with them, e.g. {config_hint(kind)}")
+        modules[name] = load(name, cls.from_pretrained)
+    return _flux_model(root, load, sched, modules, path)
 
 
 def save_flux_directory(model: FluxModel, out_dir) -> Path:

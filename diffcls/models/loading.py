@@ -49,8 +49,11 @@ SGM_TEXT_KEYS = ("conditioner.embedders.0.transformer.text_model.embeddings.posi
 # an SD3/3.5 checkpoint's MMDiT (the original layout), with or without its `model.diffusion_model.` prefix
 MMDIT_KEYS = ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
               "joint_blocks.0.context_block.adaLN_modulation.1.bias")
+# a Flux checkpoint's transformer (BFL's layout, diffusers' own marker), with or without the prefix
+FLUX_KEYS = ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "double_blocks.0.img_attn.norm.key_norm.scale")
 # what a single file is, and what a --config directory is, in messages
 FILE_FAMILIES = {"sdxl": ("an SDXL checkpoint", "an SDXL directory"), "sd3": ("an SD3/3.5 checkpoint", "an SD3 directory"),
+                 "flux": ("a Flux checkpoint", "a Flux directory"),
                  "stable-diffusion": ("a Stable Diffusion 1.x/2.x checkpoint", "a Stable Diffusion 1.x/2.x directory")}
 
 
@@ -457,12 +460,13 @@ def checkpoint_shapes(path: Path) -> dict:
 
 
 def checkpoint_family(path: Path, shapes: dict | None = None) -> str:
-    """"sdxl" (the SGM layout's two text encoders), "sd3" (an MMDiT) or "stable-diffusion" (the
-    rest: what diffusers' own inference then tells apart), from the file's tensor names (`shapes`
-    if read already)."""
+    """"sdxl" (the SGM layout's two text encoders), "sd3" (an MMDiT), "flux" (a Flux transformer:
+    which one, diffusers' inference says) or "stable-diffusion" (the rest: what diffusers' own
+    inference then tells apart), from the file's tensor names (`shapes` if read already)."""
     if shapes is None:
         shapes = checkpoint_shapes(path) if path.suffix in CHECKPOINT_SUFFIXES else {}
-    return "sdxl" if any(k in shapes for k in SGM_TEXT_KEYS) else "sd3" if any(k in shapes for k in MMDIT_KEYS) else "stable-diffusion"
+    marked = (("sdxl", SGM_TEXT_KEYS), ("sd3", MMDIT_KEYS), ("flux", FLUX_KEYS))
+    return next((family for family, keys in marked if any(k in shapes for k in keys)), "stable-diffusion")
 
 
 def single_file_config(path: Path, config: str | Path | None = None) -> Path:
@@ -499,14 +503,14 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
             f"whose configs describe it, e.g. --config {SD3_CONFIG_REPO} (get the configs with: hf download {SD3_CONFIG_REPO} "
             f"{include} --include '*.model')"
         )
-    if str(kind).startswith("flux"):
+    if family == "flux" and kind in flux.FILE_KINDS:
         raise DiffclsError(
-            f"{path} is a single-file {kind} checkpoint; diffcls reads Flux from diffusers directories only: "
-            "convert it once with diffusers (FluxPipeline.from_single_file(FILE).save_pretrained(DIR)) and pass --model DIR"
+            f"{path} is a single-file {flux.FILE_KINDS[kind]} checkpoint; pass --config with the diffusers Flux directory or cached "
+            f"model id whose configs describe it (and holds the parts the file lacks), e.g. {flux.config_hint(kind)}"
         )
     if kind != "v1":
         raise DiffclsError(
-            f"{path} is not a Stable Diffusion 1.x/2.x, SDXL or SD3 checkpoint (diffusers reads it as {kind!r}); "
+            f"{path} is not a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux (FLUX.1 [dev]/[schnell]) checkpoint (diffusers reads it as {kind!r}); "
             "pass a diffusers directory, or --config DIR with the configs of the model it was saved from"
         )
     for repo in SD1_CONFIG_REPOS:
@@ -521,7 +525,7 @@ def single_file_config(path: Path, config: str | Path | None = None) -> Path:
 
 
 def _config_dir(config: str | Path) -> Path:
-    """The --config of a single file: a diffusers SD 1.x/2.x, SDXL or SD3 directory (or cached id)."""
+    """The --config of a single file: a diffusers SD 1.x/2.x, SDXL, SD3 or Flux directory (or cached id)."""
     try:
         root = resolve_model_path(config)
     except DiffclsError as e:
@@ -530,7 +534,8 @@ def _config_dir(config: str | Path) -> Path:
         raise DiffclsError(f"--config {config} must be a diffusers model directory (or a cached model id), not a file")
     from diffcls.models import sd3
 
-    missing = [d for d in (sd3.REQUIRED_DIRS if is_sd3_directory(root) else REQUIRED_DIRS) if not (root / d).is_dir()]
+    required = flux.REQUIRED_DIRS if is_flux_directory(root) else sd3.REQUIRED_DIRS if is_sd3_directory(root) else REQUIRED_DIRS
+    missing = [d for d in required if not (root / d).is_dir()]
     if missing:
         raise DiffclsError(
             f"--config {config} ({root}) lacks {', '.join(d + '/' for d in missing)}; it must hold a "
@@ -539,12 +544,13 @@ def _config_dir(config: str | Path) -> Path:
     return root
 
 
-def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool = False) -> SDModel | SDXLModel | SD3Model:
+def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool = False) -> SDModel | SDXLModel | SD3Model | FluxModel:
     """A single checkpoint through diffusers' `from_single_file`, offline: the configs, tokenizers
     and scheduler come from the local directory `single_file_config` names, of the file's family
     (an SDXL file's text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as
     OpenCLIP's; an SD3 file's under `text_encoders.`, those it lacks read from the directory,
-    `models.sd3.single_file_components`).
+    `models.sd3.single_file_components`; a Flux file's transformer, and what else it carries,
+    `models.flux.load_flux_file`).
     `no_t5`: an SD3 file without its T5 encoder, not even read (as `load_sd3_directory`)."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(
@@ -552,7 +558,8 @@ def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool 
         )
     root = single_file_config(path, config)
     family = checkpoint_family(path)
-    configs = "sd3" if is_sd3_directory(root) else "sdxl" if is_sdxl_directory(root) else "stable-diffusion"
+    configs = ("flux" if is_flux_directory(root) else "sd3" if is_sd3_directory(root) else "sdxl" if is_sdxl_directory(root)
+               else "stable-diffusion")
     if family != configs:  # diffusers would fill the parts it cannot find with random weights, or mix families
         raise DiffclsError(f"{path} is {FILE_FAMILIES[family][0]} and --config {config} is {FILE_FAMILIES[configs][1]}; "
                            "pass the configs of the model the file was saved from")
@@ -560,6 +567,8 @@ def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool 
         from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         local = {"config": str(root), "local_files_only": True}
+        if family == "flux":
+            return flux.load_flux_file(path, root, _flux_file_kind(path))
         if family == "sd3":
             from diffcls.models.sd3 import single_file_components
 
@@ -570,6 +579,8 @@ def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool 
         else:
             pipe = StableDiffusionPipeline.from_single_file(str(path), **local, safety_checker=None, feature_extractor=None,
                                                             requires_safety_checker=False)
+    except DiffclsError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise DiffclsError(
             f"cannot load checkpoint {path} with the configs in {root}: {_first_line(e)}; check that --config "
@@ -587,6 +598,16 @@ def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool 
     model = SDModel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet, alphas_cumprod=alphas,
                     source=str(path), prediction_type=prediction_type, sigmas=sigmas)
     return model.eval()
+
+
+def _flux_file_kind(path: Path) -> str:
+    """Which Flux a Flux file is (diffusers' inference), refused in one line unless diffcls scores it."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    kind = infer_diffusers_model_type(checkpoint_shapes(path))
+    if kind not in flux.FILE_KINDS:
+        raise DiffclsError(f"{path} is a single-file {kind} checkpoint (diffusers' name for it); supported: {flux.SUPPORTED}")
+    return kind
 
 
 def model_defaults(path: str | Path | None, config: str | Path | None = None) -> dict:
