@@ -10,6 +10,7 @@ with its errors; without --config, or with another family's, it is refused in on
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -202,3 +203,30 @@ def test_flux_single_file_with_the_wrong_configs_is_refused(flux_file, tiny_dir,
         f.unlink()
     with pytest.raises(DiffclsError, match="holds no vae and the --config directory's .* has no weights; .*hf download black-forest-labs/FLUX.1-dev"):
         load_model(bare, config=bare_dir)
+
+
+def test_flux_single_file_exports_with_its_configs_scheduler(tmp_path, flux_file, image_folder):
+    """Engines exported from the file are the directory's model (its fingerprint) and carry the
+    --config's scheduler: the sigmas' dynamic shift and the flow models' default weighting.
+    classify checks them against the file loaded with its --config, and every export command it
+    suggests repeats that --config (a single file needs it: SDXL, SD3, Flux, SD 2.x)."""
+    pytest.importorskip("onnxruntime")
+    from conftest import assert_one_line_error, invoke_cli
+    from diffcls.export import ExportConfig, export_model
+    from diffcls.models.loading import load_model, model_defaults
+
+    d, bare, _ = flux_file
+    assert model_defaults(bare, d)["weighting"] == model_defaults(d)["weighting"] == "logit-normal"
+    export_model(ExportConfig(out=tmp_path / "e", model=bare, config=d, batch_sizes=(4,), image_size=SIZE, device="cpu"))
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["kind"] == "flux" and manifest["fingerprint"] == load_model(d).fingerprint() and manifest["source"] == str(bare)
+    assert (tmp_path / "e" / "scheduler" / "scheduler_config.json").read_text() == (d / "scheduler" / "scheduler_config.json").read_text()
+    assert model_defaults(tmp_path / "e")["weighting"] == "logit-normal"
+    base = ["classify", image_folder, "--classes", "cat,dog", "--n-samples", "2", "--to-keep", "1", "--batch-size", "4",
+            "--threads", "1", "--no-cache", "--model", bare, "--config", d]
+    r = invoke_cli(*base, "--engines", tmp_path / "e", "--out", tmp_path / "ort.csv")
+    assert r.exit_code == 0, r.output  # the file, loaded with its --config, is the model the engines were built from
+    export = f"diffcls export --model {bare} --config {d} --out"
+    assert_one_line_error(invoke_cli(*base, "--engines", tmp_path / "none", "--out", tmp_path / "a.csv"), "does not exist", export)
+    assert_one_line_error(invoke_cli(*base, "--engines", tmp_path / "e", "--image-size", "32", "--out", tmp_path / "b.csv"),
+                          "built for image size 16, not 32", export)

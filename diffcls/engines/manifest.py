@@ -107,8 +107,11 @@ def tamper_problem(engine_dir: Path, manifest: dict, check_hash: bool = True) ->
     return None
 
 
-def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | None = None, **overrides) -> str:
-    """The exact `diffcls export` command that (re)builds `engine_dir` as its manifest describes."""
+def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | None = None, config: str | Path | None = None,
+                **overrides) -> str:
+    """The exact `diffcls export` command that (re)builds `engine_dir` as its manifest describes:
+    `model` and its `config` (a single file's --config) where given, else the manifest's source
+    and the --config it was exported with."""
     m = manifest or {}
     comps = m.get("components") or {}
     first = comps.get("unet") or (next(iter(comps.values()), {}) if comps else {})
@@ -132,9 +135,12 @@ def fix_command(engine_dir: str | Path, manifest: dict | None, *, model: str | N
             own[flag] = str(sizes[0])
     image_size = overrides.get("image_size") or m.get("image_size")
     source = model if model is not None else m.get("source")
+    config = config if config is not None or model is not None else m.get("config")
     parts = ["diffcls", "export"]
     if source and not str(source).startswith("<"):
         parts += ["--model", str(source)]
+        if isinstance(config, (str, Path)) and str(config):
+            parts += ["--config", str(config)]
     parts += ["--out", str(engine_dir), "--backend", backend]
     if precision:
         parts += ["--precision", precision]
@@ -187,13 +193,14 @@ def file_problem(engine_dir: Path, name: str, entry: dict, *, check_hash: bool =
 
 
 def require_engine_dir(engine_dir: str | Path, *, backend: str | None = None, model_arg: str | None = None,
-                       image_size: int | None = None) -> Path:
-    """`engine_dir` as a Path if it is a directory, else a one-line error with the export command."""
+                       image_size: int | None = None, config_arg: str | Path | None = None) -> Path:
+    """`engine_dir` as a Path if it is a directory, else a one-line error with the export command
+    (of `model_arg`, with its --config `config_arg` where it is a single file that needs one)."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise DiffclsError(
             f"engine directory {engine_dir} does not exist; create it with: "
-            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
+            f"{fix_command(engine_dir, None, model=model_arg, config=config_arg, backend=backend, image_size=image_size)}"
         )
     return engine_dir
 
@@ -205,15 +212,16 @@ def exported_backend(engine_dir: str | Path) -> str:
     return backend if isinstance(backend, str) else "onnxruntime"
 
 
-def require_finished_export(engine_dir: str | Path, *, backend: str | None = None) -> Path:
+def require_finished_export(engine_dir: str | Path, *, backend: str | None = None, model_arg: str | None = None,
+                            config_arg: str | Path | None = None) -> Path:
     """`require_engine_dir`, and a one-line error for a directory without a manifest or one whose
     export was interrupted (before its class prompts or defaults would be looked for)."""
-    engine_dir = require_engine_dir(engine_dir, backend=backend)
+    engine_dir = require_engine_dir(engine_dir, backend=backend, model_arg=model_arg, config_arg=config_arg)
     manifest = read_manifest(engine_dir)
     if manifest is None:
         raise DiffclsError(
             f"{engine_dir} has no {MANIFEST}, so it is not an exported engine directory; create it with: "
-            f"{fix_command(engine_dir, None, backend=backend)}"
+            f"{fix_command(engine_dir, None, model=model_arg, config=config_arg, backend=backend)}"
         )
     if manifest.get("complete") is False:
         raise DiffclsError(
@@ -233,22 +241,24 @@ def verify_engine_dir(
     precision: str | None = None,
     check_hash: bool = True,
     runtime_check=None,
+    config_arg: str | Path | None = None,
 ) -> dict:
     """The manifest of a usable engine directory for `backend`, or a one-line DiffclsError.
 
     `runtime_check(manifest) -> str | None` lets a backend add its own reason (e.g. a TensorRT
-    engine built for another GPU).
+    engine built for another GPU). `config_arg`: `model_arg`'s --config (a single file's), which
+    the fix commands repeat.
     """
-    engine_dir = require_engine_dir(engine_dir, backend=backend, model_arg=model_arg, image_size=image_size)
+    engine_dir = require_engine_dir(engine_dir, backend=backend, model_arg=model_arg, image_size=image_size, config_arg=config_arg)
     manifest = read_manifest(engine_dir)
     if manifest is None:
         raise DiffclsError(
             f"{engine_dir} has no {MANIFEST}, so it is not an exported engine directory; create it with: "
-            f"{fix_command(engine_dir, None, model=model_arg, backend=backend, image_size=image_size)}"
+            f"{fix_command(engine_dir, None, model=model_arg, config=config_arg, backend=backend, image_size=image_size)}"
         )
 
     def fail(reason: str, **overrides) -> DiffclsError:
-        cmd = fix_command(engine_dir, manifest, model=model_arg, **overrides)
+        cmd = fix_command(engine_dir, manifest, model=model_arg, config=config_arg, **overrides)
         return DiffclsError(f"engine directory {engine_dir}: {reason}; rebuild it with: {cmd}")
 
     if manifest.get("backend") != backend:
@@ -400,8 +410,9 @@ def manifest_prediction_type(engine_dir, manifest: dict) -> str:
     return value
 
 
-def resolve_model_arg(model):
-    """(fingerprint or None, the --model string for fix commands) for an optional model argument."""
+def resolve_model_arg(model, config=None):
+    """(fingerprint or None, the --model string for fix commands) for an optional model argument
+    (`config`: a single checkpoint file's --config, `load_model`)."""
     if model is None:
         return None, None
     if not isinstance(model, MODEL_TYPES):
@@ -409,6 +420,6 @@ def resolve_model_arg(model):
         remembered = cached_fingerprint(model)
         if remembered is not None:
             return remembered, str(model)
-        model = load_model(model)
+        model = load_model(model, config=config)
     src = str(model.source)
     return model.fingerprint(), (None if src.startswith("<") else src)

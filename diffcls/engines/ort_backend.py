@@ -177,10 +177,12 @@ def open_engines(
     batch_sizes: tuple[int, ...] | None = None,
     providers: list | None = None,
     check_hash: bool = True,
+    config=None,
     threads: int | None = None,
     **_ignored,
 ) -> EngineSet:
-    """Open an onnxruntime engine directory; `model` (optional) must be the one it was built from.
+    """Open an onnxruntime engine directory; `model` (optional) must be the one it was built from
+    (`config`: a single checkpoint file's --config, loaded with it and repeated in fix commands).
     `threads`: each session's intra-op threads (None: ORT's default, one per physical core)."""
     if engine_dir is None:
         raise DiffclsError(
@@ -188,12 +190,13 @@ def open_engines(
             "(create one with: diffcls export --out DIR --backend onnxruntime)"
         )
     engine_dir = Path(engine_dir)
-    fingerprint, model_arg = mf.resolve_model_arg(model)
+    fingerprint, model_arg = mf.resolve_model_arg(model, config)
     manifest = mf.verify_engine_dir(
         engine_dir,
         backend=BACKEND,
         fingerprint=fingerprint,
         model_arg=model_arg,
+        config_arg=config if model_arg is not None else None,
         image_size=image_size,
         precision=precision,
         check_hash=check_hash,

@@ -170,9 +170,11 @@ def open_engines(
     image_size: int | None = None,
     batch_sizes: tuple[int, ...] | None = None,
     check_hash: bool = True,
+    config=None,
     **_ignored,
 ) -> EngineSet:
-    """Open a TensorRT engine directory; `model` (optional) must be the one it was built from."""
+    """Open a TensorRT engine directory; `model` (optional) must be the one it was built from
+    (`config`: a single checkpoint file's --config, loaded with it and repeated in fix commands)."""
     if engine_dir is None:
         raise DiffclsError(
             "the tensorrt backend runs an exported engine directory; pass --engines DIR "
@@ -182,12 +184,13 @@ def open_engines(
     dev = torch.device("cuda" if device in (None, "auto") else device)
     if dev.type != "cuda":
         raise DiffclsError("TensorRT engines run on CUDA only; drop --device cpu or use --backend onnxruntime")
-    fingerprint, model_arg = mf.resolve_model_arg(model)
+    fingerprint, model_arg = mf.resolve_model_arg(model, config)
     manifest = mf.verify_engine_dir(
         engine_dir,
         backend=BACKEND,
         fingerprint=fingerprint,
         model_arg=model_arg,
+        config_arg=config if model_arg is not None else None,
         image_size=image_size,
         precision=precision,
         check_hash=check_hash,

@@ -297,6 +297,7 @@ def _new_manifest(cfg: ExportConfig, model, fingerprint: str, image_size: int, s
         "specs": {name: s.to_json() for name, s in specs.items()},  # what engines are opened with
         "prediction_type": model.prediction_type,  # the UNet's target, from the scheduler config
         "source": str(model.source),
+        "config": None if cfg.config is None else str(cfg.config),  # a single file's --config: fix commands repeat it
         "versions": versions,
         "gpu": gpu,
         "exporter": "torch.onnx.export(dynamo=False)",

@@ -183,6 +183,7 @@ class Classifier:
                 batch_sizes=batch_sizes,
                 compile=compile,
                 threads=torch.get_num_threads() if threads is None else int(threads),
+                config=config,  # a single file checked against engines loads with its configs
             )
         timer.device = engines.device
         cache = DiskCache(cache_dir) if use_cache else None

@@ -23,7 +23,8 @@ def model_defaults_of(s: JobSpec) -> dict:
     if s.engines is None:
         root = check_model_path(s.model)  # a bundled name resolves to its directory
         return model_defaults(root, s.config)  # a single file's: what its --config directory's scheduler implies
-    require_finished_export(s.engines, backend=None if s.backend == Backend.auto else s.backend.value)
+    require_finished_export(s.engines, backend=None if s.backend == Backend.auto else s.backend.value,
+                            model_arg=None if s.model is None else str(s.model), config_arg=s.config)
     return model_defaults(s.engines)  # the exported model's diffcls.json and class labels
 
 
