@@ -246,9 +246,7 @@ def verify_engine_dir(
     """The manifest of a usable engine directory for `backend`, or a one-line DiffclsError.
 
     `runtime_check(manifest) -> str | None` lets a backend add its own reason (e.g. a TensorRT
-    engine built for another GPU). `config_arg`: `model_arg`'s --config (a single file's), which
-    the fix commands repeat.
-    """
+    engine built for another GPU). `config_arg`: `model_arg`'s --config, repeated in fix commands."""
     engine_dir = require_engine_dir(engine_dir, backend=backend, model_arg=model_arg, image_size=image_size, config_arg=config_arg)
     manifest = read_manifest(engine_dir)
     if manifest is None:
