@@ -127,6 +127,9 @@ def flux_file(tmp_path_factory):
 def test_flux_single_file_loads_offline_as_its_directory(flux_file):
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
+    from typer.testing import CliRunner
+
+    from diffcls.cli.app import app
     from diffcls.models.describe import describe_model
     from diffcls.models.loading import checkpoint_shapes, load_model
 
@@ -145,6 +148,14 @@ def test_flux_single_file_loads_offline_as_its_directory(flux_file):
     assert {k: v["parameters"] for k, v in info["components"].items()} == {  # what the file holds of each (T5's tied embedding twice)
         name: sum(v.numel() for v in getattr(a, name).state_dict().values()) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     assert set(describe_model(bare)["components"]) == {"transformer"}
+    # with --config: the model it loads as, the transformer from the file and the rest from the directory
+    both = describe_model(bare, d)
+    assert both["kind"] == "checkpoint" and both["model_kind"] == "flux" and both["prediction_type"] == "flow" and both["guidance"] == 3.5
+    assert both["components"]["transformer"]["files"] == [bare.name] and both["components"]["vae"]["files"][0].startswith(str(d))
+    r = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["info", str(bare), "--config", str(d)])
+    assert r.exit_code == 0, r.output
+    assert f"with the configs of {d} (flux): prediction type flow" in r.output and "guidance embedding: fed 3.5" in r.output
+    assert f"export engines with: diffcls export --model {bare} --config {d} --out ENGINES" in r.output
 
 
 def test_flux_single_file_classifies_as_its_directory(tmp_path, flux_file, image_folder):

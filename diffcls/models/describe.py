@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from diffcls.errors import DiffclsError
-from diffcls.models.loading import CHECKPOINT_SUFFIXES, check_model_path, checkpoint_family, checkpoint_shapes, is_dit_directory, weight_shapes
+from diffcls.models.loading import (CHECKPOINT_SUFFIXES, check_model_path, checkpoint_family, checkpoint_shapes, file_configs, is_dit_directory,
+                                    weight_shapes)
 from diffcls.models import flux
 from diffcls.models.noising import dynamic_shift_mu, is_dynamic_shift
 from diffcls.models.sd3 import is_sd3_directory
@@ -58,11 +59,14 @@ def weight_files(component_dir: Path) -> list[Path]:
     return []
 
 
-def describe_model(model: str | Path | None) -> dict:
-    """Plain data about a model directory, cached model id or checkpoint file."""
+def describe_model(model: str | Path | None, config: str | Path | None = None) -> dict:
+    """Plain data about a model directory, cached model id or checkpoint file (with `config`, the
+    directory or cached id whose configs describe it: the model it loads as, `_with_configs`)."""
     root = check_model_path(model)
     if root.is_file():
-        return _describe_checkpoint(root)
+        return _describe_checkpoint(root) if config is None else _with_configs(_describe_checkpoint(root), root, config)
+    if config is not None:
+        raise DiffclsError(f"--config is for single-file checkpoints; {root} is a diffusers directory, drop --config")
     dit, is_flux = is_dit_directory(root), flux.is_flux_directory(root)
     sd3, sdxl = not is_flux and is_sd3_directory(root), is_sdxl_directory(root)
     kind = "dit" if dit else "flux" if is_flux else "sd3" if sd3 else "sdxl" if sdxl else "stable-diffusion"
@@ -144,23 +148,38 @@ def model_notes(d: dict) -> list[str]:
     return lines
 
 
-def model_view(path: str | Path):
-    """`describe_model(path)` as rich renderables (`rich.print(model_view("demo"))`, `diffcls info
-    PATH`): the header, `model_notes`, a table of the components, their weight files."""
+def model_view(path: str | Path, config: str | Path | None = None):
+    """`describe_model(path, config)` as rich renderables (`rich.print(model_view("demo"))`, `diffcls
+    info PATH [--config DIR]`): the header, `model_notes`, a table of the components, their weight files."""
     from diffcls.render import human_size, lines, table
 
-    d = describe_model(path)
-    if d["kind"] == "checkpoint":
+    d = describe_model(path, config)
+    if d["kind"] == "checkpoint" and config is None:
         head = [f"\ncheckpoint {d['path']} ({human_size(d['bytes'])}): {d['model_type']}"]
     else:
         shift = f", shift {d['shift']:g})" if d.get("shift") is not None else ")"
-        head = [f"\nmodel directory {d['path']} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
+        what = (f"model directory {d['path']}" if config is None else
+                f"checkpoint {d['path']} ({human_size(d['bytes'])}, {d['model_type']}) with the configs of {config}")
+        head = [f"\n{what} ({d.get('model_kind', 'stable-diffusion')}): prediction type {d['prediction_type']}, default image size "
                 f"{d['default_image_size']}, {d['num_train_timesteps']} train timesteps ({d['scheduler']}" + shift, *model_notes(d)]
     rows = [(name, str(c["class"] or "-"), f"{c['parameters'] / 1e6:,.1f} M", human_size(c["bytes"]) if c["bytes"] is not None else "-")
             for name, c in d["components"].items()]
-    tail = ["weights: " + ", ".join(f for c in d["components"].values() for f in c["files"]),
-            f"export engines with: diffcls export --model {path} --out ENGINES"] if d["kind"] == "directory" else []
+    with_config = f" --config {config}" if config is not None else ""
+    tail = ["weights: " + ", ".join(dict.fromkeys(f for c in d["components"].values() for f in c["files"])),
+            f"export engines with: diffcls export --model {path}{with_config} --out ENGINES"] if "num_train_timesteps" in d else []
     return lines(*head, table(("component", "class", "parameters", "size"), rows, left=("component", "class")), *tail)
+
+
+def _with_configs(d: dict, path: Path, config: str | Path) -> dict:
+    """A checkpoint's description `d` as the model it loads as with --config `config`: the
+    directory's facts (prediction type, image size, scheduler...), and each component from the
+    file where it carries it, else from the directory (whose weights the load then reads)."""
+    root, _ = file_configs(path, config)
+    configs = describe_model(root)
+    components = {name: {**c, "files": [str(root / f) for f in c["files"]]} if name not in d["components"]
+                  else {**d["components"][name], "class": c["class"]} for name, c in configs["components"].items()}
+    return {**configs, "kind": "checkpoint", "path": str(path), "bytes": d["bytes"], "model_type": d["model_type"].split(" (")[0],
+            "config": str(config), "components": components}
 
 
 def _describe_checkpoint(path: Path) -> dict:

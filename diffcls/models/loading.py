@@ -544,14 +544,9 @@ def _config_dir(config: str | Path) -> Path:
     return root
 
 
-def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool = False) -> SDModel | SDXLModel | SD3Model | FluxModel:
-    """A single checkpoint through diffusers' `from_single_file`, offline: the configs, tokenizers
-    and scheduler come from the local directory `single_file_config` names, of the file's family
-    (an SDXL file's text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as
-    OpenCLIP's; an SD3 file's under `text_encoders.`, those it lacks read from the directory,
-    `models.sd3.single_file_components`; a Flux file's transformer, and what else it carries,
-    `models.flux.load_flux_file`).
-    `no_t5`: an SD3 file without its T5 encoder, not even read (as `load_sd3_directory`)."""
+def file_configs(path: Path, config: str | Path | None = None) -> tuple[Path, str]:
+    """(the diffusers directory whose configs describe checkpoint `path`, the file's family):
+    `single_file_config`'s directory, refused in one line where it is another family's."""
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise DiffclsError(
             f"{path} is not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a diffusers directory or a checkpoint file"
@@ -563,6 +558,18 @@ def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool 
     if family != configs:  # diffusers would fill the parts it cannot find with random weights, or mix families
         raise DiffclsError(f"{path} is {FILE_FAMILIES[family][0]} and --config {config} is {FILE_FAMILIES[configs][1]}; "
                            "pass the configs of the model the file was saved from")
+    return root, family
+
+
+def _load_single_file(path: Path, config: str | Path | None = None, no_t5: bool = False) -> SDModel | SDXLModel | SD3Model | FluxModel:
+    """A single checkpoint through diffusers' `from_single_file`, offline: the configs, tokenizers
+    and scheduler come from the local directory `single_file_config` names, of the file's family
+    (an SDXL file's text encoders are in the SGM layout: CLIP-L as transformers', CLIP-G as
+    OpenCLIP's; an SD3 file's under `text_encoders.`, those it lacks read from the directory,
+    `models.sd3.single_file_components`; a Flux file's transformer, and what else it carries,
+    `models.flux.load_flux_file`).
+    `no_t5`: an SD3 file without its T5 encoder, not even read (as `load_sd3_directory`)."""
+    root, family = file_configs(path, config)
     try:
         from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
