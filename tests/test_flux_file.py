@@ -241,3 +241,22 @@ def test_flux_single_file_exports_with_its_configs_scheduler(tmp_path, flux_file
     assert_one_line_error(invoke_cli(*base, "--engines", tmp_path / "none", "--out", tmp_path / "a.csv"), "does not exist", export)
     assert_one_line_error(invoke_cli(*base, "--engines", tmp_path / "e", "--image-size", "32", "--out", tmp_path / "b.csv"),
                           "built for image size 16, not 32", export)
+
+
+@pytest.mark.parametrize("channels, kind", [(384, "flux-fill"), (128, "flux-depth")])
+def test_flux_fill_and_depth_files_are_refused_in_one_line(tmp_path, flux_file, channels, kind):
+    """Fill and Depth transformers take image latents besides the noisy ones (diffusers tells them
+    apart by img_in's width): refused with or without --config, before any weight is converted."""
+    from safetensors.torch import save_file
+
+    from diffcls.models.loading import load_model
+
+    d, _, _ = flux_file
+    f = tmp_path / f"{kind}.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(8), "guidance_in.in_layer.bias": torch.zeros(16),
+               "img_in.weight": torch.zeros(16, channels)}, str(f))
+    with pytest.raises(DiffclsError, match=f"is a single-file {kind} checkpoint .*supported: Flux text-to-image") as e:
+        load_model(f, config=d)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DiffclsError, match=f"diffusers reads it as '{kind}'"):
+        load_model(f)

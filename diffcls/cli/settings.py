@@ -39,8 +39,8 @@ def _opt(flag: str, help: str, panel: str, **kw) -> Any:
 
 # name -> annotation, in --help order; the default is JobSpec's (device: "auto" for None)
 OPTIONS: dict[str, Any] = {
-    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5 or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x, SDXL), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.", _MODEL)],
-    "config": Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x and SDXL).", _MODEL)],
+    "model": Annotated[Optional[Path], _opt("--model", "Diffusers model directory (Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, Flux or DiT), Hugging Face model id from the local cache (org/name), checkpoint file (SD 1.x/2.x, SDXL, SD3/3.5, Flux), or a bundled model: demo (the default, SD), demo-dit, demo-shapes or demo-flow.", _MODEL)],
+    "config": Annotated[Optional[Path], _opt("--config", "For a checkpoint --model: the diffusers directory or cached model id whose configs describe it (needed for SD 2.x, SDXL, SD3/3.5 and Flux).", _MODEL)],
     "no_t5": Annotated[bool, _opt("--no-t5", "SD3/3.5: skip the T5-XXL text encoder (not loaded; zeros in its place, as diffusers with text_encoder_3=None): less memory, other scores; cached embeddings and results files are kept apart from runs with T5.", _MODEL)],
     "engines": Annotated[Optional[Path], _opt("--engines", "Engine directory from `diffcls export` (runs ONNX Runtime / TensorRT instead of torch).", _MODEL)],
     "backend": Annotated[Backend, _opt("--backend", "Engine backend. auto: the one an --engines directory was exported for; else, on a CPU, the bundled models (demo, demo-dit, demo-shapes, demo-flow) through ONNX Runtime engines exported once into the cache directory (needs the onnx extra; torch without it), and torch for other models or on a GPU. torch: run the model in torch.", _MODEL)],
