@@ -195,9 +195,8 @@ def _describe_checkpoint(path: Path) -> dict:
 
         prefixes = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.",
                     **{name: p for name, p in FILE_ENCODERS.items() if any(k.startswith(p) for k in shapes)}}
-    keys = {name: [k for k in shapes if k.startswith(p)] for name, p in prefixes.items()}
-    if family == "flux":  # the transformer (names bare or prefixed), and the parts an all-in-one file carries
-        keys = flux.file_parts(shapes)
+    # a Flux file: the transformer (names bare or prefixed), and the parts an all-in-one file carries
+    keys = flux.file_parts(shapes) if family == "flux" else {name: [k for k in shapes if k.startswith(p)] for name, p in prefixes.items()}
     components = {
         name: {"class": None, "parameters": sum(_numel(shapes[k].shape) for k in names), "files": [path.name], "bytes": None}
         for name, names in keys.items()
