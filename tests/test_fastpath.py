@@ -107,6 +107,36 @@ def test_cached_engines_export_once_verify_and_rebuild(tmp_path, tiny_dir):
     assert sorted(p.name for p in root.iterdir()) == ["demo-notes.txt", "mine"]
 
 
+def test_cached_engines_follow_the_models_defaults(tmp_path, tiny_dir):
+    """The fingerprint covers the weights only: when a bundled model's diffcls.json or prompts
+    file changes (a package upgrade with new timestep weights), its cached engines carry the new
+    copy, not the one from the day they were exported."""
+    pytest.importorskip("onnxruntime")
+    from diffcls.export.cached import ensure_cached_engines
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_dir, source)
+    (source / "prompts.csv").write_text("class,prompt\n0,a zero\n1,a one\n")
+    defaults = {"image_size": 16, "prompts": "prompts.csv", "timestep_weights": [0.0, 1.0]}
+    (source / "diffcls.json").write_text(json.dumps(defaults))
+    said: list[str] = []
+
+    def ensure() -> Path:
+        return ensure_cached_engines("demo", tmp_path / "engines", source=source, image_size=16, on_export=said.append)
+
+    d = ensure()
+    assert len(said) == 1 and json.loads((d / "diffcls.json").read_text()) == defaults
+    assert ensure() == d and len(said) == 1  # unchanged: no second export
+    defaults["timestep_weights"] = [0.5, 1.5]
+    (source / "diffcls.json").write_text(json.dumps(defaults))
+    assert ensure() == d and len(said) == 2
+    assert json.loads((d / "diffcls.json").read_text())["timestep_weights"] == [0.5, 1.5]
+    (source / "prompts.csv").write_text("class,prompt\n0,a photo of a zero\n1,a photo of a one\n")
+    assert ensure() == d and len(said) == 3
+    assert "a photo of a zero" in (d / "prompts.csv").read_text()
+    assert ensure() == d and len(said) == 3
+
+
 # --- the CLI: what the user sees ----------------------------------------------------------------
 def _classify(tmp_path, *extra):
     folder = tmp_path / "digits"

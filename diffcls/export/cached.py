@@ -6,8 +6,9 @@ The CPU fast path (`diffcls.engines.fastpath`) runs the bundled demo models thro
 without the user exporting anything. Their engines live at `<root>/<name>-<fingerprint>[-<S>px]`:
 a retrained model has another fingerprint, so it gets its own directory and an old one is never
 rewritten under a run that uses it. Each use verifies the directory as `classify --engines` does
-(manifest, fingerprint, every file's sha256, image size); a missing, unfinished or corrupt one is
-rebuilt. Rebuilding is atomic and safe with concurrent runs: under an exclusive lock on
+(manifest, fingerprint, every file's sha256, image size) and that its copy of the model's
+defaults (`diffcls.json`, its prompts file) is the model's current one; a missing, unfinished,
+corrupt or stale one is rebuilt. Rebuilding is atomic and safe with concurrent runs: under an exclusive lock on
 `<root>/.<name>.lock` the directory is checked again (another run may have just built it), then
 exported into a temporary `.tmp-<name>.*` folder and renamed into place, so a reader sees a complete
 directory or none. The exports are fp32 and record no batch sizes (ONNX graphs take any batch),
@@ -17,6 +18,7 @@ so every `--batch-size` runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -25,19 +27,40 @@ from typing import Callable
 
 from diffcls.engines import manifest as mf
 from diffcls.errors import DiffclsError
-from diffcls.export.pipeline import ExportConfig, export_model
+from diffcls.export.pipeline import DEFAULTS_FILE, ExportConfig, export_model
 from diffcls.models.loading import bundled_model_path, cached_fingerprint, load_model
 
 # seconds an export of each bundled model took on the project's idle 2-core CPU (the message's estimate)
 EXPORT_SECONDS = {"demo": 5, "demo-dit": 5}
 
 
-def _usable(engine_dir: Path, fingerprint: str, image_size: int | None) -> bool:
+def _defaults_current(engine_dir: Path, source: Path) -> bool:
+    """Whether the engine directory's copy of the model's defaults (its diffcls.json and the
+    prompts file it names) is the source's as it is now. The fingerprint covers the weights only,
+    so a package upgrade that changes a bundled model's defaults (its timestep weights, prompts or
+    schedule) keeps the fingerprint and must still refresh the copy."""
+    def read(p: Path) -> bytes | None:
+        try:
+            return p.read_bytes()
+        except OSError:
+            return None
+
+    here = read(source / DEFAULTS_FILE)
+    if here != read(engine_dir / DEFAULTS_FILE):
+        return False
+    try:
+        prompts = json.loads(here).get("prompts") if here is not None else None
+    except (ValueError, AttributeError):
+        prompts = None
+    return not isinstance(prompts, str) or read(source / prompts) == read(engine_dir / prompts)
+
+
+def _usable(engine_dir: Path, fingerprint: str, image_size: int | None, source: Path) -> bool:
     try:
         mf.verify_engine_dir(engine_dir, backend="onnxruntime", fingerprint=fingerprint, image_size=image_size)
     except DiffclsError:
         return False
-    return True
+    return not source.is_dir() or _defaults_current(engine_dir, source)
 
 
 @contextlib.contextmanager
@@ -69,14 +92,14 @@ def ensure_cached_engines(name: str, root: str | Path, *, source: str | Path | N
         model = load_model(source)
         fingerprint = model.fingerprint()
     final = root / (f"{name}-{fingerprint}" + (f"-{int(image_size)}px" if image_size else ""))
-    if _usable(final, fingerprint, image_size):
+    if _usable(final, fingerprint, image_size, source):
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DiffclsError(f"cannot create {root} for the {name} model's engines ({e}); pass --cache-dir DIR or --backend torch") from e
     with _exclusive(root / f".{name}.lock"):
-        if _usable(final, fingerprint, image_size):  # another run built it while we waited
+        if _usable(final, fingerprint, image_size, source):  # another run built it while we waited
             return final
         for old in root.glob(f".tmp-{name}.*"):  # what a killed export left (no other export runs: we hold the lock)
             shutil.rmtree(old, ignore_errors=True)
