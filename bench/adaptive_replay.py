@@ -167,6 +167,7 @@ def main(argv=None):
     w = sub.add_parser("weights", help="fit timestep weights on tables (the library's fit_timestep_weights) into a --weights file")
     w.add_argument("--table", action="append", required=True)
     w.add_argument("--bands", type=int, default=10)
+    w.add_argument("--drop-below", type=float, default=0.25, help="drop a band whose per-evaluation information is under this share of the best band's")
     w.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "collect":
@@ -207,11 +208,11 @@ def fit_weights(args) -> list[float]:
 
     images = []
     for spec in args.table:
-        z = np.load(spec.partition("=")[2])
+        z = load(spec.partition("=")[2])
         E, ts = z["errors"], z["timesteps"]
         for x, label in zip(E, z["labels"]):
             images.append(([(c, int(t), 0, float(x[c, g])) for c in range(x.shape[0]) for g, t in enumerate(ts)], [int(label)]))
-    weights, fit = fit_timestep_weights(images, args.bands, T_TRAIN)
+    weights, fit = fit_timestep_weights(images, args.bands, T_TRAIN, args.drop_below)
     Path(args.out).write_text(json.dumps({"timestep_weights": weights, "weights_fit": fit, "n_images": len(images)}, indent=1))
     print(f"{len(images)} images: weights {' '.join(f'{v:.3g}' for v in weights)} -> {args.out}")
     return weights

@@ -45,3 +45,29 @@ def test_weights_move_the_full_answer_and_drop_columns(tmp_path):
     r = mod.replay(t, mod.parse_policy("adaptive:alpha=0.5,min_samples=3,max_samples=4,final_samples=6"), rotations=1)
     assert r["correct"] == 0  # the policy answers on the kept band only
     assert mod.load(path, n_prompts=2)["errors"].shape[1] == 2
+
+
+def test_weights_fit_reads_a_table_in_parts_and_drops_weak_bands(tmp_path):
+    """`weights` fits the library's weights on a table collected in parts (A+B) exactly as on the
+    whole, and --drop-below decides which informative bands stay."""
+    import json
+
+    whole = table(tmp_path, gap=0.2, n=12, G=80)
+    z = np.load(whole)
+    parts = []
+    for name, sl in (("a", slice(0, 5)), ("b", slice(5, None))):
+        p = tmp_path / f"{name}.npz"
+        np.savez(p, errors=z["errors"][sl], timesteps=z["timesteps"], labels=z["labels"][sl], paths=z["paths"][sl])
+        parts.append(p)
+
+    def fit(spec, drop):
+        out = tmp_path / f"w{drop}.json"
+        mod.main(["weights", "--table", f"t={spec}", "--bands", "4", "--drop-below", str(drop), "--out", str(out)])
+        return json.loads(out.read_text())
+
+    kept_all = fit(f"{parts[0]}+{parts[1]}", 0.0)
+    assert kept_all["n_images"] == 12 and kept_all["timestep_weights"] == fit(whole, 0.0)["timestep_weights"]
+    w = kept_all["timestep_weights"]
+    assert w[0] == 0.0 and all(v > 0 for v in w[1:])  # t < 250 points the wrong way: dropped at any threshold
+    strict = fit(whole, 0.999)["timestep_weights"]  # only the most informative band (or a tie) stays
+    assert strict[0] == 0.0 and 1 <= sum(v > 0 for v in strict) < 3
