@@ -236,14 +236,14 @@ def test_fixed_policy_prunes_on_an_empty_round_without_a_unet():
 
 
 def test_a_block_must_be_fed_before_the_next():
-    policy = make_policy(AdaptiveSchedule(min_samples=2, max_samples=8, final_samples=0), 3)
+    policy = make_policy(AdaptiveSchedule(alpha=0.9, min_samples=2, max_samples=8, final_samples=0), 3)
     policy.next_block()
     with pytest.raises(RuntimeError):
         policy.next_block()
 
 
 def test_one_prompt_takes_the_first_stage_only():
-    policy = SequentialPolicy(1, AdaptiveSchedule(min_samples=3, max_samples=8, final_samples=0))
+    policy = SequentialPolicy(1, AdaptiveSchedule(alpha=0.9, min_samples=3, max_samples=8, final_samples=0))
     block = policy.next_block()
     for c, k, j in block:
         policy.feed(c, k, j, 1.0)
@@ -266,6 +266,7 @@ def test_one_prompt_takes_the_first_stage_only():
         (AdaptiveSchedule(final_samples=10, final_keep=1), "--final-keep 1 must be 0 (every survivor) or >= 2"),
         (AdaptiveSchedule(alpha=0.0), "--alpha 0 must be > 0"),
         (AdaptiveSchedule(alpha=1.0, final_samples=0), "--alpha 1 must be below 1 without a final stage"),
+        (AdaptiveSchedule(final_samples=0), "--error-rate 0.02 picks --alpha 1.5, measured with a final stage; with --final-samples 0 give"),
         (AdaptiveSchedule(alpha=2.0), "--alpha 2 gives the stages the levels 1 and 1; each must be below 1"),
         (AdaptiveSchedule(alpha=1.5, final_error_rate=0.2), "--alpha 1.5 gives the stages the levels 1.3 and 0.2"),
         (AdaptiveSchedule(alpha=0.1, final_error_rate=0.1), "--final-error-rate 0.1 must be between 0 and the test's alpha 0.1"),
@@ -364,7 +365,7 @@ def test_each_image_gets_its_own_rotation_of_the_grid(tiny_engines, inputs):
 @pytest.mark.parametrize(
     "schedule",
     [Schedule((4, 8), (3, 1), n_trials=2), AdaptiveSchedule(min_samples=3, max_samples=10, final_samples=6, final_keep=2, n_trials=2),
-     AdaptiveSchedule(rule="kim-nelson", min_samples=3, max_samples=10, final_samples=0)],
+     AdaptiveSchedule(rule="kim-nelson", alpha=0.9, min_samples=3, max_samples=10, final_samples=0)],
     ids=["fixed", "mixture", "kim-nelson"],
 )
 def test_feeding_a_block_at_once_is_feeding_it_item_by_item(schedule):

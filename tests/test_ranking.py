@@ -199,7 +199,7 @@ def test_adaptive_rankings_follow_the_prediction_too(seed):
     rng = np.random.default_rng(seed)
     K = 8
     means = 0.3 + (0.004 if seed < 3 else 0.03) * rng.standard_normal(K)  # near-ties, then clear winners
-    schedule = AdaptiveSchedule(min_samples=4, max_samples=12, final_samples=8 if seed % 2 else 0)
+    schedule = AdaptiveSchedule(alpha=0.9, min_samples=4, max_samples=12, final_samples=8 if seed % 2 else 0)
     policy = make_policy(schedule, K, 1000, offset=seed)
     errors = []
     while not policy.done:

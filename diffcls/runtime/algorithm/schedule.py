@@ -217,16 +217,16 @@ def van_der_corput_order(m: int) -> list[int]:
 
 
 # The user-facing knob `error_rate` -> the test's constant `alpha`, measured by replay on the
-# digits `train` split (never the evaluation set; 150 corrupted (severity 4) + 60 clean digits,
-# noise seed 0, 4 grid rotations each = 840 runs, the demo model with its timestep weights, which
+# digits `train` split (never the evaluation set; 150 corrupted (severity 4) + 540 clean digits,
+# noise seed 0, 4 grid rotations each = 2,760 runs, the demo model with its timestep weights, which
 # were fitted on the same split): for each knob value, the largest alpha tried (0.05, 0.2, 0.5,
 # 0.9, 1.2, 1.5, 1.9) whose 95% upper bound on P(answer differs from the full-budget answer) is at
 # most the knob on *each* table (corrupted and clean apart), at the default n0, M, F. Corrupted
-# digits, the worse table: alpha 0.5: 1 of 600 differ (<= 0.94%); 0.9: 4 of 600 (<= 1.70%); 1.9:
-# 19 of 600 (<= 4.89%); clean digits: none of 240 at any alpha (BENCHMARKS.md, "Round 5";
+# digits, the worse table: alpha 1.2: 1 of 600 differ (<= 0.94%); 1.5: 2 of 600 (<= 1.21%); 1.9:
+# 9 of 600 (<= 2.83%); clean digits: at most 1 of 2,160 at any alpha (BENCHMARKS.md, "Round 6";
 # bench/adaptive_replay.py knob). A knob between two rows gets the lower row's alpha; below the
 # first row nothing was measured finely enough (600 runs cannot show a rate under ~0.6%).
-KNOB_TO_ALPHA = ((0.01, 0.5), (0.02, 0.9), (0.05, 1.9))
+KNOB_TO_ALPHA = ((0.01, 1.2), (0.02, 1.5), (0.05, 1.9))
 
 
 def alpha_for_error_rate(error_rate: float) -> float:
@@ -256,7 +256,7 @@ class AdaptiveSchedule(_BandWeights):
       calibration split; it picks `alpha` from `KNOB_TO_ALPHA` when `alpha` is not given.
     """
 
-    # defaults chosen on replays of digits `train`-split tables only (BENCHMARKS.md, "Round 4", "Round 5")
+    # defaults chosen on replays of digits `train`-split tables only (BENCHMARKS.md, "Round 4" to "Round 6")
     error_rate: float = 0.02  # knob: P(answer differs from the full-budget answer), measured meaning
     alpha: float | None = None  # the test's bound on P(a test eliminates the best); None: from error_rate
     min_samples: int = 8  # n0: the samples each stage estimates its pair variances from
@@ -340,7 +340,10 @@ class AdaptiveSchedule(_BandWeights):
             raise DiffclsError(
                 f"--alpha {alpha:g} gives the stages the levels {a1:g} and {a2:g}; each must be below 1 "
                 f"(a stage's pair test at level >= 1 eliminates at once), e.g. --alpha {min(alpha, 1.9):g} with the final stage's default half"
-                if self.final_samples else f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9"
+                if self.final_samples else
+                f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9" if self.alpha is not None else
+                f"--error-rate {self.error_rate:g} picks --alpha {alpha:g}, measured with a final stage; "
+                "with --final-samples 0 give the test's constant below 1, e.g. --alpha 0.9"
             )
         if self.rule == "kim-nelson" and n_prompts is not None and n_prompts > 1 and 2.0 * self.stage_alphas[0] / (n_prompts - 1) >= 1.0:
             raise DiffclsError(
