@@ -18,7 +18,6 @@ so every `--batch-size` runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -27,7 +26,7 @@ from typing import Callable
 
 from diffcls.engines import manifest as mf
 from diffcls.errors import DiffclsError
-from diffcls.export.pipeline import DEFAULTS_FILE, ExportConfig, export_model
+from diffcls.export.pipeline import DEFAULTS_FILE, ExportConfig, export_model, prompts_file_named
 from diffcls.models.loading import bundled_model_path, cached_fingerprint, load_model
 
 # seconds an export of each bundled model took on the project's idle 2-core CPU (the message's estimate)
@@ -45,14 +44,10 @@ def _defaults_current(engine_dir: Path, source: Path) -> bool:
         except OSError:
             return None
 
-    here = read(source / DEFAULTS_FILE)
-    if here != read(engine_dir / DEFAULTS_FILE):
+    if read(source / DEFAULTS_FILE) != read(engine_dir / DEFAULTS_FILE):
         return False
-    try:
-        prompts = json.loads(here).get("prompts") if here is not None else None
-    except (ValueError, AttributeError):
-        prompts = None
-    return not isinstance(prompts, str) or read(source / prompts) == read(engine_dir / prompts)
+    prompts = prompts_file_named(source / DEFAULTS_FILE)
+    return prompts is None or read(source / prompts) == read(engine_dir / prompts)
 
 
 def _usable(engine_dir: Path, fingerprint: str, image_size: int | None, source: Path) -> bool:

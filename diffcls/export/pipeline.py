@@ -563,11 +563,8 @@ def _write_runtime_files(model, out: Path, image_size: int, config=None) -> set[
     if defaults.is_file():
         shutil.copyfile(defaults, out / DEFAULTS_FILE)
         written.add(DEFAULTS_FILE)
-        try:
-            prompts = json.loads(defaults.read_text()).get("prompts")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            prompts = None
-        if isinstance(prompts, str) and (root / prompts).is_file() and _removable(out, prompts):
+        prompts = prompts_file_named(defaults)
+        if prompts is not None and (root / prompts).is_file() and _removable(out, prompts):
             (out / prompts).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / prompts, out / prompts)
             written.add(prompts)
@@ -577,6 +574,16 @@ def _write_runtime_files(model, out: Path, image_size: int, config=None) -> set[
 # --- what the directory holds besides this export's own files ----------------------------------
 DEFAULTS_FILE = "diffcls.json"
 PARTIAL = ".partial"  # temp work inside the engine directory; removed by the next export
+
+
+def prompts_file_named(defaults: Path) -> str | None:
+    """The prompts file a diffcls.json names (relative to its folder); None when the file is
+    missing or unreadable or names none."""
+    try:
+        prompts = json.loads(defaults.read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompts if isinstance(prompts, str) else None
 
 
 def partial_dir(out: Path) -> Path:
@@ -640,11 +647,8 @@ def _owned_paths(out: Path, old: dict | None) -> set[str]:
     for entry in ((old or {}).get("components") or {}).values():
         if isinstance(entry, dict):
             names |= set(entry.get("files") or {}) | set((entry.get("onnx") or {}).get("files") or {})
-    try:
-        prompts = json.loads((out / DEFAULTS_FILE).read_text()).get("prompts")
-    except (OSError, ValueError, AttributeError):
-        prompts = None
-    if isinstance(prompts, str):
+    prompts = prompts_file_named(out / DEFAULTS_FILE)
+    if prompts is not None:
         names.add(prompts)
     return {n for n in names if _removable(out, n)}
 

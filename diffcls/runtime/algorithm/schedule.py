@@ -337,11 +337,14 @@ class AdaptiveSchedule(_BandWeights):
         # (alpha >= 1 is allowed: the union bound over the pairs then says nothing, docs/adaptive.md)
         if any(a >= 1.0 for a in self.stage_alphas):
             a1, a2 = self.stage_alphas
+            if self.final_samples:
+                raise DiffclsError(
+                    f"--alpha {alpha:g} gives the stages the levels {a1:g} and {a2:g}; each must be below 1 "
+                    f"(a stage's pair test at level >= 1 eliminates at once), e.g. --alpha {min(alpha, 1.9):g} with the final stage's default half"
+                )
+            if self.alpha is not None:
+                raise DiffclsError(f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9")
             raise DiffclsError(
-                f"--alpha {alpha:g} gives the stages the levels {a1:g} and {a2:g}; each must be below 1 "
-                f"(a stage's pair test at level >= 1 eliminates at once), e.g. --alpha {min(alpha, 1.9):g} with the final stage's default half"
-                if self.final_samples else
-                f"--alpha {alpha:g} must be below 1 without a final stage, e.g. --alpha 0.9" if self.alpha is not None else
                 f"--error-rate {self.error_rate:g} picks --alpha {alpha:g}, measured with a final stage; "
                 "with --final-samples 0 give the test's constant below 1, e.g. --alpha 0.9"
             )
